@@ -1,0 +1,10 @@
+"""diffbase: train and run diffusion image-customization models from local weights."""
+
+import os as _os
+
+# Local-first: nothing in diffbase may reach a model hub at run time.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""The `diffbase` command. Heavy libraries are imported inside each command, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffbase.errors import UserError
+
+
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    from diffbase.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.file, args.overrides)), end="")
+
+
+def _cmd_zoo_tiny(args: argparse.Namespace) -> None:
+    from diffbase.models.zoo import write_tiny
+
+    out = write_tiny(args.family, args.out_dir, seed=args.seed)
+    print(f"wrote tiny {args.family} model to {out}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from diffbase.info import describe
+
+    print(describe(args.target, args.overrides))
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from diffbase.generate_cli import run_generate
+
+    run_generate(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from diffbase.demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffbase",
+        description="Train and run diffusion image-customization models from local weights.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    show = cfg.add_parser("show", help="print a config resolved with its _base_ files and overrides")
+    show.add_argument("file")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(func=_cmd_config_show)
+
+    zoo = sub.add_parser("zoo", help="tiny models for tests and trials").add_subparsers(dest="action", required=True)
+    tiny = zoo.add_parser("tiny", help="write a complete tiny diffusers folder for a family")
+    tiny.add_argument("family", help="sd15, sdxl, sd3, flux1, flux2 or flux2-klein")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_zoo_tiny)
+
+    info = sub.add_parser("info", help="parameter counts of a model config or folder (no weights needed)")
+    info.add_argument("target", help="a model config YAML or a diffusers folder")
+    info.add_argument("overrides", nargs="*", metavar="key=value")
+    info.set_defaults(func=_cmd_info)
+
+    gen = sub.add_parser("generate", help="text-to-image with any family")
+    gen.add_argument("--model", required=True, help="diffusers folder, or a single file with --config")
+    gen.add_argument("--config", help="model config YAML for a single-file checkpoint")
+    gen.add_argument("--prompt")
+    gen.add_argument("--prompts", help="file with one prompt per line; --out is then a folder")
+    gen.add_argument("--negative")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=28)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--true-cfg", type=float, dest="true_cfg", help="FLUX.1 true CFG scale (with --negative)")
+    gen.add_argument("--size", default="512x512", help="HxW")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(func=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

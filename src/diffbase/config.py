@@ -1,0 +1,339 @@
+"""Load YAML configs with `_base_` inheritance and `key=value` overrides, validated into dataclasses.
+
+Every key remembers the file that set it, so an error names the file and the dotted key:
+`configs/experiments/x.yaml: training.learning_rat: unknown key (did you mean 'learning_rate'?)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from diffbase.errors import UserError, closest
+
+COMMAND_LINE = "command line"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    output_dir: str = "outputs/run"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A backbone: its family, where its weights are, and the sizes to build it from."""
+
+    family: Literal["sd15", "sdxl", "sd3", "flux1", "flux2"]
+    variant: str = ""
+    pretrained_path: str | None = None
+    single_file: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Keyword arguments of the diffusers / transformers classes, by component.
+    unet: dict[str, Any] | None = None
+    transformer: dict[str, Any] | None = None
+    vae: dict[str, Any] = field(default_factory=dict)
+    text_encoders: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # null removes one
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainingConfig:
+    method: str = "lora"
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    lr_floor: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    resolution: int = 512
+    caption_dropout: float = 0.0
+    cache_latents: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def configs_dir() -> Path:
+    """The shipped configs: inside the wheel, or at the repository root in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parents[1] / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise UserError(f"shipped configs not found next to {here}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: dict, sources: dict[str, str], origin: str, prefix: str = "") -> None:
+    """Deep-merge src into dst in place; record which file set each dotted key."""
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, sources, origin, dotted + ".")
+        else:
+            dst[key] = _copy(value)
+            _mark(value, dotted, sources, origin)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _mark(value: Any, dotted: str, sources: dict[str, str], origin: str) -> None:
+    sources[dotted] = origin
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(v, f"{dotted}.{k}", sources, origin)
+
+
+def load_raw(path: str | Path, sources: dict[str, str] | None = None, _seen: tuple = ()) -> dict:
+    """Read a YAML file with its `_base_` files merged in order, the file itself last."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UserError(f"{path}: _base_ includes itself (cycle through {' -> '.join(p.name for p in _seen)})")
+    sources = {} if sources is None else sources
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: _base_: expected a list of relative paths")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise UserError(f"{path}: _base_: file not found: {base}")
+        _merge(merged, load_raw(base_path, sources, (*_seen, path)), {}, "")
+    _merge(merged, data, sources, str(path))
+    # Keys set only by bases keep their own origin (recorded by the recursive call).
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`training.learning_rate=1e-4` -> ("training.learning_rate", 0.0001). Values are YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}': expected key=value, for example training.batch_size=2")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str], sources: dict[str, str]) -> None:
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"{COMMAND_LINE}: {'.'.join(parts[: i + 1])}: is a value, cannot set '{key}'")
+            node = child
+        node[parts[-1]] = value
+        _mark(value, key, sources, COMMAND_LINE)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, inherit, override and validate an experiment or model config."""
+    sources: dict[str, str] = {}
+    data = load_raw(path, sources)
+    apply_overrides(data, overrides or [], sources)
+    return validate(Config, data, sources, default_origin=str(Path(path).resolve()))
+
+
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    return load_config(path, overrides).model
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _origin(sources: dict[str, str], dotted: str, default: str) -> str:
+    probe = dotted
+    while probe:
+        if probe in sources:
+            return sources[probe]
+        probe = probe.rpartition(".")[0]
+    return default
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, dotted: str, sources: dict[str, str], default_origin: str) -> Any:
+    def fail() -> UserError:
+        where = _origin(sources, dotted, default_origin)
+        return UserError(f"{where}: {dotted}: expected {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return validate(tp, value, sources, dotted + ".", default_origin)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            where = _origin(sources, dotted, default_origin)
+            hint = closest(str(value), [str(a) for a in typing.get_args(tp)])
+            raise UserError(f"{where}: {dotted}: expected {_type_name(tp)}, got {value!r}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, dotted, sources, default_origin)
+            except UserError:
+                continue
+        raise fail()
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise fail()
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, f"{dotted}[{i}]", sources, default_origin) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        _, item = typing.get_args(tp) or (str, Any)
+        return {k: _convert(item, v, f"{dotted}.{k}", sources, default_origin) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a bug in the schema, not user input
+
+
+def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", default_origin: str = "") -> Any:
+    """Build dataclass `cls` from `data`, or raise a one-line UserError naming file and key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = _origin(sources, f"{prefix}{key}", default_origin)
+            raise UserError(f"{where}: {prefix}{key}: unknown key{closest(str(key), fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}{name}"
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], dotted, sources, default_origin)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            where = _origin(sources, prefix.rstrip("."), default_origin) if prefix else default_origin
+            raise UserError(f"{where}: {dotted}: required value is missing")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

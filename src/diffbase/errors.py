@@ -1,0 +1,18 @@
+"""User-facing errors: one line, names the file or key, exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input from the user. The CLI prints `error: <message>` and exits with code 2."""
+
+    exit_code = 2
+
+
+def closest(name: str, candidates: Iterable[str]) -> str:
+    """A ` (did you mean 'x'?)` hint for a typo, or an empty string."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -1,0 +1,63 @@
+"""`diffbase generate`: argument handling around `generate.generate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffbase.errors import UserError
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: prompts file not found")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{file}: no prompts (expected one prompt per line)")
+    return prompts
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from diffbase.generate import GenerateSettings, generate, metadata, parse_size
+    from diffbase.io import save_png_atomic
+    from diffbase.models.loading import load_model
+    from diffbase.models.lora_loading import apply_loras
+
+    if bool(args.prompt) == bool(args.prompts):
+        raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    height, width = parse_size(args.size)
+    pipe, spec = load_model(args.model, config=args.config, dtype=args.dtype, device=resolve_device(args.device))
+    apply_loras(pipe, spec, args.lora)
+    out = Path(args.out)
+    bar = tqdm(prompts, desc="generate", unit="img", disable=len(prompts) == 1)
+    for i, prompt in enumerate(bar):
+        settings = GenerateSettings(
+            prompt=prompt,
+            seed=args.seed + i,
+            steps=args.steps,
+            guidance=args.guidance,
+            height=height,
+            width=width,
+            negative=args.negative,
+            true_cfg=args.true_cfg,
+            loras=list(args.lora),
+        )
+        image = generate(pipe, spec, settings)
+        target = out / f"{i:04d}.png" if args.prompts else out
+        save_png_atomic(image, target, metadata(settings, args.model, spec))
+        if not args.prompts:
+            print(f"wrote {target}")
+    if args.prompts:
+        print(f"wrote {len(prompts)} images to {out}")

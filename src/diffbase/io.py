@@ -1,0 +1,47 @@
+"""Atomic file writes: a temporary file in the same folder, then rename, so nothing is half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, then rename tmp_path onto `path`. On failure `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_png_atomic(image: Any, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a PIL image as PNG with text metadata (JSON under `diffbase`, A1111-style `parameters`)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if metadata:
+        info.add_text("diffbase", json.dumps(metadata, sort_keys=True))
+        prompt = metadata.get("prompt", "")
+        rest = ", ".join(f"{k}: {v}" for k, v in metadata.items() if k not in ("prompt", "negative"))
+        negative = f"\nNegative prompt: {metadata['negative']}" if metadata.get("negative") else ""
+        info.add_text("parameters", f"{prompt}{negative}\n{rest}")
+    return atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))

@@ -1,0 +1,47 @@
+"""`diffbase zoo tiny`: complete tiny diffusers folders for every family, built locally."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from diffbase.config import configs_dir, load_config
+from diffbase.errors import UserError, closest
+
+TINY_CONFIGS = {
+    "sd15": "sd15_tiny.yaml",
+    "sdxl": "sdxl_tiny.yaml",
+    "sd3": "sd3_tiny.yaml",
+    "flux1": "flux1_tiny.yaml",
+    "flux2": "flux2_tiny.yaml",
+    "flux2-klein": "flux2_klein_tiny.yaml",
+}
+
+
+def tiny_config_path(family: str) -> Path:
+    if family not in TINY_CONFIGS:
+        raise UserError(f"zoo tiny: unknown family '{family}'{closest(family, TINY_CONFIGS)}; expected one of {list(TINY_CONFIGS)}")
+    return configs_dir() / "models" / TINY_CONFIGS[family]
+
+
+def write_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny diffusers-format folder (weights, configs, tokenizers); atomic: temp folder, then rename."""
+    from diffbase.models.build import build_pipeline
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: output folder exists and is not empty")
+    cfg = load_config(tiny_config_path(family)).model
+    pipe = build_pipeline(cfg, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
