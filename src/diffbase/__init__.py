@@ -6,5 +6,7 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keeps optional-backend notices off the CLI
+_os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 __version__ = "0.1.0"

@@ -82,8 +82,12 @@ def build_components(
         ("scheduler", "diffusers", spec.scheduler_class, cfg.scheduler),
     ):
         cls = _class(library, cls_name)
-        check_kwargs(cls, kwargs, f"model.{'transformer' if name == 'transformer' else name}")
-        components[name] = cls(**kwargs)
+        check_kwargs(cls, kwargs, f"model.{name}")
+        if name == "scheduler":  # schedulers hold CPU tensors, also when modules are built on meta
+            with torch.device("cpu"):
+                components[name] = cls(**kwargs)
+        else:
+            components[name] = cls(**kwargs)
     for module in (components[spec.denoiser], components["vae"]):
         module.eval()
     if text:

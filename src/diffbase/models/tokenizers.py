@@ -12,10 +12,40 @@ from typing import Any
 
 # Printable ASCII is enough for prompts in tests; anything else falls back to unk or bytes.
 _CHARS = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
-_WORDS = (
-    "a photo of the and with in on wearing person man woman cat dog shirt dress red blue green "
-    "black white striped cloth garment pose keep image two reference sks style portrait"
-).split()
+_WORDS = [
+    "a",
+    "photo",
+    "of",
+    "the",
+    "and",
+    "with",
+    "in",
+    "on",
+    "wearing",
+    "person",
+    "man",
+    "woman",
+    "cat",
+    "dog",
+    "shirt",
+    "dress",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "striped",
+    "cloth",
+    "garment",
+    "pose",
+    "keep",
+    "image",
+    "two",
+    "reference",
+    "sks",
+    "style",
+    "portrait",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:

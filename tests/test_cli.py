@@ -1,0 +1,71 @@
+"""The CLI's shape: fast help (no heavy imports), info, and zoo errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from diffbase.config import configs_dir
+from tests.conftest import run_cli
+
+
+def test_help_imports_no_heavy_library() -> None:
+    code = (
+        "import sys; from diffbase.cli import build_parser; build_parser().format_help(); "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"--help imported {out}"
+
+
+def test_help_lists_commands() -> None:
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for command in ("config", "zoo", "info", "generate", "demo"):
+        assert command in out
+
+
+def test_info_counts_real_sd15_from_config_without_weights() -> None:
+    code, out, err = run_cli("info", str(configs_dir() / "models/sd15.yaml"))
+    assert code == 0, err
+    assert "859,520,964" in out  # SD1.5 UNet
+    assert "123,060,480" in out  # CLIP-L text encoder
+
+
+def test_info_counts_flux1_dev_transformer() -> None:
+    code, out, _ = run_cli("info", str(configs_dir() / "models/flux1_dev.yaml"))
+    assert code == 0
+    assert "11.90B" in out
+
+
+def test_info_on_a_folder_matches_the_loaded_model(tiny_model) -> None:
+    import torch
+
+    from diffbase.models.loading import load_pipeline
+
+    folder = tiny_model("flux1")
+    code, out, _ = run_cli("info", str(folder))
+    pipe, _ = load_pipeline(folder)
+    n = sum(p.numel() for p in pipe.transformer.parameters())
+    assert code == 0 and f"({n:,})" in out
+    assert isinstance(pipe.transformer, torch.nn.Module)
+
+
+def test_zoo_unknown_family_and_nonempty_output(tmp_path: Path) -> None:
+    code, _, err = run_cli("zoo", "tiny", "flux3", str(tmp_path / "x"))
+    assert code == 2 and "unknown family 'flux3'" in err and "did you mean 'flux" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    code, _, err = run_cli("zoo", "tiny", "sd15", str(tmp_path / "full"))
+    assert code == 2 and "not empty" in err
+
+
+def test_zoo_writes_a_complete_folder(tmp_path: Path) -> None:
+    out = tmp_path / "sd15"
+    code, stdout, err = run_cli("zoo", "tiny", "sd15", str(out))
+    assert code == 0, err
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"):
+        assert (out / name).exists(), name
+    assert not list(tmp_path.glob(".sd15.*"))  # no temporary folder left behind
