@@ -53,7 +53,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | None = None
+    target_modules: list[str] | None = None  # None: the family's default (models.specs)
 
 
 @dataclass
@@ -65,29 +65,108 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Linear warm-up from `warmup_start` x lr, then cosine (or constant) down to `floor` (absolute lr)."""
+
+    type: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_start: float = 0.1
+    floor: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | None = None  # None: resolution-dependent shift from the scheduler config (flow)
+    snr_gamma: float | None = None  # min-SNR weighting (epsilon / v-prediction)
+    guidance: float = 1.0  # FLUX dev guidance-embedding value during training
+
+
+@dataclass
+class DreamBoothConfig:
+    instance_prompt: str = ""
+    class_prompt: str = ""
+    class_data_dir: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    with_prior_preservation: bool = True
+
+
+@dataclass
+class ControlNetConfig:
+    conditioning_scale: float = 1.0
+    num_layers: int | None = None  # None: the family default for a ControlNet made from the denoiser
+    num_single_layers: int | None = None
+    pretrained_path: str | None = None
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # 0: only at the end
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    steps: int = 20
+    guidance: float | None = None
+    size: list[int] = field(default_factory=lambda: [512, 512])
+    loss_split: float = 0.0  # held-out fraction for validation loss
+    loss_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+
+
+@dataclass
 class TrainingConfig:
-    method: str = "lora"
+    method: Literal["lora", "full_finetune", "dreambooth", "controlnet"] = "lora"
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 1
     gradient_accumulation: int = 1
     learning_rate: float = 1e-4
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 0
-    lr_floor: float = 0.0
+    max_grad_norm: float | None = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    weight: float = 1.0
+    repeats: int = 1
 
 
 @dataclass
 class DataConfig:
-    train_path: str | None = None
+    train_path: str | None = None  # shorthand for one dataset
+    datasets: list[DatasetConfig] = field(default_factory=list)
     resolution: int = 512
+    bucket_step: int = 64  # 0 turns bucketing off: every image is cropped square
+    min_bucket_side: int = 256
+    max_bucket_side: int = 2048
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
     caption_dropout: float = 0.0
+    on_bad_file: Literal["skip", "fail"] = "skip"
+    masked_loss: bool = False
     cache_latents: bool = False
+    cache_text: bool = False
     cache_dir: str | None = None
+    num_workers: int = 0
 
 
 @dataclass

@@ -29,31 +29,31 @@ def read_prompts(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from diffbase.generate import GenerateSettings, generate, metadata, parse_size
+    from diffbase.generate import GenerateSettings, generate, metadata, parse_size, pipeline_kwargs
     from diffbase.io import save_png_atomic
-    from diffbase.models.loading import load_model
+    from diffbase.models.loading import detect_family, load_model
     from diffbase.models.lora_loading import apply_loras
 
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     height, width = parse_size(args.size)
+
+    def settings_for(i: int, prompt: str) -> GenerateSettings:
+        return GenerateSettings(
+            prompt=prompt, seed=args.seed + i, steps=args.steps, guidance=args.guidance, height=height, width=width,
+            negative=args.negative, true_cfg=args.true_cfg, loras=list(args.lora),
+        )  # fmt: skip
+
+    folder = Path(args.config) if args.config else Path(args.model)
+    if folder.is_dir():  # check the settings against the family before spending time loading
+        pipeline_kwargs(detect_family(folder), settings_for(0, prompts[0]))
     pipe, spec = load_model(args.model, config=args.config, dtype=args.dtype, device=resolve_device(args.device))
     apply_loras(pipe, spec, args.lora)
     out = Path(args.out)
     bar = tqdm(prompts, desc="generate", unit="img", disable=len(prompts) == 1)
     for i, prompt in enumerate(bar):
-        settings = GenerateSettings(
-            prompt=prompt,
-            seed=args.seed + i,
-            steps=args.steps,
-            guidance=args.guidance,
-            height=height,
-            width=width,
-            negative=args.negative,
-            true_cfg=args.true_cfg,
-            loras=list(args.lora),
-        )
+        settings = settings_for(i, prompt)
         image = generate(pipe, spec, settings)
         target = out / f"{i:04d}.png" if args.prompts else out
         save_png_atomic(image, target, metadata(settings, args.model, spec))

@@ -17,6 +17,15 @@ from diffbase.models.specs import FamilySpec, spec_for_pipeline
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def quiet_loading() -> None:
+    """No per-component loading bars: the CLI shows its own progress and keeps stderr for errors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def read_model_index(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     if not folder.exists():
@@ -53,6 +62,7 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str = "cpu")
     spec = spec_for_pipeline(str(index.get("_class_name")), str(folder / "model_index.json"))
     _check_components(folder, index)
     cls = getattr(diffusers, spec.pipeline)
+    quiet_loading()
     try:
         pipe = cls.from_pretrained(folder, torch_dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:

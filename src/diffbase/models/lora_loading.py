@@ -1,0 +1,97 @@
+"""LoRA files onto a pipeline for generation: diffusers, kohya/ComfyUI and XLabs layouts.
+
+diffusers' `load_lora_weights` converts the kohya and XLabs layouts itself; we add the checks it
+lacks: the file exists, it is a LoRA of this family, and at least one layer took it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+from diffbase.models.specs import FamilySpec
+
+# Key fragments that identify a LoRA's family; a LoRA of another family would load nothing.
+FAMILY_MARKERS = {
+    "unet": ("unet.", "lora_unet_down_blocks", "lora_unet_input_blocks", "lora_unet_up_blocks", "lora_te"),
+    "flux": ("double_blocks", "single_blocks", "transformer.transformer_blocks", "transformer.single_transformer_blocks",
+             "lora_unet_double_blocks", "lora_unet_single_blocks", "transformer_blocks.", "single_transformer_blocks."),
+    "sd3": ("transformer.transformer_blocks", "joint_blocks", "transformer_blocks."),
+}
+
+
+def parse_lora_arg(text: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]`: the scale is what follows the last ':' when it reads as a number."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(tail)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
+def read_lora_keys(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"{path}: LoRA file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise UserError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types
+        raise UserError(f"{path}: not a readable LoRA checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a dict of tensors")
+    return list(state)
+
+
+def check_family(path: Path, keys: list[str], spec: FamilySpec) -> None:
+    if not any("lora" in k or k.endswith((".down.weight", ".up.weight")) for k in keys):
+        raise UserError(f"{path}: no LoRA weights found (expected lora_A/lora_B, lora_down/lora_up or down/up keys)")
+    group = "unet" if spec.denoiser == "unet" else ("sd3" if spec.family == "sd3" else "flux")
+    others = {g: m for g, m in FAMILY_MARKERS.items() if g != group}
+    if not any(marker in k for k in keys for marker in FAMILY_MARKERS[group]):
+        found = next((g for g, markers in others.items() if any(m in k for k in keys for m in markers)), "unknown")
+        raise UserError(f"{path}: a LoRA for a {found} model, expected one for {spec.pipeline}")
+
+
+def _adapted_layers(pipe: Any, adapter: str) -> int:
+    count = 0
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for sub in module.modules():
+            if adapter in getattr(sub, "lora_A", {}):
+                count += 1
+    return count
+
+
+def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
+    """Load each `FILE[:SCALE]` as its own adapter and activate them together."""
+    names, weights = [], []
+    for i, arg in enumerate(lora_args):
+        path, scale = parse_lora_arg(arg)
+        keys = read_lora_keys(path)
+        check_family(path, keys, spec)
+        name = f"lora{i}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{path}: could not load onto {spec.pipeline}: {first[:300]}") from None
+        if _adapted_layers(pipe, name) == 0:
+            raise UserError(f"{path}: no layer of the {spec.pipeline} matched this LoRA")
+        names.append(name)
+        weights.append(scale)
+    if names:
+        pipe.set_adapters(names, adapter_weights=weights)

@@ -1,0 +1,145 @@
+"""What each training method adds to a backbone and which parameters it trains.
+
+A method differs by its trainable parameters, extra modules and export format, not by a copy
+of the loop: `prepare_method` returns a `MethodState` the one loop works with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffbase.config import TrainingConfig
+from diffbase.errors import UserError
+
+# Attention projections that LoRA adapts by default, per family (diffusers module names).
+LORA_TARGETS: dict[str, list[str]] = {
+    "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "flux1": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "flux2": [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "to_qkv_mlp_proj",
+    ],
+}
+
+CONTROLNET_FAMILIES = ("sd15", "sdxl", "sd3", "flux1")
+
+
+@dataclass
+class MethodState:
+    name: str
+    trainable: list[torch.nn.Parameter]
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # modules whose trained state is saved
+
+
+def trained_state_dict(state: MethodState) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a checkpoint must keep: only what trains (LoRA layers, or whole trained modules)."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for name, module in state.modules.items():
+        if state.name in ("lora", "dreambooth_lora"):
+            out[name] = {k: v.detach() for k, v in get_peft_model_state_dict(module).items()}
+        else:
+            out[name] = {k: v.detach() for k, v in module.state_dict().items()}
+    return out
+
+
+def load_trained_state_dict(state: MethodState, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    for name, module in state.modules.items():
+        if state.name in ("lora", "dreambooth_lora"):
+            result = set_peft_model_state_dict(module, tensors[name])
+            if getattr(result, "unexpected_keys", None):
+                raise UserError(f"checkpoint: unexpected LoRA keys for {name}: {result.unexpected_keys[:3]}")
+        else:
+            module.load_state_dict(tensors[name])
+
+
+def add_lora(denoiser: torch.nn.Module, family: str, cfg: TrainingConfig) -> None:
+    from peft import LoraConfig
+
+    targets = cfg.lora.target_modules or LORA_TARGETS[family]
+    present = {name.rsplit(".", 1)[-1] for name, _ in denoiser.named_modules()} | {
+        ".".join(name.rsplit(".", 2)[-2:]) for name, _ in denoiser.named_modules()
+    }
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise UserError(f"training.lora.target_modules: {missing} not found in the {family} denoiser")
+    denoiser.add_adapter(
+        LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
+    )
+
+
+def make_controlnet(denoiser: torch.nn.Module, family: str, cfg: TrainingConfig) -> torch.nn.Module:
+    """A ControlNet initialised from the denoiser's weights, as diffusers' training examples do."""
+    import diffusers
+
+    c = cfg.controlnet
+    if family not in CONTROLNET_FAMILIES:
+        raise UserError(
+            f"training.method: controlnet is available for {list(CONTROLNET_FAMILIES)}; diffusers "
+            f"0.42 has no ControlNet model for {family}"
+        )
+    if c.pretrained_path:
+        cls = {
+            "sd15": "ControlNetModel",
+            "sdxl": "ControlNetModel",
+            "sd3": "SD3ControlNetModel",
+            "flux1": "FluxControlNetModel",
+        }[family]
+        return getattr(diffusers, cls).from_pretrained(c.pretrained_path, local_files_only=True)
+    if family in ("sd15", "sdxl"):
+        return diffusers.ControlNetModel.from_unet(denoiser)
+    if family == "sd3":
+        return diffusers.SD3ControlNetModel.from_transformer(
+            denoiser, num_layers=c.num_layers or min(12, denoiser.config.num_layers), num_extra_conditioning_channels=0
+        )
+    config = denoiser.config
+    return diffusers.FluxControlNetModel.from_transformer(
+        denoiser,
+        num_layers=c.num_layers or min(4, config.num_layers),
+        num_single_layers=c.num_single_layers or min(10, config.num_single_layers),
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+    )
+
+
+def prepare_method(backbone: Any, cfg: TrainingConfig) -> MethodState:
+    """Freeze the backbone, then add and unfreeze what the method trains."""
+    family = backbone.spec.family
+    denoiser = backbone.denoiser
+    for module in backbone.pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    method = cfg.method
+    if method in ("lora", "dreambooth"):
+        add_lora(denoiser, family, cfg)
+        name = "lora" if method == "lora" else "dreambooth_lora"
+        return MethodState(name, [p for p in denoiser.parameters() if p.requires_grad], {"denoiser": denoiser})
+    if method == "full_finetune":
+        denoiser.requires_grad_(True)
+        return MethodState(method, list(denoiser.parameters()), {"denoiser": denoiser})
+    if method == "controlnet":
+        controlnet = make_controlnet(denoiser, family, cfg).train()
+        controlnet.requires_grad_(True)
+        return MethodState(method, list(controlnet.parameters()), {"controlnet": controlnet})
+    raise UserError(f"training.method: unknown method '{method}'")
