@@ -1,0 +1,253 @@
+"""The one interface a family offers to training: prompts, images, the denoiser call, noise and targets.
+
+Everything reuses the family's diffusers pipeline (its `encode_prompt`, packing and id helpers),
+so training sees exactly the tensors the pipeline builds at inference. Latents are always
+handled unpacked, (B, C, H, W), in the normalised space the denoiser works in:
+
+- SD1.5 / SDXL: z * scaling_factor (4 channels, H/8)
+- SD3.5, FLUX.1: (z - shift_factor) * scaling_factor (16 channels, H/8)
+- FLUX.2: z patchified 2x2 (128 channels, H/16), then normalised by the VAE's BatchNorm statistics
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffbase.models.specs import FamilySpec
+
+Cond = dict[str, torch.Tensor]
+
+
+@dataclass
+class Backbone:
+    spec: FamilySpec
+    pipe: Any
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.spec.denoiser)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+
+def prediction_kind(bb: Backbone) -> str:
+    """ "epsilon", "v_prediction" or "flow": what the denoiser predicts, hence the training target."""
+    if bb.spec.prediction == "flow":
+        return "flow"
+    return bb.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+@torch.no_grad()
+def encode_prompts(bb: Backbone, prompts: list[str], image_hw: tuple[int, int] | None = None) -> Cond:
+    """The text conditioning the denoiser needs, computed by the pipeline's own `encode_prompt`."""
+    pipe, device, family = bb.pipe, bb.device, bb.family
+    if family == "sd15":
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return {"prompt_embeds": embeds}
+    if family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if image_hw is not None:
+            cond["add_time_ids"] = sdxl_time_ids(bb, image_hw, len(prompts))
+        return cond
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if family == "flux1":
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+    embeds, text_ids = pipe.encode_prompt(prompts, device=device)  # FLUX.2 dev and klein
+    return {"prompt_embeds": embeds, "text_ids": text_ids}
+
+
+def sdxl_time_ids(bb: Backbone, image_hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """SDXL's size conditioning for an uncropped image of this size (original = target, no crop)."""
+    proj = bb.pipe.text_encoder_2.config.projection_dim
+    ids = bb.pipe._get_add_time_ids(tuple(image_hw), (0, 0), tuple(image_hw), torch.float32, proj)
+    return ids.repeat(batch, 1).to(bb.device)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _vae_stats(bb: Backbone, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bn = bb.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bb.vae.config.batch_norm_eps).to(like)
+    return mean, std
+
+
+@torch.no_grad()
+def encode_images(
+    bb: Backbone, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+) -> torch.Tensor:
+    """Pixels in [-1, 1] -> normalised latents (B, C, H, W), as the family's pipeline normalises them."""
+    vae = bb.vae
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    if bb.family == "flux2":
+        z = bb.pipe._patchify_latents(z)
+        mean, std = _vae_stats(bb, z)
+        return (z - mean) / std
+    shift = vae.config.get("shift_factor") or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(bb: Backbone, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents -> pixels in [-1, 1]: the inverse path each pipeline takes after denoising."""
+    vae = bb.vae
+    latents = latents.to(vae.device, vae.dtype)
+    if bb.family == "flux2":
+        mean, std = _vae_stats(bb, latents)
+        z = bb.pipe._unpatchify_latents(latents * std + mean)
+    else:
+        z = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+    return vae.decode(z, return_dict=False)[0].clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------- FLUX token layout
+
+
+def pack(bb: Backbone, latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, tokens, channels) as the FLUX pipelines feed their transformers."""
+    b, c, h, w = latents.shape
+    if bb.family == "flux1":
+        return bb.pipe._pack_latents(latents, b, c, h, w)
+    return bb.pipe._pack_latents(latents)
+
+
+def unpack(bb: Backbone, tokens: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `pack` for a latent grid of `latent_hw`."""
+    h, w = latent_hw
+    b, _, ch = tokens.shape
+    if bb.family == "flux1":
+        x = tokens.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, ch // 4, h, w)
+    return tokens.view(b, h, w, ch).permute(0, 3, 1, 2)
+
+
+def image_ids(bb: Backbone, latents: torch.Tensor) -> torch.Tensor:
+    """Position ids of the latent tokens: 3 axes (t, h, w) for FLUX.1, 4 axes (t, h, w, l) for FLUX.2."""
+    b, _, h, w = latents.shape
+    if bb.family == "flux1":
+        return bb.pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    return bb.pipe._prepare_latent_ids(latents).to(latents.device)
+
+
+def image_seq_len(bb: Backbone, latent_hw: tuple[int, int]) -> int:
+    h, w = latent_hw
+    if bb.family == "flux1":
+        return (h // 2) * (w // 2)
+    if bb.family == "sd3":
+        p = bb.denoiser.config.patch_size
+        return (h // p) * (w // p)
+    return h * w
+
+
+# --------------------------------------------------------------------------- the denoiser call
+
+
+def denoise(
+    bb: Backbone,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Cond,
+    guidance: float | None = None,
+    residuals: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """One denoiser forward, built as the family's pipeline builds it; returns (B, C, H, W).
+
+    `timesteps` are in the scheduler's units (0..1000, i.e. sigma * 1000 for flow models);
+    `residuals` are ControlNet outputs passed through to the denoiser.
+    """
+    model, family = bb.denoiser, bb.family
+    latents = latents.to(model.dtype)
+    extra = residuals or {}
+    if family in ("sd15", "sdxl"):
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
+        if family == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond["pooled_prompt_embeds"],
+                "time_ids": cond["add_time_ids"],
+            }
+        return model(latents, timesteps, **kwargs, **extra, return_dict=False)[0]
+    t = timesteps.to(latents.dtype).expand(latents.shape[0])
+    if family == "sd3":
+        return model(
+            hidden_states=latents,
+            timestep=t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            return_dict=False,
+            **extra,
+        )[0]
+    g = None
+    if model.config.guidance_embeds:
+        g = torch.full(
+            [latents.shape[0]], 1.0 if guidance is None else guidance, device=latents.device, dtype=torch.float32
+        )
+    kwargs = {
+        "hidden_states": pack(bb, latents),
+        "timestep": t / 1000,
+        "guidance": g,
+        "encoder_hidden_states": cond["prompt_embeds"],
+        "txt_ids": cond["text_ids"],
+        "img_ids": image_ids(bb, latents),
+        "return_dict": False,
+    }
+    if family == "flux1":
+        kwargs["pooled_projections"] = cond["pooled_prompt_embeds"]
+    out = model(**kwargs, **extra)[0]
+    return unpack(bb, out, latents.shape[-2:])
+
+
+# --------------------------------------------------------------------------- noise and targets
+
+
+def ddpm_alphas_cumprod(bb: Backbone) -> torch.Tensor:
+    """The training noise schedule of an epsilon / v model, from its scheduler config."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(bb.pipe.scheduler.config).alphas_cumprod
+
+
+def add_noise(bb: Backbone, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t. Flow: t is sigma in [0, 1]; DDPM: t is an integer timestep."""
+    if prediction_kind(bb) == "flow":
+        s = t.to(latents).view(-1, 1, 1, 1)
+        return (1.0 - s) * latents + s * noise
+    a = ddpm_alphas_cumprod(bb).to(latents.device)[t].to(latents).view(-1, 1, 1, 1)
+    return a.sqrt() * latents + (1.0 - a).sqrt() * noise
+
+
+def target(bb: Backbone, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser should predict: noise (epsilon), velocity (v) or noise - x0 (flow)."""
+    kind = prediction_kind(bb)
+    if kind == "flow":
+        return noise - latents
+    if kind == "epsilon":
+        return noise
+    a = ddpm_alphas_cumprod(bb).to(latents.device)[t].to(latents).view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1.0 - a).sqrt() * latents
+
+
+def model_timesteps(bb: Backbone, t: torch.Tensor) -> torch.Tensor:
+    """Training time -> the timestep values the denoiser takes (sigma * 1000 for flow models)."""
+    return t.float() * 1000.0 if prediction_kind(bb) == "flow" else t
