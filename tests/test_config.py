@@ -126,3 +126,9 @@ def test_config_show_bad_input_is_one_line_exit_2(experiment: Path) -> None:
     assert code == 2 and "e.yaml: config file not found" in err
     code, _, err = run_cli("config", "show", str(experiment), "noequals")
     assert code == 2 and "expected key=value" in err
+
+
+def test_exponent_without_dot_is_a_number(experiment: Path) -> None:
+    write(experiment, experiment.read_text() + "  learning_rate: 1e-4\n")
+    assert load_config(experiment).training.learning_rate == 1e-4
+    assert load_config(experiment, ["training.learning_rate=3e-5"]).training.learning_rate == 3e-5

@@ -381,6 +381,11 @@ def _convert(tp: Any, value: Any, dotted: str, sources: dict[str, str], default_
             raise fail()
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail()
         return float(value)

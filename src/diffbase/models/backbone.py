@@ -94,19 +94,32 @@ def _vae_stats(bb: Backbone, like: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def encode_images(
-    bb: Backbone, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
-) -> torch.Tensor:
-    """Pixels in [-1, 1] -> normalised latents (B, C, H, W), as the family's pipeline normalises them."""
+def encode_distribution(bb: Backbone, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [-1, 1] -> the VAE posterior's (mean, std): what a latent cache stores, so training
+    can still draw a fresh latent sample every step."""
     vae = bb.vae
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mode()
+    return dist.mean, dist.std
+
+
+def normalize(bb: Backbone, z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents -> the normalised space the denoiser works in, as the family's pipeline does it."""
     if bb.family == "flux2":
         z = bb.pipe._patchify_latents(z)
         mean, std = _vae_stats(bb, z)
         return (z - mean) / std
-    shift = vae.config.get("shift_factor") or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    shift = bb.vae.config.get("shift_factor") or 0.0
+    return (z - shift) * bb.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_images(
+    bb: Backbone, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+) -> torch.Tensor:
+    """Pixels in [-1, 1] -> normalised latents (B, C, H, W), as the family's pipeline normalises them."""
+    mean, std = encode_distribution(bb, pixels)
+    z = mean + std * torch.randn(mean.shape, generator=generator).to(mean) if sample else mean
+    return normalize(bb, z)
 
 
 @torch.no_grad()
@@ -216,6 +229,65 @@ def denoise(
         kwargs["pooled_projections"] = cond["pooled_prompt_embeds"]
     out = model(**kwargs, **extra)[0]
     return unpack(bb, out, latents.shape[-2:])
+
+
+def controlnet_residuals(
+    bb: Backbone,
+    controlnet: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Cond,
+    control: torch.Tensor,
+    scale: float = 1.0,
+    guidance: float | None = None,
+) -> dict[str, Any]:
+    """ControlNet outputs as the denoiser's keyword arguments, built as diffusers' ControlNet pipelines do.
+
+    `control` is the control image in [-1, 1]: UNet ControlNets take it as pixels in [0, 1];
+    SD3 and FLUX ControlNets take its normalised latent (the posterior mean).
+    """
+    family = bb.family
+    latents = latents.to(controlnet.dtype)
+    if family in ("sd15", "sdxl"):
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
+        if family == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": cond["pooled_prompt_embeds"],
+                "time_ids": cond["add_time_ids"],
+            }
+        down, mid = controlnet(
+            latents, timesteps, controlnet_cond=(control + 1) / 2, conditioning_scale=scale, return_dict=False, **kwargs
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    control_latents = normalize(bb, encode_distribution(bb, control)[0]).to(latents)
+    t = timesteps.to(latents.dtype).expand(latents.shape[0])
+    if family == "sd3":
+        blocks = controlnet(
+            hidden_states=latents,
+            timestep=t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            controlnet_cond=control_latents,
+            conditioning_scale=scale,
+            return_dict=False,
+        )[0]
+        return {"block_controlnet_hidden_states": blocks}
+    g = None
+    if controlnet.config.guidance_embeds:
+        g = torch.full([latents.shape[0]], 1.0 if guidance is None else guidance, dtype=torch.float32)
+    blocks, single = controlnet(
+        hidden_states=pack(bb, latents),
+        controlnet_cond=pack(bb, control_latents),
+        conditioning_scale=scale,
+        timestep=t / 1000,
+        guidance=g,
+        pooled_projections=cond["pooled_prompt_embeds"],
+        encoder_hidden_states=cond["prompt_embeds"],
+        txt_ids=cond["text_ids"],
+        img_ids=image_ids(bb, latents),
+        return_dict=False,
+    )
+    return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
 
 
 # --------------------------------------------------------------------------- noise and targets

@@ -64,7 +64,7 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str = "cpu")
     cls = getattr(diffusers, spec.pipeline)
     quiet_loading()
     try:
-        pipe = cls.from_pretrained(folder, torch_dtype=DTYPES[dtype], local_files_only=True)
+        pipe = cls.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None

@@ -1,0 +1,144 @@
+"""Single-file checkpoints (BFL, ComfyUI, original SD) with a local diffusers folder for the rest.
+
+The folder gives the configs, tokenizers, text encoders and VAE; the file gives the weights.
+FLUX.1 BFL and ComfyUI files go through our own converter (`bfl_flux`), which works at any
+width; the other layouts through diffusers' `from_single_file` with the folder as config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.errors import UserError
+from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, is_bfl_flux1
+from diffbase.models.loading import DTYPES, detect_family, load_pipeline, quiet_loading
+from diffbase.models.specs import FamilySpec
+
+# Key fragments that identify what a file holds, checked in order.
+LAYOUTS = [
+    ("flux2", ("single_stream_modulation.lin.weight", "double_stream_modulation_img.lin.weight")),
+    ("flux1", ("double_blocks.0.img_attn.qkv.weight",)),
+    ("sd3", ("joint_blocks.0.", "transformer_blocks.0.ff_context.")),
+    ("sdxl", ("conditioner.embedders.1.", "model.diffusion_model.label_emb.")),
+    ("sd15", ("model.diffusion_model.input_blocks.",)),
+]
+DIFFUSERS_FLUX1 = ("transformer_blocks.0.attn.add_q_proj.weight", "single_transformer_blocks.0.proj_mlp.weight")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a pickle through `torch.load(weights_only=True)` only."""
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and pickle raise many types for a damaged file
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a mapping of tensor names to tensors")
+    return state
+
+
+def detect_layout(keys: list[str]) -> str:
+    """Which family's checkpoint this is, from its key names ("unknown" when none matches)."""
+    for family, markers in LAYOUTS:
+        if any(m in k for k in keys for m in markers):
+            return family
+    if any(k.removeprefix(COMFY_PREFIX) in DIFFUSERS_FLUX1 for k in keys):
+        return "flux1"
+    return "unknown"
+
+
+def check_against(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Missing, unexpected and mis-shaped keys as one clear line before anything is loaded."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UserError(
+                f"{path}: key {key} has shape {tuple(tensor.shape)}, the config folder expects "
+                f"{tuple(expected[key].shape)}"
+            )
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise UserError(f"{path}: keys do not match the config folder's transformer: {'; '.join(parts)}")
+
+
+def _flux1_transformer(path: Path, state: dict[str, torch.Tensor], folder: Path, dtype: str) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    keys = list(state)
+    converted = (
+        bfl_to_diffusers(state) if is_bfl_flux1(keys) else {k.removeprefix(COMFY_PREFIX): v for k, v in state.items()}
+    )
+    # An all-in-one file also holds the VAE and text encoders: keep the transformer's tensors.
+    converted = {
+        k: v
+        for k, v in converted.items()
+        if not k.startswith(("vae.", "text_encoders.", "first_stage_model.", "conditioner.", "cond_stage_model."))
+    }
+    config = FluxTransformer2DModel.load_config(folder / "transformer")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    check_against(model, converted, path)
+    model.load_state_dict(converted, assign=True, strict=True)
+    return model.to(DTYPES[dtype])
+
+
+def load_single_file_pipeline(
+    path: Path, config: Path, dtype: str = "float32", device: str = "cpu"
+) -> tuple[Any, FamilySpec]:
+    """A pipeline whose denoiser (or whole model) comes from `path`, the rest from the folder `config`."""
+    if not config.is_dir():
+        raise UserError(f"--config: {config} is not a diffusers folder")
+    spec = detect_family(config)
+    state = read_state_dict(path)
+    found = detect_layout(list(state))
+    if found == "unknown":
+        raise UserError(f"{path}: no known checkpoint layout (BFL, ComfyUI, original SD or diffusers) in its keys")
+    if found != spec.family:
+        raise UserError(f"{path}: found a {found} checkpoint, expected {spec.family} (from {config})")
+    if spec.family == "flux1":
+        transformer = _flux1_transformer(path, state, config, dtype)
+        pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")
+        pipe.transformer = transformer
+        pipe.register_modules(transformer=transformer)
+        return pipe.to(device), spec
+    return _diffusers_single_file(path, config, spec, dtype, device)
+
+
+def _diffusers_single_file(
+    path: Path, config: Path, spec: FamilySpec, dtype: str, device: str
+) -> tuple[Any, FamilySpec]:
+    """Other layouts through diffusers' converters, offline, with the local folder as config."""
+    import diffusers
+
+    quiet_loading()
+    denoiser_cls = getattr(diffusers, spec.denoiser_class)
+    pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")
+    try:
+        model = denoiser_cls.from_single_file(
+            str(path), config=str(config), subfolder=spec.denoiser, local_files_only=True, torch_dtype=DTYPES[dtype]
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: could not convert to {spec.denoiser_class}: {first[:200]}") from None
+    setattr(pipe, spec.denoiser, model)
+    pipe.register_modules(**{spec.denoiser: model})
+    return pipe.to(device), spec

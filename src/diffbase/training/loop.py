@@ -1,0 +1,235 @@
+"""The one training loop, on accelerate, for every method and family.
+
+Reads top to bottom: set up, resume, then for each optimizer step: encode (or read the cache),
+loss, backward, clip, step, log, checkpoint, validate. Methods differ only through
+`training.methods` (what trains) and `training.step` (the loss).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.models import backbone as B
+from diffbase.training import checkpoint as ckpt
+from diffbase.training.methods import MethodState, load_trained_state_dict, prepare_method, trained_state_dict
+from diffbase.training.schedule import make_scheduler
+from diffbase.training.step import diffusion_step_loss
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    skipped_nonfinite: int = 0
+    checkpoint: Path | None = None
+    output_dir: Path | None = None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    t = config.training
+    o = t.optimizer
+    if o.type == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(
+                "training.optimizer.type: adamw8bit needs bitsandbytes (pip install bitsandbytes)"
+            ) from None
+        return bnb.optim.AdamW8bit(
+            params, lr=t.learning_rate, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tuple[dict[str, Any], B.Cond]:
+    """Posterior (mean, std) and text conditioning of a batch: from the cache, or computed now."""
+    pixels = batch["pixels"]
+    if cache is not None:
+        mean, std, cond = cache.lookup(batch)
+    else:
+        mean, std = B.encode_distribution(bb, pixels)
+        cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(pixels.shape[-2:]))
+    out = {"mean": mean.float(), "std": std.float(), "index": batch["index"]}
+    for key in ("mask", "control"):
+        if batch.get(key) is not None:
+            out[key] = batch[key]
+    return out, cond
+
+
+def total_steps(config: Config, batches_per_epoch: int) -> int:
+    t = config.training
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, t.epochs * math.ceil(batches_per_epoch / t.gradient_accumulation))
+
+
+def run_training(
+    config: Config,
+    bb: B.Backbone,
+    dataset: Any,
+    sampler: Any,
+    resume: str | None = None,
+    cache: Any | None = None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train `bb` on `dataset` batched by `sampler` (index lists of one global batch each).
+
+    `stop_after` ends the run early after that many optimizer steps (as if it crashed), for tests.
+    """
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    t, out_dir = config.training, Path(config.experiment.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.hardware.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        cpu=config.hardware.device == "cpu" or not torch.cuda.is_available(),
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    method: MethodState = prepare_method(bb, t)
+    if config.hardware.gradient_checkpointing:
+        for module in method.modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+    trained = next(iter(method.modules.values()))
+    optimizer = make_optimizer(method.trainable, config)
+    steps = total_steps(config, len(sampler))
+    lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, t.schedule)
+    ema = None
+    if t.ema.enabled:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(method.trainable, decay=t.ema.decay)
+    trained, optimizer = accelerator.prepare(trained, optimizer)
+    name = next(iter(method.modules))
+    controlnet = trained if t.method == "controlnet" else None
+
+    progress = ckpt.Progress()
+    ckpt_root = out_dir / "checkpoints"
+    found = ckpt.resolve_resume(ckpt_root, resume)
+    if found is not None:
+        progress, tensors, objects = ckpt.load_checkpoint(found)
+        load_trained_state_dict(method, tensors)
+        optimizer.load_state_dict(objects["optimizer"])
+        lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        if ema is not None and "ema" in tensors:
+            ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
+        accelerator.print(f"resumed from {found} at step {progress.step}")
+
+    result = TrainResult(steps=progress.step, output_dir=out_dir)
+    bar = tqdm(
+        total=steps,
+        initial=progress.step,
+        desc=f"train {t.method}",
+        unit="step",
+        disable=not (show_progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
+    start, first_step = time.perf_counter(), progress.step
+    micro = 0
+    done = progress.step >= steps
+    while not done:
+        sampler.set_epoch(progress.epoch)
+        batches = list(sampler)
+        for b_index in range(progress.batch_in_epoch, len(batches)):
+            indices = batches[b_index]
+            per_rank = len(indices) // world
+            local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
+            batch = dataset.collate([dataset[i] for i in local])
+            with accelerator.accumulate(trained):
+                encoded, cond = encode_batch(bb, batch, cache)
+                loss = diffusion_step_loss(
+                    bb,
+                    t.objective,
+                    encoded,
+                    cond,
+                    config.experiment.seed,
+                    progress.step,
+                    controlnet=controlnet,
+                    control_scale=t.controlnet.conditioning_scale,
+                    weights=batch.get("weight"),
+                )
+                finite = torch.isfinite(loss).all()
+                if world > 1:  # every process must agree to skip, or DDP hangs
+                    finite = accelerator.reduce(finite.float(), reduction="min") > 0
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(method.trainable, t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            progress.batch_in_epoch = b_index + 1
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:
+                progress.nonfinite_total += 1
+                progress.nonfinite_in_row += 1
+                result.skipped_nonfinite += 1
+                if progress.nonfinite_in_row >= t.max_nonfinite_steps:
+                    raise UserError(
+                        f"training: {progress.nonfinite_in_row} non-finite losses in a row at step "
+                        f"{progress.step}; lower training.learning_rate or check the data"
+                    )
+                continue
+            progress.nonfinite_in_row = 0
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(method.trainable)
+            progress.step += 1
+            value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            result.losses.append(value)
+            rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", it_s=f"{rate:.2f}")
+            bar.update(1)
+            if progress.step >= steps or (stop_after is not None and progress.step - first_step >= stop_after):
+                done = True
+            if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
+                result.checkpoint = save(
+                    accelerator, ckpt_root, progress, method, name, optimizer, lr_scheduler, ema, t.keep_checkpoints
+                )
+            if done:
+                break
+        else:
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+    result.steps = progress.step
+    return result
+
+
+def save(
+    accelerator: Any,
+    root: Path,
+    progress: ckpt.Progress,
+    method: MethodState,
+    name: str,
+    optimizer: Any,
+    lr_scheduler: Any,
+    ema: Any,
+    keep: int,
+) -> Path | None:
+    """Checkpoint from the main process, after every process reached the same step."""
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        tensors = trained_state_dict(method)
+        objects = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        if ema is not None:
+            state = ema.state_dict()
+            tensors["ema"] = {f"{i:05d}": p for i, p in enumerate(state.pop("shadow_params"))}
+            objects["ema_meta"] = state
+        path = ckpt.save_checkpoint(root, progress, tensors, objects, keep)
+    accelerator.wait_for_everyone()
+    return path if path is not None else root / f"step-{progress.step:06d}"

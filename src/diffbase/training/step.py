@@ -1,0 +1,114 @@
+"""One training step's loss: the same for every method and family.
+
+Randomness (latent sample, noise, timestep) comes from a generator seeded by (seed, step,
+sample index), never from global state, so a resumed run draws exactly what an
+uninterrupted one would, and N processes draw what one process with N times the batch draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffbase.config import ObjectiveConfig
+from diffbase.models import backbone as B
+from diffbase.training.objectives import (
+    diffusion_loss,
+    min_snr_weights,
+    sample_ddpm_timesteps,
+    sample_flow_sigmas,
+)
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + index) % (2**63))
+
+
+def draw(
+    bb: B.Backbone,
+    cfg: ObjectiveConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    seed: int,
+    step: int,
+    indices: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: a latent from the VAE posterior, the noise, and the training time (sigma or timestep)."""
+    latents, noises, times = [], [], []
+    kind = B.prediction_kind(bb)
+    seq_len = B.image_seq_len(bb, tuple(B.normalize(bb, mean[:1]).shape[-2:]))
+    for j, index in enumerate(indices):
+        g = sample_generator(seed, step, index)
+        z = mean[j] + std[j] * torch.randn(mean[j].shape, generator=g).to(mean)
+        latents.append(B.normalize(bb, z[None])[0])
+        noises.append(torch.randn(latents[-1].shape, generator=g).to(mean))
+        if kind == "flow":
+            config = dict(bb.pipe.scheduler.config)
+            times.append(sample_flow_sigmas(cfg, 1, config, seq_len, generator=g)[0])
+        else:
+            times.append(sample_ddpm_timesteps(1, bb.pipe.scheduler.config.num_train_timesteps, generator=g)[0])
+    return torch.stack(latents), torch.stack(noises), torch.stack(times)
+
+
+def diffusion_step_loss(
+    bb: B.Backbone,
+    cfg: ObjectiveConfig,
+    batch: dict[str, Any],
+    cond: B.Cond,
+    seed: int,
+    step: int,
+    controlnet: torch.nn.Module | None = None,
+    control_scale: float = 1.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, optional `mask`/`control`."""
+    x0, noise, t = draw(bb, cfg, batch["mean"], batch["std"], seed, step, batch["index"])
+    noisy = B.add_noise(bb, x0, noise, t)
+    timesteps = B.model_timesteps(bb, t).to(x0.device)
+    residuals = None
+    if controlnet is not None:
+        residuals = B.controlnet_residuals(
+            bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
+        )
+    pred = B.denoise(bb, noisy, timesteps, cond, guidance=cfg.guidance, residuals=residuals)
+    kind = B.prediction_kind(bb)
+    w = weights
+    if cfg.snr_gamma is not None and kind != "flow":
+        snr_w = min_snr_weights(B.ddpm_alphas_cumprod(bb), t, cfg.snr_gamma, kind)
+        w = snr_w if w is None else w * snr_w
+    return diffusion_loss(pred, B.target(bb, x0, noise, t), w, batch.get("mask"))
+
+
+@torch.no_grad()
+def fixed_time_loss(
+    bb: B.Backbone,
+    cfg: ObjectiveConfig,
+    batch: dict[str, Any],
+    cond: B.Cond,
+    times: list[float],
+    seed: int = 0,
+    controlnet: torch.nn.Module | None = None,
+    control_scale: float = 1.0,
+) -> float:
+    """Loss at fixed noise levels (fractions of the schedule) and fixed noise: a comparable number
+    across steps, for validation and for tests that training lowers the loss."""
+    x0 = B.normalize(bb, batch["mean"])
+    kind = B.prediction_kind(bb)
+    total = 0.0
+    for k, frac in enumerate(times):
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=sample_generator(seed, k, i)) for i in batch["index"]])
+        if kind == "flow":
+            t = torch.full((x0.shape[0],), float(frac))
+        else:
+            t = torch.full((x0.shape[0],), round(frac * (bb.pipe.scheduler.config.num_train_timesteps - 1)))
+        noisy = B.add_noise(bb, x0, noise.to(x0), t)
+        timesteps = B.model_timesteps(bb, t).to(x0.device)
+        residuals = None
+        if controlnet is not None:
+            residuals = B.controlnet_residuals(
+                bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
+            )
+        pred = B.denoise(bb, noisy, timesteps, cond, guidance=cfg.guidance, residuals=residuals)
+        total += diffusion_loss(pred, B.target(bb, x0, noise.to(x0), t), None, batch.get("mask")).item()
+    return total / len(times)
