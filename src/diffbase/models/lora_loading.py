@@ -10,13 +10,22 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
+from diffbase.models.lora_formats import is_kohya_flux, kohya_flux_to_diffusers
 from diffbase.models.specs import FamilySpec
 
 # Key fragments that identify a LoRA's family; a LoRA of another family would load nothing.
 FAMILY_MARKERS = {
     "unet": ("unet.", "lora_unet_down_blocks", "lora_unet_input_blocks", "lora_unet_up_blocks", "lora_te"),
-    "flux": ("double_blocks", "single_blocks", "transformer.transformer_blocks", "transformer.single_transformer_blocks",
-             "lora_unet_double_blocks", "lora_unet_single_blocks", "transformer_blocks.", "single_transformer_blocks."),
+    "flux": (
+        "double_blocks",
+        "single_blocks",
+        "transformer.transformer_blocks",
+        "transformer.single_transformer_blocks",
+        "lora_unet_double_blocks",
+        "lora_unet_single_blocks",
+        "transformer_blocks.",
+        "single_transformer_blocks.",
+    ),
     "sd3": ("transformer.transformer_blocks", "joint_blocks", "transformer_blocks."),
 }
 
@@ -54,6 +63,23 @@ def read_lora_keys(path: Path) -> list[str]:
     return list(state)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def linear_widths(module: Any, prefix: str) -> dict[str, int]:
+    """Output width of every linear layer, keyed like LoRA layer paths."""
+    import torch
+
+    return {f"{prefix}.{n}": m.out_features for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def check_family(path: Path, keys: list[str], spec: FamilySpec) -> None:
     if not any("lora" in k or k.endswith((".down.weight", ".up.weight")) for k in keys):
         raise UserError(f"{path}: no LoRA weights found (expected lora_A/lora_B, lora_down/lora_up or down/up keys)")
@@ -84,8 +110,11 @@ def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
         keys = read_lora_keys(path)
         check_family(path, keys, spec)
         name = f"lora{i}"
+        source: Any = str(path)
+        if spec.family == "flux1" and is_kohya_flux(keys):  # diffusers' own converter assumes width 3072
+            source = kohya_flux_to_diffusers(read_state(path), linear_widths(pipe.transformer, "transformer"))
         try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
+            pipe.load_lora_weights(source, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"{path}: could not load onto {spec.pipeline}: {first[:300]}") from None
