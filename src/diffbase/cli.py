@@ -34,6 +34,14 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     run_generate(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from diffbase.config import load_config
+    from diffbase.training.train import train
+
+    result = train(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"trained {result.steps} steps; outputs in {result.output_dir}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from diffbase.demo import run_demo
 
@@ -81,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--out", required=True)
     gen.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("train", help="train with an experiment config (LoRA, full fine-tune, DreamBooth, ControlNet)")
+    tr.add_argument("config", help="experiment YAML")
+    tr.add_argument("overrides", nargs="*", metavar="key=value")
+    tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="outputs/demo")

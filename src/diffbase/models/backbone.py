@@ -25,6 +25,7 @@ Cond = dict[str, torch.Tensor]
 class Backbone:
     spec: FamilySpec
     pipe: Any
+    controlnet: Any = None  # set while a ControlNet is trained on this backbone
 
     @property
     def denoiser(self) -> torch.nn.Module:

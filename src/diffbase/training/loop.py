@@ -31,6 +31,7 @@ class TrainResult:
     skipped_nonfinite: int = 0
     checkpoint: Path | None = None
     output_dir: Path | None = None
+    finished: bool = False  # reached the planned number of steps (not stopped early)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
@@ -112,6 +113,8 @@ def run_training(
     trained, optimizer = accelerator.prepare(trained, optimizer)
     name = next(iter(method.modules))
     controlnet = trained if t.method == "controlnet" else None
+    if controlnet is not None:
+        bb.controlnet = accelerator.unwrap_model(trained)
 
     progress = ckpt.Progress()
     ckpt_root = out_dir / "checkpoints"
@@ -139,6 +142,8 @@ def run_training(
     done = progress.step >= steps
     while not done:
         sampler.set_epoch(progress.epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(progress.epoch)
         batches = list(sampler)
         for b_index in range(progress.batch_in_epoch, len(batches)):
             indices = batches[b_index]
@@ -206,6 +211,7 @@ def run_training(
             progress.batch_in_epoch = 0
     bar.close()
     result.steps = progress.step
+    result.finished = progress.step >= steps
     return result
 
 

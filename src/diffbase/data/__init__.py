@@ -1,0 +1,1 @@
+"""Training data: image files and captions -> buckets -> batches (and cached latents)."""

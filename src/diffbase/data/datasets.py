@@ -1,0 +1,235 @@
+"""Training datasets: folders of images with `.txt` captions, or metadata.json / metadata.jsonl.
+
+Files are checked once up front (header only), so bad ones are dropped before batching and the
+buckets use true sizes; a file that still fails when decoded is skipped in its batch. Either way
+the run does not crash mid-epoch, and the skipped files are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffbase.config import DataConfig, DatasetConfig
+from diffbase.data.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_and_crop, same_crop
+from diffbase.data.images import IMAGE_SUFFIXES, BadFile, image_size, load_image, load_mask
+from diffbase.errors import UserError, closest
+
+METADATA_KEYS = {"image", "caption", "mask", "control", "reference"}
+
+
+@dataclass
+class Record:
+    image: Path
+    caption: str = ""
+    mask: Path | None = None
+    control: Path | None = None
+    reference: Path | None = None
+    dataset: int = 0
+    weight: float = 1.0  # loss weight (DreamBooth class images use the prior loss weight)
+
+
+@dataclass
+class BadFileReport:
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def add(self, error: BadFile) -> None:
+        self.files.append((str(error.path), error.reason))
+
+    def summary(self) -> str:
+        if not self.files:
+            return "no bad files"
+        listed = "\n".join(f"  {p}: {r}" for p, r in self.files)
+        return f"skipped {len(self.files)} bad file(s):\n{listed}"
+
+
+def read_folder(folder: Path, dataset: int = 0) -> list[Record]:
+    """Images in a folder, each with the caption in the same-name .txt file (empty when there is none)."""
+    records = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            caption_file = path.with_suffix(".txt")
+            caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+            records.append(Record(path, caption, dataset=dataset))
+    return records
+
+
+def read_metadata(file: Path, dataset: int = 0) -> list[Record]:
+    """metadata.json (a list) or metadata.jsonl (one object a line); paths relative to the file."""
+    try:
+        if file.suffix == ".jsonl":
+            entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        else:
+            entries = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{file}: expected a list of objects with 'image' and 'caption'")
+    records = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise UserError(f"{file}: entry {n}: expected an object with an 'image' key")
+        for key in entry:
+            if key not in METADATA_KEYS:
+                raise UserError(f"{file}: entry {n}: unknown key '{key}'{closest(key, METADATA_KEYS)}")
+
+        rel = {k: (file.parent / entry[k]) if entry.get(k) else None for k in ("mask", "control", "reference")}
+        records.append(
+            Record(
+                file.parent / entry["image"],
+                str(entry.get("caption", "")),
+                rel["mask"],
+                rel["control"],
+                rel["reference"],
+                dataset,
+            )
+        )
+    return records
+
+
+def read_dataset(path: Path, dataset: int = 0) -> list[Record]:
+    if path.is_file():
+        return read_metadata(path, dataset)
+    for name in ("metadata.jsonl", "metadata.json"):
+        if (path / name).is_file():
+            return read_metadata(path / name, dataset)
+    return read_folder(path, dataset)
+
+
+def dataset_configs(cfg: DataConfig) -> list[DatasetConfig]:
+    configs = list(cfg.datasets)
+    if cfg.train_path:
+        configs.insert(0, DatasetConfig(path=cfg.train_path))
+    if not configs:
+        raise UserError("data.train_path: required (or data.datasets), the folder or metadata file to train on")
+    return configs
+
+
+def build_records(cfg: DataConfig, seed: int = 0) -> list[Record]:
+    """All datasets mixed. Dataset i contributes len_i x repeats_i x weight_i items: whole copies
+    for the integer part, and a seeded random subset for the fraction. Fixed for the whole run."""
+    rng = random.Random(seed)
+    records: list[Record] = []
+    for i, ds in enumerate(dataset_configs(cfg)):
+        path = Path(ds.path)
+        key = "data.train_path" if cfg.train_path and i == 0 else f"data.datasets[{i - int(bool(cfg.train_path))}].path"
+        if not path.exists():
+            raise UserError(f"{key}: {path} not found")
+        if ds.repeats < 1 or ds.weight <= 0:
+            raise UserError(f"{key}: repeats must be >= 1 and weight > 0")
+        own = read_dataset(path, i)
+        if not own:
+            raise UserError(f"{key}: no images found in {path}")
+        share = ds.repeats * ds.weight
+        whole, fraction = int(share), share - int(share)
+        records += own * whole + rng.sample(own, round(len(own) * fraction))
+    return records
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> (3, H, W) in [-1, 1]; L -> (1, H, W) in [0, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        return torch.from_numpy(arr / 255.0)[None]
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
+
+
+class TrainDataset:
+    """Records -> bucketed, cropped tensors. Item i is the same every time for a given seed and epoch."""
+
+    def __init__(self, records: list[Record], cfg: DataConfig, seed: int = 0) -> None:
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
+        self.report = BadFileReport()
+        self.buckets_list = make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
+        self.records: list[Record] = []
+        self.bucket_of: list[tuple[int, int]] = []
+        sizes: dict[Path, tuple[int, int] | None] = {}
+        for rec in records:
+            if rec.image not in sizes:
+                sizes[rec.image] = self._checked_size(rec)
+            size = sizes[rec.image]
+            if size is None:
+                continue
+            w, h = size
+            self.records.append(rec)
+            self.bucket_of.append(assign_bucket(h, w, self.buckets_list))
+        if not self.records:
+            raise UserError(f"data: every image was unusable; {self.report.summary()}")
+
+    def _checked_size(self, rec: Record) -> tuple[int, int] | None:
+        try:
+            for extra in (rec.mask, rec.control, rec.reference):
+                if extra is not None:
+                    image_size(extra)
+            return image_size(rec.image)
+        except BadFile as err:
+            if self.cfg.on_bad_file == "fail":
+                raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
+            self.report.add(err)
+            return None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def sampler(self, batch_size: int, shuffle: bool = True) -> BucketBatchSampler:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, bucket in enumerate(self.bucket_of):
+            groups.setdefault(bucket, []).append(i)
+        return BucketBatchSampler(groups, batch_size, self.seed, shuffle)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        rec, bucket = self.records[i], self.bucket_of[i]
+        rng = random.Random(hash((self.seed, self.epoch, i)))
+        try:
+            image, size, box = resize_and_crop(load_image(rec.image), bucket, self.cfg.crop, rng)
+            flip = self.cfg.random_flip and rng.random() < 0.5
+            item: dict[str, Any] = {"index": i, "caption": rec.caption, "weight": rec.weight}
+            if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
+                item["caption"] = ""
+            for key, path, loader in (
+                ("mask", rec.mask, load_mask),
+                ("control", rec.control, load_image),
+                ("reference", rec.reference, load_image),
+            ):
+                if path is not None:
+                    item[key] = same_crop(loader(path), size, box, nearest=key == "mask")
+        except BadFile as err:
+            if self.cfg.on_bad_file == "fail":
+                raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
+            self.report.add(err)
+            return None
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            for key in ("mask", "control", "reference"):
+                if key in item:
+                    item[key] = item[key].transpose(Image.FLIP_LEFT_RIGHT)
+        item["pixels"] = to_tensor(image)
+        for key in ("mask", "control", "reference"):
+            if key in item:
+                item[key] = to_tensor(item[key])
+        return item
+
+    @staticmethod
+    def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """A batch from items of one bucket; items that failed to load (None) are left out."""
+        items = [it for it in items if it is not None]
+        batch: dict[str, Any] = {
+            "pixels": torch.stack([it["pixels"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "index": [it["index"] for it in items],
+            "weight": torch.tensor([it["weight"] for it in items]),
+        }
+        for key in ("mask", "control", "reference"):
+            if all(key in it for it in items) and items:
+                batch[key] = torch.stack([it[key] for it in items])
+        return batch
