@@ -26,6 +26,7 @@ class Backbone:
     spec: FamilySpec
     pipe: Any
     controlnet: Any = None  # set while a ControlNet is trained on this backbone
+    forward: Any = None  # the denoiser as wrapped for training (DDP/FSDP): calls go through it so gradients sync
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -192,6 +193,7 @@ def denoise(
     `residuals` are ControlNet outputs passed through to the denoiser.
     """
     model, family = bb.denoiser, bb.family
+    call = bb.forward or model
     latents = latents.to(model.dtype)
     extra = residuals or {}
     if family in ("sd15", "sdxl"):
@@ -201,10 +203,10 @@ def denoise(
                 "text_embeds": cond["pooled_prompt_embeds"],
                 "time_ids": cond["add_time_ids"],
             }
-        return model(latents, timesteps, **kwargs, **extra, return_dict=False)[0]
+        return call(latents, timesteps, **kwargs, **extra, return_dict=False)[0]
     t = timesteps.to(latents.dtype).expand(latents.shape[0])
     if family == "sd3":
-        return model(
+        return call(
             hidden_states=latents,
             timestep=t,
             encoder_hidden_states=cond["prompt_embeds"],
@@ -228,7 +230,7 @@ def denoise(
     }
     if family == "flux1":
         kwargs["pooled_projections"] = cond["pooled_prompt_embeds"]
-    out = model(**kwargs, **extra)[0]
+    out = call(**kwargs, **extra)[0]
     return unpack(bb, out, latents.shape[-2:])
 
 
@@ -248,7 +250,8 @@ def controlnet_residuals(
     SD3 and FLUX ControlNets take its normalised latent (the posterior mean).
     """
     family = bb.family
-    latents = latents.to(controlnet.dtype)
+    inner = getattr(controlnet, "module", controlnet)  # attributes live on the unwrapped model
+    latents = latents.to(inner.dtype)
     if family in ("sd15", "sdxl"):
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
         if family == "sdxl":
@@ -274,7 +277,7 @@ def controlnet_residuals(
         )[0]
         return {"block_controlnet_hidden_states": blocks}
     g = None
-    if controlnet.config.guidance_embeds:
+    if inner.config.guidance_embeds:
         g = torch.full([latents.shape[0]], 1.0 if guidance is None else guidance, dtype=torch.float32)
     blocks, single = controlnet(
         hidden_states=pack(bb, latents),

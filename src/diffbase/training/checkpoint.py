@@ -89,6 +89,7 @@ def save_checkpoint(
     (tmp / "rng.json").write_text(json.dumps(plain))
     (tmp / "state.json").write_text(json.dumps(progress.__dict__, indent=2))
     _fsync_dir(tmp)
+    _fault_injection(progress.step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -96,6 +97,15 @@ def save_checkpoint(
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fault_injection(step: int) -> None:
+    """For the crash test only: DIFFBASE_TEST_SLOW_SAVE_STEP=N holds the save of step N open for a minute,
+    so a test can kill the process while a checkpoint is half-written."""
+    if os.environ.get("DIFFBASE_TEST_SLOW_SAVE_STEP") == str(step):
+        import time
+
+        time.sleep(60)
 
 
 def _fsync_dir(path: Path) -> None:

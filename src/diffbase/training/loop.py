@@ -32,6 +32,7 @@ class TrainResult:
     checkpoint: Path | None = None
     output_dir: Path | None = None
     finished: bool = False  # reached the planned number of steps (not stopped early)
+    backbone: Any = None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
@@ -96,6 +97,7 @@ def run_training(
         cpu=config.hardware.device == "cpu" or not torch.cuda.is_available(),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
     method: MethodState = prepare_method(bb, t)
     if config.hardware.gradient_checkpointing:
         for module in method.modules.values():
@@ -115,6 +117,8 @@ def run_training(
     controlnet = trained if t.method == "controlnet" else None
     if controlnet is not None:
         bb.controlnet = accelerator.unwrap_model(trained)
+    else:
+        bb.forward = trained
 
     progress = ckpt.Progress()
     ckpt_root = out_dir / "checkpoints"
@@ -210,6 +214,8 @@ def run_training(
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
+    bb.forward = None
+    result.backbone = bb
     result.steps = progress.step
     result.finished = progress.step >= steps
     return result
