@@ -53,7 +53,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the family's default (models.specs)
+    target_modules: list[str] | None = None  # None: the family default (training.methods.LORA_TARGETS)
 
 
 @dataclass

@@ -15,21 +15,25 @@ from diffbase.config import TrainingConfig
 from diffbase.errors import UserError
 
 # Attention projections that LoRA adapts by default, per family (diffusers module names).
+_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+_JOINT = [*_ATTN, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Layers LoRA adapts by default, per family: suffixes of diffusers module names, matched against
+# Linear layers only. SD1.5/SDXL/SD3 follow diffusers' DreamBooth LoRA scripts (attention only);
+# FLUX.1 adds the feed-forward layers as train_dreambooth_lora_flux.py does; FLUX.2 the same, plus
+# its fused single-block projections.
 LORA_TARGETS: dict[str, list[str]] = {
-    "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
-    "flux1": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    "sd15": _ATTN,
+    "sdxl": _ATTN,
+    "sd3": _JOINT,
+    "flux1": [*_JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
     "flux2": [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        *_JOINT,
         "to_qkv_mlp_proj",
+        "attn.to_out",
+        "ff.linear_in",
+        "ff.linear_out",
+        "ff_context.linear_in",
+        "ff_context.linear_out",
     ],
 }
 
@@ -68,16 +72,22 @@ def load_trained_state_dict(state: MethodState, tensors: dict[str, dict[str, tor
             module.load_state_dict(tensors[name])
 
 
+def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the Linear layers whose names end with one of `targets` (a `.`-boundary suffix)."""
+    linears = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+    found, missing = [], []
+    for target in targets:
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        (found if hits else missing).extend(hits or [target])
+    if missing:
+        raise UserError(f"training.lora.target_modules: {missing} match no Linear layer of the denoiser")
+    return sorted(set(found))
+
+
 def add_lora(denoiser: torch.nn.Module, family: str, cfg: TrainingConfig) -> None:
     from peft import LoraConfig
 
-    targets = cfg.lora.target_modules or LORA_TARGETS[family]
-    present = {name.rsplit(".", 1)[-1] for name, _ in denoiser.named_modules()} | {
-        ".".join(name.rsplit(".", 2)[-2:]) for name, _ in denoiser.named_modules()
-    }
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise UserError(f"training.lora.target_modules: {missing} not found in the {family} denoiser")
+    targets = lora_target_names(denoiser, cfg.lora.target_modules or LORA_TARGETS[family])
     denoiser.add_adapter(
         LoraConfig(
             r=cfg.lora.rank,
@@ -111,7 +121,9 @@ def make_controlnet(denoiser: torch.nn.Module, family: str, cfg: TrainingConfig)
         return diffusers.ControlNetModel.from_unet(denoiser)
     if family == "sd3":
         return diffusers.SD3ControlNetModel.from_transformer(
-            denoiser, num_layers=c.num_layers or min(12, denoiser.config.num_layers), num_extra_conditioning_channels=0
+            denoiser,
+            num_layers=c.num_layers or max(1, min(12, denoiser.config.num_layers - 1)),
+            num_extra_conditioning_channels=0,
         )
     config = denoiser.config
     return diffusers.FluxControlNetModel.from_transformer(
