@@ -42,6 +42,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {result.steps} steps; outputs in {result.output_dir}")
 
 
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from diffbase.config import load_config
+    from diffbase.data.cache import build_cache
+    from diffbase.training.train import build_dataset, load_backbone
+
+    config = load_config(args.config, args.overrides)
+    d = config.data
+    if not (d.cache_latents or d.cache_text):
+        config.data.cache_latents = config.data.cache_text = True
+    _, stats = build_cache(config, load_backbone(config), build_dataset(config))
+    print(f"cache: {stats.summary()}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from diffbase.demo import run_demo
 
@@ -95,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
+
+    cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
+    cache.add_argument("config", help="experiment YAML")
+    cache.add_argument("overrides", nargs="*", metavar="key=value")
+    cache.set_defaults(func=_cmd_cache)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
     demo.add_argument("--out", default="outputs/demo")

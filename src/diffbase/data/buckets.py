@@ -15,6 +15,10 @@ def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> li
     `step` 0 means no bucketing: one square bucket."""
     if step <= 0:
         return [(resolution, resolution)]
+    if resolution < step:
+        from diffbase.errors import UserError
+
+        raise UserError(f"data.resolution: {resolution} is smaller than data.bucket_step ({step})")
     area = resolution * resolution
     buckets = set()
     h = max(step, (min_side // step) * step)
@@ -34,21 +38,28 @@ def assign_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tu
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def resize_and_crop(
-    img: Image.Image, bucket: tuple[int, int], crop: str = "center", rng: random.Random | None = None
-) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int]]:
-    """Scale so the image covers the bucket, then crop it (centre or random). Returns the scaled size
-    and the crop box too, so a mask or control image can be cut the same way (`same_crop`)."""
+def crop_geometry(
+    width: int, height: int, bucket: tuple[int, int], crop: str = "center", rng: random.Random | None = None
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The scaled size that covers the bucket and the crop box in it (centre, or random with `rng`)."""
     bh, bw = bucket
-    scale = max(bh / img.height, bw / img.width)
-    nw, nh = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
-    resized = img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != img.size else img
+    scale = max(bh / height, bw / width)
+    nw, nh = max(bw, round(width * scale)), max(bh, round(height * scale))
     if crop == "random" and rng is not None:
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    box = (left, top, left + bw, top + bh)
-    return resized.crop(box), (nw, nh), box
+    return (nw, nh), (left, top, left + bw, top + bh)
+
+
+def resize_and_crop(
+    img: Image.Image, bucket: tuple[int, int], crop: str = "center", rng: random.Random | None = None
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int, int, int]]:
+    """Scale so the image covers the bucket, then crop it. Returns the scaled size and the crop box
+    too, so a mask or control image can be cut the same way (`same_crop`)."""
+    size, box = crop_geometry(img.width, img.height, bucket, crop, rng)
+    resized = img.resize(size, Image.BICUBIC) if size != img.size else img
+    return resized.crop(box), size, box
 
 
 def same_crop(

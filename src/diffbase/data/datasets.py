@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffbase.config import DataConfig, DatasetConfig
-from diffbase.data.buckets import BucketBatchSampler, assign_bucket, make_buckets, resize_and_crop, same_crop
+from diffbase.data.buckets import BucketBatchSampler, assign_bucket, crop_geometry, make_buckets, same_crop
 from diffbase.data.images import IMAGE_SUFFIXES, BadFile, image_size, load_image, load_mask
 from diffbase.errors import UserError, closest
 
@@ -150,6 +150,8 @@ class TrainDataset:
         self.buckets_list = make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
         self.records: list[Record] = []
         self.bucket_of: list[tuple[int, int]] = []
+        self.size_of: list[tuple[int, int]] = []  # (width, height) as stored
+        self.load_pixels = True  # False when latents come from the cache
         sizes: dict[Path, tuple[int, int] | None] = {}
         for rec in records:
             if rec.image not in sizes:
@@ -159,6 +161,7 @@ class TrainDataset:
                 continue
             w, h = size
             self.records.append(rec)
+            self.size_of.append(size)
             self.bucket_of.append(assign_bucket(h, w, self.buckets_list))
         if not self.records:
             raise UserError(f"data: every image was unusable; {self.report.summary()}")
@@ -188,35 +191,34 @@ class TrainDataset:
         return BucketBatchSampler(groups, batch_size, self.seed, shuffle)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
+        return self.item(i, self.load_pixels)
+
+    def item(self, i: int, pixels: bool = True) -> dict[str, Any] | None:
+        """Item i: its cut of the image (unless `pixels` is False), caption, loss weight and companions
+        (mask, control, reference) cut the same way. None when a file fails to load."""
         rec, bucket = self.records[i], self.bucket_of[i]
         rng = random.Random(hash((self.seed, self.epoch, i)))
+        item: dict[str, Any] = {"index": i, "caption": rec.caption, "weight": rec.weight, "size": bucket}
         try:
-            image, size, box = resize_and_crop(load_image(rec.image), bucket, self.cfg.crop, rng)
+            size, box = crop_geometry(*self.size_of[i], bucket, self.cfg.crop, rng)
             flip = self.cfg.random_flip and rng.random() < 0.5
-            item: dict[str, Any] = {"index": i, "caption": rec.caption, "weight": rec.weight}
             if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
                 item["caption"] = ""
+            images = {"pixels": same_crop(load_image(rec.image), size, box)} if pixels else {}
             for key, path, loader in (
                 ("mask", rec.mask, load_mask),
                 ("control", rec.control, load_image),
                 ("reference", rec.reference, load_image),
             ):
                 if path is not None:
-                    item[key] = same_crop(loader(path), size, box, nearest=key == "mask")
+                    images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
         except BadFile as err:
             if self.cfg.on_bad_file == "fail":
                 raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
             self.report.add(err)
             return None
-        if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            for key in ("mask", "control", "reference"):
-                if key in item:
-                    item[key] = item[key].transpose(Image.FLIP_LEFT_RIGHT)
-        item["pixels"] = to_tensor(image)
-        for key in ("mask", "control", "reference"):
-            if key in item:
-                item[key] = to_tensor(item[key])
+        for key, img in images.items():
+            item[key] = to_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img)
         return item
 
     @staticmethod
@@ -224,12 +226,12 @@ class TrainDataset:
         """A batch from items of one bucket; items that failed to load (None) are left out."""
         items = [it for it in items if it is not None]
         batch: dict[str, Any] = {
-            "pixels": torch.stack([it["pixels"] for it in items]),
+            "size": items[0]["size"],
             "caption": [it["caption"] for it in items],
             "index": [it["index"] for it in items],
             "weight": torch.tensor([it["weight"] for it in items]),
         }
-        for key in ("mask", "control", "reference"):
+        for key in ("pixels", "mask", "control", "reference"):
             if all(key in it for it in items) and items:
                 batch[key] = torch.stack([it[key] for it in items])
         return batch

@@ -66,7 +66,13 @@ FAMILIES: dict[str, FamilySpec] = {
             text_encoders=(
                 CLIP_L,
                 TextEncoderSpec(
-                    "text_encoder_2", "tokenizer_2", "clip_g", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
+                    "text_encoder_2",
+                    "tokenizer_2",
+                    "clip_g",
+                    "clip",
+                    "CLIPTextConfig",
+                    "CLIPTextModelWithProjection",
+                    77,
                 ),
             ),
             prediction="epsilon",
@@ -86,7 +92,13 @@ FAMILIES: dict[str, FamilySpec] = {
                     "text_encoder", "tokenizer", "clip_l", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
                 ),
                 TextEncoderSpec(
-                    "text_encoder_2", "tokenizer_2", "clip_g", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
+                    "text_encoder_2",
+                    "tokenizer_2",
+                    "clip_g",
+                    "clip",
+                    "CLIPTextConfig",
+                    "CLIPTextModelWithProjection",
+                    77,
                 ),
                 TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", "t5", "T5Config", "T5EncoderModel", 256),
             ),
@@ -164,7 +176,9 @@ def spec_for(family: str, variant: str = "") -> FamilySpec:
     if not variant and len(matches) >= 1:
         return matches[0]
     variants = [v for s in matches for v in s.variants]
-    raise UserError(f"model.variant: '{variant}' is not a {family} variant{closest(variant, variants)}; expected one of {variants}")
+    raise UserError(
+        f"model.variant: '{variant}' is not a {family} variant{closest(variant, variants)}; expected one of {variants}"
+    )
 
 
 def spec_for_pipeline(class_name: str, where: str) -> FamilySpec:

@@ -22,7 +22,9 @@ TINY_CONFIGS = {
 
 def tiny_config_path(family: str) -> Path:
     if family not in TINY_CONFIGS:
-        raise UserError(f"zoo tiny: unknown family '{family}'{closest(family, TINY_CONFIGS)}; expected one of {list(TINY_CONFIGS)}")
+        raise UserError(
+            f"zoo tiny: unknown family '{family}'{closest(family, TINY_CONFIGS)}; expected one of {list(TINY_CONFIGS)}"
+        )
     return configs_dir() / "models" / TINY_CONFIGS[family]
 
 

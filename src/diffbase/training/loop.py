@@ -52,14 +52,14 @@ def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.op
 
 
 def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tuple[dict[str, Any], B.Cond]:
-    """Posterior (mean, std) and text conditioning of a batch: from the cache, or computed now."""
-    pixels = batch["pixels"]
-    if cache is not None:
-        mean, std, cond = cache.lookup(batch)
-    else:
-        mean, std = B.encode_distribution(bb, pixels)
-        cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(pixels.shape[-2:]))
-    out = {"mean": mean.float(), "std": std.float(), "index": batch["index"]}
+    """Posterior (mean, std) and text conditioning of a batch: from the cache where it has them,
+    computed now otherwise."""
+    mean, std, cond = cache.lookup(batch) if cache is not None else (None, None, None)
+    if mean is None:
+        mean, std = B.encode_distribution(bb, batch["pixels"])
+    if cond is None:
+        cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
+    out = {"mean": mean.float().to(bb.device), "std": std.float().to(bb.device), "index": batch["index"]}
     for key in ("mask", "control"):
         if batch.get(key) is not None:
             out[key] = batch[key]

@@ -90,6 +90,24 @@ def generate_class_images(config: Config, folder: Path, count: int, start: int) 
     del bb
 
 
+def prepare_cache(config: Config, bb: Backbone, dataset: Any, show_progress: bool = True) -> Any:
+    """Fill the cache (computing only what is missing), then free what training no longer needs."""
+    from accelerate import PartialState
+
+    from diffbase.data.cache import build_cache, free_encoders
+
+    state = PartialState()
+    if state.is_main_process:  # one process computes; the others read its shards
+        _, stats = build_cache(config, bb, dataset, show_progress)
+        print(f"cache: {stats.summary()}")
+    state.wait_for_everyone()
+    cache, _ = build_cache(config, bb, dataset, show_progress=False)
+    d = config.data
+    dataset.load_pixels = not d.cache_latents
+    free_encoders(bb, d.cache_latents, d.cache_text, keep_for_validation=bool(config.training.validation.prompts))
+    return cache
+
+
 def export(config: Config, bb: Backbone, out_dir: Path) -> dict[str, str]:
     """Trained weights in the formats people load: LoRA as diffusers and kohya/ComfyUI files,
     full fine-tunes and ControlNets as diffusers folders."""
@@ -136,8 +154,11 @@ def train(
             f"training.batch_size: {config.training.batch_size * world} is larger than every bucket "
             f"of the {len(dataset)} usable images"
         )
+    cache = None
+    if config.data.cache_latents or config.data.cache_text:
+        cache = prepare_cache(config, bb, dataset, show_progress)
     result = run_training(
-        config, bb, dataset, sampler, resume=resume, stop_after=stop_after, show_progress=show_progress
+        config, bb, dataset, sampler, resume=resume, cache=cache, stop_after=stop_after, show_progress=show_progress
     )
     if dataset.report.files:
         print(dataset.report.summary())

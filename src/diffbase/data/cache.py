@@ -1,0 +1,294 @@
+"""On-disk cache of VAE posteriors and text conditioning, in safetensors shards keyed by content.
+
+A latent's key hashes the image file's bytes, how it is cut (bucket, crop mode) and the VAE's
+identity; a prompt's key hashes the text and the text encoders' identity. Changing one image,
+the crop settings or a model changes exactly the keys that depend on it, so only those are
+computed again. Shards are written whole under a temporary name and renamed; the index is read
+from the shards' headers, so there is no separate index file to fall out of step.
+
+The posterior (mean, std) is cached rather than one sample, so training still draws a fresh
+latent every step, exactly as without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.errors import UserError
+
+PREPROCESS_VERSION = 1  # bump when resizing/cropping code changes what a cached latent holds
+SHARD_BYTES = 512 * 2**20
+SHARED = {("flux1", "text_ids")}  # conditioning without a batch dimension
+
+
+def module_fingerprint(module: torch.nn.Module | None) -> str:
+    """The identity of a model: its config and, per tensor, name, shape, dtype and a strided sample
+    of values. Cheap for multi-GB models, and any real fine-tune changes it."""
+    h = hashlib.sha256()
+    if module is None:
+        return "none"
+    config = getattr(module, "config", None)
+    if config is not None:
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps(data, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride].float().cpu()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def key_of(*parts: Any) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+@dataclass
+class ShardStore:
+    """Tensors grouped under keys (`KEY/name`), in any number of safetensors shards in one folder."""
+
+    root: Path
+    locations: dict[str, Path] = field(default_factory=dict)
+    names: dict[str, list[str]] = field(default_factory=dict)  # key -> tensor names under it
+    _open: dict[Path, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, root: Path) -> ShardStore:
+        from safetensors import safe_open
+
+        root.mkdir(parents=True, exist_ok=True)
+        store = cls(root)
+        for shard in sorted(root.glob("shard-*.safetensors")):
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    names = list(f.keys())
+            except Exception:  # a damaged shard is ignored: its entries are computed again
+                continue
+            for name in names:
+                key = name.rsplit("/", 1)[0]
+                store.locations[key] = shard
+                store.names.setdefault(key, []).append(name)
+        return store
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.locations
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        shard = self.locations[key]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(shard), framework="pt")
+        f = self._open[shard]
+        return {n.rsplit("/", 1)[1]: f.get_tensor(n) for n in self.names[key]}
+
+    def write(self, entries: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write entries as new shards of about SHARD_BYTES each (atomically, one file at a time)."""
+        from safetensors.torch import save_file
+
+        from diffbase.io import atomic_write
+
+        for chunk in _chunks(entries, SHARD_BYTES):
+            tensors = {
+                f"{k}/{n}": t.detach().cpu().contiguous().clone() for k, d in chunk.items() for n, t in d.items()
+            }
+            shard = self.root / f"shard-{key_of(*sorted(chunk))[:16]}.safetensors"
+            atomic_write(shard, lambda p, t=tensors: save_file(t, str(p)))
+            for k, d in chunk.items():
+                self.locations[k] = shard
+                self.names[k] = [f"{k}/{n}" for n in d]
+
+
+def _chunks(entries: dict[str, dict[str, torch.Tensor]], limit: int) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    chunk: dict[str, dict[str, torch.Tensor]] = {}
+    size = 0
+    for key, tensors in entries.items():
+        chunk[key] = tensors
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if size >= limit:
+            yield chunk
+            chunk, size = {}, 0
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class CacheStats:
+    latents_computed: int = 0
+    latents_reused: int = 0
+    prompts_computed: int = 0
+    prompts_reused: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"latents: {self.latents_computed} computed, {self.latents_reused} reused; "
+            f"prompts: {self.prompts_computed} computed, {self.prompts_reused} reused"
+        )
+
+
+@dataclass
+class TrainingCache:
+    """What the training loop reads instead of running the VAE and text encoders."""
+
+    latents: ShardStore | None
+    text: ShardStore | None
+    latent_keys: list[str]  # per dataset index
+    text_identity: str
+    backbone: Any
+
+    def prompt_key(self, prompt: str) -> str:
+        return key_of("prompt", prompt, self.text_identity)
+
+    def lookup(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any] | None]:
+        """(mean, std, cond) for a batch; None where that part is not cached."""
+        from diffbase.models import backbone as B
+
+        mean = std = cond = None
+        if self.latents is not None:
+            parts = [self.latents.get(self.latent_keys[i]) for i in batch["index"]]
+            mean = torch.stack([p["mean"] for p in parts])
+            std = torch.stack([p["std"] for p in parts])
+        if self.text is not None:
+            parts = [self.text.get(self.prompt_key(c)) for c in batch["caption"]]
+            cond = {}
+            for name in parts[0]:
+                if name.startswith("shared."):  # batch-independent tensors (FLUX.1 text ids)
+                    cond[name[len("shared.") :]] = parts[0][name]
+                else:
+                    cond[name] = torch.cat([p[name] for p in parts])
+            if self.backbone.family == "sdxl":
+                cond["add_time_ids"] = B.sdxl_time_ids(self.backbone, batch["size"], len(parts))
+            device = self.backbone.device
+            cond = {k: v.to(device) for k, v in cond.items()}
+        return mean, std, cond
+
+
+def check_cacheable(config: Any) -> None:
+    d = config.data
+    if d.cache_latents and (d.crop != "center" or d.random_flip):
+        raise UserError(
+            "data.cache_latents: a cached latent is one fixed cut of the image; use data.crop: center "
+            "and data.random_flip: false, or turn the latent cache off"
+        )
+
+
+def text_identity(bb: Any) -> str:
+    parts = [bb.family]
+    for te in bb.spec.text_encoders:
+        tok = getattr(bb.pipe, te.tokenizer, None)
+        parts += [module_fingerprint(getattr(bb.pipe, te.component, None)), len(tok) if tok is not None else 0]
+    return key_of(*parts)
+
+
+def latent_identity(config: Any, bb: Any) -> str:
+    d = config.data
+    return key_of(PREPROCESS_VERSION, d.crop, module_fingerprint(bb.vae))
+
+
+def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[TrainingCache, CacheStats]:
+    """Compute what is missing from the cache for this dataset and model; reuse the rest."""
+    from tqdm import tqdm
+
+    from diffbase.models import backbone as B
+
+    check_cacheable(config)
+    d, stats = config.data, CacheStats()
+    root = Path(d.cache_dir or Path(config.experiment.output_dir) / "cache")
+    batch = max(1, min(8, config.training.batch_size))
+    latents = text = None
+    latent_keys: list[str] = []
+    if d.cache_latents:
+        latents = ShardStore.open(root / "latents")
+        identity = latent_identity(config, bb)
+        digests: dict[Path, str] = {}
+        for rec, bucket in zip(dataset.records, dataset.bucket_of, strict=True):
+            if rec.image not in digests:
+                digests[rec.image] = file_digest(rec.image)
+            latent_keys.append(key_of("latent", digests[rec.image], bucket, identity))
+        todo: dict[str, int] = {}
+        for i, key in enumerate(latent_keys):
+            if key not in latents and key not in todo:
+                todo[key] = i
+        stats.latents_computed, stats.latents_reused = len(todo), len(set(latent_keys)) - len(todo)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in todo.values():
+            by_bucket.setdefault(dataset.bucket_of[i], []).append(i)
+        bar = tqdm(total=len(todo), desc="cache latents", unit="img", disable=not show_progress or not todo)
+        for indices in by_bucket.values():
+            for group in _batches(indices, batch):
+                items = [dataset.item(i, pixels=True) for i in group]
+                ok = [(i, it) for i, it in zip(group, items, strict=True) if it is not None]
+                if not ok:
+                    continue
+                mean, std = B.encode_distribution(bb, torch.stack([it["pixels"] for _, it in ok]))
+                latents.write(
+                    {latent_keys[i]: {"mean": m, "std": s} for (i, _), m, s in zip(ok, mean, std, strict=True)}
+                )
+                bar.update(len(group))
+        bar.close()
+    if d.cache_text:
+        text = ShardStore.open(root / "text")
+    cache = TrainingCache(latents, text, latent_keys, text_identity(bb), bb)
+    if text is not None:
+        prompts = sorted({r.caption for r in dataset.records} | ({""} if d.caption_dropout > 0 else set()))
+        missing = [p for p in prompts if cache.prompt_key(p) not in text]
+        stats.prompts_computed, stats.prompts_reused = len(missing), len(prompts) - len(missing)
+        bar = tqdm(total=len(missing), desc="cache prompts", unit="prompt", disable=not show_progress or not missing)
+        for group in _batches(missing, batch):
+            cond = B.encode_prompts(bb, group)
+            entries: dict[str, dict[str, torch.Tensor]] = {}
+            for j, prompt in enumerate(group):
+                entry = {}
+                for name, value in cond.items():
+                    if (bb.family, name) in SHARED:
+                        entry[f"shared.{name}"] = value
+                    else:
+                        entry[name] = value[j : j + 1]
+                entries[cache.prompt_key(prompt)] = entry
+            text.write(entries)
+            bar.update(len(group))
+        bar.close()
+    return cache, stats
+
+
+def free_encoders(bb: Any, latents: bool, text: bool, keep_for_validation: bool) -> None:
+    """After caching, the VAE encoder and text encoders are not needed for training. They are deleted,
+    or, when validation images will need them, moved off the accelerator to the CPU."""
+    if text:
+        for te in bb.spec.text_encoders:
+            module = getattr(bb.pipe, te.component, None)
+            if module is None:
+                continue
+            if keep_for_validation:
+                module.to("cpu")
+            else:
+                setattr(bb.pipe, te.component, None)
+    if latents:
+        if keep_for_validation:
+            bb.vae.encoder.to("cpu")
+        else:
+            bb.vae.encoder = None
+            bb.vae.decoder = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
