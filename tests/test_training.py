@@ -3,6 +3,7 @@ a crash during a save loses nothing that was saved, and bad input stops with one
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
 from diffbase.training.step import fixed_time_loss
-from diffbase.training.train import train
+from diffbase.training.objectives import diffusion_loss
+from diffbase.training.train import build_dataset, train
 from tests.conftest import run_cli
 from tests.images import image_folder
 
@@ -170,3 +172,59 @@ def test_controlnet_is_refused_for_flux2_with_the_reason(tiny_model, tmp_path: P
     exp = write_experiment(tmp_path / "exp.yaml", "flux2", tiny_model("flux2"), data, tmp_path / "run")
     code, _, err = run_cli("train", str(exp), "training.method=controlnet")
     assert code == 2 and "has no ControlNet model for flux2" in err
+
+
+def test_validation_images_held_out_loss_and_metrics(tiny_model, tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    result = train(tiny_config("sd15", tiny_model("sd15"), data, out, "training.max_steps=4",
+                               "training.batch_size=2", "training.validation.every=2",
+                               "training.validation.prompts=[a red square,a blue circle]",
+                               "training.validation.steps=2", "training.validation.loss_split=0.25",
+                               "training.learning_rate=1e-2"), show_progress=False)
+    assert [s for s, _ in result.val_losses] == [2, 4]
+    grids = sorted(p.name for p in (out / "validation").glob("*.png"))
+    assert grids == ["step-000002.png", "step-000004.png"]
+    from PIL import Image
+
+    assert Image.open(out / "validation" / "step-000004.png").size[0] >= 2 * 64  # one cell per prompt
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == [v for _, v in result.val_losses]
+    assert (out / "loss.png").exists() and list((out / "tensorboard").iterdir())
+    # six training images (8 minus 2 held out), batch 2 -> 3 batches per epoch; none of them held out
+    dataset = build_dataset(load_config(out / "config.yaml"))
+    held = build_dataset(load_config(out / "config.yaml"), held_out=True)
+    assert len(dataset) == 6 and len(held) == 2
+    assert not {r.image for r in dataset.records} & {r.image for r in held.records}
+
+
+def test_controlnet_validation_images_use_the_training_controls(tiny_model, tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "data", 2, control=True)
+    out = tmp_path / "run"
+    train(tiny_config("sd15", tiny_model("sd15"), data, out, "training.method=controlnet", "training.max_steps=1",
+                      "training.batch_size=2", "training.validation.prompts=[a shape]",
+                      "training.validation.steps=2"), show_progress=False)
+    assert (out / "validation" / "step-000001.png").exists()
+
+
+def test_masked_loss_counts_only_the_masked_area() -> None:
+    pred, target = torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)
+    target[..., :, 4:] = 3.0  # wrong only in the right half
+    left = torch.zeros(1, 1, 64, 64)
+    left[..., :, :32] = 1.0
+    assert diffusion_loss(pred, target, mask=left).item() == 0.0
+    assert diffusion_loss(pred, target, mask=1 - left).item() == pytest.approx(9.0)
+    assert diffusion_loss(pred, target).item() == pytest.approx(4.5)
+
+
+def test_masked_loss_trains_and_needs_masks(tiny_model, tmp_path: Path) -> None:
+    data = image_folder(tmp_path / "data", 4, mask=True)
+    config = tiny_config("sd15", tiny_model("sd15"), data, tmp_path / "run", "data.masked_loss=true",
+                         "training.max_steps=2")
+    assert train(config, show_progress=False).finished
+    plain = image_folder(tmp_path / "plain", 2)
+    exp = write_experiment(tmp_path / "exp.yaml", "sd15", tiny_model("sd15"), plain, tmp_path / "run2")
+    code, _, err = run_cli("train", str(exp), "data.masked_loss=true")
+    assert code == 2 and "data.masked_loss:" in err and "has no mask" in err

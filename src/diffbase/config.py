@@ -111,13 +111,14 @@ class EmaConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 0  # 0: only at the end
-    prompts: list[str] = field(default_factory=list)
+    every: int = 0  # steps between checks; 0: only at the end
+    prompts: list[str] = field(default_factory=list)  # images are made only when prompts are given
+    control_images: list[str] = field(default_factory=list)  # ControlNet: default the first training controls
     seed: int = 0
     steps: int = 20
     guidance: float | None = None
-    size: list[int] = field(default_factory=lambda: [512, 512])
-    loss_split: float = 0.0  # held-out fraction for validation loss
+    size: list[int] | None = None  # [height, width]; default data.resolution square
+    loss_split: float = 0.0  # held-out fraction of the images for the validation loss
     loss_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 

@@ -133,6 +133,19 @@ def build_records(cfg: DataConfig, seed: int = 0) -> list[Record]:
     return records
 
 
+def split_records(records: list[Record], fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """(train, held out): a seeded `fraction` of the distinct images, with all their copies, is held out."""
+    if fraction <= 0:
+        return records, []
+    if fraction >= 1:
+        raise UserError("training.validation.loss_split: expected a fraction below 1")
+    images = sorted({r.image for r in records})
+    held = set(random.Random(seed).sample(images, max(1, round(len(images) * fraction))))
+    if len(held) == len(images):
+        raise UserError(f"training.validation.loss_split: {fraction} leaves no training images of {len(images)}")
+    return [r for r in records if r.image not in held], [r for r in records if r.image in held]
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> (3, H, W) in [-1, 1]; L -> (1, H, W) in [0, 1]."""
     arr = np.asarray(img, dtype=np.float32)
@@ -225,6 +238,8 @@ class TrainDataset:
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         """A batch from items of one bucket; items that failed to load (None) are left out."""
         items = [it for it in items if it is not None]
+        if not items:
+            return {"index": [], "caption": []}
         batch: dict[str, Any] = {
             "size": items[0]["size"],
             "caption": [it["caption"] for it in items],

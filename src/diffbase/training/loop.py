@@ -28,6 +28,7 @@ from diffbase.training.step import diffusion_step_loss
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_nonfinite: int = 0
     checkpoint: Path | None = None
     output_dir: Path | None = None
@@ -82,13 +83,17 @@ def run_training(
     cache: Any | None = None,
     stop_after: int | None = None,
     show_progress: bool = True,
+    validation: tuple[Any, Any] = (None, None),
 ) -> TrainResult:
     """Train `bb` on `dataset` batched by `sampler` (index lists of one global batch each).
 
-    `stop_after` ends the run early after that many optimizer steps (as if it crashed), for tests.
+    `validation` is the held-out dataset (or None) and its cache. `stop_after` ends the run early
+    after that many optimizer steps (as if it crashed), for tests.
     """
     from accelerate import Accelerator
     from tqdm import tqdm
+
+    from diffbase.training.metrics import MetricsLog
 
     t, out_dir = config.training, Path(config.experiment.output_dir)
     accelerator = Accelerator(
@@ -104,6 +109,7 @@ def run_training(
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
     trained = next(iter(method.modules.values()))
+    trained.train()  # modules load in eval mode; LoRA dropout acts only in train mode
     optimizer = make_optimizer(method.trainable, config)
     steps = total_steps(config, len(sampler))
     lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, t.schedule)
@@ -133,6 +139,8 @@ def run_training(
         accelerator.print(f"resumed from {found} at step {progress.step}")
 
     result = TrainResult(steps=progress.step, output_dir=out_dir)
+    metrics = MetricsLog(out_dir, enabled=accelerator.is_main_process, resume_step=progress.step)
+    grad_norm = torch.tensor(0.0)
     bar = tqdm(
         total=steps,
         initial=progress.step,
@@ -154,6 +162,8 @@ def run_training(
             per_rank = len(indices) // world
             local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
             batch = dataset.collate([dataset[i] for i in local])
+            if not config.data.masked_loss:
+                batch.pop("mask", None)
             with accelerator.accumulate(trained):
                 encoded, cond = encode_batch(bb, batch, cache)
                 loss = diffusion_step_loss(
@@ -172,8 +182,8 @@ def run_training(
                     finite = accelerator.reduce(finite.float(), reduction="min") > 0
                 if finite:
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        accelerator.clip_grad_norm_(method.trainable, t.max_grad_norm)
+                    if accelerator.sync_gradients:  # an infinite bound measures the norm without clipping
+                        grad_norm = accelerator.clip_grad_norm_(method.trainable, t.max_grad_norm or math.inf)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 else:
@@ -193,6 +203,7 @@ def run_training(
                     )
                 continue
             progress.nonfinite_in_row = 0
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
             lr_scheduler.step()
             if ema is not None:
                 ema.step(method.trainable)
@@ -200,25 +211,64 @@ def run_training(
             value = accelerator.reduce(loss.detach(), reduction="mean").item()
             result.losses.append(value)
             rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", it_s=f"{rate:.2f}")
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
             bar.update(1)
+            metrics.scalars(progress.step, loss=value, lr=lr, grad_norm=float(grad_norm))
             if progress.step >= steps or (stop_after is not None and progress.step - first_step >= stop_after):
                 done = True
             if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
                 result.checkpoint = save(
                     accelerator, ckpt_root, progress, method, name, optimizer, lr_scheduler, ema, t.keep_checkpoints
                 )
+            if done or (t.validation.every and progress.step % t.validation.every == 0):
+                validate(accelerator, config, bb, dataset, validation, metrics, progress.step, result)
             if done:
                 break
         else:
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
+    metrics.plot()
+    metrics.close()
     bb.forward = None
     result.backbone = bb
     result.steps = progress.step
     result.finished = progress.step >= steps
     return result
+
+
+def validate(
+    accelerator: Any,
+    config: Config,
+    bb: B.Backbone,
+    dataset: Any,
+    validation: tuple[Any, Any],
+    metrics: Any,
+    step: int,
+    result: TrainResult,
+) -> None:
+    """Validation images and held-out loss, computed by the main process while the others wait."""
+    from accelerate.utils import DistributedType
+
+    from diffbase.io import save_png_atomic
+    from diffbase.training.validation import validation_images, validation_loss
+
+    v = config.training.validation
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not sharded:
+        if v.prompts:
+            grid = validation_images(config, bb, dataset)
+            save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
+            metrics.image(step, "validation", grid)
+        held_out, cache = validation
+        if held_out is not None:
+            loss = validation_loss(config, bb, held_out, cache)
+            result.val_losses.append((step, loss))
+            metrics.scalars(step, val_loss=loss)
+    elif sharded and accelerator.is_main_process and (v.prompts or validation[0] is not None):
+        accelerator.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
+    accelerator.wait_for_everyone()
 
 
 def save(

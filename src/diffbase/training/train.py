@@ -36,10 +36,21 @@ def load_backbone(config: Config) -> Backbone:
     return Backbone(spec, pipe)
 
 
-def build_dataset(config: Config) -> Any:
-    from diffbase.data.datasets import TrainDataset, build_records
+def build_dataset(config: Config, held_out: bool = False) -> Any:
+    """The training dataset (DreamBooth class images included), or with `held_out` the validation split."""
+    from diffbase.data.datasets import TrainDataset, build_records, split_records
 
     records = build_records(config.data, config.experiment.seed)
+    records, validation = split_records(records, config.training.validation.loss_split, config.experiment.seed)
+    if held_out:
+        if not validation:
+            return None
+        val_cfg = replace(config.data, caption_dropout=0.0, random_flip=False, crop="center")
+        return TrainDataset(validation, val_cfg, config.experiment.seed)
+    if config.data.masked_loss:
+        unmasked = next((r.image for r in records if r.mask is None), None)
+        if unmasked is not None:
+            raise UserError(f"data.masked_loss: {unmasked} has no mask; give every image a 'mask' in the metadata")
     if config.training.method == "dreambooth":
         instance = config.training.dreambooth.instance_prompt
         if instance:  # DreamBooth trains the instance prompt on every instance image
@@ -90,22 +101,25 @@ def generate_class_images(config: Config, folder: Path, count: int, start: int) 
     del bb
 
 
-def prepare_cache(config: Config, bb: Backbone, dataset: Any, show_progress: bool = True) -> Any:
-    """Fill the cache (computing only what is missing), then free what training no longer needs."""
+def prepare_cache(config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True) -> list[Any]:
+    """Fill the cache for each dataset (computing only what is missing), then free what training
+    no longer needs. Returns a cache per dataset."""
     from accelerate import PartialState
 
     from diffbase.data.cache import build_cache, free_encoders
 
     state = PartialState()
     if state.is_main_process:  # one process computes; the others read its shards
-        _, stats = build_cache(config, bb, dataset, show_progress)
-        print(f"cache: {stats.summary()}")
+        for dataset in datasets:
+            _, stats = build_cache(config, bb, dataset, show_progress)
+            print(f"cache: {stats.summary()}")
     state.wait_for_everyone()
-    cache, _ = build_cache(config, bb, dataset, show_progress=False)
+    caches = [build_cache(config, bb, dataset, show_progress=False)[0] for dataset in datasets]
     d = config.data
-    dataset.load_pixels = not d.cache_latents
+    for dataset in datasets:
+        dataset.load_pixels = not d.cache_latents
     free_encoders(bb, d.cache_latents, d.cache_text, keep_for_validation=bool(config.training.validation.prompts))
-    return cache
+    return caches
 
 
 def export(config: Config, bb: Backbone, out_dir: Path) -> dict[str, str]:
@@ -154,11 +168,20 @@ def train(
             f"training.batch_size: {config.training.batch_size * world} is larger than every bucket "
             f"of the {len(dataset)} usable images"
         )
-    cache = None
+    val_dataset = build_dataset(config, held_out=True)
+    caches = [None, None]
     if config.data.cache_latents or config.data.cache_text:
-        cache = prepare_cache(config, bb, dataset, show_progress)
+        caches = prepare_cache(config, bb, [dataset, val_dataset] if val_dataset else [dataset], show_progress) + [None]
     result = run_training(
-        config, bb, dataset, sampler, resume=resume, cache=cache, stop_after=stop_after, show_progress=show_progress
+        config,
+        bb,
+        dataset,
+        sampler,
+        resume=resume,
+        cache=caches[0],
+        stop_after=stop_after,
+        show_progress=show_progress,
+        validation=(val_dataset, caches[1]),
     )
     if dataset.report.files:
         print(dataset.report.summary())

@@ -1,0 +1,64 @@
+"""Training metrics: metrics.jsonl always, TensorBoard when it is installed, and a loss plot PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Scalars and images by step. Only the main process writes."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int = 0) -> None:
+        self.out_dir, self.enabled = out_dir, enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.writer: Any = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run drops what was logged after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 or None)
+        except ImportError:  # tensorboard is optional; metrics.jsonl has the same numbers
+            self.writer = None
+
+    def scalars(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, step: int, tag: str, image: Any) -> None:
+        if self.enabled and self.writer is not None:
+            import numpy as np
+
+            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> Path | None:
+        """loss.png: training loss (and validation loss where measured) against steps."""
+        if not self.enabled:
+            return None
+        from diffbase.io import save_png_atomic
+        from diffbase.plot import line_plot
+
+        rows = self.history()
+        series = {name: [(r["step"], r[name]) for r in rows if name in r] for name in ("loss", "val_loss")}
+        image = line_plot({k: v for k, v in series.items() if v}, title="loss by step")
+        return save_png_atomic(image, self.out_dir / "loss.png")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,116 @@
+"""Validation during training: images from fixed prompts and seeds (a grid PNG per check), and the
+loss on a held-out split at fixed noise levels, comparable from check to check."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.models import backbone as B
+
+CONTROLNET_PIPELINES = {
+    "sd15": ("StableDiffusionControlNetPipeline", "image"),
+    "sdxl": ("StableDiffusionXLControlNetPipeline", "image"),
+    "sd3": ("StableDiffusion3ControlNetPipeline", "control_image"),
+    "flux1": ("FluxControlNetPipeline", "control_image"),
+}
+
+
+@contextlib.contextmanager
+def encoders_on(bb: B.Backbone) -> Iterator[None]:
+    """Text encoders and the VAE on the denoiser's device for the duration (they may have been moved
+    to the CPU after caching), and back where they were afterwards."""
+    device = bb.device
+    modules = [getattr(bb.pipe, te.component, None) for te in bb.spec.text_encoders] + [bb.vae]
+    modules = [m for m in modules if m is not None]
+    before = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, before, strict=True):
+            m.to(d)
+
+
+def control_images(config: Config, dataset: Any, count: int) -> list[Any]:
+    """The control images for ControlNet validation: from the config, else the first training ones."""
+    from diffbase.data.images import BadFile, load_image
+
+    paths = [Path(p) for p in config.training.validation.control_images]
+    if not paths:
+        paths = [r.control for r in dataset.records if r.control is not None][:count]
+    if not paths:
+        raise UserError("training.validation.control_images: needed for ControlNet validation images")
+    try:
+        return [load_image(paths[i % len(paths)]) for i in range(count)]
+    except BadFile as err:
+        raise UserError(f"training.validation.control_images: {err.path}: {err.reason}") from None
+
+
+@torch.no_grad()
+def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
+    """One row: an image per validation prompt, each with its own fixed seed."""
+    from diffbase.generate import GenerateSettings, pipeline_kwargs
+    from diffbase.grid import image_grid
+
+    v = config.training.validation
+    h, w = v.size or (config.data.resolution, config.data.resolution)
+    pipe, extra = bb.pipe, [{} for _ in v.prompts]
+    if bb.controlnet is not None:
+        import diffusers
+
+        name, arg = CONTROLNET_PIPELINES[bb.family]
+        pipe = getattr(diffusers, name).from_pipe(bb.pipe, controlnet=bb.controlnet)
+        extra = [{arg: img.resize((w, h))} for img in control_images(config, dataset, len(v.prompts))]
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = bb.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
+    if bb.controlnet is not None:
+        bb.controlnet.eval()
+    images = []
+    with encoders_on(bb):
+        for i, prompt in enumerate(v.prompts):
+            s = GenerateSettings(prompt=prompt, seed=v.seed + i, steps=v.steps, guidance=v.guidance, height=h, width=w)
+            images.append(pipe(**pipeline_kwargs(bb.spec, s), **extra[i], output_type="pil").images[0])
+    denoiser.train(was_training)
+    if bb.controlnet is not None:
+        bb.controlnet.train(was_training)
+    return image_grid([images], header=[p[:18] for p in v.prompts], cell=min(256, max(h, w)))
+
+
+@torch.no_grad()
+def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | None = None) -> float:
+    """Mean loss over the held-out split at the configured fixed noise levels and fixed noise."""
+    from diffbase.training.loop import encode_batch
+    from diffbase.training.step import fixed_time_loss
+
+    t = config.training
+    total, count = 0.0, 0
+    for indices in dataset.sampler(1, shuffle=False):
+        batch = dataset.collate([dataset[i] for i in indices])
+        if not batch["index"]:
+            continue
+        if not config.data.masked_loss:
+            batch.pop("mask", None)
+        encoded, cond = encode_batch(bb, batch, cache)
+        loss = fixed_time_loss(
+            bb,
+            t.objective,
+            encoded,
+            cond,
+            t.validation.loss_timesteps,
+            seed=config.experiment.seed,
+            controlnet=bb.controlnet,
+            control_scale=t.controlnet.conditioning_scale,
+        )
+        total += loss * len(batch["index"])
+        count += len(batch["index"])
+    return total / max(count, 1)
