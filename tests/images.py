@@ -23,8 +23,9 @@ def shape_image(seed: int, size: tuple[int, int] = (64, 64)) -> tuple[Image.Imag
     return img, f"a {colour} {kind} on {bg}"
 
 
-def image_folder(root: Path, n: int = 4, size: tuple[int, int] = (64, 64), control: bool = False,
-                 mask: bool = False) -> Path:
+def image_folder(
+    root: Path, n: int = 4, size: tuple[int, int] = (64, 64), control: bool = False, mask: bool = False
+) -> Path:
     """n images with .txt captions; with control/mask, a metadata.json that names them too."""
     root.mkdir(parents=True, exist_ok=True)
     entries = []

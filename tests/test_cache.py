@@ -22,8 +22,16 @@ from tests.test_training import tiny_config, write_experiment
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux1", "flux2-klein"])
 def test_cached_batches_give_the_same_loss_as_computed_ones(family: str, tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 4, size=(64, 96))
-    config = tiny_config(family, tiny_model(family), data, tmp_path / "run", "data.cache_latents=true",
-                         "data.cache_text=true", "training.batch_size=2", "data.caption_dropout=0.5")
+    config = tiny_config(
+        family,
+        tiny_model(family),
+        data,
+        tmp_path / "run",
+        "data.cache_latents=true",
+        "data.cache_text=true",
+        "training.batch_size=2",
+        "data.caption_dropout=0.5",
+    )
     pipe, spec = load_pipeline(config.model.pretrained_path)
     bb = Backbone(spec, pipe)
     dataset = build_dataset(config)
@@ -65,8 +73,12 @@ def test_a_cached_run_trains_like_an_uncached_one_and_frees_the_encoders(tiny_mo
     data = image_folder(tmp_path / "data", 4)
     args = ("training.max_steps=4", "training.batch_size=2", "training.lora.rank=4")
     plain = train(tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "a", *args), show_progress=False)
-    cached = train(tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "b", *args, "data.cache_latents=true",
-                               "data.cache_text=true"), show_progress=False)
+    cached = train(
+        tiny_config(
+            "flux1", tiny_model("flux1"), data, tmp_path / "b", *args, "data.cache_latents=true", "data.cache_text=true"
+        ),
+        show_progress=False,
+    )
     assert cached.losses == pytest.approx(plain.losses, rel=1e-4)
     pipe = cached.backbone.pipe
     assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.vae.encoder is None

@@ -19,7 +19,10 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def experiment(tmp_path: Path) -> Path:
-    write(tmp_path / "models/m.yaml", "model:\n  family: flux1\n  variant: dev\n  vae: {scaling_factor: 0.3611, shift_factor: 0.1159}\n")
+    write(
+        tmp_path / "models/m.yaml",
+        "model:\n  family: flux1\n  variant: dev\n  vae: {scaling_factor: 0.3611, shift_factor: 0.1159}\n",
+    )
     write(tmp_path / "training/t.yaml", "training:\n  learning_rate: 1.0e-4\n  batch_size: 2\n  lora: {rank: 8}\n")
     return write(
         tmp_path / "experiments/e.yaml",
@@ -64,7 +67,9 @@ def test_unknown_key_names_file_dotted_key_and_closest_match(experiment: Path) -
 def test_unknown_key_in_a_base_file_names_that_base(experiment: Path) -> None:
     base = experiment.parent.parent / "training/t.yaml"
     write(base, base.read_text() + "  bach_size: 3\n")
-    with pytest.raises(UserError, match=r"training/t\.yaml: training\.bach_size: unknown key \(did you mean 'batch_size'\?\)"):
+    with pytest.raises(
+        UserError, match=r"training/t\.yaml: training\.bach_size: unknown key \(did you mean 'batch_size'\?\)"
+    ):
         load_config(experiment)
 
 
@@ -101,7 +106,10 @@ def test_component_keys_are_checked_against_the_library_class(tmp_path: Path) ->
     from diffbase.models.build import build_components
 
     cfg = load_config(configs_dir() / "models/flux1_tiny.yaml", ["model.transformer.num_layer=2"]).model
-    with pytest.raises(UserError, match=r"model\.transformer\.num_layer: not an argument of FluxTransformer2DModel \(did you mean 'num_layers'\?\)"):
+    with pytest.raises(
+        UserError,
+        match=r"model\.transformer\.num_layer: not an argument of FluxTransformer2DModel \(did you mean 'num_layers'\?\)",
+    ):
         build_components(cfg)
 
 

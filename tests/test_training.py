@@ -20,22 +20,36 @@ from diffbase.data.datasets import TrainDataset, build_records
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
-from diffbase.training.step import fixed_time_loss
 from diffbase.training.objectives import diffusion_loss
+from diffbase.training.step import fixed_time_loss
 from diffbase.training.train import build_dataset, train
 from tests.conftest import run_cli
 from tests.images import image_folder
 
-TINY = {"sd15": "sd15_tiny", "sdxl": "sdxl_tiny", "sd3": "sd3_tiny", "flux1": "flux1_tiny", "flux2": "flux2_tiny",
-        "flux2-klein": "flux2_klein_tiny"}
+TINY = {
+    "sd15": "sd15_tiny",
+    "sdxl": "sdxl_tiny",
+    "sd3": "sd3_tiny",
+    "flux1": "flux1_tiny",
+    "flux2": "flux2_tiny",
+    "flux2-klein": "flux2_klein_tiny",
+}
 
 
 def tiny_config(family: str, folder: Path, data: Path, out: Path, *overrides: str) -> Config:
-    return load_config(configs_dir() / "models" / f"{TINY[family]}.yaml", [
-        f"model.pretrained_path={folder}", f"data.train_path={data}", f"experiment.output_dir={out}",
-        "data.resolution=64", "training.batch_size=4", "training.checkpoint_every=0",
-        "training.objective.timestep_sampling=uniform", *overrides,
-    ])
+    return load_config(
+        configs_dir() / "models" / f"{TINY[family]}.yaml",
+        [
+            f"model.pretrained_path={folder}",
+            f"data.train_path={data}",
+            f"experiment.output_dir={out}",
+            "data.resolution=64",
+            "training.batch_size=4",
+            "training.checkpoint_every=0",
+            "training.objective.timestep_sampling=uniform",
+            *overrides,
+        ],
+    )
 
 
 def batch_loss(config: Config, bb: Backbone, controlnet=None) -> float:
@@ -46,8 +60,12 @@ def batch_loss(config: Config, bb: Backbone, controlnet=None) -> float:
     return fixed_time_loss(bb, config.training.objective, encoded, cond, [0.3, 0.6, 0.9], controlnet=controlnet)
 
 
-CASES = [(f, "lora") for f in TINY] + [(f, "full_finetune") for f in TINY] + [
-    (f, "controlnet") for f in ("sd15", "sdxl", "sd3", "flux1")] + [("sd15", "dreambooth"), ("flux1", "dreambooth")]
+CASES = (
+    [(f, "lora") for f in TINY]
+    + [(f, "full_finetune") for f in TINY]
+    + [(f, "controlnet") for f in ("sd15", "sdxl", "sd3", "flux1")]
+    + [("sd15", "dreambooth"), ("flux1", "dreambooth")]
+)
 LR = {"lora": "1e-2", "full_finetune": "1e-3", "controlnet": "1e-3", "dreambooth": "1e-2"}
 # Low-rank adapters on toy-width models plateau near 0.9 of the starting loss within these steps;
 # whole-model methods go lower. Both losses are measured at fixed noise, so any drop is real.
@@ -57,13 +75,29 @@ BOUND = {"lora": 0.92, "dreambooth": 0.92, "full_finetune": 0.85, "controlnet": 
 @pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_overfitting_one_batch_lowers_the_loss(family: str, method: str, tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 4, control=method == "controlnet")
-    extra = ["training.dreambooth.instance_prompt=a sks shape", "training.dreambooth.class_prompt=a shape",
-             "training.dreambooth.num_class_images=4", "training.dreambooth.prior_loss_weight=0.5",
-             "training.validation.steps=2"] if method == "dreambooth" else []
-    config = tiny_config(family, tiny_model(family), data, tmp_path / "run", f"training.method={method}",
-                         "training.max_steps=40", f"training.learning_rate={LR[method]}", "training.lora.rank=8",
-                         "training.schedule.type=constant",
-                         *extra)
+    extra = (
+        [
+            "training.dreambooth.instance_prompt=a sks shape",
+            "training.dreambooth.class_prompt=a shape",
+            "training.dreambooth.num_class_images=4",
+            "training.dreambooth.prior_loss_weight=0.5",
+            "training.validation.steps=2",
+        ]
+        if method == "dreambooth"
+        else []
+    )
+    config = tiny_config(
+        family,
+        tiny_model(family),
+        data,
+        tmp_path / "run",
+        f"training.method={method}",
+        "training.max_steps=40",
+        f"training.learning_rate={LR[method]}",
+        "training.lora.rank=8",
+        "training.schedule.type=constant",
+        *extra,
+    )
     pipe, spec = load_pipeline(config.model.pretrained_path)
     before = batch_loss(config, Backbone(spec, pipe))
     result = train(config, show_progress=False)
@@ -83,15 +117,26 @@ def lora_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_latest_ends_bit_for_bit_like_an_uninterrupted_run(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 8)
-    args = ["training.max_steps=8", "training.checkpoint_every=2", "training.batch_size=2", "training.lora.rank=4",
-            "training.gradient_accumulation=2", "training.lora.dropout=0.1", "data.random_flip=true",
-            "data.caption_dropout=0.3", "training.schedule.warmup_steps=2", "training.ema.enabled=true"]
+    args = [
+        "training.max_steps=8",
+        "training.checkpoint_every=2",
+        "training.batch_size=2",
+        "training.lora.rank=4",
+        "training.gradient_accumulation=2",
+        "training.lora.dropout=0.1",
+        "data.random_flip=true",
+        "data.caption_dropout=0.3",
+        "training.schedule.warmup_steps=2",
+        "training.ema.enabled=true",
+    ]
     whole = train(tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "a", *args), show_progress=False)
-    first = train(tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "b", *args), stop_after=3,
-                  show_progress=False)
+    first = train(
+        tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "b", *args), stop_after=3, show_progress=False
+    )
     assert first.steps == 3 and not first.finished
-    resumed = train(tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "b", *args), resume="latest",
-                    show_progress=False)
+    resumed = train(
+        tiny_config("flux1", tiny_model("flux1"), data, tmp_path / "b", *args), resume="latest", show_progress=False
+    )
     assert resumed.steps == 8 and resumed.losses == whole.losses[3:]
     a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -102,22 +147,37 @@ def test_resume_latest_ends_bit_for_bit_like_an_uninterrupted_run(tiny_model, tm
 
 def test_keep_last_k_checkpoints(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 4)
-    train(tiny_config("sd15", tiny_model("sd15"), data, tmp_path / "run", "training.max_steps=6",
-                      "training.checkpoint_every=1", "training.keep_checkpoints=2"), show_progress=False)
+    train(
+        tiny_config(
+            "sd15",
+            tiny_model("sd15"),
+            data,
+            tmp_path / "run",
+            "training.max_steps=6",
+            "training.checkpoint_every=1",
+            "training.keep_checkpoints=2",
+        ),
+        show_progress=False,
+    )
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-000005", "step-000006"]
 
 
 def write_experiment(path: Path, family: str, folder: Path, data: Path, out: Path, *lines: str) -> Path:
     base = configs_dir() / "models" / f"{TINY[family]}.yaml"
-    path.write_text("\n".join([
-        f"_base_: [{base}]",
-        "experiment: {output_dir: " + str(out) + "}",
-        "model: {pretrained_path: " + str(folder) + "}",
-        "data: {train_path: " + str(data) + ", resolution: 64}",
-        "training: {batch_size: 2, max_steps: 6, checkpoint_every: 2, learning_rate: 1.0e-3}",
-        *lines,
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                f"_base_: [{base}]",
+                "experiment: {output_dir: " + str(out) + "}",
+                "model: {pretrained_path: " + str(folder) + "}",
+                "data: {train_path: " + str(data) + ", resolution: 64}",
+                "training: {batch_size: 2, max_steps: 6, checkpoint_every: 2, learning_rate: 1.0e-3}",
+                *lines,
+            ]
+        )
+        + "\n"
+    )
     return path
 
 
@@ -126,8 +186,12 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tiny_model, tmp_pat
     out = tmp_path / "run"
     exp = write_experiment(tmp_path / "exp.yaml", "sd15", tiny_model("sd15"), data, out)
     env = dict(os.environ, DIFFBASE_TEST_SLOW_SAVE_STEP="4", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "diffbase.cli", "train", str(exp)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffbase.cli", "train", str(exp)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     tmp_ckpt = out / "checkpoints" / ".tmp-step-000004"
     deadline = time.time() + 120
     while not (tmp_ckpt / "state.json").exists() and time.time() < deadline and proc.poll() is None:
@@ -156,7 +220,8 @@ def test_bad_training_input_is_one_line_exit_2(tiny_model, tmp_path: Path) -> No
         return err
 
     assert "data.train_path:" in error(data_path=tmp_path / "missing") and "not found" in error(
-        data_path=tmp_path / "missing")
+        data_path=tmp_path / "missing"
+    )
     assert "training.lora.rnk: unknown key (did you mean 'rank'?)" in error(extra=("training.lora.rnk=4",))
     assert "training.method: expected one of" in error(extra=("training.method=textual_inversion",))
     assert "larger than every bucket" in error(extra=("training.batch_size=3",))
@@ -177,11 +242,22 @@ def test_controlnet_is_refused_for_flux2_with_the_reason(tiny_model, tmp_path: P
 def test_validation_images_held_out_loss_and_metrics(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 8)
     out = tmp_path / "run"
-    result = train(tiny_config("sd15", tiny_model("sd15"), data, out, "training.max_steps=4",
-                               "training.batch_size=2", "training.validation.every=2",
-                               "training.validation.prompts=[a red square,a blue circle]",
-                               "training.validation.steps=2", "training.validation.loss_split=0.25",
-                               "training.learning_rate=1e-2"), show_progress=False)
+    result = train(
+        tiny_config(
+            "sd15",
+            tiny_model("sd15"),
+            data,
+            out,
+            "training.max_steps=4",
+            "training.batch_size=2",
+            "training.validation.every=2",
+            "training.validation.prompts=[a red square,a blue circle]",
+            "training.validation.steps=2",
+            "training.validation.loss_split=0.25",
+            "training.learning_rate=1e-2",
+        ),
+        show_progress=False,
+    )
     assert [s for s, _ in result.val_losses] == [2, 4]
     grids = sorted(p.name for p in (out / "validation").glob("*.png"))
     assert grids == ["step-000002.png", "step-000004.png"]
@@ -203,9 +279,20 @@ def test_validation_images_held_out_loss_and_metrics(tiny_model, tmp_path: Path)
 def test_controlnet_validation_images_use_the_training_controls(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 2, control=True)
     out = tmp_path / "run"
-    train(tiny_config("sd15", tiny_model("sd15"), data, out, "training.method=controlnet", "training.max_steps=1",
-                      "training.batch_size=2", "training.validation.prompts=[a shape]",
-                      "training.validation.steps=2"), show_progress=False)
+    train(
+        tiny_config(
+            "sd15",
+            tiny_model("sd15"),
+            data,
+            out,
+            "training.method=controlnet",
+            "training.max_steps=1",
+            "training.batch_size=2",
+            "training.validation.prompts=[a shape]",
+            "training.validation.steps=2",
+        ),
+        show_progress=False,
+    )
     assert (out / "validation" / "step-000001.png").exists()
 
 
@@ -221,8 +308,9 @@ def test_masked_loss_counts_only_the_masked_area() -> None:
 
 def test_masked_loss_trains_and_needs_masks(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 4, mask=True)
-    config = tiny_config("sd15", tiny_model("sd15"), data, tmp_path / "run", "data.masked_loss=true",
-                         "training.max_steps=2")
+    config = tiny_config(
+        "sd15", tiny_model("sd15"), data, tmp_path / "run", "data.masked_loss=true", "training.max_steps=2"
+    )
     assert train(config, show_progress=False).finished
     plain = image_folder(tmp_path / "plain", 2)
     exp = write_experiment(tmp_path / "exp.yaml", "sd15", tiny_model("sd15"), plain, tmp_path / "run2")

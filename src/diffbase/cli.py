@@ -36,10 +36,13 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
+    from diffbase.training.loop import process_state
     from diffbase.training.train import train
 
-    result = train(load_config(args.config, args.overrides), resume=args.resume)
-    print(f"trained {result.steps} steps; outputs in {result.output_dir}")
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    if process_state(config).is_main_process:
+        print(f"trained {result.steps} steps; outputs in {result.output_dir}")
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
@@ -121,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow options such as --resume
+        if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         args.func(args)
     except UserError as exc:

@@ -69,10 +69,16 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    root: Path, progress: Progress, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, Any], keep: int
+    root: Path,
+    progress: Progress,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    keep: int,
+    folders: dict[str, Path] | None = None,
 ) -> Path:
     """Write `tensors` (safetensors files by name), `objects` (optimizer and lr-schedule state dicts,
-    loaded back with `weights_only=True`) and the RNG states, then rename the folder into place."""
+    loaded back with `weights_only=True`) and the RNG states, move in `folders` (sharded optimizer
+    states written by every process), then rename the folder into place."""
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -84,6 +90,8 @@ def save_checkpoint(
     for name, state in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
     torch.save(objects, tmp / "training_state.pt")
+    for name, folder in (folders or {}).items():
+        os.replace(folder, tmp / name)
     plain, rng_tensors = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "rng.json").write_text(json.dumps(plain))

@@ -67,6 +67,18 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
     return out, cond
 
 
+def on_cpu(config: Config) -> bool:
+    return config.hardware.device == "cpu" or not torch.cuda.is_available()
+
+
+def process_state(config: Config) -> Any:
+    """accelerate's process state. Made with the same `cpu` flag as the Accelerator, since the first
+    one made wins: without it, processes started by torchrun on CPUs would each train alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu(config))
+
+
 def total_steps(config: Config, batches_per_epoch: int) -> int:
     t = config.training
     if t.max_steps is not None:
@@ -99,9 +111,11 @@ def run_training(
     accelerator = Accelerator(
         mixed_precision=config.hardware.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation,
-        cpu=config.hardware.device == "cpu" or not torch.cuda.is_available(),
+        cpu=on_cpu(config),
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        accelerator.print(f"training on {world} processes ({accelerator.distributed_type.value})")
     torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
     method: MethodState = prepare_method(bb, t)
     if config.hardware.gradient_checkpointing:
@@ -119,7 +133,6 @@ def run_training(
 
         ema = EMAModel(method.trainable, decay=t.ema.decay)
     trained, optimizer = accelerator.prepare(trained, optimizer)
-    name = next(iter(method.modules))
     controlnet = trained if t.method == "controlnet" else None
     if controlnet is not None:
         bb.controlnet = accelerator.unwrap_model(trained)
@@ -131,8 +144,11 @@ def run_training(
     found = ckpt.resolve_resume(ckpt_root, resume)
     if found is not None:
         progress, tensors, objects = ckpt.load_checkpoint(found)
-        load_trained_state_dict(method, tensors)
-        optimizer.load_state_dict(objects["optimizer"])
+        if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
+            accelerator.load_state(str(found / "accelerate_state"))
+        else:
+            load_trained_state_dict(method, tensors)
+            optimizer.load_state_dict(objects["optimizer"])
         lr_scheduler.load_state_dict(objects["lr_scheduler"])
         if ema is not None and "ema" in tensors:
             ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
@@ -213,12 +229,14 @@ def run_training(
             rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
             bar.update(1)
-            metrics.scalars(progress.step, loss=value, lr=lr, grad_norm=float(grad_norm))
+            metrics.scalars(
+                progress.step, loss=value, lr=lr, grad_norm=float(grad_norm if grad_norm is not None else "nan")
+            )
             if progress.step >= steps or (stop_after is not None and progress.step - first_step >= stop_after):
                 done = True
             if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
                 result.checkpoint = save(
-                    accelerator, ckpt_root, progress, method, name, optimizer, lr_scheduler, ema, t.keep_checkpoints
+                    accelerator, ckpt_root, progress, method, trained, optimizer, lr_scheduler, ema, t.keep_checkpoints
                 )
             if done or (t.validation.every and progress.step % t.validation.every == 0):
                 validate(accelerator, config, bb, dataset, validation, metrics, progress.step, result)
@@ -271,27 +289,42 @@ def validate(
     accelerator.wait_for_everyone()
 
 
+def is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def save(
     accelerator: Any,
     root: Path,
     progress: ckpt.Progress,
     method: MethodState,
-    name: str,
+    trained: Any,
     optimizer: Any,
     lr_scheduler: Any,
     ema: Any,
     keep: int,
-) -> Path | None:
-    """Checkpoint from the main process, after every process reached the same step."""
+) -> Path:
+    """Checkpoint after every process reached the same step. Under DDP the main process has all it
+    needs. Under FSDP and DeepSpeed every process takes part: the trained weights are gathered to
+    the main process, and accelerate writes the sharded optimizer state, which is moved in."""
     accelerator.wait_for_everyone()
-    path = None
+    folders, full = {}, None
+    if is_sharded(accelerator):
+        full = accelerator.get_state_dict(trained)
+        shards = root / f".tmp-optimizer-{progress.step:06d}"
+        accelerator.save_state(str(shards))
+        folders["accelerate_state"] = shards
     if accelerator.is_main_process:
-        tensors = trained_state_dict(method)
-        objects = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+        tensors = trained_state_dict(method, full)
+        objects = {"lr_scheduler": lr_scheduler.state_dict()}
+        if not folders:
+            objects["optimizer"] = optimizer.state_dict()
         if ema is not None:
             state = ema.state_dict()
             tensors["ema"] = {f"{i:05d}": p for i, p in enumerate(state.pop("shadow_params"))}
             objects["ema_meta"] = state
-        path = ckpt.save_checkpoint(root, progress, tensors, objects, keep)
+        ckpt.save_checkpoint(root, progress, tensors, objects, keep, folders)
     accelerator.wait_for_everyone()
-    return path if path is not None else root / f"step-{progress.step:06d}"
+    return root / f"step-{progress.step:06d}"

@@ -47,16 +47,19 @@ class MethodState:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # modules whose trained state is saved
 
 
-def trained_state_dict(state: MethodState) -> dict[str, dict[str, torch.Tensor]]:
-    """The weights a checkpoint must keep: only what trains (LoRA layers, or whole trained modules)."""
+def trained_state_dict(
+    state: MethodState, full: dict[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights a checkpoint must keep: only what trains (LoRA layers, or whole trained modules).
+    `full` is the gathered state dict of the (one) trained module when it is sharded (FSDP, DeepSpeed)."""
     from peft.utils import get_peft_model_state_dict
 
     out = {}
     for name, module in state.modules.items():
         if state.name in ("lora", "dreambooth_lora"):
-            out[name] = {k: v.detach() for k, v in get_peft_model_state_dict(module).items()}
+            out[name] = {k: v.detach() for k, v in get_peft_model_state_dict(module, state_dict=full).items()}
         else:
-            out[name] = {k: v.detach() for k, v in module.state_dict().items()}
+            out[name] = {k: v.detach() for k, v in (full if full is not None else module.state_dict()).items()}
     return out
 
 

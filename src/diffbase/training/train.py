@@ -12,7 +12,7 @@ import torch
 from diffbase.config import Config, dump_yaml
 from diffbase.errors import UserError
 from diffbase.models.backbone import Backbone
-from diffbase.training.loop import TrainResult, run_training
+from diffbase.training.loop import TrainResult, process_state, run_training
 
 
 def load_backbone(config: Config) -> Backbone:
@@ -104,11 +104,9 @@ def generate_class_images(config: Config, folder: Path, count: int, start: int) 
 def prepare_cache(config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True) -> list[Any]:
     """Fill the cache for each dataset (computing only what is missing), then free what training
     no longer needs. Returns a cache per dataset."""
-    from accelerate import PartialState
-
     from diffbase.data.cache import build_cache, free_encoders
 
-    state = PartialState()
+    state = process_state(config)
     if state.is_main_process:  # one process computes; the others read its shards
         for dataset in datasets:
             _, stats = build_cache(config, bb, dataset, show_progress)
@@ -159,9 +157,7 @@ def train(
     (out_dir / "config.yaml").write_text(dump_yaml(config))
     bb = load_backbone(config)
     dataset = build_dataset(config)
-    from accelerate import PartialState
-
-    world = PartialState().num_processes
+    world = process_state(config).num_processes
     sampler = dataset.sampler(config.training.batch_size * world)
     if len(sampler) == 0:
         raise UserError(
@@ -185,7 +181,7 @@ def train(
     )
     if dataset.report.files:
         print(dataset.report.summary())
-    if PartialState().is_main_process and result.finished:
+    if process_state(config).is_main_process and result.finished:
         export(config, bb, out_dir)
         (out_dir / "losses.json").write_text(json.dumps(result.losses))
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
