@@ -39,6 +39,7 @@ class ModelConfig:
     pretrained_path: str | None = None
     single_file: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    random_weights: bool = False  # build from the config with random weights (speed tests); tiny variants always may
     # Keyword arguments of the diffusers / transformers classes, by component.
     unet: dict[str, Any] | None = None
     transformer: dict[str, Any] | None = None

@@ -27,9 +27,14 @@ def load_backbone(config: Config) -> Backbone:
         pipe, spec = load_model(
             m.single_file or m.pretrained_path, config=m.pretrained_path if m.single_file else None, dtype=m.dtype
         )
-    else:
+    elif m.variant.startswith("tiny") or m.random_weights:
         spec = spec_for(m.family, m.variant)
         pipe = build_pipeline(m, seed=config.experiment.seed)
+    else:
+        raise UserError(
+            f"model.pretrained_path: required for {m.family} {m.variant}; set it to the local folder of the "
+            "weights (or model.random_weights=true for a speed test with random weights)"
+        )
     if spec.family != m.family:
         raise UserError(f"model.family: the config says {m.family} but {m.pretrained_path} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
