@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -29,6 +29,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # perf_counter() at the end of each step (benchmarks)
     skipped_nonfinite: int = 0
     checkpoint: Path | None = None
     output_dir: Path | None = None
@@ -226,6 +227,7 @@ def run_training(
             progress.step += 1
             value = accelerator.reduce(loss.detach(), reduction="mean").item()
             result.losses.append(value)
+            result.step_times.append(time.perf_counter())
             rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
             bar.update(1)
