@@ -108,7 +108,13 @@ def run_training(
 
     from diffbase.training.metrics import MetricsLog
 
+    from accelerate.state import AcceleratorState, GradientState
+
     t, out_dir = config.training, Path(config.experiment.output_dir)
+    # Several runs in one process (tests, the demo, notebooks) each get their own precision and
+    # accumulation settings; the process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.hardware.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation,
@@ -214,6 +220,7 @@ def run_training(
                 progress.nonfinite_in_row += 1
                 result.skipped_nonfinite += 1
                 if progress.nonfinite_in_row >= t.max_nonfinite_steps:
+                    bar.close()  # the message goes on a line of its own
                     raise UserError(
                         f"training: {progress.nonfinite_in_row} non-finite losses in a row at step "
                         f"{progress.step}; lower training.learning_rate or check the data"
