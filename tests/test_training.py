@@ -3,6 +3,7 @@ a crash during a save loses nothing that was saved, and bad input stops with one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -231,6 +232,9 @@ def test_bad_training_input_is_one_line_exit_2(tiny_model, tmp_path: Path) -> No
     assert "no images found" in error(data_path=empty)
     assert "target_modules" in error(extra=("training.lora.target_modules=[to_qq]",))
     assert "is not a complete checkpoint" in error(extra=("--resume", str(tmp_path)))
+    assert "data.resolution: 32 is smaller than data.bucket_step (64)" in error(extra=("data.resolution=32",))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "adamw8bit needs bitsandbytes" in error(extra=("training.optimizer.type=adamw8bit",))
 
 
 def test_controlnet_is_refused_for_flux2_with_the_reason(tiny_model, tmp_path: Path) -> None:

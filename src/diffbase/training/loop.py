@@ -104,11 +104,10 @@ def run_training(
     after that many optimizer steps (as if it crashed), for tests.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from tqdm import tqdm
 
     from diffbase.training.metrics import MetricsLog
-
-    from accelerate.state import AcceleratorState, GradientState
 
     t, out_dir = config.training, Path(config.experiment.output_dir)
     # Several runs in one process (tests, the demo, notebooks) each get their own precision and
