@@ -38,6 +38,9 @@ class FamilySpec:
 
 
 CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", "clip_l", "clip", "CLIPTextConfig", "CLIPTextModel", 77)
+CLIP_G = TextEncoderSpec(
+    "text_encoder_2", "tokenizer_2", "clip_g", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
+)
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -65,15 +68,7 @@ FAMILIES: dict[str, FamilySpec] = {
             scheduler_class="EulerDiscreteScheduler",
             text_encoders=(
                 CLIP_L,
-                TextEncoderSpec(
-                    "text_encoder_2",
-                    "tokenizer_2",
-                    "clip_g",
-                    "clip",
-                    "CLIPTextConfig",
-                    "CLIPTextModelWithProjection",
-                    77,
-                ),
+                CLIP_G,
             ),
             prediction="epsilon",
             variants=("base", "tiny"),
@@ -91,15 +86,7 @@ FAMILIES: dict[str, FamilySpec] = {
                 TextEncoderSpec(
                     "text_encoder", "tokenizer", "clip_l", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
                 ),
-                TextEncoderSpec(
-                    "text_encoder_2",
-                    "tokenizer_2",
-                    "clip_g",
-                    "clip",
-                    "CLIPTextConfig",
-                    "CLIPTextModelWithProjection",
-                    77,
-                ),
+                CLIP_G,
                 TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", "t5", "T5Config", "T5EncoderModel", 256),
             ),
             prediction="flow",

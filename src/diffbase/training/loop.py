@@ -68,6 +68,14 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
     return out, cond
 
 
+def read_batch(dataset: Any, indices: list[int], masked_loss: bool) -> dict[str, Any]:
+    """Items collated into a batch; masks are kept only when the loss is masked."""
+    batch = dataset.collate([dataset[i] for i in indices])
+    if not masked_loss:
+        batch.pop("mask", None)
+    return batch
+
+
 def on_cpu(config: Config) -> bool:
     return config.hardware.device == "cpu" or not torch.cuda.is_available()
 
@@ -183,9 +191,10 @@ def run_training(
             indices = batches[b_index]
             per_rank = len(indices) // world
             local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
-            batch = dataset.collate([dataset[i] for i in local])
-            if not config.data.masked_loss:
-                batch.pop("mask", None)
+            batch = read_batch(dataset, local, config.data.masked_loss)
+            if not batch["index"]:  # every file of this batch failed to load (reported at the end)
+                progress.batch_in_epoch = b_index + 1
+                continue
             with accelerator.accumulate(trained):
                 encoded, cond = encode_batch(bb, batch, cache)
                 loss = diffusion_step_loss(

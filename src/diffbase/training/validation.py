@@ -89,17 +89,15 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
 @torch.no_grad()
 def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | None = None) -> float:
     """Mean loss over the held-out split at the configured fixed noise levels and fixed noise."""
-    from diffbase.training.loop import encode_batch
+    from diffbase.training.loop import encode_batch, read_batch
     from diffbase.training.step import fixed_time_loss
 
     t = config.training
     total, count = 0.0, 0
     for indices in dataset.sampler(1, shuffle=False):
-        batch = dataset.collate([dataset[i] for i in indices])
+        batch = read_batch(dataset, indices, config.data.masked_loss)
         if not batch["index"]:
             continue
-        if not config.data.masked_loss:
-            batch.pop("mask", None)
         encoded, cond = encode_batch(bb, batch, cache)
         loss = fixed_time_loss(
             bb,
