@@ -105,6 +105,19 @@ class ControlNetConfig:
 
 
 @dataclass
+class VtonConfig:
+    """Attention-only try-on on SD1.5 (diffbase.tryon): person over garment in one canvas."""
+
+    variant: Literal["vton", "catvton"] = "vton"  # 8 input channels, or CatVTON's 9 (with the mask, no text)
+    size: list[int] = field(default_factory=lambda: [512, 384])  # person (and garment) height, width
+    garment_dropout: float = 0.1  # trains the unconditional branch classifier-free guidance uses
+    prompt: str = ""  # the fixed text of the vton variant (its cross-attention is frozen)
+    steps: int = 50  # inference / validation sampling
+    guidance: float = 2.5
+    eta: float = 1.0
+
+
+@dataclass
 class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
@@ -125,7 +138,7 @@ class ValidationConfig:
 
 @dataclass
 class TrainingConfig:
-    method: Literal["lora", "full_finetune", "dreambooth", "controlnet"] = "lora"
+    method: Literal["lora", "full_finetune", "dreambooth", "controlnet", "vton"] = "lora"
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 1
@@ -138,6 +151,7 @@ class TrainingConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    vton: VtonConfig = field(default_factory=VtonConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint_every: int = 500

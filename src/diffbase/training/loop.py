@@ -196,18 +196,21 @@ def run_training(
                 progress.batch_in_epoch = b_index + 1
                 continue
             with accelerator.accumulate(trained):
-                encoded, cond = encode_batch(bb, batch, cache)
-                loss = diffusion_step_loss(
-                    bb,
-                    t.objective,
-                    encoded,
-                    cond,
-                    config.experiment.seed,
-                    progress.step,
-                    controlnet=controlnet,
-                    control_scale=t.controlnet.conditioning_scale,
-                    weights=batch.get("weight"),
-                )
+                if method.loss is not None:
+                    loss = method.loss(bb, batch, config.experiment.seed, progress.step)
+                else:
+                    encoded, cond = encode_batch(bb, batch, cache)
+                    loss = diffusion_step_loss(
+                        bb,
+                        t.objective,
+                        encoded,
+                        cond,
+                        config.experiment.seed,
+                        progress.step,
+                        controlnet=controlnet,
+                        control_scale=t.controlnet.conditioning_scale,
+                        weights=batch.get("weight"),
+                    )
                 finite = torch.isfinite(loss).all()
                 if world > 1:  # every process must agree to skip, or DDP hangs
                     finite = accelerator.reduce(finite.float(), reduction="min") > 0
@@ -291,7 +294,16 @@ def validate(
     v = config.training.validation
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not sharded:
+    if accelerator.is_main_process and not sharded and config.training.method == "vton":
+        if validation[0] is not None:
+            from diffbase.tryon.evaluate import tryon_validation
+
+            grid, error = tryon_validation(config, bb, validation[0])
+            save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
+            metrics.image(step, "validation", grid)
+            result.val_losses.append((step, error))
+            metrics.scalars(step, val_masked_l1=error)
+    elif accelerator.is_main_process and not sharded:
         if v.prompts:
             grid = validation_images(config, bb, dataset)
             save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")

@@ -45,6 +45,8 @@ class MethodState:
     name: str
     trainable: list[torch.nn.Parameter]
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # modules whose trained state is saved
+    partial: bool = False  # only the parameters that train are saved (the rest is the frozen base)
+    loss: Any = None  # the method's own loss(bb, batch, seed, step); None: the standard diffusion loss
 
 
 def trained_state_dict(
@@ -59,7 +61,11 @@ def trained_state_dict(
         if state.name in ("lora", "dreambooth_lora"):
             out[name] = {k: v.detach() for k, v in get_peft_model_state_dict(module, state_dict=full).items()}
         else:
-            out[name] = {k: v.detach() for k, v in (full if full is not None else module.state_dict()).items()}
+            state_dict = full if full is not None else module.state_dict()
+            if state.partial:
+                trains = {n for n, p in module.named_parameters() if p.requires_grad}
+                state_dict = {k: v for k, v in state_dict.items() if k in trains}
+            out[name] = {k: v.detach() for k, v in state_dict.items()}
     return out
 
 
@@ -72,7 +78,9 @@ def load_trained_state_dict(state: MethodState, tensors: dict[str, dict[str, tor
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"checkpoint: unexpected LoRA keys for {name}: {result.unexpected_keys[:3]}")
         else:
-            module.load_state_dict(tensors[name])
+            result = module.load_state_dict(tensors[name], strict=not state.partial)
+            if state.partial and result.unexpected_keys:
+                raise UserError(f"checkpoint: unexpected keys for {name}: {result.unexpected_keys[:3]}")
 
 
 def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -153,6 +161,14 @@ def prepare_method(backbone: Any, cfg: TrainingConfig) -> MethodState:
     if method == "full_finetune":
         denoiser.requires_grad_(True)
         return MethodState(method, list(denoiser.parameters()), {"denoiser": denoiser})
+    if method == "vton":
+        from diffbase.tryon.train_step import make_vton_loss
+        from diffbase.tryon.vton import prepare_unet
+
+        if family != "sd15":
+            raise UserError(f"training.method: vton trains an SD1.5 UNet, not {family}")
+        params = prepare_unet(denoiser, cfg.vton.variant)
+        return MethodState(method, params, {"denoiser": denoiser}, partial=True, loss=make_vton_loss(cfg.vton))
     if method == "controlnet":
         controlnet = make_controlnet(denoiser, family, cfg).train()
         controlnet.requires_grad_(True)

@@ -55,7 +55,9 @@ class MetricsLog:
         from diffbase.plot import line_plot
 
         rows = self.history()
-        series = {name: [(r["step"], r[name]) for r in rows if name in r] for name in ("loss", "val_loss")}
+        series = {
+            name: [(r["step"], r[name]) for r in rows if name in r] for name in ("loss", "val_loss", "val_masked_l1")
+        }
         image = line_plot({k: v for k, v in series.items() if v}, title="loss by step")
         return save_png_atomic(image, self.out_dir / "loss.png")
 

@@ -45,6 +45,8 @@ def build_dataset(config: Config, held_out: bool = False) -> Any:
     """The training dataset (DreamBooth class images included), or with `held_out` the validation split."""
     from diffbase.data.datasets import TrainDataset, build_records, split_records
 
+    if config.training.method == "vton":
+        return tryon_dataset(config, held_out)
     records = build_records(config.data, config.experiment.seed)
     records, validation = split_records(records, config.training.validation.loss_split, config.experiment.seed)
     if held_out:
@@ -62,6 +64,23 @@ def build_dataset(config: Config, held_out: bool = False) -> Any:
             records = [replace(r, caption=instance) for r in records]
         records += class_records(config)
     return TrainDataset(records, config.data, config.experiment.seed)
+
+
+def tryon_dataset(config: Config, held_out: bool = False) -> Any:
+    """Try-on pairs (VITON-HD, DressCode or metadata.json), with whole garments held out for validation."""
+    from diffbase.tryon.data import TryOnDataset, read_tryon, split_pairs
+
+    d = config.data
+    if d.cache_latents or d.cache_text:
+        raise UserError("data.cache_latents: not available for training.method vton (it encodes three images a step)")
+    if not d.train_path:
+        raise UserError("data.train_path: required, the try-on dataset root or metadata file")
+    records = read_tryon(d.train_path, "train")
+    train_part, validation = split_pairs(records, config.training.validation.loss_split, config.experiment.seed)
+    chosen = validation if held_out else train_part
+    if not chosen:
+        return None
+    return TryOnDataset(chosen, tuple(config.training.vton.size), config.experiment.seed, d.on_bad_file)
 
 
 def class_records(config: Config) -> list[Any]:
@@ -147,6 +166,14 @@ def export(config: Config, bb: Backbone, out_dir: Path) -> dict[str, str]:
     elif method == "full_finetune":
         denoiser.save_pretrained(out_dir / spec.denoiser)
         files["denoiser"] = str(out_dir / spec.denoiser)
+    elif method == "vton":
+        from diffbase.tryon.vton import save_catvton_attention
+
+        files["vton"] = str(save_catvton_attention(denoiser, out_dir / "vton"))
+        write_json_atomic(
+            out_dir / "vton" / "vton.json",
+            {"variant": config.training.vton.variant, "base": config.model.pretrained_path},
+        )
     elif method == "controlnet":
         bb.controlnet.save_pretrained(out_dir / "controlnet")
         files["controlnet"] = str(out_dir / "controlnet")
