@@ -58,6 +58,16 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     print(f"cache: {stats.summary()}")
 
 
+def _cmd_data_synth(args: argparse.Namespace) -> None:
+    from diffbase.data.synthetic import write_dataset
+    from diffbase.generate import parse_size
+
+    h, w = parse_size(args.size)
+    n_test = args.n_test if args.n_test is not None else max(1, args.n // 4)
+    write_dataset(Path(args.out), args.n, n_test, seed=args.seed, size=(w, h))
+    print(f"wrote {args.n} training and {n_test} held-out try-on items to {args.out}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from diffbase.demo import run_demo
 
@@ -111,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
+
+    from diffbase.tryon.cli import add_eval_parser, add_parsers
+
+    add_parsers(sub)
+    ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
+        dest="what", required=True
+    )
+    add_eval_parser(ev)
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="write the synthetic try-on dataset (train and held-out splits)")
+    synth.add_argument("out")
+    synth.add_argument("--n", type=int, default=200, help="training items")
+    synth.add_argument("--n-test", type=int, help="held-out items (default n/4)")
+    synth.add_argument("--size", default="64x64", help="HxW")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_data_synth)
 
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")

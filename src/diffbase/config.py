@@ -71,6 +71,7 @@ class ScheduleConfig:
 
     type: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # alternative to warmup_steps, in epochs of the training data
     warmup_start: float = 0.1
     floor: float = 0.0
 

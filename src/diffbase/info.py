@@ -66,10 +66,34 @@ def human(n: int) -> str:
     return str(n)
 
 
+def vton_trainable(target: str | Path, overrides: list[str] | None = None) -> int | None:
+    """For a try-on experiment (training.method vton): the attn1 parameters that train, on the meta device."""
+    import torch
+
+    path = Path(target)
+    if path.suffix not in (".yaml", ".yml"):
+        return None
+    from diffbase.config import load_config
+
+    config = load_config(path, overrides)
+    if config.training.method != "vton":
+        return None
+    from diffbase.models.build import build_components
+    from diffbase.tryon.vton import attn1_count, expand_conv_in
+
+    with torch.device("meta"):
+        unet = build_components(config.model, tiny_tokenizers=False)["unet"]
+        expand_conv_in(unet, config.training.vton.variant)
+    return attn1_count(unet)
+
+
 def describe(target: str, overrides: list[str] | None = None) -> str:
     counts = component_counts(target, overrides)
     width = max(len(k) for k in counts) if counts else 10
     lines = [f"{name:<{width}}  {human(n):>9}  ({n:,})" for name, n in counts.items()]
     total = sum(counts.values())
     lines.append(f"{'total':<{width}}  {human(total):>9}  ({total:,})")
+    trainable = vton_trainable(target, overrides)
+    if trainable is not None:
+        lines.append(f"{'trains':<{width}}  {human(trainable):>9}  ({trainable:,}; every attn1 to_q/to_k/to_v/to_out)")
     return "\n".join(lines)

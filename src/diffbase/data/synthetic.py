@@ -321,6 +321,7 @@ def write_dataset(out: Path, n_train: int, n_test: int, seed: int = 0, size: tup
             entries.append(
                 {
                     "person": f"image/{name}.png",
+                    "target": f"image/{name}.png",
                     "garment": f"cloth/{name}.png",
                     "mask": f"agnostic-mask/{name}_mask.png",
                     "pose": f"pose/{name}.png",

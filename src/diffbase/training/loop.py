@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,11 @@ def run_training(
     trained.train()  # modules load in eval mode; LoRA dropout acts only in train mode
     optimizer = make_optimizer(method.trainable, config)
     steps = total_steps(config, len(sampler))
-    lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, t.schedule)
+    schedule = t.schedule
+    if schedule.warmup_epochs > 0:  # in optimizer steps of this data and batch size
+        per_epoch = math.ceil(len(sampler) / t.gradient_accumulation)
+        schedule = replace(schedule, warmup_steps=max(1, round(schedule.warmup_epochs * per_epoch)))
+    lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, schedule)
     ema = None
     if t.ema.enabled:
         from diffusers.training_utils import EMAModel

@@ -1,0 +1,177 @@
+"""`diffbase tryon` (one person, one garment) and `diffbase eval tryon` (a dataset of pairs).
+Heavy imports stay inside the commands, so `diffbase --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+
+
+def load_tryon_model(model: str, variant: str, weights: str | None) -> Any:
+    """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights."""
+    from diffbase.models.backbone import Backbone
+    from diffbase.models.loading import load_pipeline
+    from diffbase.tryon.vton import load_catvton_attention, prepare_unet
+
+    pipe, spec = load_pipeline(model)
+    if spec.family != "sd15":
+        raise UserError(f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model")
+    if weights:
+        info = Path(weights) / "vton.json"
+        if info.is_file():
+            trained = json.loads(info.read_text()).get("variant")
+            if trained != variant:
+                raise UserError(f"--weights: {weights} was trained as the {trained} variant; use --method {trained}")
+    prepare_unet(pipe.unet, variant)
+    if weights:
+        load_catvton_attention(pipe.unet, Path(weights))
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return Backbone(spec, pipe)
+
+
+def parse_box(text: str) -> tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--box: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
+    return x0, y0, x1, y1
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from diffbase.tryon.sampling import TryOnSettings
+
+    return TryOnSettings(
+        steps=args.steps,
+        guidance=args.guidance,
+        eta=args.eta,
+        seed=args.seed,
+        prompt=args.prompt,
+        repaint=not args.no_repaint,
+    )
+
+
+def run_tryon(args: argparse.Namespace) -> None:
+    import torch
+    from PIL import Image
+
+    from diffbase.data.datasets import to_tensor
+    from diffbase.data.images import BadFile, load_image, load_mask
+    from diffbase.generate import parse_size
+    from diffbase.io import save_png_atomic
+    from diffbase.tryon.data import box_mask, to_pil
+    from diffbase.tryon.sampling import tryon
+
+    if (args.mask is None) == (args.box is None):
+        raise UserError("--mask / --box: give exactly one (the garment area on the person)")
+    h, w = parse_size(args.size)
+    try:
+        person, garment = load_image(Path(args.person)), load_image(Path(args.garment))
+        mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box))
+    except BadFile as err:
+        raise UserError(f"{err.path}: {err.reason}") from None
+    bb = load_tryon_model(args.model, args.method, args.weights)
+    settings = settings_from(args)
+
+    def prep(img: Image.Image, nearest: bool = False) -> torch.Tensor:
+        return to_tensor(img.resize((w, h), Image.NEAREST if nearest else Image.BICUBIC))[None]
+
+    m = (prep(mask, nearest=True) > 0.5).float()
+    result = to_pil(tryon(bb, args.method, prep(person), prep(garment), m, settings)[0])
+    result = result.resize(person.size, Image.BICUBIC)
+    if settings.repaint:  # keep the person's own pixels outside the mask at full resolution
+        result = Image.composite(result, person, mask.resize(person.size).point(lambda v: 255 if v > 127 else 0))
+    meta = {
+        "method": args.method,
+        "model": args.model,
+        "weights": args.weights,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "eta": args.eta,
+        "seed": args.seed,
+        "size": [h, w],
+    }
+    save_png_atomic(result, Path(args.out), meta)
+    print(f"wrote {args.out}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from diffbase.generate import parse_size
+    from diffbase.grid import image_grid
+    from diffbase.io import save_png_atomic, write_json_atomic
+    from diffbase.tryon.data import TryOnDataset, read_tryon
+    from diffbase.tryon.evaluate import run_pairs
+
+    records = read_tryon(args.data, args.split, paired=not args.unpaired)
+    dataset = TryOnDataset(records, parse_size(args.size))
+    bb = load_tryon_model(args.model, args.method, args.weights)
+    out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
+    folder = Path(args.out)
+    header = ["person", "garment", "result", "ground truth"]
+    save_png_atomic(image_grid(out["rows"][:16], header=header), folder / "grid.png")
+    report = {
+        "pairs": out["count"],
+        "paired": not args.unpaired,
+        **out["metrics"],
+        "not_computed": {"lpips": NOT_COMPUTED, "fid": NOT_COMPUTED, "kid": NOT_COMPUTED},
+    }
+    write_json_atomic(folder / "metrics.json", report)
+    print(f"{out['count']} pairs ({'unpaired' if args.unpaired else 'paired'})")
+    for key, value in out["metrics"].items():
+        print(f"  {key:<10} {value:.4f}")
+    if args.unpaired:
+        print("  unpaired pairs have no ground truth: SSIM, PSNR and masked error need paired data")
+    print(f"  LPIPS, FID, KID: not computed ({NOT_COMPUTED})")
+    print(f"wrote {folder / 'grid.png'} and {folder / 'metrics.json'}")
+
+
+NOT_COMPUTED = "they need pretrained VGG/Inception weights, which diffbase does not ship or download"
+
+
+def add_parsers(sub: Any) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--method", choices=["vton", "catvton"], default="vton")
+        p.add_argument(
+            "--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)"
+        )
+        p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
+        p.add_argument("--size", default="512x384", help="HxW the model runs at (default 512x384)")
+        p.add_argument("--steps", type=int, default=50)
+        p.add_argument("--guidance", type=float, default=2.5)
+        p.add_argument("--eta", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--prompt", default="", help="vton variant only")
+        p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
+
+    t = sub.add_parser("tryon", help="virtual try-on: a person, a mask (or box) and a garment")
+    common(t)
+    t.add_argument("--person", required=True)
+    t.add_argument("--mask", help="the garment area on the person (white)")
+    t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
+    t.add_argument("--garment", required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=run_tryon)
+
+
+def add_eval_parser(sub: Any) -> None:
+    e = sub.add_parser("tryon", help="try-on metrics on a dataset (SSIM, PSNR, masked-region L1) and a grid")
+    e.add_argument("--method", choices=["vton", "catvton"], default="vton")
+    e.add_argument("--model", required=True)
+    e.add_argument("--weights")
+    e.add_argument("--data", required=True, help="VITON-HD or DressCode root, or a metadata.json")
+    e.add_argument("--split", default="test")
+    e.add_argument("--unpaired", action="store_true", help="garments other than the worn one (no ground truth)")
+    e.add_argument("--limit", type=int, help="only the first N pairs")
+    e.add_argument("--size", default="512x384")
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--guidance", type=float, default=2.5)
+    e.add_argument("--eta", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--prompt", default="")
+    e.add_argument("--no-repaint", action="store_true")
+    e.add_argument("--out", default="outputs/eval_tryon")
+    e.set_defaults(func=run_eval)
