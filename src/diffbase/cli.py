@@ -22,6 +22,13 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> None:
     print(f"wrote tiny {args.family} model to {out}")
 
 
+def _cmd_zoo_pretrain(args: argparse.Namespace) -> None:
+    from diffbase.models.toy_pretrain import pretrain
+
+    out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed)
+    print(f"wrote {out}")
+
+
 def _cmd_info(args: argparse.Namespace) -> None:
     from diffbase.info import describe
 
@@ -93,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_zoo_tiny)
+
+    pre = zoo.add_parser("pretrain", help="train a toy model of the embedded default on synthetic people")
+    pre.add_argument("name", choices=["sd15-toy"])
+    pre.add_argument("out")
+    pre.add_argument("--vae-steps", type=int, default=1500)
+    pre.add_argument("--unet-steps", type=int, default=4000)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=_cmd_zoo_pretrain)
 
     info = sub.add_parser("info", help="parameter counts of a model config or folder (no weights needed)")
     info.add_argument("target", help="a model config YAML or a diffusers folder")

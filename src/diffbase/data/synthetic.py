@@ -224,15 +224,21 @@ def dress_person(img: Image.Image, p: dict[str, tuple[float, float]], g: Garment
 
 
 def product_shot(g: Garment, size: tuple[int, int]) -> Image.Image:
-    """The flat garment on white, in a fixed canonical pose, with the same pattern scale."""
+    """The flat garment on white, in a fixed canonical pose, enlarged to fill the frame."""
     w, h = size
     img = Image.new("RGB", size, (255, 255, 255))
-    pose = Pose(arm_left=60, arm_right=60, legs=8, shift=0.0)
-    p = body_points(w, h, pose)
-    # lift the garment to the centre of the frame
-    dy = -h * 0.12 if g.kind == "shirt" else -h * 0.08
-    p = {k: (x, y + dy) for k, (x, y) in p.items()}
-    dress_person(img, p, g)
+    zoom = 1.6
+    p = body_points(w * zoom, h * zoom, Pose(arm_left=60, arm_right=60, legs=8, shift=0.0))
+    bottom = p["l_hip"][1] + (h * zoom * 0.26 if g.kind == "dress" else 0)
+    dx, dy = w / 2 - p["neck"][0], h / 2 - (p["l_shoulder"][1] + bottom) / 2
+    p = {k: (x + dx, y + dy) for k, (x, y) in p.items()}
+    shape = Image.new("L", size, 0)
+    garment_shape(ImageDraw.Draw(shape), p, g.kind, w * zoom, h * zoom)
+    tex = texture(g, size, (p["neck"][0], p["l_shoulder"][1]), g.period * w * zoom)
+    if g.pattern == "logo":
+        cx = (p["l_shoulder"][0] + p["r_shoulder"][0]) / 2
+        _logo(ImageDraw.Draw(tex), cx, p["l_shoulder"][1] + h * zoom * 0.14, w * zoom * 0.08, SECOND[g.second])
+    img.paste(tex, (0, 0), shape)
     return img
 
 
@@ -255,7 +261,7 @@ def _down(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 def random_garment(rng: random.Random, split: str) -> Garment:
     pattern, colour = rng.choice(combinations(split))
     second = "black" if colour in ("yellow", "pink", "orange") else "white"
-    return Garment(rng.choice(KINDS), pattern, colour, second, period=rng.choice([0.08, 0.1, 0.12]))
+    return Garment(rng.choice(KINDS), pattern, colour, second, period=rng.choice([0.14, 0.18, 0.22]))
 
 
 def random_pose(rng: random.Random) -> Pose:

@@ -55,7 +55,7 @@ FAMILIES: dict[str, FamilySpec] = {
             scheduler_class="PNDMScheduler",
             text_encoders=(CLIP_L,),
             prediction="epsilon",
-            variants=("base", "tiny"),
+            variants=("base", "tiny", "toy"),
             pipeline_extras=(("safety_checker", None), ("feature_extractor", None), ("requires_safety_checker", False)),
         ),
         FamilySpec(
