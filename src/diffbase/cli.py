@@ -75,6 +75,12 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} training and {n_test} held-out try-on items to {args.out}")
 
 
+def _cmd_parity(args: argparse.Namespace) -> None:
+    from diffbase.parity import run_parity
+
+    run_parity(Path(args.out))
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from diffbase.demo import run_demo
 
@@ -158,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", metavar="key=value")
     cache.set_defaults(func=_cmd_cache)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default")
+    parity = sub.add_parser("parity", help="every family's tiny model: our generation vs bare diffusers, pixel for pixel")
+    parity.add_argument("--out", default="outputs/parity")
+    parity.set_defaults(func=_cmd_parity)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default: try-on learned on a CPU")
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -255,7 +255,7 @@ def skeleton(size: tuple[int, int], p: dict[str, tuple[float, float]], backgroun
 
 
 def _down(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return img.resize(size, Image.LANCZOS if img.mode != "L" else Image.BILINEAR)
+    return img.resize(size, Image.BOX)  # area averaging: an edge never spreads beyond its own pixel
 
 
 def random_garment(rng: random.Random, split: str) -> Garment:
@@ -273,7 +273,8 @@ def make_item(
 ) -> TryOnItem:
     """Item `index` of a split: the same for the same (seed, split, index, size)."""
     rng = random.Random(f"{seed}-{split}-{index}")
-    g = garment or random_garment(rng, split)
+    drawn = random_garment(rng, split)  # always drawn, so the same index gives the same person and pose
+    g = garment or drawn
     pose = random_pose(rng)
     skin, bg = rng.choice(SKINS), rng.choice(BACKGROUNDS)
     big = (size[0] * SCALE, size[1] * SCALE)
@@ -290,7 +291,7 @@ def make_item(
     # the try-on mask: where any garment of either kind could be, dilated, so it does not leak the kind
     region = Image.new("L", big, 0)
     garment_shape(ImageDraw.Draw(region), p, "dress", *big)
-    region = region.resize(size, Image.BILINEAR).point(lambda v: 255 if v > 0 else 0)
+    region = region.resize(size, Image.BOX).point(lambda v: 255 if v > 0 else 0)
     from PIL import ImageFilter
 
     mask = region.filter(ImageFilter.MaxFilter(3))
