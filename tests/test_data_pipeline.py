@@ -41,7 +41,7 @@ def test_image_modes_load_as_rgb(tmp_path: Path) -> None:
 def test_buckets_keep_the_aspect_ratio(height: int, width: int) -> None:
     buckets = make_buckets(512, 64, 256, 1024)
     bh, bw = assign_bucket(height, width, buckets)
-    assert bh % 64 == 0 and bw % 64 == 0 and 256 <= min(bh, bw) and max(bh, bw) <= 1024 and bh * bw <= 512 * 512
+    assert bh % 64 == 0 and bw % 64 == 0 and min(bh, bw) >= 256 and max(bh, bw) <= 1024 and bh * bw <= 512 * 512
     error = abs(math.log(bh / bw) - math.log(height / width))
     assert all(error <= abs(math.log(h / w) - math.log(height / width)) + 1e-12 for h, w in buckets)
     assert bh * bw >= 0.75 * 512 * 512
