@@ -21,7 +21,7 @@ def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> li
         raise UserError(f"data.resolution: {resolution} is smaller than data.bucket_step ({step})")
     area = resolution * resolution
     buckets = set()
-    h = max(step, (min_side // step) * step)
+    h = max(step, -(-min_side // step) * step)  # the first multiple of step that is >= min_side
     while h <= max_side:
         w = min((area // h) // step * step, (max_side // step) * step)
         if w >= min_side and w >= step:

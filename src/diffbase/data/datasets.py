@@ -41,7 +41,9 @@ class BadFileReport:
     files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def add(self, error: BadFile) -> None:
-        self.files.append((str(error.path), error.reason))
+        entry = (str(error.path), error.reason)
+        if entry not in self.files:  # a file failing in every epoch is one bad file
+            self.files.append(entry)
 
     def summary(self) -> str:
         if not self.files:
@@ -61,15 +63,27 @@ def read_folder(folder: Path, dataset: int = 0) -> list[Record]:
     return records
 
 
+def read_json_entries(file: Path) -> Any:
+    """metadata.json (a list) or metadata.jsonl (one object a line); errors name the file's line."""
+    text = file.read_text()
+    if file.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    entries = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{file}: not valid JSON ({exc.msg} at line {n})") from None
+    return entries
+
+
 def read_metadata(file: Path, dataset: int = 0) -> list[Record]:
     """metadata.json (a list) or metadata.jsonl (one object a line); paths relative to the file."""
-    try:
-        if file.suffix == ".jsonl":
-            entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        else:
-            entries = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    entries = read_json_entries(file)
     if not isinstance(entries, list):
         raise UserError(f"{file}: expected a list of objects with 'image' and 'caption'")
     records = []
@@ -165,11 +179,12 @@ class TrainDataset:
         self.bucket_of: list[tuple[int, int]] = []
         self.size_of: list[tuple[int, int]] = []  # (width, height) as stored
         self.load_pixels = True  # False when latents come from the cache
-        sizes: dict[Path, tuple[int, int] | None] = {}
-        for rec in records:
-            if rec.image not in sizes:
-                sizes[rec.image] = self._checked_size(rec)
-            size = sizes[rec.image]
+        sizes: dict[tuple[Path | None, ...], tuple[int, int] | None] = {}
+        for rec in records:  # checked once per entry's set of files (image and companions)
+            files = (rec.image, rec.mask, rec.control, rec.reference)
+            if files not in sizes:
+                sizes[files] = self._checked_size(rec)
+            size = sizes[files]
             if size is None:
                 continue
             w, h = size

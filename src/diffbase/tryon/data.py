@@ -13,7 +13,6 @@ truth. Unpaired pairs have none (only distribution metrics apply).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffbase.data.buckets import BucketBatchSampler
-from diffbase.data.datasets import BadFileReport, to_tensor
+from diffbase.data.datasets import BadFileReport, read_json_entries, to_tensor
 from diffbase.data.images import BadFile, load_image, load_mask
 from diffbase.errors import UserError
 
@@ -110,13 +109,9 @@ def read_dresscode(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
 
 
 def read_metadata(file: Path) -> list[TryOnRecord]:
-    try:
-        if file.suffix == ".jsonl":
-            entries = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        else:
-            entries = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    entries = read_json_entries(file)
+    if not isinstance(entries, list):
+        raise UserError(f"{file}: expected a list of objects with 'person' and 'garment'")
     records = []
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or "person" not in e or "garment" not in e:
