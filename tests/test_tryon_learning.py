@@ -16,7 +16,7 @@ def test_training_lowers_the_masked_error_on_held_out_people_and_garments(tmp_pa
     write_dataset(tmp_path / "data", 160, 0, size=(32, 32))
     config = load_config(configs_dir() / "experiments" / "demo" / "tryon.yaml", [
         f"model.pretrained_path={model}", f"data.train_path={tmp_path / 'data'}",
-        f"experiment.output_dir={tmp_path / 'run'}", "training.max_steps=STEPS", "training.batch_size=8",
+        f"experiment.output_dir={tmp_path / 'run'}", "training.max_steps=200", "training.batch_size=8",
         "training.checkpoint_every=0", "training.schedule.warmup_steps=10"])
     data = eval_set(12)
     settings = TryOnSettings(steps=12, guidance=2.5, eta=1.0, seed=0)
