@@ -72,10 +72,14 @@ def main(steps: int = 20, batch: int = 8) -> None:
     total = sum(p.numel() for p in unet.parameters())
     print("| measure (attention-only / full fine-tuning) | value |\n|---|---|")
     print(f"| optimizer state, toy SD1.5 UNet (measured) | {memory:.3f} |")
-    print(f"| optimizer state, real SD1.5 UNet (from its config: {attn1_count(unet) / 1e6:.2f}M of "
-          f"{total / 1e6:.1f}M) | {attn1_count(unet) / total:.3f} |")
-    print(f"| step time, toy SD1.5, batch {batch}, 32x32 canvases, median of {steps} interleaved | "
-          f"{statistics.median(ratios):.3f} |")
+    print(
+        f"| optimizer state, real SD1.5 UNet (from its config: {attn1_count(unet) / 1e6:.2f}M of "
+        f"{total / 1e6:.1f}M) | {attn1_count(unet) / total:.3f} |"
+    )
+    print(
+        f"| step time, toy SD1.5, batch {batch}, 32x32 canvases, median of {steps} interleaved | "
+        f"{statistics.median(ratios):.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,15 @@ def test_full_size_experiments_are_valid_and_ask_for_weights(path: Path, tmp_pat
 
 @pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
 def test_tiny_experiments_train(path: Path, tmp_path: Path) -> None:
-    code, out, err = run_cli("train", str(path), "training.max_steps=2", "training.checkpoint_every=0",
-                             f"data.train_path={SHAPES}", f"experiment.output_dir={tmp_path}",
-                             "training.validation.steps=2")
+    code, out, err = run_cli(
+        "train",
+        str(path),
+        "training.max_steps=2",
+        "training.checkpoint_every=0",
+        f"data.train_path={SHAPES}",
+        f"experiment.output_dir={tmp_path}",
+        "training.validation.steps=2",
+    )
     assert code == 0, err
     assert "trained 2 steps" in out
     assert (tmp_path / "exports.json").exists() and (tmp_path / "validation" / "step-000002.png").exists()

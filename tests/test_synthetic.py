@@ -55,7 +55,8 @@ def test_data_synth_writes_the_layouts_the_methods_read(tmp_path: Path) -> None:
         assert len(list((tmp_path / "d" / "train" / folder).iterdir())) == 8
     again = write_dataset(tmp_path / "e", 8, 2, size=(32, 32))
     assert (again / "train" / "image" / "00003.png").read_bytes() == (
-        tmp_path / "d" / "train" / "image" / "00003.png").read_bytes()
+        tmp_path / "d" / "train" / "image" / "00003.png"
+    ).read_bytes()
 
 
 def test_demo_scores_a_perfect_result_perfectly_and_baselines_as_by_hand() -> None:
@@ -63,8 +64,12 @@ def test_demo_scores_a_perfect_result_perfectly_and_baselines_as_by_hand() -> No
     perfect = score(data.truth, data)
     assert perfect == {"masked_l1": 0.0, "colour_acc": 1.0, "pattern_acc": 1.0}
     unchanged = score(data.person, data)
-    by_hand = np.mean([((p - t).abs() * m).sum().item() / (m.sum().item() * 3)
-                       for p, t, m in zip(data.person, data.truth, data.mask, strict=True)])
+    by_hand = np.mean(
+        [
+            ((p - t).abs() * m).sum().item() / (m.sum().item() * 3)
+            for p, t, m in zip(data.person, data.truth, data.mask, strict=True)
+        ]
+    )
     assert unchanged["masked_l1"] == pytest.approx(by_hand, rel=1e-5)
     # the input person wears another held-out garment: classification finds that one, not the target
     wearing = classify(data.person, data)

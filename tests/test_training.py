@@ -326,9 +326,19 @@ def test_masked_loss_trains_and_needs_masks(tiny_model, tmp_path: Path) -> None:
 def test_mixed_precision_and_gradient_checkpointing_train(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 4)
     for family in ("sd15", "flux1"):
-        result = train(tiny_config(family, tiny_model(family), data, tmp_path / family, "training.max_steps=3",
-                                   "hardware.mixed_precision=bf16", "hardware.gradient_checkpointing=true",
-                                   "training.batch_size=2"), show_progress=False)
+        result = train(
+            tiny_config(
+                family,
+                tiny_model(family),
+                data,
+                tmp_path / family,
+                "training.max_steps=3",
+                "hardware.mixed_precision=bf16",
+                "hardware.gradient_checkpointing=true",
+                "training.batch_size=2",
+            ),
+            show_progress=False,
+        )
         assert result.finished and all(math.isfinite(v) for v in result.losses)
         assert result.backbone.denoiser.is_gradient_checkpointing
 
@@ -336,9 +346,15 @@ def test_mixed_precision_and_gradient_checkpointing_train(tiny_model, tmp_path: 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_model, tmp_path: Path) -> None:
     data = image_folder(tmp_path / "data", 2)
     exp = write_experiment(tmp_path / "exp.yaml", "sd15", tiny_model("sd15"), data, tmp_path / "run")
-    code, _, err = run_cli("train", str(exp), "training.learning_rate=1e30", "training.max_steps=50",
-                           "training.max_nonfinite_steps=3", "training.max_grad_norm=null",
-                           "training.schedule.type=constant")
+    code, _, err = run_cli(
+        "train",
+        str(exp),
+        "training.learning_rate=1e30",
+        "training.max_steps=50",
+        "training.max_nonfinite_steps=3",
+        "training.max_grad_norm=null",
+        "training.schedule.type=constant",
+    )
     line = next(x for x in err.split("\n") if "error:" in x)
     assert code == 2 and "Traceback" not in err
-    assert line[line.index("error:"):].startswith("error: training: 3 non-finite losses in a row at step")
+    assert line[line.index("error:") :].startswith("error: training: 3 non-finite losses in a row at step")

@@ -53,8 +53,11 @@ def test_exactly_the_attn1_projections_train(tiny_model, variant: str, channels:
     pipe, _ = load_pipeline(tiny_model("sd15"))
     params = prepare_unet(pipe.unet, variant)
     trains = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
-    expected = {f"{m}.{p}" for m, _ in attn1_modules(pipe.unet)
-                for p in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")}
+    expected = {
+        f"{m}.{p}"
+        for m, _ in attn1_modules(pipe.unet)
+        for p in ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias")
+    }
     assert trains == expected and len(params) == len(expected) and all(".attn1." in n for n in trains)
     assert pipe.unet.conv_in.in_channels == channels == pipe.unet.config.in_channels
 
@@ -81,8 +84,16 @@ def test_the_garment_half_changes_the_person_half(tiny_model, variant: str) -> N
     noisy = torch.randn(1, 4, 8, 4)
     text = None if variant == "catvton" else torch.zeros(1, 77, 32)
     with torch.no_grad():
-        outs = [C.top_half(unet(C.unet_input(variant, noisy, masks, torch.cat([z[:, :, :4], g], dim=-2)), 500,
-                                encoder_hidden_states=text).sample) for g in (z[:, :, 4:], torch.zeros(1, 4, 4, 4))]
+        outs = [
+            C.top_half(
+                unet(
+                    C.unet_input(variant, noisy, masks, torch.cat([z[:, :, :4], g], dim=-2)),
+                    500,
+                    encoder_hidden_states=text,
+                ).sample
+            )
+            for g in (z[:, :, 4:], torch.zeros(1, 4, 4, 4))
+        ]
     assert (outs[0] - outs[1]).abs().max() > 1e-4
 
 
@@ -100,8 +111,10 @@ def test_catvton_weights_load_with_every_key_used(tiny_model, tmp_path: Path) ->
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     person, garment, mask = inputs()
     settings = TryOnSettings(steps=2)
-    assert torch.equal(tryon(source, "catvton", person, garment, mask, settings),
-                       tryon(target, "catvton", person, garment, mask, settings))
+    assert torch.equal(
+        tryon(source, "catvton", person, garment, mask, settings),
+        tryon(target, "catvton", person, garment, mask, settings),
+    )
     broken = dict(state)
     broken.pop("0.to_q.weight")
     broken["999.to_q.weight"] = state[f"{8 * (n - 1)}.to_q.weight"].clone()
@@ -157,21 +170,59 @@ def test_tryon_and_eval_commands(tiny_model, tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "synth", 2, 2, size=(32, 32))
     person = root / "test" / "image" / "00000.png"
     out = tmp_path / "result.png"
-    code, stdout, err = run_cli("tryon", "--method", "catvton", "--model", str(tiny_model("sd15")), "--person",
-                                str(person), "--mask", str(root / "test" / "agnostic-mask" / "00000_mask.png"),
-                                "--garment", str(root / "test" / "cloth" / "00001.png"), "--size", "32x32",
-                                "--steps", "2", "--out", str(out))
+    code, stdout, err = run_cli(
+        "tryon",
+        "--method",
+        "catvton",
+        "--model",
+        str(tiny_model("sd15")),
+        "--person",
+        str(person),
+        "--mask",
+        str(root / "test" / "agnostic-mask" / "00000_mask.png"),
+        "--garment",
+        str(root / "test" / "cloth" / "00001.png"),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     result, original = Image.open(out), Image.open(person)
     assert result.size == original.size and json.loads(result.text["diffbase"])["method"] == "catvton"
-    code, stdout, err = run_cli("eval", "tryon", "--method", "vton", "--model", str(tiny_model("sd15")), "--data",
-                                str(root), "--size", "32x32", "--steps", "2", "--out", str(tmp_path / "eval"))
+    code, stdout, err = run_cli(
+        "eval",
+        "tryon",
+        "--method",
+        "vton",
+        "--model",
+        str(tiny_model("sd15")),
+        "--data",
+        str(root),
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "eval"),
+    )
     assert code == 0, err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["pairs"] == 2 and {"ssim", "psnr", "masked_l1"} <= set(metrics)
     assert "LPIPS, FID, KID: not computed" in stdout and (tmp_path / "eval" / "grid.png").exists()
-    code, _, err = run_cli("tryon", "--model", str(tiny_model("sd15")), "--person", str(person), "--garment",
-                           str(person), "--out", str(out))
+    code, _, err = run_cli(
+        "tryon",
+        "--model",
+        str(tiny_model("sd15")),
+        "--person",
+        str(person),
+        "--garment",
+        str(person),
+        "--out",
+        str(out),
+    )
     assert code == 2 and "--mask / --box" in err
 
 
@@ -182,10 +233,20 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
     root = write_dataset(tmp_path / "synth", 8, 2, size=(32, 32))
 
     def config(out: str):
-        return load_config(configs_dir() / "models" / "sd15_tiny.yaml", [
-            f"model.pretrained_path={tiny_model('sd15')}", f"data.train_path={root}", "training.method=vton",
-            "training.vton.size=[32,32]", "training.max_steps=4", "training.batch_size=2",
-            "training.checkpoint_every=2", f"experiment.output_dir={tmp_path / out}", "training.learning_rate=1e-3"])
+        return load_config(
+            configs_dir() / "models" / "sd15_tiny.yaml",
+            [
+                f"model.pretrained_path={tiny_model('sd15')}",
+                f"data.train_path={root}",
+                "training.method=vton",
+                "training.vton.size=[32,32]",
+                "training.max_steps=4",
+                "training.batch_size=2",
+                "training.checkpoint_every=2",
+                f"experiment.output_dir={tmp_path / out}",
+                "training.learning_rate=1e-3",
+            ],
+        )
 
     whole = train(config("a"), show_progress=False)
     train(config("b"), stop_after=2, show_progress=False)
@@ -195,8 +256,21 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = load_file(str(tmp_path / "a" / "checkpoints" / "step-000004" / "denoiser.safetensors"))
     assert all(".attn1." in k for k in ckpt)  # only what trains is checkpointed
-    code, _, err = run_cli("tryon", "--method", "catvton", "--model", str(tiny_model("sd15")), "--weights",
-                           str(tmp_path / "a" / "vton"), "--person", str(root / "test" / "image" / "00000.png"),
-                           "--box", "4,4,20,20", "--garment", str(root / "test" / "cloth" / "00000.png"),
-                           "--out", str(tmp_path / "x.png"))
+    code, _, err = run_cli(
+        "tryon",
+        "--method",
+        "catvton",
+        "--model",
+        str(tiny_model("sd15")),
+        "--weights",
+        str(tmp_path / "a" / "vton"),
+        "--person",
+        str(root / "test" / "image" / "00000.png"),
+        "--box",
+        "4,4,20,20",
+        "--garment",
+        str(root / "test" / "cloth" / "00000.png"),
+        "--out",
+        str(tmp_path / "x.png"),
+    )
     assert code == 2 and "trained as the vton variant" in err

@@ -14,10 +14,18 @@ from diffbase.tryon.sampling import TryOnSettings
 def test_training_lowers_the_masked_error_on_held_out_people_and_garments(tmp_path: Path) -> None:
     model = toy_model()
     write_dataset(tmp_path / "data", 160, 0, size=(32, 32))
-    config = load_config(configs_dir() / "experiments" / "demo" / "tryon.yaml", [
-        f"model.pretrained_path={model}", f"data.train_path={tmp_path / 'data'}",
-        f"experiment.output_dir={tmp_path / 'run'}", "training.max_steps=200", "training.batch_size=8",
-        "training.checkpoint_every=0", "training.schedule.warmup_steps=10"])
+    config = load_config(
+        configs_dir() / "experiments" / "demo" / "tryon.yaml",
+        [
+            f"model.pretrained_path={model}",
+            f"data.train_path={tmp_path / 'data'}",
+            f"experiment.output_dir={tmp_path / 'run'}",
+            "training.max_steps=200",
+            "training.batch_size=8",
+            "training.checkpoint_every=0",
+            "training.schedule.warmup_steps=10",
+        ],
+    )
     data = eval_set(12)
     settings = TryOnSettings(steps=12, guidance=2.5, eta=1.0, seed=0)
     before = score(run_tryon(model, None, data, settings), data)

@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", metavar="key=value")
     cache.set_defaults(func=_cmd_cache)
 
-    parity = sub.add_parser("parity", help="every family's tiny model: our generation vs bare diffusers, pixel for pixel")
+    parity = sub.add_parser(
+        "parity", help="every family's tiny model: our generation vs bare diffusers, pixel for pixel"
+    )
     parity.add_argument("--out", default="outputs/parity")
     parity.set_defaults(func=_cmd_parity)
 

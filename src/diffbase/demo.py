@@ -58,8 +58,9 @@ def eval_set(n: int, seed: int = SEED) -> EvalSet:
         mask.append((to_tensor(target.mask) > 0.5).float())
         truth.append(to_tensor(target.person))
         specs.append(target.spec)
-    return EvalSet(torch.stack(person), torch.stack(garment), torch.stack(mask), torch.stack(truth), specs,
-                   list(range(n)))
+    return EvalSet(
+        torch.stack(person), torch.stack(garment), torch.stack(mask), torch.stack(truth), specs, list(range(n))
+    )
 
 
 def classify(results: torch.Tensor, data: EvalSet, seed: int = SEED) -> list[tuple[str, str]]:
@@ -72,13 +73,24 @@ def classify(results: torch.Tensor, data: EvalSet, seed: int = SEED) -> list[tup
     for k, i in enumerate(data.indices):
         target = data.specs[k]
         candidates = [(p, c) for p in PATTERNS for c in COLOURS]
-        renders = torch.stack([
-            to_tensor(make_item(seed, "test", i, (SIZE, SIZE),
-                                garment=Garment(target.kind, p, c, second_colour(c), target.period)).person)
-            for p, c in candidates
-        ])
+        renders = torch.stack(
+            [
+                to_tensor(
+                    make_item(
+                        seed,
+                        "test",
+                        i,
+                        (SIZE, SIZE),
+                        garment=Garment(target.kind, p, c, second_colour(c), target.period),
+                    ).person
+                )
+                for p, c in candidates
+            ]
+        )
         n = len(candidates)
-        errors = masked_l1(results[k : k + 1].expand(n, -1, -1, -1), renders, data.mask[k : k + 1].expand(n, -1, -1, -1))
+        errors = masked_l1(
+            results[k : k + 1].expand(n, -1, -1, -1), renders, data.mask[k : k + 1].expand(n, -1, -1, -1)
+        )
         out.append(candidates[int(errors.argmin())])
     return out
 
@@ -136,8 +148,11 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
     torch.manual_seed(SEED)
     print(f"writing {n_train} synthetic training items to {out / 'data'}")
     write_dataset(out / "data", n_train, 0, seed=SEED, size=(SIZE, SIZE))
-    overrides = [f"model.pretrained_path={model}", f"data.train_path={out / 'data'}",
-                 f"experiment.output_dir={out / 'run'}"]
+    overrides = [
+        f"model.pretrained_path={model}",
+        f"data.train_path={out / 'data'}",
+        f"experiment.output_dir={out / 'run'}",
+    ]
     if steps is not None:
         overrides.append(f"training.max_steps={steps}")
     config = load_config(configs_dir() / "experiments" / "demo" / "tryon.yaml", overrides)
@@ -157,13 +172,21 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
         "baseline: person unchanged": score(data.person, data),
         "baseline: garment mean colour": score(mean_colour_baseline(data), data),
     }
-    grid_rows = [[to_pil(data.person[k]), to_pil(data.garment[k]), to_pil(after[k]), to_pil(data.truth[k]),
-                  to_pil(before[k])] for k in range(min(12, n_eval))]
+    grid_rows = [
+        [to_pil(data.person[k]), to_pil(data.garment[k]), to_pil(after[k]), to_pil(data.truth[k]), to_pil(before[k])]
+        for k in range(min(12, n_eval))
+    ]
     header = ["person", "garment", "result", "truth", "before"]
     save_png_atomic(image_grid(grid_rows, header=header, cell=96), out / "grid.png")
     seconds = round(time.time() - start, 1)
-    report = {"rows": rows, "train_steps": result.steps, "seconds": seconds, "eval_items": n_eval,
-              "train_items": n_train, "final_train_loss": result.losses[-1] if result.losses else None}
+    report = {
+        "rows": rows,
+        "train_steps": result.steps,
+        "seconds": seconds,
+        "eval_items": n_eval,
+        "train_items": n_train,
+        "final_train_loss": result.losses[-1] if result.losses else None,
+    }
     write_json_atomic(out / "metrics.json", report)
     write_text_atomic(out / "index.html", page(rows, report))
     print(table(rows))
@@ -181,7 +204,8 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 def page(rows: dict[str, dict[str, float]], report: dict[str, Any]) -> str:
     cells = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{r['masked_l1']:.3f}</td><td>{r['colour_acc']:.0%}</td>"
-        f"<td>{r['pattern_acc']:.0%}</td></tr>" for n, r in rows.items()
+        f"<td>{r['pattern_acc']:.0%}</td></tr>"
+        for n, r in rows.items()
     )
     return (
         "<html><head><meta charset='utf-8'><title>diffbase demo</title></head><body>"
