@@ -51,6 +51,12 @@ class BadFileReport:
         listed = "\n".join(f"  {p}: {r}" for p, r in self.files)
         return f"skipped {len(self.files)} bad file(s):\n{listed}"
 
+    def skip_or_fail(self, error: BadFile, on_bad_file: str) -> None:
+        """Report the file (data.on_bad_file: skip) or stop the run with one line (fail)."""
+        if on_bad_file == "fail":
+            raise UserError(f"{error.path}: {error.reason} (data.on_bad_file is 'fail')") from None
+        self.add(error)
+
 
 def read_folder(folder: Path, dataset: int = 0) -> list[Record]:
     """Images in a folder, each with the caption in the same-name .txt file (empty when there is none)."""
@@ -201,9 +207,7 @@ class TrainDataset:
                     image_size(extra)
             return image_size(rec.image)
         except BadFile as err:
-            if self.cfg.on_bad_file == "fail":
-                raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
-            self.report.add(err)
+            self.report.skip_or_fail(err, self.cfg.on_bad_file)
             return None
 
     def __len__(self) -> int:
@@ -241,9 +245,7 @@ class TrainDataset:
                 if path is not None:
                     images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
         except BadFile as err:
-            if self.cfg.on_bad_file == "fail":
-                raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
-            self.report.add(err)
+            self.report.skip_or_fail(err, self.cfg.on_bad_file)
             return None
         for key, img in images.items():
             item[key] = to_tensor(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img)

@@ -215,9 +215,7 @@ class TryOnDataset:
             if rec.target is not None:
                 item["target"] = self._image(rec.target)
         except BadFile as err:
-            if self.on_bad_file == "fail":
-                raise UserError(f"{err.path}: {err.reason} (data.on_bad_file is 'fail')") from None
-            self.report.add(err)
+            self.report.skip_or_fail(err, self.on_bad_file)
             return None
         return item
 
