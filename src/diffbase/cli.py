@@ -108,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_cmd_zoo_tiny)
 
     pre = zoo.add_parser("pretrain", help="train a toy model of the embedded default on synthetic people")
-    pre.add_argument("name", choices=["sd15-toy"])
+    pre.add_argument("name", choices=["sd15-toy", "flux1-toy"])
     pre.add_argument("out")
     pre.add_argument("--vae-steps", type=int, default=1500)
-    pre.add_argument("--unet-steps", type=int, default=4000)
+    pre.add_argument("--unet-steps", type=int, default=4000, help="denoiser steps (UNet or transformer)")
     pre.add_argument("--seed", type=int, default=0)
     pre.set_defaults(func=_cmd_zoo_pretrain)
 

@@ -68,8 +68,10 @@ def pipeline_kwargs(spec: FamilySpec, s: GenerateSettings) -> dict[str, Any]:
 
 def generate(pipe: Any, spec: FamilySpec, settings: GenerateSettings) -> Any:
     """One PIL image."""
+    from diffbase.models.backbone import text_length
+
     with torch.inference_mode():
-        return pipe(**pipeline_kwargs(spec, settings), output_type="pil").images[0]
+        return pipe(**pipeline_kwargs(spec, settings), **text_length(pipe, spec.family), output_type="pil").images[0]
 
 
 def metadata(settings: GenerateSettings, model: str | Path, spec: FamilySpec) -> dict[str, Any]:

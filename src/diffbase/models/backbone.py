@@ -69,13 +69,24 @@ def encode_prompts(bb: Backbone, prompts: list[str], image_hw: tuple[int, int] |
             cond["add_time_ids"] = sdxl_time_ids(bb, image_hw, len(prompts))
         return cond
     if family == "sd3":
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, None, None, device=device, do_classifier_free_guidance=False, **text_length(pipe, family)
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     if family == "flux1":
-        embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device)
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device=device, **text_length(pipe, family))
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
     embeds, text_ids = pipe.encode_prompt(prompts, device=device)  # FLUX.2 dev and klein
     return {"prompt_embeds": embeds, "text_ids": text_ids}
+
+
+def text_length(pipe: Any, family: str) -> dict[str, int]:
+    """A T5 sequence length below the pipeline's default, when the saved tokenizer says so (toy models);
+    otherwise nothing, so the pipeline's own default (FLUX.1 512, SD3 256) applies."""
+    tok = {"flux1": "tokenizer_2", "sd3": "tokenizer_3"}.get(family)
+    default = {"flux1": 512, "sd3": 256}.get(family)
+    length = getattr(getattr(pipe, tok, None), "model_max_length", None) if tok else None
+    return {"max_sequence_length": int(length)} if length is not None and length < default else {}
 
 
 def sdxl_time_ids(bb: Backbone, image_hw: tuple[int, int], batch: int) -> torch.Tensor:

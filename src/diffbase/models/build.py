@@ -14,7 +14,7 @@ import torch
 from diffbase.config import ModelConfig
 from diffbase.errors import UserError, closest
 from diffbase.models.specs import FamilySpec, TextEncoderSpec, spec_for
-from diffbase.models.tokenizers import tiny_tokenizer
+from diffbase.models.tokenizers import SYNTHETIC_WORDS, tiny_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,10 +50,16 @@ def _tokenizer_ids(kind: str, tok: Any) -> dict[str, Any]:
     return ids
 
 
-def build_text_encoder(te: TextEncoderSpec, kwargs: dict[str, Any], tiny_tokenizers: bool) -> tuple[Any, Any]:
+def build_text_encoder(
+    te: TextEncoderSpec,
+    kwargs: dict[str, Any],
+    tiny_tokenizers: bool,
+    words: list[str] | None = None,
+    max_length: int | None = None,
+) -> tuple[Any, Any]:
     """One text encoder with random weights, and its tiny tokenizer when asked for."""
     kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-    tok = tiny_tokenizer(te.tokenizer_kind, te.max_length) if tiny_tokenizers else None
+    tok = tiny_tokenizer(te.tokenizer_kind, max_length or te.max_length, words) if tiny_tokenizers else None
     if tok is not None:
         ids = _tokenizer_ids(te.tokenizer_kind, tok)
         if "text_config" in kwargs:  # multimodal config (Mistral3): ids live on the text model
@@ -95,7 +101,11 @@ def build_components(
             kwargs = cfg.text_encoders.get(te.key)
             if kwargs is None:
                 raise UserError(f"model.text_encoders.{te.key}: required for {spec.name}")
-            components[te.component], components[te.tokenizer] = build_text_encoder(te, kwargs, tiny_tokenizers)
+            words = SYNTHETIC_WORDS if cfg.word_tokenizer else None
+            length = cfg.text_max_length if te.tokenizer_kind == "t5" else None
+            components[te.component], components[te.tokenizer] = build_text_encoder(
+                te, kwargs, tiny_tokenizers, words, length
+            )
     dtype = DTYPES[cfg.dtype]
     for value in components.values():
         if isinstance(value, torch.nn.Module) and dtype != torch.float32:

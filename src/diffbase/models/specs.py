@@ -106,7 +106,7 @@ FAMILIES: dict[str, FamilySpec] = {
                 TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", "t5", "T5Config", "T5EncoderModel", 512),
             ),
             prediction="flow",
-            variants=("dev", "schnell", "tiny", "tiny-schnell"),
+            variants=("dev", "schnell", "tiny", "tiny-schnell", "toy"),
             pipeline_extras=(("image_encoder", None), ("feature_extractor", None)),
         ),
         FamilySpec(

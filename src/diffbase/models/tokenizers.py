@@ -61,8 +61,75 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def clip_tokenizer(model_max_length: int = 77) -> Any:
-    """CLIP BPE over single characters (no merges): every byte and its end-of-word form."""
+# The words of the synthetic try-on captions: word-level tokenizers make each one a single token.
+SYNTHETIC_WORDS = [
+    "a",
+    "person",
+    "wearing",
+    "plain",
+    "striped",
+    "checked",
+    "polka",
+    "dot",
+    "logo",
+    "t",
+    "shirt",
+    "dress",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "pink",
+    "teal",
+    "white",
+    "black",
+    "product",
+    "shot",
+    "of",
+    "flat",
+    "garment",
+    "pose",
+    "keep",
+    "image",
+    "in",
+    "the",
+    "and",
+    "on",
+    "with",
+]
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE: merge the lowest-ranked adjacent pair until none applies."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that make each word one token. Merges are added word by word, and a word's earlier
+    merges always outrank later ones, so adding a word never splits one added before it."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            symbols = _apply_merges(symbols, ranks)
+    return merges
+
+
+def clip_tokenizer(model_max_length: int = 77, words: list[str] | None = None) -> Any:
+    """CLIP BPE over single characters: every byte and its end-of-word form, plus merges that make
+    each of `words` a single token (a word-level vocabulary for toy models)."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
@@ -70,19 +137,23 @@ def clip_tokenizer(model_max_length: int = 77) -> Any:
         vocab[ch] = len(vocab)
     for ch in _bytes_to_unicode().values():
         vocab[ch + "</w>"] = len(vocab)
+    merges = word_merges(words or [])
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok = CLIPTokenizer(vocab=vocab, merges=list(merges))
     tok.model_max_length = model_max_length
     return tok
 
 
-def t5_tokenizer(model_max_length: int = 512) -> Any:
-    """T5 sentencepiece-unigram vocabulary of characters and a few whole words."""
+def t5_tokenizer(model_max_length: int = 512, words: list[str] | None = None) -> Any:
+    """T5 sentencepiece-unigram vocabulary of characters and whole words (a few, or `words`)."""
     from transformers import T5Tokenizer
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -1.0) for w in _WORDS]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(_WORDS + (words or []))]
+    pieces += [(w, -1.5) for w in words or [] if len(w) > 1]  # inside hyphenated words: polka-dot, t-shirt
     pieces += [(c, -3.0) for c in _CHARS] + [("▁" + c, -2.5) for c in string.ascii_lowercase]
     tok = T5Tokenizer(vocab=pieces, extra_ids=100)
     tok.model_max_length = model_max_length
@@ -160,5 +231,8 @@ def mistral_tokenizer(model_max_length: int = 512) -> Any:
 BUILDERS = {"clip": clip_tokenizer, "t5": t5_tokenizer, "qwen": qwen_tokenizer, "mistral": mistral_tokenizer}
 
 
-def tiny_tokenizer(kind: str, model_max_length: int) -> Any:
+def tiny_tokenizer(kind: str, model_max_length: int, words: list[str] | None = None) -> Any:
+    """A tiny tokenizer; with `words` (CLIP and T5), each of those words is one token."""
+    if words and kind in ("clip", "t5"):
+        return BUILDERS[kind](model_max_length, words=words)
     return BUILDERS[kind](model_max_length)

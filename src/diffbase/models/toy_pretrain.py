@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffbase.config import configs_dir, load_config
 from diffbase.errors import UserError
 
-TOY_CONFIGS = {"sd15-toy": "sd15_toy.yaml"}
+TOY_CONFIGS = {"sd15-toy": "sd15_toy.yaml", "flux1-toy": "flux1_toy.yaml"}
 SIZE = 32
 
 
@@ -89,8 +89,11 @@ def train_vae(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: int,
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        spread = vae.encode(images[:256]).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
+        latents = vae.encode(images[:256]).latent_dist.mean
+    if vae.config.get("shift_factor") is not None:  # FLUX-style (z - shift) * scale
+        vae.register_to_config(shift_factor=round(latents.mean().item(), 5))
+        latents = latents - latents.mean()
+    vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     return losses
 
 
@@ -142,6 +145,70 @@ def train_inpainting(
     return losses
 
 
+def captioned_folder(folder: Path, n: int, seed: int) -> Path:
+    """Synthetic training-split people and product shots with captions, for text-to-image."""
+    from diffbase.data.synthetic import make_item
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        item = make_item(seed + 1000, "train", i, (SIZE, SIZE))
+        item.person.save(folder / f"p{i:05d}.png")
+        (folder / f"p{i:05d}.txt").write_text(item.caption)
+        item.garment.save(folder / f"g{i:05d}.png")
+        (folder / f"g{i:05d}.txt").write_text(f"a product shot of {item.spec.caption}")
+    return folder
+
+
+def train_text_to_image(pipe: Any, cfg: Any, work: Path, steps: int, n: int, seed: int, show: bool) -> list[float]:
+    """Full fine-tuning of the denoiser with the training engine (flow matching, cached latents and
+    prompts), starting from random weights; the trained weights replace the pipeline's."""
+    import shutil
+
+    from diffbase.config import load_config
+    from diffbase.models.backbone import Backbone
+    from diffbase.models.specs import spec_for
+    from diffbase.training.train import build_dataset, run_training
+
+    stage = work / "_stage"
+    base = stage / "base"
+    pipe.save_pretrained(base, safe_serialization=True)
+    data = captioned_folder(stage / "data", n, seed)
+    config = load_config(
+        configs_dir() / "models" / f"{cfg.family}_toy.yaml",
+        [
+            f"model.pretrained_path={base}",
+            f"data.train_path={data}",
+            f"experiment.output_dir={stage / 'run'}",
+            f"experiment.seed={seed}",
+            "training.method=full_finetune",
+            f"training.max_steps={steps}",
+            "training.batch_size=16",
+            "training.learning_rate=5e-4",
+            "training.schedule.warmup_steps=100",
+            "training.schedule.floor=1e-5",
+            "training.checkpoint_every=0",
+            "training.objective.timestep_sampling=logit_normal",
+            f"data.resolution={SIZE}",
+            "data.bucket_step=0",
+            "data.cache_latents=true",
+            "data.cache_text=true",
+            "data.caption_dropout=0.1",
+        ],
+    )
+    bb = Backbone(spec_for(cfg.family, cfg.variant), pipe)
+    dataset = build_dataset(config)
+    from diffbase.training.train import prepare_cache
+
+    kept = {te.component: getattr(pipe, te.component) for te in bb.spec.text_encoders} | {"encoder": pipe.vae.encoder}
+    cache = prepare_cache(config, bb, [dataset], show)[0]  # frees the encoders, which the saved model needs back
+    result = run_training(config, bb, dataset, dataset.sampler(16), cache=cache, show_progress=show)
+    pipe.vae.encoder = kept.pop("encoder")
+    for name, module in kept.items():
+        setattr(pipe, name, module)
+    shutil.rmtree(stage, ignore_errors=True)
+    return result.losses
+
+
 def pretrain(
     name: str, out: Path, vae_steps: int, unet_steps: int, seed: int = 0, pool_size: int = 3000, show: bool = True
 ) -> Path:
@@ -161,10 +228,13 @@ def pretrain(
     pipe = build_pipeline(cfg, seed=seed)
     pool = image_pool(pool_size, seed)
     vae_losses = train_vae(pipe.vae, torch.cat([pool[0], pool[2]]), vae_steps, 32, seed, show)
-    unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        if name == "sd15-toy":
+            unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
+        else:
+            unet_losses = train_text_to_image(pipe, cfg, tmp, unet_steps, pool_size, seed + 1, show)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         record = {
             "command": f"diffbase zoo pretrain {name} OUT --vae-steps {vae_steps} --unet-steps {unet_steps} "

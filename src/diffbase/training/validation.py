@@ -79,7 +79,8 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
     with encoders_on(bb):
         for i, prompt in enumerate(v.prompts):
             s = GenerateSettings(prompt=prompt, seed=v.seed + i, steps=v.steps, guidance=v.guidance, height=h, width=w)
-            images.append(pipe(**pipeline_kwargs(bb.spec, s), **extra[i], output_type="pil").images[0])
+            kwargs = pipeline_kwargs(bb.spec, s) | extra[i] | B.text_length(bb.pipe, bb.family)
+            images.append(pipe(**kwargs, output_type="pil").images[0])
     denoiser.train(was_training)
     if bb.controlnet is not None:
         bb.controlnet.train(was_training)
