@@ -25,7 +25,7 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> None:
 def _cmd_zoo_pretrain(args: argparse.Namespace) -> None:
     from diffbase.models.toy_pretrain import pretrain
 
-    out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed)
+    out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed, pool_size=args.pool)
     print(f"wrote {out}")
 
 
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--vae-steps", type=int, default=1500)
     pre.add_argument("--unet-steps", type=int, default=4000, help="denoiser steps (UNet or transformer)")
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--pool", type=int, default=3000, help="synthetic training items drawn from")
     pre.set_defaults(func=_cmd_zoo_pretrain)
 
     info = sub.add_parser("info", help="parameter counts of a model config or folder (no weights needed)")

@@ -319,6 +319,7 @@ def write_dataset(out: Path, n_train: int, n_test: int, seed: int = 0, size: tup
             item = make_item(seed, split, i, size)
             name = f"{i:05d}"
             item.person.save(root / "image" / f"{name}.png")
+            (root / "image" / f"{name}.txt").write_text(item.caption)  # image/ is also a captioned folder
             item.garment.save(root / "cloth" / f"{name}.png")
             item.mask.save(root / "agnostic-mask" / f"{name}_mask.png")
             item.pose.save(root / "pose" / f"{name}.png")

@@ -238,7 +238,7 @@ def pretrain(
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         record = {
             "command": f"diffbase zoo pretrain {name} OUT --vae-steps {vae_steps} --unet-steps {unet_steps} "
-            f"--seed {seed}",
+            f"--seed {seed} --pool {pool_size}",
             "seconds": round(time.time() - start, 1),
             "vae_loss_last100": float(np.mean(vae_losses[-100:])),
             "unet_loss_last100": float(np.mean(unet_losses[-100:])),
