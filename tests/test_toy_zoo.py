@@ -34,21 +34,43 @@ def test_shipped_toys_are_small_and_say_how_they_were_made(name: str) -> None:
 
 def test_the_flux_toy_generates_people_from_captions(tmp_path: Path) -> None:
     out = tmp_path / "p.png"
-    code, _, err = run_cli("generate", "--model", str(ZOO / "flux1-toy"), "--prompt",
-                           "a person wearing a plain red dress", "--size", "32x32", "--steps", "12", "--out", str(out))
+    code, _, err = run_cli(
+        "generate",
+        "--model",
+        str(ZOO / "flux1-toy"),
+        "--prompt",
+        "a person wearing a plain red dress",
+        "--size",
+        "32x32",
+        "--steps",
+        "12",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     img = np.asarray(Image.open(out).convert("RGB")).astype(float)
     assert img.std() > 10  # a picture, not a flat field
 
 
 def test_zoo_pretrain_runs_end_to_end(tmp_path: Path) -> None:
-    code, out, err = run_cli("zoo", "pretrain", "flux1-toy", str(tmp_path / "toy"), "--vae-steps", "4",
-                             "--unet-steps", "4", "--pool", "32")
+    code, out, err = run_cli(
+        "zoo", "pretrain", "flux1-toy", str(tmp_path / "toy"), "--vae-steps", "4", "--unet-steps", "4", "--pool", "32"
+    )
     assert code == 0, err
-    code, _, err = run_cli("generate", "--model", str(tmp_path / "toy"), "--prompt", "a person", "--size", "32x32",
-                           "--steps", "2", "--out", str(tmp_path / "x.png"))
+    code, _, err = run_cli(
+        "generate",
+        "--model",
+        str(tmp_path / "toy"),
+        "--prompt",
+        "a person",
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "x.png"),
+    )
     assert code == 0, err
