@@ -6,6 +6,7 @@ lacks: the file exists, it is a LoRA of this family, and at least one layer took
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,16 @@ FAMILY_MARKERS = {
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:
-    """`FILE[:SCALE]`: the scale is what follows the last ':' when it reads as a number."""
-    path, sep, tail = text.rpartition(":")
+    """`FILE[:SCALE]`: the scale is what follows the last ':' when it reads as a number. A folder
+    stands for the diffusers LoRA file in it (a training run's lora/ folder)."""
+    path, scale = Path(text), 1.0
+    head, sep, tail = text.rpartition(":")
     if sep:
-        try:
-            return Path(path), float(tail)
-        except ValueError:
-            pass
-    return Path(text), 1.0
+        with contextlib.suppress(ValueError):
+            path, scale = Path(head), float(tail)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    return path, scale
 
 
 def read_lora_keys(path: Path) -> list[str]:
