@@ -199,12 +199,12 @@ def train_text_to_image(pipe: Any, cfg: Any, work: Path, steps: int, n: int, see
     dataset = build_dataset(config)
     from diffbase.training.train import prepare_cache
 
-    kept = {te.component: getattr(pipe, te.component) for te in bb.spec.text_encoders} | {"encoder": pipe.vae.encoder}
+    kept = {te.component: getattr(pipe, te.component) for te in bb.spec.text_encoders}
+    vae_parts = {"encoder": pipe.vae.encoder, "decoder": pipe.vae.decoder}
     cache = prepare_cache(config, bb, [dataset], show)[0]  # frees the encoders, which the saved model needs back
     result = run_training(config, bb, dataset, dataset.sampler(16), cache=cache, show_progress=show)
-    pipe.vae.encoder = kept.pop("encoder")
-    for name, module in kept.items():
-        setattr(pipe, name, module)
+    pipe.vae.encoder, pipe.vae.decoder = vae_parts["encoder"], vae_parts["decoder"]
+    pipe.register_modules(**kept)  # (plain setattr would leave model_index.json saying None)
     shutil.rmtree(stage, ignore_errors=True)
     return result.losses
 
