@@ -174,6 +174,27 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
 
 
+def collate_items(
+    items: list[dict[str, Any] | None], tensors: tuple[str, ...], scalars: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A batch from items of one size. Items that failed to load (None) are left out; a tensor key is
+    stacked when every item has it; scalar keys become a 1-d tensor."""
+    kept = [it for it in items if it is not None]
+    if not kept:
+        return {"index": [], "caption": []}
+    batch: dict[str, Any] = {
+        "index": [it["index"] for it in kept],
+        "caption": [it["caption"] for it in kept],
+        "size": kept[0]["size"],
+    }
+    for key in scalars:
+        batch[key] = torch.tensor([it[key] for it in kept])
+    for key in tensors:
+        if all(key in it for it in kept):
+            batch[key] = torch.stack([it[key] for it in kept])
+    return batch
+
+
 class TrainDataset:
     """Records -> bucketed, cropped tensors. Item i is the same every time for a given seed and epoch."""
 
@@ -253,17 +274,4 @@ class TrainDataset:
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        """A batch from items of one bucket; items that failed to load (None) are left out."""
-        items = [it for it in items if it is not None]
-        if not items:
-            return {"index": [], "caption": []}
-        batch: dict[str, Any] = {
-            "size": items[0]["size"],
-            "caption": [it["caption"] for it in items],
-            "index": [it["index"] for it in items],
-            "weight": torch.tensor([it["weight"] for it in items]),
-        }
-        for key in ("pixels", "mask", "control", "reference"):
-            if all(key in it for it in items) and items:
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
+        return collate_items(items, ("pixels", "mask", "control", "reference"), scalars=("weight",))

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffbase.data.buckets import BucketBatchSampler
-from diffbase.data.datasets import BadFileReport, read_json_entries, to_tensor
+from diffbase.data.datasets import BadFileReport, collate_items, read_json_entries, to_tensor
 from diffbase.data.images import BadFile, load_image, load_mask
 from diffbase.errors import UserError
 
@@ -221,18 +221,7 @@ class TryOnDataset:
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        items = [it for it in items if it is not None]
-        if not items:
-            return {"index": [], "caption": []}
-        batch: dict[str, Any] = {
-            "index": [it["index"] for it in items],
-            "caption": [it["caption"] for it in items],
-            "size": items[0]["size"],
-        }
-        for key in ("person", "garment", "person_mask", "target"):
-            if all(key in it for it in items):
-                batch[key] = torch.stack([it[key] for it in items])
-        return batch
+        return collate_items(items, ("person", "garment", "person_mask", "target"))
 
 
 def split_pairs(records: list[TryOnRecord], fraction: float, seed: int) -> tuple[list[TryOnRecord], list[TryOnRecord]]:
