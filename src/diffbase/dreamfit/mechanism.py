@@ -1,0 +1,144 @@
+"""DreamFit's write and read passes on diffusers' FluxTransformer2DModel (facts: ../shared/REFERENCES.md).
+
+- Write pass (once per generation, timestep 0, clean garment latent, the mode's garment text): the
+  DreamFit LoRAs are active (q/k/v and output LoRAs in the attention processors; modulation and MLP
+  LoRAs as forward hooks) and every block stores its keys and values: the image stream for double
+  blocks, the whole [garment text, garment image] sequence for single blocks. Keys are stored after
+  QK-norm and RoPE with the garment's own ids; the text ids are zeros and the garment grid starts at
+  (0, 0), so this equals applying RoPE with the reference ids at read time.
+- Read pass (every step): the plain FLUX path, no LoRA, with the banks appended to the keys and
+  values. The bank's queries are not computed: with no attention mask only the appended keys and
+  values can change the kept outputs, so dropping them is exact and cheaper (`keep_bank_queries`
+  computes them anyway, for the check).
+
+Not built yet: the generation schedule (negative write, true CFG), the three modes, the CLI and training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffbase.dreamfit.checkpoint import LoraPair
+
+
+@dataclass
+class BankState:
+    mode: str = "off"  # "off" (plain FLUX), "write" or "read"
+    banks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # q, k, v
+    writes: int = 0  # block writes since the last clear (a generation writes each block once)
+    keep_bank_queries: bool = False
+
+    def clear(self) -> None:
+        self.banks.clear()
+        self.writes = 0
+
+
+class DreamFitProcessor:
+    """Attention for one FLUX block in any of the three modes."""
+
+    def __init__(self, name: str, double: bool, pairs: dict[str, LoraPair], state: BankState) -> None:
+        self.name, self.double, self.pairs, self.state = name, double, pairs, state
+
+    def _lora(self, key: str, x: torch.Tensor) -> torch.Tensor | int:
+        pair = self.pairs.get(f"{self.name}.processor.{key}")
+        return pair.delta(x) if pair is not None and self.state.mode == "write" else 0
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        x = hidden_states
+        q = attn.to_q(x) + self._lora("ref_qkv_lora_q", x)
+        k = attn.to_k(x) + self._lora("ref_qkv_lora_k", x)
+        v = attn.to_v(x) + self._lora("ref_qkv_lora_v", x)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        text_len = 0
+        if encoder_hidden_states is not None:
+            e = encoder_hidden_states
+            eq, ek, ev = (
+                p(e).unflatten(-1, (-1, attn.head_dim)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            text_len = e.shape[1]
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        seq = q.shape[1]
+        if self.state.mode == "write":
+            start = text_len if self.double else 0  # double blocks keep the image stream only
+            self.state.banks[self.name] = (q[:, start:], k[:, start:], v[:, start:])
+            self.state.writes += 1
+        elif self.state.mode == "read" and self.name in self.state.banks:
+            bq, bk, bv = self.state.banks[self.name]
+            n = q.shape[0]
+            k = torch.cat([k, bk.expand(n, -1, -1, -1)], dim=1)
+            v = torch.cat([v, bv.expand(n, -1, -1, -1)], dim=1)
+            if self.state.keep_bank_queries:
+                q = torch.cat([q, bq.expand(n, -1, -1, -1)], dim=1)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask)[:, :seq]
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([text_len, seq - text_len], dim=1)
+        image = attn.to_out[0](image.contiguous()) + self._lora("ref_proj_lora1", image)
+        return attn.to_out[1](image), attn.to_add_out(text.contiguous())
+
+
+def _hook(pair: LoraPair, state: BankState) -> Any:
+    """Adds the LoRA of the module's input to its output, in the write pass only."""
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + pair.delta(args[0]) if state.mode == "write" else output
+
+    return hook
+
+
+# Where the non-attention LoRAs act: (diffusers module inside the block, LoRA name). The text stream's
+# txt_mod.lin_lora is in the checkpoints but never changes the official output, so it is not applied.
+DOUBLE_HOOKS = (
+    ("norm1.linear", "img_mod.lin_lora"),
+    ("ff.net.0.proj", "img_mlp_lora_1"),
+    ("ff.net.2", "img_mlp_lora_2"),
+)
+SINGLE_HOOKS = (("norm.linear", "modulation.lin_lora"), ("proj_out", "processor.ref_proj_lora"))
+
+
+def install(transformer: torch.nn.Module, pairs: dict[str, LoraPair] | None = None) -> BankState:
+    """DreamFit processors on every block and LoRA hooks where the checkpoint has them; returns the
+    shared state that switches between plain, write and read."""
+    state, pairs = BankState(), pairs or {}
+    processors = {}
+    for name in transformer.attn_processors:
+        block = name.rsplit(".attn.processor", 1)[0]
+        processors[name] = DreamFitProcessor(block, block.startswith("transformer_blocks."), pairs, state)
+    transformer.set_attn_processor(processors)
+    for kind, hooks in (("transformer_blocks", DOUBLE_HOOKS), ("single_transformer_blocks", SINGLE_HOOKS)):
+        for i, _ in enumerate(getattr(transformer, kind)):
+            for module_name, lora in hooks:
+                pair = pairs.get(f"{kind}.{i}.{lora}")
+                if pair is not None:
+                    transformer.get_submodule(f"{kind}.{i}.{module_name}").register_forward_hook(_hook(pair, state))
+    return state
+
+
+@torch.no_grad()
+def write_banks(transformer: torch.nn.Module, state: BankState, **inputs: Any) -> None:
+    """The write pass: one transformer call on the garment (timestep 0), storing every block's bank."""
+    state.clear()
+    state.mode = "write"
+    try:
+        transformer(**inputs)
+    finally:
+        state.mode = "read"
