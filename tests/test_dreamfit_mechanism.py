@@ -80,3 +80,67 @@ def test_banks_are_written_once_and_read_every_step_dropping_bank_queries_exactl
     assert torch.equal(fast[0], fast[2])
     assert (fast[0] - slow).abs().max() <= 1e-5
     assert (fast[0] - plain).abs().max() > 1e-3  # the garment's banks change the result
+
+
+def tiny_checkpoint(tiny_model, tmp_path):
+    from diffbase.dreamfit.checkpoint import save_official
+
+    pipe, _ = load_pipeline(tiny_model("flux1"))
+    return save_official(random_official(Dims.of(pipe.transformer), rank=4, seed=3), tmp_path / "flux_tryon.bin")
+
+
+def test_a_generation_writes_the_banks_once_and_frees_them(tiny_model, tmp_path) -> None:
+    from PIL import Image
+
+    from diffbase.dreamfit.checkpoint import load_dreamfit
+    from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
+
+    pipe, _ = load_pipeline(tiny_model("flux1"))
+    pipe.set_progress_bar_config(disable=True)
+    state = install(pipe.transformer, load_dreamfit(tiny_checkpoint(tiny_model, tmp_path), pipe.transformer))
+    garment = Image.new("RGB", (32, 32), (200, 30, 30))
+    settings = DreamFitSettings(prompt="a person wearing a red shirt", steps=4, height=32, width=32)
+    image = dreamfit_generate(pipe, state, settings, reference_image("garment", garment, (32, 32)))
+    assert image.size == (32, 32)
+    assert state.write_passes == 1 and state.writes == len(pipe.transformer.attn_processors)  # once, 4 steps
+    assert not state.banks and state.mode == "off"  # freed after the generation
+
+
+def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
+    import json
+
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    ckpt = tiny_checkpoint(tiny_model, tmp_path)
+    Image.new("RGB", (48, 64), (30, 30, 200)).save(tmp_path / "g.png")
+    Image.new("RGB", (48, 64), (220, 200, 180)).save(tmp_path / "p.png")
+    Image.new("L", (48, 64), 255).save(tmp_path / "m.png")
+    keypoints = [v for i in range(18) for v in (10 + i, 5 + 3 * i, 1.0)]
+    (tmp_path / "pose.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": keypoints}]}))
+    common = [
+        "--model",
+        str(tiny_model("flux1")),
+        "--checkpoint",
+        str(ckpt),
+        "--garment",
+        str(tmp_path / "g.png"),
+        "--prompt",
+        "a person in a blue shirt",
+        "--size",
+        "32x32",
+        "--steps",
+        "2",
+    ]
+    for mode, extra in (
+        ("garment", []),
+        ("pose", ["--pose", str(tmp_path / "pose.json")]),
+        ("tryon", ["--person", str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png")]),
+    ):
+        out = tmp_path / f"{mode}.png"
+        code, _, err = run_cli("dreamfit", "--mode", mode, *common, *extra, "--out", str(out))
+        assert code == 0, err
+        assert Image.open(out).size == (32, 32) and json.loads(Image.open(out).text["diffbase"])["mode"] == mode
+    code, _, err = run_cli("dreamfit", "--mode", "pose", *common, "--out", str(tmp_path / "x.png"))
+    assert code == 2 and "needs --pose" in err

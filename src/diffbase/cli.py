@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.set_defaults(func=_cmd_train)
 
+    from diffbase.dreamfit.cli import add_parser as add_dreamfit
     from diffbase.tryon.cli import add_eval_parser, add_parsers
 
     add_parsers(sub)
+    add_dreamfit(sub)
     ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
         dest="what", required=True
     )

@@ -28,12 +28,12 @@ from diffbase.dreamfit.checkpoint import LoraPair
 class BankState:
     mode: str = "off"  # "off" (plain FLUX), "write" or "read"
     banks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # q, k, v
-    writes: int = 0  # block writes since the last clear (a generation writes each block once)
+    writes: int = 0  # block writes so far (a generation writes each block once)
+    write_passes: int = 0
     keep_bank_queries: bool = False
 
     def clear(self) -> None:
         self.banks.clear()
-        self.writes = 0
 
 
 class DreamFitProcessor:
@@ -138,6 +138,7 @@ def write_banks(transformer: torch.nn.Module, state: BankState, **inputs: Any) -
     """The write pass: one transformer call on the garment (timestep 0), storing every block's bank."""
     state.clear()
     state.mode = "write"
+    state.write_passes += 1
     try:
         transformer(**inputs)
     finally:

@@ -1,0 +1,167 @@
+"""DreamFit generation in its three modes: one write pass on the reference (garment, or a pose or
+keep image beside the garment) before the first step, then FLUX.1's own sampling with every step
+reading the banks; the banks are freed afterwards.
+
+Reference text per mode and the side-by-side layouts follow the official code (REFERENCES.md).
+The negative write pass (black image, empty prompt) only matters with true CFG, which the
+released configs never reach (it starts after the last step); true CFG is not offered yet.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from diffbase.dreamfit.mechanism import BankState, write_banks
+from diffbase.errors import UserError
+
+GARMENT_TEXT = {
+    "garment": "cloth",
+    "pose": "Two reference image. [IMAGE1] pose. [IMAGE2] cloth.",
+    "tryon": "Two reference image. [IMAGE1] keep image and pose. [IMAGE2] cloth.",
+}
+# OpenPose COCO-18 limbs (0-based keypoint indices) and their usual colours.
+OPENPOSE_LIMBS = [
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
+]
+OPENPOSE_COLOURS = [
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+]
+
+
+@dataclass
+class DreamFitSettings:
+    prompt: str
+    mode: str = "garment"
+    steps: int = 50
+    guidance: float = 4.0
+    seed: int = 0
+    height: int = 1024
+    width: int = 768
+
+
+def render_openpose(path: Path, size: tuple[int, int]) -> Image.Image:
+    """An OpenPose keypoints JSON (people[0].pose_keypoints_2d, COCO-18) drawn as a skeleton on black."""
+    try:
+        data = json.loads(path.read_text())
+        flat = data["people"][0]["pose_keypoints_2d"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"--pose: {path}: expected OpenPose JSON with people[0].pose_keypoints_2d") from None
+    points = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, min(len(flat), 54), 3)]
+    img = Image.new("RGB", size, (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    width = max(1, size[0] // 100)
+    for (a, b), colour in zip(OPENPOSE_LIMBS, OPENPOSE_COLOURS, strict=True):
+        if a < len(points) and b < len(points) and points[a][2] > 0 and points[b][2] > 0:
+            d.line([points[a][:2], points[b][:2]], fill=colour, width=width * 2)
+    for x, y, c in points:
+        if c > 0:
+            d.ellipse((x - width * 2, y - width * 2, x + width * 2, y + width * 2), fill=(255, 255, 255))
+    return img
+
+
+def keep_image(person: Image.Image, mask: Image.Image, pose: Image.Image | None) -> Image.Image:
+    """The try-on mode's first reference: the person with the garment area blacked out and the
+    skeleton drawn on top (the official code for it was never released)."""
+    keep = Image.composite(Image.new("RGB", person.size, 0), person, mask.convert("L").resize(person.size))
+    if pose is not None:
+        pose = pose.convert("RGB").resize(person.size)
+        keep = Image.composite(pose, keep, pose.convert("L").point(lambda v: 255 if v > 40 else 0))
+    return keep
+
+
+def reference_image(
+    mode: str, garment: Image.Image, size: tuple[int, int], first: Image.Image | None = None
+) -> Image.Image:
+    """The write pass's image: the garment alone, or [pose | garment] / [keep | garment] side by side."""
+    w, h = size
+    if mode == "garment":
+        return garment.convert("RGB").resize((w, h), Image.BICUBIC)
+    if first is None:
+        raise UserError(f"--mode {mode}: needs {'--pose' if mode == 'pose' else '--person and --mask'}")
+    canvas = Image.new("RGB", (2 * w, h))
+    canvas.paste(first.convert("RGB").resize((w, h), Image.BICUBIC), (0, 0))
+    canvas.paste(garment.convert("RGB").resize((w, h), Image.BICUBIC), (w, 0))
+    return canvas
+
+
+@torch.no_grad()
+def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, reference: Image.Image) -> Image.Image:
+    """One image: the write pass on `reference` with the mode's text, then FLUX.1 sampling that reads."""
+    from diffbase.data.datasets import to_tensor
+    from diffbase.models.backbone import Backbone, encode_images, text_length
+    from diffbase.models.specs import spec_for
+
+    if settings.mode not in GARMENT_TEXT:
+        raise UserError(f"--mode: expected one of {sorted(GARMENT_TEXT)}, got '{settings.mode}'")
+    transformer, device = pipe.transformer, pipe.transformer.device
+    length = text_length(pipe, "flux1")
+    # the garment text is padded like the prompt: single-block reads reuse the prompt's text ids
+    embeds, pooled, text_ids = pipe.encode_prompt(GARMENT_TEXT[settings.mode], None, device=device, **length)
+    z = encode_images(Backbone(spec_for("flux1"), pipe), to_tensor(reference)[None].to(device), sample=False)
+    _, c, h, w = z.shape
+    packed = pipe._pack_latents(z.to(transformer.dtype), 1, c, h, w)
+    ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, transformer.dtype)
+    guidance = torch.full([1], settings.guidance, device=device) if transformer.config.guidance_embeds else None
+    write_banks(
+        transformer,
+        state,
+        hidden_states=packed,
+        timestep=torch.zeros(1, device=device),
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=ids,
+        return_dict=False,
+    )
+    try:
+        return pipe(
+            prompt=settings.prompt,
+            height=settings.height,
+            width=settings.width,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),
+            **length,
+        ).images[0]
+    finally:
+        state.clear()  # the banks are freed after each generation
+        state.mode = "off"
