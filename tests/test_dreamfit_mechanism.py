@@ -144,3 +144,41 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
         assert Image.open(out).size == (32, 32) and json.loads(Image.open(out).text["diffbase"])["mode"] == mode
     code, _, err = run_cli("dreamfit", "--mode", "pose", *common, "--out", str(tmp_path / "x.png"))
     assert code == 2 and "needs --pose" in err
+
+
+def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:
+    from diffbase.config import configs_dir, load_config
+    from diffbase.data.synthetic import write_dataset
+    from diffbase.dreamfit.checkpoint import load_dreamfit
+    from diffbase.training.train import train
+
+    root = write_dataset(tmp_path / "synth", 6, 0, size=(32, 32))
+    config = load_config(
+        configs_dir() / "models" / "flux1_tiny.yaml",
+        [
+            f"model.pretrained_path={tiny_model('flux1')}",
+            f"data.train_path={root}",
+            "training.method=dreamfit",
+            "training.dreamfit.size=[32,32]",
+            "training.dreamfit.rank=4",
+            "training.max_steps=3",
+            "training.batch_size=2",
+            "training.learning_rate=1e-2",
+            "training.checkpoint_every=0",
+            f"experiment.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    result = train(config, show_progress=False)
+    loras = result.backbone.adapters["dreamfit"]
+    # every LoRA moved (the write-pass ones reach the loss only through the banks) except those whose
+    # write-pass output feeds nothing: the text-stream modulation LoRA (never applied, as officially), and
+    # the last single block's query and output LoRAs (only its keys and values are banked)
+    last = f"single_blocks__{result.backbone.denoiser.config.num_single_layers - 1}"
+    idle = {k for k, up in loras.ups.items() if up.abs().max() == 0}
+    assert idle == {
+        "double_blocks__0__txt_mod__lin_lora",
+        f"{last}__processor__ref_qkv_lora_q",
+        f"{last}__processor__ref_proj_lora",
+    }
+    pairs = load_dreamfit(tmp_path / "run" / "dreamfit" / "dreamfit.bin", result.backbone.denoiser)
+    assert len(pairs) == len(loras.ups)

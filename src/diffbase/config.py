@@ -121,6 +121,15 @@ class VtonConfig:
 
 
 @dataclass
+class DreamFitConfig:
+    """DreamFit training (diffbase.dreamfit): LoRAs on every block, the write pass inside the step."""
+
+    mode: Literal["garment", "tryon"] = "tryon"
+    rank: int = 16
+    size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
+
+
+@dataclass
 class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
@@ -141,7 +150,7 @@ class ValidationConfig:
 
 @dataclass
 class TrainingConfig:
-    method: Literal["lora", "full_finetune", "dreambooth", "controlnet", "vton"] = "lora"
+    method: Literal["lora", "full_finetune", "dreambooth", "controlnet", "vton", "dreamfit"] = "lora"
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 1
@@ -155,6 +164,7 @@ class TrainingConfig:
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     vton: VtonConfig = field(default_factory=VtonConfig)
+    dreamfit: DreamFitConfig = field(default_factory=DreamFitConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint_every: int = 500

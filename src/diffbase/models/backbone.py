@@ -11,7 +11,7 @@ handled unpacked, (B, C, H, W), in the normalised space the denoiser works in:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ class Backbone:
     pipe: Any
     controlnet: Any = None  # set while a ControlNet is trained on this backbone
     forward: Any = None  # the denoiser as wrapped for training (DDP/FSDP): calls go through it so gradients sync
+    adapters: dict[str, Any] = field(default_factory=dict)  # modules a method adds beside the denoiser (DreamFit)
 
     @property
     def denoiser(self) -> torch.nn.Module:

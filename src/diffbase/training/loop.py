@@ -154,7 +154,7 @@ def run_training(
     controlnet = trained if t.method == "controlnet" else None
     if controlnet is not None:
         bb.controlnet = accelerator.unwrap_model(trained)
-    else:
+    elif method.wraps_denoiser:
         bb.forward = trained
 
     progress = ckpt.Progress()
@@ -307,7 +307,7 @@ def validate(
             metrics.image(step, "validation", grid)
             result.val_losses.append((step, error))
             metrics.scalars(step, val_masked_l1=error)
-    elif accelerator.is_main_process and not sharded:
+    elif accelerator.is_main_process and not sharded and config.training.method != "dreamfit":
         if v.prompts:
             grid = validation_images(config, bb, dataset)
             save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")

@@ -47,6 +47,7 @@ class MethodState:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # modules whose trained state is saved
     partial: bool = False  # only the parameters that train are saved (the rest is the frozen base)
     loss: Any = None  # the method's own loss(bb, batch, seed, step); None: the standard diffusion loss
+    wraps_denoiser: bool = True  # the trained module is the denoiser (calls go through its DDP wrapper)
 
 
 def trained_state_dict(
@@ -161,6 +162,15 @@ def prepare_method(backbone: Any, cfg: TrainingConfig) -> MethodState:
     if method == "full_finetune":
         denoiser.requires_grad_(True)
         return MethodState(method, list(denoiser.parameters()), {"denoiser": denoiser})
+    if method == "dreamfit":
+        from diffbase.dreamfit.train_step import prepare
+
+        if family != "flux1":
+            raise UserError(f"training.method: dreamfit trains on FLUX.1, not {family}")
+        d = cfg.dreamfit
+        loras, loss = prepare(backbone, d.rank, d.mode, cfg.objective.guidance, seed=0)
+        backbone.adapters["dreamfit"] = loras
+        return MethodState(method, list(loras.parameters()), {"dreamfit": loras}, loss=loss, wraps_denoiser=False)
     if method == "vton":
         from diffbase.tryon.train_step import make_vton_loss
         from diffbase.tryon.vton import prepare_unet

@@ -45,7 +45,7 @@ def build_dataset(config: Config, held_out: bool = False) -> Any:
     """The training dataset (DreamBooth class images included), or with `held_out` the validation split."""
     from diffbase.data.datasets import TrainDataset, build_records, split_records
 
-    if config.training.method == "vton":
+    if config.training.method in ("vton", "dreamfit"):
         return tryon_dataset(config, held_out)
     records = build_records(config.data, config.experiment.seed)
     records, validation = split_records(records, config.training.validation.loss_split, config.experiment.seed)
@@ -72,7 +72,7 @@ def tryon_dataset(config: Config, held_out: bool = False) -> Any:
 
     d = config.data
     if d.cache_latents or d.cache_text:
-        raise UserError("data.cache_latents: not available for training.method vton (it encodes three images a step)")
+        raise UserError(f"data.cache_latents: not available for training.method {config.training.method}")
     if not d.train_path:
         raise UserError("data.train_path: required, the try-on dataset root or metadata file")
     records = read_tryon(d.train_path, "train")
@@ -80,7 +80,9 @@ def tryon_dataset(config: Config, held_out: bool = False) -> Any:
     chosen = validation if held_out else train_part
     if not chosen:
         return None
-    return TryOnDataset(chosen, tuple(config.training.vton.size), config.experiment.seed, d.on_bad_file)
+    t = config.training
+    size = t.dreamfit.size if t.method == "dreamfit" else t.vton.size
+    return TryOnDataset(chosen, tuple(size), config.experiment.seed, d.on_bad_file)
 
 
 def class_records(config: Config) -> list[Any]:
@@ -166,6 +168,8 @@ def export(config: Config, bb: Backbone, out_dir: Path) -> dict[str, str]:
     elif method == "full_finetune":
         denoiser.save_pretrained(out_dir / spec.denoiser)
         files["denoiser"] = str(out_dir / spec.denoiser)
+    elif method == "dreamfit":  # the official key layout, so the official inference code can load it
+        files["dreamfit"] = str(bb.adapters["dreamfit"].save_official(out_dir / "dreamfit" / "dreamfit.bin"))
     elif method == "vton":
         from diffbase.tryon.vton import save_catvton_attention
 
