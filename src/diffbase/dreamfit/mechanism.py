@@ -27,13 +27,16 @@ from diffbase.dreamfit.checkpoint import LoraPair
 @dataclass
 class BankState:
     mode: str = "off"  # "off" (plain FLUX), "write" or "read"
-    banks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # q, k, v
+    banks: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (q or None), k, v
     writes: int = 0  # block writes so far (a generation writes each block once)
     write_passes: int = 0
     keep_bank_queries: bool = False
 
     def clear(self) -> None:
         self.banks.clear()
+
+    def bank_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bank in self.banks.values() for t in bank if t is not None)
 
 
 class DreamFitProcessor:
@@ -78,7 +81,8 @@ class DreamFitProcessor:
         seq = q.shape[1]
         if self.state.mode == "write":
             start = text_len if self.double else 0  # double blocks keep the image stream only
-            self.state.banks[self.name] = (q[:, start:], k[:, start:], v[:, start:])
+            bank_q = q[:, start:] if self.state.keep_bank_queries else None  # only the check needs them
+            self.state.banks[self.name] = (bank_q, k[:, start:], v[:, start:])
             self.state.writes += 1
         elif self.state.mode == "read" and self.name in self.state.banks:
             bq, bk, bv = self.state.banks[self.name]
