@@ -127,6 +127,7 @@ class DreamFitConfig:
     mode: Literal["garment", "tryon"] = "tryon"
     rank: int = 16
     size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
+    prompt: str | None = None  # one prompt for every item instead of the captions
 
 
 @dataclass

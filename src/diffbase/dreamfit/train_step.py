@@ -66,7 +66,7 @@ def packed(bb: B.Backbone, latents: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return pipe._pack_latents(latents, n, c, h, w), ids
 
 
-def make_dreamfit_loss(mode: str, guidance: float, state: BankState) -> Any:
+def make_dreamfit_loss(mode: str, guidance: float, state: BankState, prompt: str | None = None) -> Any:
     cache: dict[str, Any] = {}
 
     def loss(bb: B.Backbone, batch: dict[str, Any], seed: int, step: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def make_dreamfit_loss(mode: str, guidance: float, state: BankState) -> Any:
         with torch.no_grad():
             ref = B.encode_images(bb, reference_pixels(batch, mode).to(device), sample=False)
             x0 = B.encode_images(bb, batch["person"].to(device), sample=False)
-        cond = B.encode_prompts(bb, batch["caption"])
+        cond = B.encode_prompts(bb, [prompt] * n if prompt is not None else batch["caption"])
         g = torch.full([n], guidance, device=device) if bb.denoiser.config.guidance_embeds else None
         ref_tokens, ref_ids = packed(bb, ref)
         state.clear()
@@ -113,8 +113,11 @@ def make_dreamfit_loss(mode: str, guidance: float, state: BankState) -> Any:
     return loss
 
 
-def prepare(bb: B.Backbone, rank: int, mode: str, guidance: float, seed: int) -> tuple[DreamFitLoras, Any]:
+def prepare(
+    bb: B.Backbone, rank: int, mode: str, guidance: float, seed: int, prompt: str | None = None
+) -> tuple[DreamFitLoras, Any]:
     """Install trainable DreamFit LoRAs on the (frozen) transformer; returns them and the loss."""
     loras = DreamFitLoras(Dims.of(bb.denoiser), rank, seed)
     state = install(bb.denoiser, loras.pairs())
-    return loras, make_dreamfit_loss(mode, guidance, state)
+    loras.state = state
+    return loras, make_dreamfit_loss(mode, guidance, state, prompt)
