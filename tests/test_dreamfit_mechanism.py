@@ -105,8 +105,18 @@ def test_a_generation_writes_the_banks_once_and_frees_them(tiny_model, tmp_path)
     settings = DreamFitSettings(prompt="a person wearing a red shirt", steps=4, height=32, width=32)
     image = dreamfit_generate(pipe, state, settings, reference_image("garment", garment, (32, 32)))
     assert image.size == (32, 32)
-    assert state.write_passes == 1 and state.writes == len(pipe.transformer.attn_processors)  # once, 4 steps
+    blocks = len(pipe.transformer.attn_processors)
+    assert state.write_passes == 1 and state.writes == blocks  # once, for 4 steps
     assert not state.banks and state.mode == "off"  # freed after the generation
+    # true CFG: a second (negative) write pass on a black image, read by every negative call
+    reads = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: reads.append(state.reading_negative))
+    settings.true_cfg = 3.0
+    guided = dreamfit_generate(pipe, state, settings, reference_image("garment", garment, (32, 32)))
+    hook.remove()
+    assert state.write_passes == 3 and state.writes == 3 * blocks and not state.negative
+    assert reads == [False, True] + [False, True] * 4  # positive write, negative write, then cond/uncond a step
+    assert guided.tobytes() != image.tobytes()
 
 
 def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:

@@ -76,6 +76,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative write pass")
     p.add_argument("--lora-weight", type=float, default=1.0)
     p.add_argument(
         "--lora-weight-mode",

@@ -3,8 +3,9 @@ keep image beside the garment) before the first step, then FLUX.1's own sampling
 reading the banks; the banks are freed afterwards.
 
 Reference text per mode and the side-by-side layouts follow the official code (REFERENCES.md).
-The negative write pass (black image, empty prompt) only matters with true CFG, which the
-released configs never reach (it starts after the last step); true CFG is not offered yet.
+With true CFG (`true_cfg` > 1; the released configs never reach it, as it starts after their
+last step) a second write pass on a black image with an empty prompt fills the negative branch's
+banks, and every negative transformer call reads those.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class DreamFitSettings:
     seed: int = 0
     height: int = 1024
     width: int = 768
+    true_cfg: float = 1.0  # > 1: true classifier-free guidance with the negative write pass
 
 
 def render_openpose(path: Path, size: tuple[int, int]) -> Image.Image:
@@ -133,25 +135,42 @@ def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, r
         raise UserError(f"--mode: expected one of {sorted(GARMENT_TEXT)}, got '{settings.mode}'")
     transformer, device = pipe.transformer, pipe.transformer.device
     length = text_length(pipe, "flux1")
-    # the garment text is padded like the prompt: single-block reads reuse the prompt's text ids
-    embeds, pooled, text_ids = pipe.encode_prompt(GARMENT_TEXT[settings.mode], None, device=device, **length)
-    z = encode_images(Backbone(spec_for("flux1"), pipe), to_tensor(reference)[None].to(device), sample=False)
-    _, c, h, w = z.shape
-    packed = pipe._pack_latents(z.to(transformer.dtype), 1, c, h, w)
-    ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, transformer.dtype)
     guidance = torch.full([1], settings.guidance, device=device) if transformer.config.guidance_embeds else None
-    write_banks(
-        transformer,
-        state,
-        hidden_states=packed,
-        timestep=torch.zeros(1, device=device),
-        guidance=guidance,
-        pooled_projections=pooled,
-        encoder_hidden_states=embeds,
-        txt_ids=text_ids,
-        img_ids=ids,
-        return_dict=False,
-    )
+
+    def write(text: str, image: Image.Image, negative: bool) -> None:
+        # the text is padded like the prompt: single-block reads reuse the prompt's text ids
+        embeds, pooled, text_ids = pipe.encode_prompt(text, None, device=device, **length)
+        z = encode_images(Backbone(spec_for("flux1"), pipe), to_tensor(image)[None].to(device), sample=False)
+        _, c, h, w = z.shape
+        packed = pipe._pack_latents(z.to(transformer.dtype), 1, c, h, w)
+        ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, transformer.dtype)
+        write_banks(
+            transformer,
+            state,
+            negative=negative,
+            hidden_states=packed,
+            timestep=torch.zeros(1, device=device),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=ids,
+            return_dict=False,
+        )
+
+    write(GARMENT_TEXT[settings.mode], reference, negative=False)
+    extra: dict[str, Any] = {}
+    hook = None
+    if settings.true_cfg > 1:
+        write("", Image.new("RGB", reference.size, (0, 0, 0)), negative=True)
+        calls = [0]
+
+        def alternate(module: Any, args: Any) -> None:  # the pipeline calls cond, then uncond, each step
+            state.reading_negative = calls[0] % 2 == 1
+            calls[0] += 1
+
+        hook = transformer.register_forward_pre_hook(alternate)
+        extra = {"true_cfg_scale": settings.true_cfg, "negative_prompt": ""}
     try:
         return pipe(
             prompt=settings.prompt,
@@ -161,7 +180,10 @@ def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, r
             guidance_scale=settings.guidance,
             generator=torch.Generator("cpu").manual_seed(settings.seed),
             **length,
+            **extra,
         ).images[0]
     finally:
+        if hook is not None:
+            hook.remove()
         state.clear()  # the banks are freed after each generation
         state.mode = "off"

@@ -31,9 +31,13 @@ class BankState:
     writes: int = 0  # block writes so far (a generation writes each block once)
     write_passes: int = 0
     keep_bank_queries: bool = False
+    negative: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # true CFG's banks
+    reading_negative: bool = False  # the current transformer call is true CFG's negative branch
 
     def clear(self) -> None:
         self.banks.clear()
+        self.negative.clear()
+        self.reading_negative = False
 
     def bank_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for bank in self.banks.values() for t in bank if t is not None)
@@ -82,10 +86,12 @@ class DreamFitProcessor:
         if self.state.mode == "write":
             start = text_len if self.double else 0  # double blocks keep the image stream only
             bank_q = q[:, start:] if self.state.keep_bank_queries else None  # only the check needs them
-            self.state.banks[self.name] = (bank_q, k[:, start:], v[:, start:])
+            target = self.state.negative if self.state.reading_negative else self.state.banks
+            target[self.name] = (bank_q, k[:, start:], v[:, start:])
             self.state.writes += 1
         elif self.state.mode == "read" and self.name in self.state.banks:
-            bq, bk, bv = self.state.banks[self.name]
+            banks = self.state.negative if self.state.reading_negative and self.state.negative else self.state.banks
+            bq, bk, bv = banks[self.name]
             n = q.shape[0]
             k = torch.cat([k, bk.expand(n, -1, -1, -1)], dim=1)
             v = torch.cat([v, bv.expand(n, -1, -1, -1)], dim=1)
@@ -138,12 +144,16 @@ def install(transformer: torch.nn.Module, pairs: dict[str, LoraPair] | None = No
 
 
 @torch.no_grad()
-def write_banks(transformer: torch.nn.Module, state: BankState, **inputs: Any) -> None:
-    """The write pass: one transformer call on the garment (timestep 0), storing every block's bank."""
-    state.clear()
+def write_banks(transformer: torch.nn.Module, state: BankState, negative: bool = False, **inputs: Any) -> None:
+    """The write pass: one transformer call on the reference (timestep 0), storing every block's bank;
+    with `negative`, the banks of true CFG's negative branch (kept beside the positive ones)."""
+    if not negative:
+        state.clear()
     state.mode = "write"
+    state.reading_negative = negative
     state.write_passes += 1
     try:
         transformer(**inputs)
     finally:
         state.mode = "read"
+        state.reading_negative = False
