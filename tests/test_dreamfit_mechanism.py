@@ -195,3 +195,7 @@ def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tin
     }
     pairs = load_dreamfit(tmp_path / "run" / "dreamfit" / "dreamfit.bin", result.backbone.denoiser)
     assert len(pairs) == len(loras.ups)
+    for mode in ("garment", "pose"):  # the other references train too (pose renders from the metadata)
+        config.training.dreamfit.mode = mode
+        config.experiment.output_dir = str(tmp_path / mode)
+        assert train(config, show_progress=False).finished

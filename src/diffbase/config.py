@@ -124,7 +124,7 @@ class VtonConfig:
 class DreamFitConfig:
     """DreamFit training (diffbase.dreamfit): LoRAs on every block, the write pass inside the step."""
 
-    mode: Literal["garment", "tryon"] = "tryon"
+    mode: Literal["garment", "pose", "tryon"] = "tryon"
     rank: int = 16
     size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
     prompt: str | None = None  # one prompt for every item instead of the captions

@@ -2,9 +2,9 @@
 base stays frozen, flow matching on the person image, with the write pass inside the same step so
 the loss reaches the write-pass LoRAs through the banks. Saved in the official key layout.
 
-A batch is a try-on pair (diffbase.tryon.data): the reference is the garment alone (garment mode)
-or [keep image | garment] side by side (try-on mode; the keep image is the person with the garment
-area blacked out), the target is the person, the caption the prompt.
+A batch is a try-on pair (diffbase.tryon.data): the reference is the garment alone (garment mode),
+[pose render | garment] (pose mode) or [keep image | garment] (try-on mode; the keep image is the
+person with the garment area blacked out), the target is the person, the caption the prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from diffbase.dreamfit.checkpoint import DOUBLE, NETWORK_ALPHA, SINGLE, Dims, LoraPair, diffusers_name, save_official
 from diffbase.dreamfit.generate import GARMENT_TEXT
 from diffbase.dreamfit.mechanism import BankState, install
+from diffbase.errors import UserError
 from diffbase.models import backbone as B
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
@@ -52,9 +53,14 @@ class DreamFitLoras(torch.nn.Module):
 
 
 def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
+    """The write pass's pixels: the garment, [pose | garment] or [keep | garment]."""
     garment = batch["garment"]
     if mode == "garment":
         return garment
+    if mode == "pose":
+        if "pose" not in batch:
+            raise UserError("training.dreamfit.mode: pose needs a 'pose' image for every pair in the metadata")
+        return torch.cat([batch["pose"], garment], dim=-1)
     keep = batch["person"] * (1 - batch["person_mask"]) - batch["person_mask"]  # blacked out: -1 in [-1, 1]
     return torch.cat([keep, garment], dim=-1)
 

@@ -38,6 +38,7 @@ class TryOnRecord:
     box: tuple[int, int, int, int] | None = None
     target: Path | None = None  # ground truth; the person itself for paired data
     caption: str = ""
+    pose: Path | None = None  # a pose render (DreamFit's pose mode)
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -121,7 +122,7 @@ def read_metadata(file: Path) -> list[TryOnRecord]:
         box = e.get("box")
         if box is not None and (not isinstance(box, list) or len(box) != 4):
             raise UserError(f"{file}: entry {n}: 'box' must be [x0, y0, x1, y1] in pixels")
-        rel = {k: file.parent / e[k] if e.get(k) else None for k in ("person", "garment", "mask", "target")}
+        rel = {k: file.parent / e[k] if e.get(k) else None for k in ("person", "garment", "mask", "target", "pose")}
         records.append(
             TryOnRecord(
                 rel["person"],
@@ -130,6 +131,7 @@ def read_metadata(file: Path) -> list[TryOnRecord]:
                 tuple(box) if box else None,
                 rel["target"],
                 str(e.get("caption", "")),
+                rel["pose"],
             )
         )
     return records
@@ -214,6 +216,8 @@ class TryOnDataset:
             }
             if rec.target is not None:
                 item["target"] = self._image(rec.target)
+            if rec.pose is not None:
+                item["pose"] = self._image(rec.pose)
         except BadFile as err:
             self.report.skip_or_fail(err, self.on_bad_file)
             return None
@@ -221,7 +225,7 @@ class TryOnDataset:
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_items(items, ("person", "garment", "person_mask", "target"))
+        return collate_items(items, ("person", "garment", "person_mask", "target", "pose"))
 
 
 def split_pairs(records: list[TryOnRecord], fraction: float, seed: int) -> tuple[list[TryOnRecord], list[TryOnRecord]]:
