@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffbase.pose import OPENPOSE_COLOURS
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (205, 40, 40),
     "blue": (40, 80, 210),
@@ -153,19 +155,7 @@ LIMBS = [
     ("r_hip", "r_foot"),
     ("head", "neck"),
 ]
-LIMB_COLOURS = [
-    (255, 0, 0),
-    (255, 85, 0),
-    (255, 170, 0),
-    (255, 255, 0),
-    (170, 255, 0),
-    (85, 255, 0),
-    (0, 255, 85),
-    (0, 255, 170),
-    (0, 170, 255),
-    (0, 85, 255),
-    (170, 0, 255),
-]
+LIMB_COLOURS = OPENPOSE_COLOURS[: len(LIMBS)]
 
 
 def garment_shape(

@@ -17,12 +17,12 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         dreamfit_generate,
         keep_image,
         reference_image,
-        render_openpose,
     )
     from diffbase.dreamfit.mechanism import install
     from diffbase.generate import parse_size
     from diffbase.io import save_png_atomic
     from diffbase.models.loading import load_pipeline
+    from diffbase.pose import render_openpose
 
     h, w = parse_size(args.size)
     try:
