@@ -136,6 +136,8 @@ def run_training(
         for module in method.modules.values():
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
+    if world > 1 and not method.wraps_denoiser:  # its module is never called through a DDP wrapper
+        raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
     trained = next(iter(method.modules.values()))
     trained.train()  # modules load in eval mode; LoRA dropout acts only in train mode
     optimizer = make_optimizer(method.trainable, config)
