@@ -61,7 +61,8 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     d = config.data
     if not (d.cache_latents or d.cache_text):
         config.data.cache_latents = config.data.cache_text = True
-    _, stats = build_cache(config, load_backbone(config), build_dataset(config))
+    bb = load_backbone(config)
+    _, stats = build_cache(config, bb, build_dataset(config, bb=bb))
     print(f"cache: {stats.summary()}")
 
 

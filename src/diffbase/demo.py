@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,37 @@ class EvalSet:
     truth: torch.Tensor  # the same person in the target garment
     specs: list[Garment]
     indices: list[int]
+    seed: int = SEED
+    _renders: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def renders(self) -> list[torch.Tensor]:
+        """Per item, the same person rendered in every (pattern, colour) with the target's kind and
+        scale: what `classify` compares results with. Made once per set, not once per scored method."""
+        from diffbase.data.datasets import to_tensor
+
+        if not self._renders:
+            for k, i in enumerate(self.indices):
+                t = self.specs[k]
+                self._renders.append(
+                    torch.stack(
+                        [
+                            to_tensor(
+                                make_item(
+                                    self.seed,
+                                    "test",
+                                    i,
+                                    (SIZE, SIZE),
+                                    garment=Garment(t.kind, p, c, second_colour(c), t.period),
+                                ).person
+                            )
+                            for p, c in CANDIDATES
+                        ]
+                    )
+                )
+        return self._renders
+
+
+CANDIDATES = [(p, c) for p in PATTERNS for c in COLOURS]
 
 
 def second_colour(colour: str) -> str:
@@ -59,39 +90,21 @@ def eval_set(n: int, seed: int = SEED) -> EvalSet:
         truth.append(to_tensor(target.person))
         specs.append(target.spec)
     return EvalSet(
-        torch.stack(person), torch.stack(garment), torch.stack(mask), torch.stack(truth), specs, list(range(n))
+        torch.stack(person), torch.stack(garment), torch.stack(mask), torch.stack(truth), specs, list(range(n)), seed
     )
 
 
-def classify(results: torch.Tensor, data: EvalSet, seed: int = SEED) -> list[tuple[str, str]]:
+def classify(results: torch.Tensor, data: EvalSet) -> list[tuple[str, str]]:
     """(pattern, colour) of each result's garment area: the nearest rendering of the same person in
     every pattern and colour (the garment kind and scale as the target's)."""
-    from diffbase.data.datasets import to_tensor
     from diffbase.tryon.metrics import masked_l1
 
-    out = []
-    for k, i in enumerate(data.indices):
-        target = data.specs[k]
-        candidates = [(p, c) for p in PATTERNS for c in COLOURS]
-        renders = torch.stack(
-            [
-                to_tensor(
-                    make_item(
-                        seed,
-                        "test",
-                        i,
-                        (SIZE, SIZE),
-                        garment=Garment(target.kind, p, c, second_colour(c), target.period),
-                    ).person
-                )
-                for p, c in candidates
-            ]
-        )
-        n = len(candidates)
+    n, out = len(CANDIDATES), []
+    for k, renders in enumerate(data.renders()):
         errors = masked_l1(
             results[k : k + 1].expand(n, -1, -1, -1), renders, data.mask[k : k + 1].expand(n, -1, -1, -1)
         )
-        out.append(candidates[int(errors.argmin())])
+        out.append(CANDIDATES[int(errors.argmin())])
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from diffbase.config import ObjectiveConfig
 from diffbase.dreamfit.checkpoint import DOUBLE, NETWORK_ALPHA, SINGLE, Dims, LoraPair, diffusers_name, save_official
 from diffbase.dreamfit.generate import GARMENT_TEXT
 from diffbase.dreamfit.mechanism import BankState, install
@@ -72,7 +73,10 @@ def packed(bb: B.Backbone, latents: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return pipe._pack_latents(latents, n, c, h, w), ids
 
 
-def make_dreamfit_loss(mode: str, guidance: float, state: BankState, prompt: str | None = None) -> Any:
+def make_dreamfit_loss(objective: ObjectiveConfig, mode: str, state: BankState, prompt: str | None = None) -> Any:
+    """The step loss: write pass on the reference, then flow matching on the person (the configured
+    timestep sampling and guidance value), reading the banks."""
+    guidance = objective.guidance
     cache: dict[str, Any] = {}
 
     def loss(bb: B.Backbone, batch: dict[str, Any], seed: int, step: int) -> torch.Tensor:
@@ -106,9 +110,7 @@ def make_dreamfit_loss(mode: str, guidance: float, state: BankState, prompt: str
             state.mode = "read"
         seq_len = B.image_seq_len(bb, tuple(x0.shape[-2:]))
         config = dict(bb.pipe.scheduler.config)
-        from diffbase.config import ObjectiveConfig
-
-        sigma = torch.cat([sample_flow_sigmas(ObjectiveConfig(), 1, config, seq_len, generator=gg) for gg in gens])
+        sigma = torch.cat([sample_flow_sigmas(objective, 1, config, seq_len, generator=gg) for gg in gens])
         noise = torch.stack([torch.randn(x0.shape[1:], generator=gg) for gg in gens]).to(x0)
         noisy = B.add_noise(bb, x0, noise, sigma)
         pred = B.denoise(bb, noisy, B.model_timesteps(bb, sigma).to(device), cond, guidance=guidance)
@@ -120,10 +122,10 @@ def make_dreamfit_loss(mode: str, guidance: float, state: BankState, prompt: str
 
 
 def prepare(
-    bb: B.Backbone, rank: int, mode: str, guidance: float, seed: int, prompt: str | None = None
+    bb: B.Backbone, rank: int, mode: str, objective: ObjectiveConfig, seed: int, prompt: str | None = None
 ) -> tuple[DreamFitLoras, Any]:
     """Install trainable DreamFit LoRAs on the (frozen) transformer; returns them and the loss."""
     loras = DreamFitLoras(Dims.of(bb.denoiser), rank, seed)
     state = install(bb.denoiser, loras.pairs())
     loras.state = state
-    return loras, make_dreamfit_loss(mode, guidance, state, prompt)
+    return loras, make_dreamfit_loss(objective, mode, state, prompt)

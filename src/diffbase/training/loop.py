@@ -291,36 +291,36 @@ def validate(
     step: int,
     result: TrainResult,
 ) -> None:
-    """Validation images and held-out loss, computed by the main process while the others wait."""
-    from accelerate.utils import DistributedType
-
+    """Validation images and held-out loss (or, for try-on, held-out try-on error), computed by the
+    main process while the others wait. DreamFit has no validation yet."""
     from diffbase.io import save_png_atomic
     from diffbase.training.validation import validation_images, validation_loss
 
-    v = config.training.validation
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    v, method = config.training.validation, config.training.method
+    held_out, cache = validation
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not sharded and config.training.method == "vton":
-        if validation[0] is not None:
-            from diffbase.tryon.evaluate import tryon_validation
+    if accelerator.is_main_process and is_sharded(accelerator):
+        if v.prompts or held_out is not None:
+            accelerator.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
+    elif accelerator.is_main_process and method != "dreamfit":
+        grid, error, name = None, None, "val_loss"
+        if method == "vton":
+            if held_out is not None:
+                from diffbase.tryon.evaluate import tryon_validation
 
-            grid, error = tryon_validation(config, bb, validation[0])
+                grid, error = tryon_validation(config, bb, held_out)
+                name = "val_masked_l1"
+        else:
+            if v.prompts:
+                grid = validation_images(config, bb, dataset)
+            if held_out is not None:
+                error = validation_loss(config, bb, held_out, cache)
+        if grid is not None:
             save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
             metrics.image(step, "validation", grid)
+        if error is not None:
             result.val_losses.append((step, error))
-            metrics.scalars(step, val_masked_l1=error)
-    elif accelerator.is_main_process and not sharded and config.training.method != "dreamfit":
-        if v.prompts:
-            grid = validation_images(config, bb, dataset)
-            save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
-            metrics.image(step, "validation", grid)
-        held_out, cache = validation
-        if held_out is not None:
-            loss = validation_loss(config, bb, held_out, cache)
-            result.val_losses.append((step, loss))
-            metrics.scalars(step, val_loss=loss)
-    elif sharded and accelerator.is_main_process and (v.prompts or validation[0] is not None):
-        accelerator.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
+            metrics.scalars(step, **{name: error})
     accelerator.wait_for_everyone()
 
 

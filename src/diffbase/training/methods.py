@@ -168,7 +168,7 @@ def prepare_method(backbone: Any, cfg: TrainingConfig) -> MethodState:
         if family != "flux1":
             raise UserError(f"training.method: dreamfit trains on FLUX.1, not {family}")
         d = cfg.dreamfit
-        loras, loss = prepare(backbone, d.rank, d.mode, cfg.objective.guidance, seed=0, prompt=d.prompt)
+        loras, loss = prepare(backbone, d.rank, d.mode, cfg.objective, seed=0, prompt=d.prompt)
         backbone.adapters["dreamfit"] = loras
         return MethodState(method, list(loras.parameters()), {"dreamfit": loras}, loss=loss, wraps_denoiser=False)
     if method == "vton":

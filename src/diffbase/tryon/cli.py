@@ -132,23 +132,23 @@ def run_eval(args: argparse.Namespace) -> None:
 NOT_COMPUTED = "they need pretrained VGG/Inception weights, which diffbase does not ship or download"
 
 
-def add_parsers(sub: Any) -> None:
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--method", choices=["vton", "catvton"], default="vton")
-        p.add_argument(
-            "--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)"
-        )
-        p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
-        p.add_argument("--size", default="512x384", help="HxW the model runs at (default 512x384)")
-        p.add_argument("--steps", type=int, default=50)
-        p.add_argument("--guidance", type=float, default=2.5)
-        p.add_argument("--eta", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--prompt", default="", help="vton variant only")
-        p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and sampling options `tryon` and `eval tryon` share."""
+    p.add_argument("--method", choices=["vton", "catvton"], default="vton")
+    p.add_argument("--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)")
+    p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
+    p.add_argument("--size", default="512x384", help="HxW the model runs at (default 512x384)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.5)
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="", help="vton variant only")
+    p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
 
+
+def add_parsers(sub: Any) -> None:
     t = sub.add_parser("tryon", help="virtual try-on: a person, a mask (or box) and a garment")
-    common(t)
+    model_arguments(t)
     t.add_argument("--person", required=True)
     t.add_argument("--mask", help="the garment area on the person (white)")
     t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
@@ -159,19 +159,10 @@ def add_parsers(sub: Any) -> None:
 
 def add_eval_parser(sub: Any) -> None:
     e = sub.add_parser("tryon", help="try-on metrics on a dataset (SSIM, PSNR, masked-region L1) and a grid")
-    e.add_argument("--method", choices=["vton", "catvton"], default="vton")
-    e.add_argument("--model", required=True)
-    e.add_argument("--weights")
+    model_arguments(e)
     e.add_argument("--data", required=True, help="VITON-HD or DressCode root, or a metadata.json")
     e.add_argument("--split", default="test")
     e.add_argument("--unpaired", action="store_true", help="garments other than the worn one (no ground truth)")
     e.add_argument("--limit", type=int, help="only the first N pairs")
-    e.add_argument("--size", default="512x384")
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance", type=float, default=2.5)
-    e.add_argument("--eta", type=float, default=1.0)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--prompt", default="")
-    e.add_argument("--no-repaint", action="store_true")
     e.add_argument("--out", default="outputs/eval_tryon")
     e.set_defaults(func=run_eval)
