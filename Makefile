@@ -24,6 +24,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/vton.py
+	$(PY) benchmarks/dreamfit.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
