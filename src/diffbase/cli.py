@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffbase.cli_options import add_runtime_arguments
 from diffbase.errors import UserError
 
 
@@ -41,12 +42,31 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     run_generate(args)
 
 
+def training_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="sets hardware.device (auto, cpu, cuda)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="sets model.dtype (and mixed precision)")
+    p.add_argument("--attention", help="sets hardware.attention_backend")
+
+
+def runtime_overrides(args: argparse.Namespace) -> list[str]:
+    """--device / --dtype / --attention as the config overrides they stand for (given last, so they win)."""
+    out = []
+    if args.device:
+        out.append(f"hardware.device={args.device}")
+    if args.dtype:
+        precision = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
+        out += [f"model.dtype={args.dtype}", f"hardware.mixed_precision={precision}"]
+    if args.attention:
+        out.append(f"hardware.attention_backend={args.attention}")
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
     from diffbase.training.loop import process_state
     from diffbase.training.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + runtime_overrides(args))
     result = train(config, resume=args.resume)
     if process_state(config).is_main_process:
         print(f"trained {result.steps} steps; outputs in {result.output_dir}")
@@ -57,7 +77,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     from diffbase.data.cache import build_cache
     from diffbase.training.train import build_dataset, load_backbone
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + runtime_overrides(args))
     d = config.data
     if not (d.cache_latents or d.cache_text):
         config.data.cache_latents = config.data.cache_text = True
@@ -134,8 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float)
     gen.add_argument("--true-cfg", type=float, dest="true_cfg", help="FLUX.1 true CFG scale (with --negative)")
     gen.add_argument("--size", default="512x512", help="HxW")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--device", default="auto")
+    add_runtime_arguments(gen)
     gen.add_argument("--out", required=True)
     gen.set_defaults(func=_cmd_generate)
 
@@ -143,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="experiment YAML")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    training_runtime_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
     from diffbase.dreamfit.cli import add_parser as add_dreamfit
@@ -166,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
+    training_runtime_arguments(cache)
     cache.set_defaults(func=_cmd_cache)
 
     parity = sub.add_parser(

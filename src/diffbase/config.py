@@ -201,9 +201,11 @@ class DataConfig:
 
 @dataclass
 class HardwareConfig:
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when torch sees one, else cpu (one process per GPU under accelerate/torchrun)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = False  # auto: on only when one step without it runs out of memory
+    attention_backend: str = "auto"  # auto, flash, efficient, cudnn, math, or a diffusers attention backend name
+    offload: Literal["none", "model"] = "none"  # model: text encoders and VAE wait on the CPU between uses
 
 
 @dataclass

@@ -8,14 +8,6 @@ from pathlib import Path
 from diffbase.errors import UserError
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
@@ -29,6 +21,7 @@ def read_prompts(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from diffbase.cli_options import runtime, use_attention
     from diffbase.generate import GenerateSettings, generate, metadata, parse_size, pipeline_kwargs
     from diffbase.io import save_png_atomic
     from diffbase.models.loading import detect_family, load_model
@@ -48,7 +41,8 @@ def run_generate(args: argparse.Namespace) -> None:
     folder = Path(args.config) if args.config else Path(args.model)
     if folder.is_dir():  # check the settings against the family before spending time loading
         pipeline_kwargs(detect_family(folder), settings_for(0, prompts[0]))
-    pipe, spec = load_model(args.model, config=args.config, dtype=args.dtype, device=resolve_device(args.device))
+    pipe, spec = load_model(args.model, config=args.config, **runtime(args))
+    use_attention(args, [getattr(pipe, spec.denoiser)])
     apply_loras(pipe, spec, args.lora)
     out = Path(args.out)
     bar = tqdm(prompts, desc="generate", unit="img", disable=len(prompts) == 1)

@@ -207,7 +207,15 @@ def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
 
 
 def build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[TrainingCache, CacheStats]:
-    """Compute what is missing from the cache for this dataset and model; reuse the rest."""
+    """Compute what is missing from the cache for this dataset and model, on the compute device (also
+    when offload parks the encoders on the CPU); reuse the rest."""
+    from diffbase.models.placement import encoders_on
+
+    with encoders_on(bb):
+        return _build_cache(config, bb, dataset, show_progress)
+
+
+def _build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool) -> tuple[TrainingCache, CacheStats]:
     from tqdm import tqdm
 
     from diffbase.models import backbone as B

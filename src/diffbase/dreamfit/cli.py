@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from diffbase.cli_options import add_runtime_arguments
 from diffbase.errors import UserError
 
 
 def run_dreamfit(args: argparse.Namespace) -> None:
+    from diffbase.cli_options import runtime, use_attention
     from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.dreamfit.checkpoint import load_dreamfit
     from diffbase.dreamfit.generate import (
@@ -38,14 +40,22 @@ def run_dreamfit(args: argparse.Namespace) -> None:
             first = keep_image(load_image(Path(args.person)), load_mask(Path(args.mask)), pose)
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
-    pipe, spec = load_pipeline(args.model)
+    pipe, spec = load_pipeline(args.model, **runtime(args))
     if spec.family != "flux1":
         raise UserError(f"--model: DreamFit runs on FLUX.1; {args.model} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
+    use_attention(args, [])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
     pairs = load_dreamfit(args.checkpoint, pipe.transformer, args.lora_weight, args.lora_weight_mode)
     state = install(pipe.transformer, pairs)
     settings = DreamFitSettings(
-        prompt=args.prompt, mode=args.mode, steps=args.steps, guidance=args.guidance, seed=args.seed, height=h, width=w
+        prompt=args.prompt,
+        mode=args.mode,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=h,
+        width=w,
+        true_cfg=args.true_cfg,
     )
     image = dreamfit_generate(pipe, state, settings, reference_image(args.mode, garment, (w, h), first))
     meta = {
@@ -57,6 +67,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         "guidance": args.guidance,
         "seed": args.seed,
         "lora_weight": args.lora_weight,
+        "true_cfg": args.true_cfg,
     }
     save_png_atomic(image, Path(args.out), meta)
     print(f"wrote {args.out}")
@@ -84,5 +95,6 @@ def add_parser(sub: Any) -> None:
         default="official",
         help="official: the processor LoRAs scale by lora_weight squared, as the official loader does",
     )
+    add_runtime_arguments(p, offload=False)
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_dreamfit)

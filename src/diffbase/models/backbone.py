@@ -207,7 +207,7 @@ def denoise(
     model, family = bb.denoiser, bb.family
     call = bb.forward or model
     latents = latents.to(model.dtype)
-    extra = residuals or {}
+    extra = {k: _cast(v, model.dtype) for k, v in (residuals or {}).items()}
     if family in ("sd15", "sdxl"):
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
         if family == "sdxl":
@@ -244,6 +244,16 @@ def denoise(
         kwargs["pooled_projections"] = cond["pooled_prompt_embeds"]
     out = call(**kwargs, **extra)[0]
     return unpack(bb, out, latents.shape[-2:])
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """ControlNet residuals in the denoiser's dtype, as diffusers' ControlNet training scripts cast them
+    (a ControlNet trained in fp32 beside a bf16 denoiser)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    if isinstance(value, list | tuple):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
 
 
 def controlnet_residuals(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.models.placement import place_pipeline
 from diffbase.models.specs import FamilySpec, spec_for_pipeline
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,8 +54,10 @@ def _check_components(folder: Path, index: dict[str, Any]) -> None:
             raise UserError(f"{folder}: model_index.json lists '{name}' but the folder {folder / name} is missing")
 
 
-def load_pipeline(path: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, FamilySpec]:
-    """A diffusers pipeline from a local folder, with its family spec."""
+def load_pipeline(
+    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none"
+) -> tuple[Any, FamilySpec]:
+    """A diffusers pipeline from a local folder, with its family spec, placed by the device policy."""
     import diffusers
 
     folder = Path(path)
@@ -69,22 +72,27 @@ def load_pipeline(path: str | Path, dtype: str = "float32", device: str = "cpu")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), spec
+    return place_pipeline(pipe, device, offload), spec
 
 
 def load_model(
-    model: str | Path, config: str | Path | None = None, dtype: str = "float32", device: str = "cpu"
+    model: str | Path,
+    config: str | Path | None = None,
+    dtype: str = "float32",
+    device: Any = "cpu",
+    offload: str = "none",
 ) -> tuple[Any, FamilySpec]:
     """A pipeline from a diffusers folder, or from a single-file checkpoint plus a local config folder."""
     path = Path(model)
     if path.is_dir():
         if config is not None:
             raise UserError(f"--config: only for single-file checkpoints; {path} is a folder")
-        return load_pipeline(path, dtype=dtype, device=device)
+        return load_pipeline(path, dtype=dtype, device=device, offload=offload)
     if not path.exists():
         raise UserError(f"{path}: model path not found")
     from diffbase.models.single_file import load_single_file_pipeline
 
     if config is None:
         raise UserError(f"{path}: a single-file checkpoint needs --config, a local diffusers folder of the same family")
-    return load_single_file_pipeline(path, Path(config), dtype=dtype, device=device)
+    pipe, spec = load_single_file_pipeline(path, Path(config), dtype=dtype)
+    return place_pipeline(pipe, device, offload), spec

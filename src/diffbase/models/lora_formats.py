@@ -73,10 +73,11 @@ def _fuse(
     rank = present[0][0].shape[0]
     fan_in = present[0][0].shape[1]
     like = present[0][0]
-    downs, ups = [], torch.zeros(sum(dims), rank * len(parts), dtype=like.dtype)
+    downs, ups = [], torch.zeros(sum(dims), rank * len(parts), dtype=like.dtype, device=like.device)
     row = 0
     for j, (part, dim) in enumerate(zip(parts, dims, strict=True)):
-        a, b = part if part is not None else (torch.zeros(rank, fan_in, dtype=like.dtype), torch.zeros(dim, rank))
+        zeros = (torch.zeros(rank, fan_in, dtype=like.dtype, device=like.device), like.new_zeros(dim, rank))
+        a, b = part if part is not None else zeros
         downs.append(a)
         ups[row : row + dim, j * rank : (j + 1) * rank] = b * scale[j]
         row += dim

@@ -101,10 +101,9 @@ def _flux1_transformer(path: Path, state: dict[str, torch.Tensor], folder: Path,
     return model.to(DTYPES[dtype])
 
 
-def load_single_file_pipeline(
-    path: Path, config: Path, dtype: str = "float32", device: str = "cpu"
-) -> tuple[Any, FamilySpec]:
-    """A pipeline whose denoiser (or whole model) comes from `path`, the rest from the folder `config`."""
+def load_single_file_pipeline(path: Path, config: Path, dtype: str = "float32") -> tuple[Any, FamilySpec]:
+    """A pipeline whose denoiser (or whole model) comes from `path`, the rest from the folder `config`
+    (on the CPU; the caller places it)."""
     if not config.is_dir():
         raise UserError(f"--config: {config} is not a diffusers folder")
     spec = detect_family(config)
@@ -119,13 +118,11 @@ def load_single_file_pipeline(
         pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")
         pipe.transformer = transformer
         pipe.register_modules(transformer=transformer)
-        return pipe.to(device), spec
-    return _diffusers_single_file(path, config, spec, dtype, device)
+        return pipe, spec
+    return _diffusers_single_file(path, config, spec, dtype)
 
 
-def _diffusers_single_file(
-    path: Path, config: Path, spec: FamilySpec, dtype: str, device: str
-) -> tuple[Any, FamilySpec]:
+def _diffusers_single_file(path: Path, config: Path, spec: FamilySpec, dtype: str) -> tuple[Any, FamilySpec]:
     """Other layouts through diffusers' converters, offline, with the local folder as config."""
     import diffusers
 
@@ -141,4 +138,4 @@ def _diffusers_single_file(
         raise UserError(f"{path}: could not convert to {spec.denoiser_class}: {first[:200]}") from None
     setattr(pipe, spec.denoiser, model)
     pipe.register_modules(**{spec.denoiser: model})
-    return pipe.to(device), spec
+    return pipe, spec

@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from diffbase.attention import apply_attention, choose
 from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.models import backbone as B
+from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
 from diffbase.training.methods import MethodState, load_trained_state_dict, prepare_method, trained_state_dict
 from diffbase.training.schedule import make_scheduler
@@ -57,10 +59,12 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
     """Posterior (mean, std) and text conditioning of a batch: from the cache where it has them,
     computed now otherwise."""
     mean, std, cond = cache.lookup(batch) if cache is not None else (None, None, None)
-    if mean is None:
-        mean, std = B.encode_distribution(bb, batch["pixels"])
-    if cond is None:
-        cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
+    if mean is None or cond is None:
+        with encoders_on(bb):  # a no-op unless offload parked them on the CPU
+            if mean is None:
+                mean, std = B.encode_distribution(bb, batch["pixels"])
+            if cond is None:
+                cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
     out = {"mean": mean.float().to(bb.device), "std": std.float().to(bb.device), "index": batch["index"]}
     for key in ("mask", "control"):
         if batch.get(key) is not None:
@@ -77,7 +81,7 @@ def read_batch(dataset: Any, indices: list[int], masked_loss: bool) -> dict[str,
 
 
 def on_cpu(config: Config) -> bool:
-    return config.hardware.device == "cpu" or not torch.cuda.is_available()
+    return resolve_device(config.hardware.device, "hardware.device").type == "cpu"
 
 
 def process_state(config: Config) -> Any:
@@ -132,10 +136,11 @@ def run_training(
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type.value})")
     torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
     method: MethodState = prepare_method(bb, t)
-    if config.hardware.gradient_checkpointing:
-        for module in method.modules.values():
-            if hasattr(module, "enable_gradient_checkpointing"):
-                module.enable_gradient_checkpointing()
+    if config.hardware.mixed_precision != "no":  # what trains is kept in fp32; autocast runs the rest in half
+        for p in method.trainable:
+            p.data = p.data.float()
+    attention = choose(config.hardware.attention_backend, accelerator.device)
+    apply_attention(attention, [bb.denoiser, *method.modules.values()])
     if world > 1 and not method.wraps_denoiser:  # its module is never called through a DDP wrapper
         raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
     trained = next(iter(method.modules.values()))
@@ -158,6 +163,14 @@ def run_training(
         bb.controlnet = accelerator.unwrap_model(trained)
     elif method.wraps_denoiser:
         bb.forward = trained
+
+    def loss_of(batch: dict[str, Any], step: int) -> torch.Tensor:
+        return step_loss(config, bb, method, batch, cache, step, controlnet)
+
+    masked = config.data.masked_loss
+    set_checkpointing(
+        config, accelerator, method, lambda: probe_step(accelerator, dataset, sampler, loss_of, optimizer, masked)
+    )
 
     progress = ckpt.Progress()
     ckpt_root = out_dir / "checkpoints"
@@ -201,22 +214,8 @@ def run_training(
             if not batch["index"]:  # every file of this batch failed to load (reported at the end)
                 progress.batch_in_epoch = b_index + 1
                 continue
-            with accelerator.accumulate(trained):
-                if method.loss is not None:
-                    loss = method.loss(bb, batch, config.experiment.seed, progress.step)
-                else:
-                    encoded, cond = encode_batch(bb, batch, cache)
-                    loss = diffusion_step_loss(
-                        bb,
-                        t.objective,
-                        encoded,
-                        cond,
-                        config.experiment.seed,
-                        progress.step,
-                        controlnet=controlnet,
-                        control_scale=t.controlnet.conditioning_scale,
-                        weights=batch.get("weight"),
-                    )
+            with accelerator.accumulate(trained), accelerator.autocast():
+                loss = loss_of(batch, progress.step)
                 finite = torch.isfinite(loss).all()
                 if world > 1:  # every process must agree to skip, or DDP hangs
                     finite = accelerator.reduce(finite.float(), reduction="min") > 0
@@ -281,6 +280,62 @@ def run_training(
     return result
 
 
+def step_loss(
+    config: Config,
+    bb: B.Backbone,
+    method: MethodState,
+    batch: dict[str, Any],
+    cache: Any | None,
+    step: int,
+    controlnet: Any = None,
+) -> torch.Tensor:
+    """One batch's loss: the method's own, or the standard diffusion loss."""
+    t = config.training
+    if method.loss is not None:
+        return method.loss(bb, batch, config.experiment.seed, step)
+    encoded, cond = encode_batch(bb, batch, cache)
+    return diffusion_step_loss(
+        bb,
+        t.objective,
+        encoded,
+        cond,
+        config.experiment.seed,
+        step,
+        controlnet=controlnet,
+        control_scale=t.controlnet.conditioning_scale,
+        weights=batch.get("weight"),
+    )
+
+
+def probe_step(accelerator: Any, dataset: Any, sampler: Any, loss_of: Any, optimizer: Any, masked: bool) -> None:
+    """Forward and backward of the first batch, gradients dropped: what `auto` checkpointing measures."""
+    indices = next(iter(sampler))
+    per_rank = len(indices) // accelerator.num_processes
+    local = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
+    with accelerator.autocast():
+        loss = loss_of(read_batch(dataset, local, masked), 0)
+    accelerator.backward(loss)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def set_checkpointing(config: Config, accelerator: Any, method: MethodState, probe: Any) -> None:
+    """hardware.gradient_checkpointing: true, false, or auto (measured by one probe step on a GPU)."""
+    from diffbase.training.memory import probe_needs_checkpointing
+
+    setting = config.hardware.gradient_checkpointing
+    on = setting is True
+    if setting == "auto":
+        on, why = probe_needs_checkpointing(probe, accelerator.device)
+        if accelerator.num_processes > 1:  # every process makes the same choice
+            on = bool(accelerator.reduce(torch.tensor(float(on), device=accelerator.device), reduction="max") > 0)
+        accelerator.print(f"gradient checkpointing: {why}")
+    if on:
+        for module in method.modules.values():
+            inner = accelerator.unwrap_model(module)
+            if hasattr(inner, "enable_gradient_checkpointing"):
+                inner.enable_gradient_checkpointing()
+
+
 def validate(
     accelerator: Any,
     config: Config,
@@ -294,7 +349,6 @@ def validate(
     """Validation images and held-out loss (or, for try-on, held-out try-on error), computed by the
     main process while the others wait. DreamFit has no validation yet."""
     from diffbase.io import save_png_atomic
-    from diffbase.training.validation import validation_images, validation_loss
 
     v, method = config.training.validation, config.training.method
     held_out, cache = validation
@@ -303,18 +357,8 @@ def validate(
         if v.prompts or held_out is not None:
             accelerator.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
     elif accelerator.is_main_process and method != "dreamfit":
-        grid, error, name = None, None, "val_loss"
-        if method == "vton":
-            if held_out is not None:
-                from diffbase.tryon.evaluate import tryon_validation
-
-                grid, error = tryon_validation(config, bb, held_out)
-                name = "val_masked_l1"
-        else:
-            if v.prompts:
-                grid = validation_images(config, bb, dataset)
-            if held_out is not None:
-                error = validation_loss(config, bb, held_out, cache)
+        with accelerator.autocast():  # as diffusers' scripts validate: fp32 trained weights beside a half base
+            grid, error, name = validation_outputs(config, bb, dataset, validation)
         if grid is not None:
             save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
             metrics.image(step, "validation", grid)
@@ -322,6 +366,24 @@ def validate(
             result.val_losses.append((step, error))
             metrics.scalars(step, **{name: error})
     accelerator.wait_for_everyone()
+
+
+def validation_outputs(
+    config: Config, bb: B.Backbone, dataset: Any, validation: tuple[Any, Any]
+) -> tuple[Any, float | None, str]:
+    """(image grid or None, held-out error or None, the error's metric name)."""
+    from diffbase.training.validation import validation_images, validation_loss
+
+    v, held_out, cache = config.training.validation, *validation
+    if config.training.method == "vton":
+        if held_out is None:
+            return None, None, ""
+        from diffbase.tryon.evaluate import tryon_validation
+
+        return (*tryon_validation(config, bb, held_out), "val_masked_l1")
+    grid = validation_images(config, bb, dataset) if v.prompts else None
+    error = validation_loss(config, bb, held_out, cache) if held_out is not None else None
+    return grid, error, "val_loss"
 
 
 def is_sharded(accelerator: Any) -> bool:

@@ -12,6 +12,7 @@ import torch
 from diffbase.config import Config, dump_yaml
 from diffbase.errors import UserError
 from diffbase.models.backbone import Backbone
+from diffbase.models.placement import cpu_state, place_for_training
 from diffbase.training.loop import TrainResult, process_state, run_training
 
 
@@ -38,7 +39,9 @@ def load_backbone(config: Config) -> Backbone:
     if spec.family != m.family:
         raise UserError(f"model.family: the config says {m.family} but {m.pretrained_path} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
-    return Backbone(spec, pipe)
+    bb = Backbone(spec, pipe)
+    place_for_training(bb, process_state(config).device, config.hardware.offload)
+    return bb
 
 
 def build_dataset(config: Config, held_out: bool = False, bb: Backbone | None = None) -> Any:
@@ -163,7 +166,7 @@ def export(config: Config, bb: Backbone, out_dir: Path) -> dict[str, str]:
     if method in ("lora", "dreambooth"):
         folder = out_dir / "lora"
         files["diffusers"] = str(save_diffusers_lora(bb.pipe.__class__, folder, spec.denoiser, denoiser))
-        state = {f"{spec.denoiser}.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()}
+        state = cpu_state({f"{spec.denoiser}.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()})
         kohya = to_kohya(
             state, peft_scales(denoiser, spec.denoiser), spec.family, linear_widths(denoiser, spec.denoiser)
         )

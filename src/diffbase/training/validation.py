@@ -3,8 +3,6 @@ loss on a held-out split at fixed noise levels, comparable from check to check."
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import torch
 from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.models import backbone as B
+from diffbase.models.placement import encoders_on
 
 CONTROLNET_PIPELINES = {
     "sd15": ("StableDiffusionControlNetPipeline", "image"),
@@ -20,23 +19,6 @@ CONTROLNET_PIPELINES = {
     "sd3": ("StableDiffusion3ControlNetPipeline", "control_image"),
     "flux1": ("FluxControlNetPipeline", "control_image"),
 }
-
-
-@contextlib.contextmanager
-def encoders_on(bb: B.Backbone) -> Iterator[None]:
-    """Text encoders and the VAE on the denoiser's device for the duration (they may have been moved
-    to the CPU after caching), and back where they were afterwards."""
-    device = bb.device
-    modules = [getattr(bb.pipe, te.component, None) for te in bb.spec.text_encoders] + [bb.vae]
-    modules = [m for m in modules if m is not None]
-    before = [next(m.parameters()).device for m in modules]
-    for m in modules:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m, d in zip(modules, before, strict=True):
-            m.to(d)
 
 
 def control_images(config: Config, dataset: Any, count: int) -> list[Any]:

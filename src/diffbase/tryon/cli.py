@@ -8,16 +8,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffbase.cli_options import add_runtime_arguments, runtime
 from diffbase.errors import UserError
 
 
-def load_tryon_model(model: str, variant: str, weights: str | None) -> Any:
+def load_tryon_model(
+    model: str, variant: str, weights: str | None, device: Any = "cpu", dtype: str = "float32", offload: str = "none"
+) -> Any:
     """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights."""
     from diffbase.models.backbone import Backbone
     from diffbase.models.loading import load_pipeline
+    from diffbase.models.placement import place_pipeline
     from diffbase.tryon.vton import load_catvton_attention, prepare_unet
 
-    pipe, spec = load_pipeline(model)
+    pipe, spec = load_pipeline(model, dtype=dtype)  # on the CPU until the weights are in
     if spec.family != "sd15":
         raise UserError(f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model")
     if weights:
@@ -31,7 +35,7 @@ def load_tryon_model(model: str, variant: str, weights: str | None) -> Any:
         load_catvton_attention(pipe.unet, Path(weights))
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
-    return Backbone(spec, pipe)
+    return Backbone(spec, place_pipeline(pipe, device, offload))
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -74,7 +78,7 @@ def run_tryon(args: argparse.Namespace) -> None:
         mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box))
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
-    bb = load_tryon_model(args.model, args.method, args.weights)
+    bb = load_tryon_model(args.model, args.method, args.weights, **runtime(args))
     settings = settings_from(args)
 
     def prep(img: Image.Image, nearest: bool = False) -> torch.Tensor:
@@ -108,7 +112,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
     dataset = TryOnDataset(records, parse_size(args.size))
-    bb = load_tryon_model(args.model, args.method, args.weights)
+    bb = load_tryon_model(args.model, args.method, args.weights, **runtime(args))
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
     folder = Path(args.out)
     header = ["person", "garment", "result", "ground truth"]
@@ -144,6 +148,7 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="vton variant only")
     p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
+    add_runtime_arguments(p, offload=False)
 
 
 def add_parsers(sub: Any) -> None:

@@ -72,7 +72,7 @@ def tryon(
             enc = torch.cat([text] * 2) if text is not None else None
         else:
             x, enc = C.unet_input(variant, latents, masks, cond), text
-        pred = unet(x, t, encoder_hidden_states=enc, return_dict=False)[0]
+        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=enc, return_dict=False)[0]
         if use_cfg:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + settings.guidance * (pred_cond - pred_uncond)

@@ -1,0 +1,35 @@
+"""Options every model-running command shares: where it runs, in which precision, with which attention."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, dtype_default: str = "float32", offload: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help=f"weights (default {dtype_default})")
+    p.add_argument("--attention", default="auto", help="auto, flash, efficient, cudnn, math or a diffusers backend")
+    if offload:
+        p.add_argument(
+            "--offload",
+            default="none",
+            choices=["none", "model", "sequential"],
+            help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses",
+        )
+
+
+def runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """device, dtype and offload for the loaders, with the device resolved and checked."""
+    from diffbase.models.placement import resolve_device
+
+    return {"device": resolve_device(args.device), "dtype": args.dtype, "offload": getattr(args, "offload", "none")}
+
+
+def use_attention(args: argparse.Namespace, models: list[Any]) -> None:
+    from diffbase.attention import apply_attention, choose
+    from diffbase.models.placement import resolve_device
+
+    apply_attention(choose(args.attention, resolve_device(args.device), "--attention"), models)

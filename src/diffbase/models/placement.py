@@ -1,0 +1,117 @@
+"""One device policy: where each component lives while caching, training, validating, exporting and
+generating, so nothing runs on the CPU of a GPU machine by accident.
+
+- The compute device is `auto` (cuda when torch sees one, else cpu) or what the user names.
+- Without offload every component lives on the compute device from load time on: encoding, caching,
+  validation and inference all run there.
+- With `offload: model` (training) the denoiser lives on the device and the text encoders and VAE
+  are parked on the CPU, brought over only while they encode or decode (`encoders_on`). Inference
+  offload is diffusers' own (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`).
+- Exports are written from CPU copies, whatever device the trained weights are on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from diffbase.errors import UserError
+
+TRAINING_OFFLOAD = ("none", "model")
+INFERENCE_OFFLOAD = ("none", "model", "sequential")
+
+
+def resolve_device(name: str = "auto", key: str = "--device") -> torch.device:
+    """`auto` -> cuda when present, else cpu; a named device that this torch cannot use is a one-line error."""
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N, got '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"{key}: {name} requested but torch {torch.__version__} ({build}) sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{key}: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def encoder_modules(bb: Any) -> list[torch.nn.Module]:
+    """The text encoders and the VAE of a backbone (those still loaded)."""
+    modules = [getattr(bb.pipe, te.component, None) for te in bb.spec.text_encoders] + [bb.pipe.vae]
+    return [m for m in modules if isinstance(m, torch.nn.Module)]
+
+
+def component_devices(pipe: Any) -> dict[str, str]:
+    """{component: device type of its first tensor} for every module of a pipeline (tests, `doctor`)."""
+    out = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            first = next(iter(module.parameters()), None)
+            if first is None:
+                first = next(iter(module.buffers()), None)
+            if first is not None:
+                out[name] = first.device.type
+    return out
+
+
+def place_for_training(bb: Any, device: torch.device | str, offload: str = "none") -> None:
+    """The denoiser (and a ControlNet) on `device`; text encoders and VAE there too, or parked on the
+    CPU with `offload: model`."""
+    if offload not in TRAINING_OFFLOAD:
+        raise UserError(f"hardware.offload: expected one of {', '.join(TRAINING_OFFLOAD)}, got '{offload}'")
+    device = torch.device(device)
+    bb.denoiser.to(device)
+    if bb.controlnet is not None:
+        bb.controlnet.to(device)
+    home = torch.device("cpu") if offload == "model" else device
+    for module in encoder_modules(bb):
+        module.to(home)
+
+
+@contextlib.contextmanager
+def encoders_on(bb: Any) -> Iterator[None]:
+    """Text encoders and the VAE on the denoiser's device for the duration (they may be parked on the
+    CPU by offload or after caching), and back where they were afterwards."""
+    device = bb.device
+    modules = encoder_modules(bb)
+    before = [_device_of(m) for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, before, strict=True):
+            if d is not None:
+                m.to(d)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else None
+
+
+def place_pipeline(pipe: Any, device: torch.device | str, offload: str = "none") -> Any:
+    """An inference pipeline on `device`, or offloaded with diffusers' hooks (model: whole components
+    move in turn; sequential: layer by layer, slowest, least memory)."""
+    if offload not in INFERENCE_OFFLOAD:
+        raise UserError(f"--offload: expected one of {', '.join(INFERENCE_OFFLOAD)}, got '{offload}'")
+    device = torch.device(device)
+    if offload == "none":
+        return pipe.to(device)
+    if device.type == "cpu":
+        raise UserError(f"--offload {offload}: offloading moves weights to an accelerator in turn; the device is cpu")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
+
+
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies: what file writers need, whatever device trained the weights."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
