@@ -157,6 +157,13 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
         assert Image.open(out).size == (32, 32) and json.loads(Image.open(out).text["diffbase"])["mode"] == mode
     code, _, err = run_cli("dreamfit", "--mode", "pose", *common, "--out", str(tmp_path / "x.png"))
     assert code == 2 and "needs --pose" in err
+    # --true-cfg reaches the settings (a negative write pass changes the picture), also in bf16
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"cfg-{dtype}.png"
+        code, _, err = run_cli("dreamfit", *common, "--true-cfg", "3", "--dtype", dtype, "--out", str(out))
+        assert code == 0, err
+        assert json.loads(Image.open(out).text["diffbase"])["true_cfg"] == 3.0
+    assert Image.open(tmp_path / "cfg-float32.png").tobytes() != Image.open(tmp_path / "garment.png").tobytes()
 
 
 def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:

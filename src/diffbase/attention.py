@@ -88,6 +88,21 @@ def apply_attention(choice: AttentionChoice, models: list[Any]) -> None:
             except (ImportError, RuntimeError, ValueError) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise UserError(f"attention backend '{choice.name}': {first[:200]}") from None
+            if not backends_in_use(model):  # diffusers skips processors that have no backend switch
+                raise UserError(
+                    f"attention backend '{choice.name}': {type(model).__name__}'s attention processors do not take "
+                    f"diffusers backends; use auto, {', '.join(SDPA_KERNELS)}"
+                )
+
+
+def backends_in_use(model: Any) -> set[str]:
+    """The diffusers attention backends the model's processors are set to (empty: they have none)."""
+    found = set()
+    for module in model.modules():
+        backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
+        if backend is not None:
+            found.add(getattr(backend, "value", str(backend)))
+    return found
 
 
 def check_kernel(kernel: str, device: torch.device, seed: int = 0) -> dict[str, Any]:
@@ -118,7 +133,7 @@ def check_kernel(kernel: str, device: torch.device, seed: int = 0) -> dict[str, 
         got = run([q, k, v], backends[kernel], dtype)
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return {"kernel": kernel, "status": "unavailable", "detail": first[:120]}
+        return {"kernel": kernel, "status": "unavailable", "detail": first.split(". ")[0][:100]}
     if not all(torch.isfinite(t).all() for t in got):
         return {"kernel": kernel, "status": "non-finite", "detail": "NaN or inf in output or gradients"}
     errors = [float((a - b).abs().max()) for a, b in zip(got, reference, strict=True)]

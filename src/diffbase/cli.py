@@ -102,6 +102,12 @@ def _cmd_parity(args: argparse.Namespace) -> None:
     run_parity(Path(args.out))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from diffbase.doctor import report
+
+    print(report(args.device)[0])
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from diffbase.demo import run_demo
 
@@ -194,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parity.add_argument("--out", default="outputs/parity")
     parity.set_defaults(func=_cmd_parity)
+
+    doctor = sub.add_parser("doctor", help="versions, the device, and which attention kernels work here")
+    doctor.add_argument("--device", default="auto")
+    doctor.set_defaults(func=_cmd_doctor)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default: try-on learned on a CPU")
     demo.add_argument("--out", default="outputs/demo")

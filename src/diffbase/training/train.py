@@ -30,7 +30,9 @@ def load_backbone(config: Config) -> Backbone:
         )
     elif m.variant.startswith("tiny") or m.random_weights:
         spec = spec_for(m.family, m.variant)
-        pipe = build_pipeline(m, seed=config.experiment.seed)
+        # Built where it will run: a 12B-parameter random model initialises in seconds on a GPU.
+        with torch.device(process_state(config).device):
+            pipe = build_pipeline(m, seed=config.experiment.seed)
     else:
         raise UserError(
             f"model.pretrained_path: required for {m.family} {m.variant}; set it to the local folder of the "
