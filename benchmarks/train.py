@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from diffbase.config import Config, configs_dir, load_config
-from diffbase.training.train import train
+from diffbase.methods import train
 
 RESOLUTION, BATCH = 128, 4
 # A small SD1.5 UNet that is still mostly matrix work (the tiny test config is all overhead).
@@ -78,7 +78,7 @@ def hand_written(config: Config) -> float:
     """What a diffusers training example does, with nothing else: read, encode, noise, predict, step."""
     from peft import LoraConfig
 
-    from diffbase.training.methods import LORA_TARGETS, lora_target_names
+    from diffbase.methods.lora import LORA_TARGETS, lora_target_names
     from diffbase.training.train import load_backbone
 
     pipe = load_backbone(config).pipe

@@ -1,7 +1,7 @@
 """Attention-only try-on training against full fine-tuning of the same UNet, in one process.
 
 Same model (the toy SD1.5 architecture, random weights), same canvases, same loss
-(`diffbase.tryon.train_step`), AdamW in both. Reports, as ratios attention-only / full:
+(`diffbase.methods.vton`), AdamW in both. Reports, as ratios attention-only / full:
 optimizer-state memory (measured from the optimizer's tensors after a step) and step time
 (median of interleaved steps), plus the optimizer-state ratio for the real SD1.5 UNet from its
 config on the meta device (49.57M of 859.5M parameters train).
@@ -17,11 +17,13 @@ import time
 
 import torch
 
+import diffbase.methods  # noqa: F401  (registers the methods' config sections)
 from diffbase.config import configs_dir, load_config
+from diffbase.methods.registry import Trained
+from diffbase.methods.vton import VTON
 from diffbase.models.backbone import Backbone
 from diffbase.models.build import build_pipeline
 from diffbase.models.specs import spec_for
-from diffbase.tryon.train_step import make_vton_loss
 from diffbase.tryon.vton import attn1_count, expand_conv_in, prepare_unet
 
 
@@ -30,6 +32,7 @@ def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def setup(full: bool, batch: int) -> tuple[Backbone, torch.optim.Optimizer, dict, object]:
+    """A toy SD1.5 set up for try-on, its optimizer, a random batch, and the vton method's loss."""
     config = load_config(configs_dir() / "models" / "sd15_toy.yaml", ["training.vton.variant=catvton"])
     pipe = build_pipeline(config.model, seed=0)
     params = prepare_unet(pipe.unet, "catvton")
@@ -45,7 +48,12 @@ def setup(full: bool, batch: int) -> tuple[Backbone, torch.optim.Optimizer, dict
         "garment": torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1,
         "person_mask": (torch.rand(batch, 1, 32, 32, generator=g) > 0.5).float(),
     }
-    return Backbone(spec_for("sd15", "toy"), pipe), opt, data, make_vton_loss(config.training.vton)
+    trained = Trained({"denoiser": pipe.unet}, params)
+
+    def loss(bb: Backbone, batch: dict, seed: int, step: int) -> torch.Tensor:
+        return VTON.loss(config, bb, trained, batch, None, step)[0]
+
+    return Backbone(spec_for("sd15", "toy"), pipe), opt, data, loss
 
 
 def step(bb: Backbone, opt: torch.optim.Optimizer, data: dict, loss_fn, n: int) -> float:

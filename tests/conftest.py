@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import diffbase.methods  # noqa: E402,F401  (registers the built-in methods and their config sections)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
 

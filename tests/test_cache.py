@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from diffbase.data.cache import build_cache
+from diffbase.methods import get, train
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
 from diffbase.training.step import diffusion_step_loss
-from diffbase.training.train import build_dataset, train
 from tests.conftest import run_cli
 from tests.images import image_folder
 from tests.test_training import tiny_config, write_experiment
@@ -34,7 +34,7 @@ def test_cached_batches_give_the_same_loss_as_computed_ones(family: str, tiny_mo
     )
     pipe, spec = load_pipeline(config.model.pretrained_path)
     bb = Backbone(spec, pipe)
-    dataset = build_dataset(config)
+    dataset = get(config.training.method).dataset(config, False, None)
     cache, stats = build_cache(config, bb, dataset, show_progress=False)
     assert stats.latents_computed == 4 and stats.prompts_computed == len({r.caption for r in dataset.records}) + 1
     for indices in dataset.sampler(2):

@@ -10,11 +10,11 @@ import torch
 
 from diffbase.config import configs_dir, load_config
 from diffbase.data.datasets import to_tensor
-from diffbase.data.synthetic import write_dataset
 from diffbase.demo import eval_set
 from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate
-from diffbase.dreamfit.train_step import reference_pixels
-from diffbase.training.train import train
+from diffbase.methods import train
+from diffbase.methods.dreamfit import reference_pixels
+from diffbase.toy.synthetic import write_dataset
 from diffbase.tryon.data import to_pil
 from diffbase.tryon.metrics import masked_l1
 
@@ -43,7 +43,7 @@ def test_training_transfers_the_garment_through_the_banks(tmp_path: Path) -> Non
     )
     result = train(config, show_progress=False)
     bb, data = result.backbone, eval_set(8)
-    pipe, state = bb.pipe, bb.adapters["dreamfit"].state
+    pipe, state = bb.pipe, result.trained.extras["banks"]
     pipe.set_progress_bar_config(disable=True)
 
     def error(banks: bool) -> float:

@@ -168,9 +168,9 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
 
 def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:
     from diffbase.config import configs_dir, load_config
-    from diffbase.data.synthetic import write_dataset
     from diffbase.dreamfit.checkpoint import load_dreamfit
-    from diffbase.training.train import train
+    from diffbase.methods import train
+    from diffbase.toy.synthetic import write_dataset
 
     root = write_dataset(tmp_path / "synth", 6, 0, size=(32, 32))
     config = load_config(

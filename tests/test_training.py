@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 from diffbase.config import Config, configs_dir, load_config
 from diffbase.data.datasets import TrainDataset, build_records
+from diffbase.methods import get, train
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
 from diffbase.training.objectives import diffusion_loss
 from diffbase.training.step import fixed_time_loss
-from diffbase.training.train import build_dataset, train
 from tests.conftest import run_cli
 from tests.images import image_folder
 
@@ -275,8 +275,8 @@ def test_validation_images_held_out_loss_and_metrics(tiny_model, tmp_path: Path)
     assert [r["val_loss"] for r in rows if "val_loss" in r] == [v for _, v in result.val_losses]
     assert (out / "loss.png").exists() and list((out / "tensorboard").iterdir())
     # six training images (8 minus 2 held out), batch 2 -> 3 batches per epoch; none of them held out
-    dataset = build_dataset(load_config(out / "config.yaml"))
-    held = build_dataset(load_config(out / "config.yaml"), held_out=True)
+    dataset = (lambda c: get(c.training.method).dataset(c, False, None))(load_config(out / "config.yaml"))
+    held = (lambda c: get(c.training.method).dataset(c, True, None))(load_config(out / "config.yaml"))
     assert len(dataset) == 6 and len(held) == 2
     assert not {r.image for r in dataset.records} & {r.image for r in held.records}
 

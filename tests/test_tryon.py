@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from diffbase.data.synthetic import write_dataset
 from diffbase.errors import UserError
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
+from diffbase.toy.synthetic import write_dataset
 from diffbase.tryon import canvas as C
 from diffbase.tryon.data import TryOnDataset, read_tryon
 from diffbase.tryon.metrics import masked_l1, psnr, ssim
@@ -228,7 +228,7 @@ def test_tryon_and_eval_commands(tiny_model, tmp_path: Path) -> None:
 
 def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tmp_path: Path) -> None:
     from diffbase.config import configs_dir, load_config
-    from diffbase.training.train import train
+    from diffbase.methods import train
 
     root = write_dataset(tmp_path / "synth", 8, 2, size=(32, 32))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffbase.config import configs_dir, load_config
-from diffbase.data.synthetic import write_dataset
 from diffbase.demo import eval_set, run_tryon, score, toy_model
-from diffbase.training.train import train
+from diffbase.methods import train
+from diffbase.toy.synthetic import write_dataset
 from diffbase.tryon.sampling import TryOnSettings
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffbase.cli_options import add_runtime_arguments
+from diffbase.commands.options import add_runtime_arguments
 from diffbase.errors import UserError
 
 
@@ -24,7 +24,7 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_zoo_pretrain(args: argparse.Namespace) -> None:
-    from diffbase.models.toy_pretrain import pretrain
+    from diffbase.toy.pretrain import pretrain
 
     out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed, pool_size=args.pool)
     print(f"wrote {out}")
@@ -37,7 +37,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from diffbase.generate_cli import run_generate
+    from diffbase.commands.generate import run_generate
 
     run_generate(args)
 
@@ -63,8 +63,8 @@ def runtime_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
+    from diffbase.methods import train
     from diffbase.training.loop import process_state
-    from diffbase.training.train import train
 
     config = load_config(args.config, args.overrides + runtime_overrides(args))
     result = train(config, resume=args.resume)
@@ -75,20 +75,21 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_cache(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
     from diffbase.data.cache import build_cache
-    from diffbase.training.train import build_dataset, load_backbone
+    from diffbase.methods import get
+    from diffbase.training.train import load_backbone
 
     config = load_config(args.config, args.overrides + runtime_overrides(args))
     d = config.data
     if not (d.cache_latents or d.cache_text):
         config.data.cache_latents = config.data.cache_text = True
     bb = load_backbone(config)
-    _, stats = build_cache(config, bb, build_dataset(config, bb=bb))
+    _, stats = build_cache(config, bb, get(config.training.method).dataset(config, False, bb))
     print(f"cache: {stats.summary()}")
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> None:
-    from diffbase.data.synthetic import write_dataset
     from diffbase.generate import parse_size
+    from diffbase.toy.synthetic import write_dataset
 
     h, w = parse_size(args.size)
     n_test = args.n_test if args.n_test is not None else max(1, args.n // 4)
@@ -171,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_runtime_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
-    from diffbase.dreamfit.cli import add_parser as add_dreamfit
-    from diffbase.tryon.cli import add_eval_parser, add_parsers
+    from diffbase.commands.dreamfit import add_parser as add_dreamfit
+    from diffbase.commands.tryon import add_eval_parser, add_parsers
 
     add_parsers(sub)
     add_dreamfit(sub)
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
+        import diffbase.methods  # noqa: F401  (registers the methods and their config sections)
+
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

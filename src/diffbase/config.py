@@ -52,14 +52,6 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the family default (training.methods.LORA_TARGETS)
-
-
-@dataclass
 class OptimizerConfig:
     type: Literal["adamw", "adamw8bit"] = "adamw"
     weight_decay: float = 0.01
@@ -90,47 +82,6 @@ class ObjectiveConfig:
 
 
 @dataclass
-class DreamBoothConfig:
-    instance_prompt: str = ""
-    class_prompt: str = ""
-    class_data_dir: str | None = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    with_prior_preservation: bool = True
-
-
-@dataclass
-class ControlNetConfig:
-    conditioning_scale: float = 1.0
-    num_layers: int | None = None  # None: the family default for a ControlNet made from the denoiser
-    num_single_layers: int | None = None
-    pretrained_path: str | None = None
-
-
-@dataclass
-class VtonConfig:
-    """Attention-only try-on on SD1.5 (diffbase.tryon): person over garment in one canvas."""
-
-    variant: Literal["vton", "catvton"] = "vton"  # 8 input channels, or CatVTON's 9 (with the mask, no text)
-    size: list[int] = field(default_factory=lambda: [512, 384])  # person (and garment) height, width
-    garment_dropout: float = 0.1  # trains the unconditional branch classifier-free guidance uses
-    prompt: str = ""  # the fixed text of the vton variant (its cross-attention is frozen)
-    steps: int = 50  # inference / validation sampling
-    guidance: float = 2.5
-    eta: float = 1.0
-
-
-@dataclass
-class DreamFitConfig:
-    """DreamFit training (diffbase.dreamfit): LoRAs on every block, the write pass inside the step."""
-
-    mode: Literal["garment", "pose", "tryon"] = "tryon"
-    rank: int = 16
-    size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
-    prompt: str | None = None  # one prompt for every item instead of the captions
-
-
-@dataclass
 class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
@@ -149,28 +100,51 @@ class ValidationConfig:
     loss_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
+# Method sections: each method module registers the dataclass of its `training.<section>` keys, and
+# its name for `training.method` (diffbase.methods.registry.register), so a new method is one module.
+SECTIONS: dict[str, type] = {}
+METHOD_NAMES: list[str] = []
+
+
+def register_section(name: str, cls: type) -> None:
+    """`training.<name>` is validated as `cls` (a dataclass whose fields all have defaults)."""
+    if name in {f.name for f in dataclasses.fields(TrainingConfig)}:
+        raise ValueError(f"training.{name} is a built-in key, not a method section")
+    SECTIONS[name] = cls
+
+
+def register_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)
+
+
 @dataclass
 class TrainingConfig:
-    method: Literal["lora", "full_finetune", "dreambooth", "controlnet", "vton", "dreamfit"] = "lora"
+    method: str = "lora"  # one of the registered methods (diffbase.methods)
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 1
     gradient_accumulation: int = 1
     learning_rate: float = 1e-4
     max_grad_norm: float | None = 1.0
-    lora: LoraConfig = field(default_factory=LoraConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
-    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
-    vton: VtonConfig = field(default_factory=VtonConfig)
-    dreamfit: DreamFitConfig = field(default_factory=DreamFitConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the registered method sections
+
+    def __getattr__(self, name: str) -> Any:  # training.lora, training.vton, ... (registered sections)
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        if name in SECTIONS:
+            sections[name] = SECTIONS[name]()
+            return sections[name]
+        raise AttributeError(name)
 
 
 @dataclass
@@ -432,10 +406,20 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
     """Build dataclass `cls` from `data`, or raise a one-line UserError naming file and key."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
+    open_sections = SECTIONS if cls is TrainingConfig else {}
+    data = dict(data)
+    sections = {}
+    for key in list(data):
+        if key in open_sections:
+            value = data.pop(key)
+            sections[key] = _convert(open_sections[key], value, f"{prefix}{key}", sources, default_origin)
+        elif key not in fields or key == "sections":
             where = _origin(sources, f"{prefix}{key}", default_origin)
-            raise UserError(f"{where}: {prefix}{key}: unknown key{closest(str(key), fields)}")
+            known = [f for f in fields if f != "sections"] + list(open_sections)
+            raise UserError(f"{where}: {prefix}{key}: unknown key{closest(str(key), known)}")
+    if cls is TrainingConfig:
+        check_method_name(data.get("method", "lora"), sources, prefix, default_origin)
+        data["sections"] = {name: sections.get(name) or section() for name, section in SECTIONS.items()}
     kwargs = {}
     for name, f in fields.items():
         dotted = f"{prefix}{name}"
@@ -447,8 +431,24 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
     return cls(**kwargs)
 
 
+def check_method_name(name: Any, sources: dict[str, str], prefix: str, default_origin: str) -> None:
+    if name not in METHOD_NAMES:
+        where = _origin(sources, f"{prefix}method", default_origin)
+        choices = ", ".join(repr(m) for m in METHOD_NAMES)
+        raise UserError(
+            f"{where}: {prefix}method: expected one of {choices}, got {name!r}{closest(str(name), METHOD_NAMES)}"
+        )
+
+
 def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """Plain data, method sections back under `training` where the YAML has them."""
+    data = dataclasses.asdict(config)
+    training = (
+        data.get("training") if isinstance(config, Config) else data if isinstance(config, TrainingConfig) else None
+    )
+    if training is not None:
+        training.update(training.pop("sections", {}))
+    return data
 
 
 def dump_yaml(config: Any) -> str:

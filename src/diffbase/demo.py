@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from diffbase.config import configs_dir, load_config
-from diffbase.data.synthetic import COLOURS, PATTERNS, Garment, make_item
 from diffbase.io import save_png_atomic, write_json_atomic, write_text_atomic
+from diffbase.toy.synthetic import COLOURS, PATTERNS, Garment, make_item
 
 SEED, SIZE = 0, 32
 
@@ -130,10 +130,10 @@ def mean_colour_baseline(data: EvalSet) -> torch.Tensor:
 
 
 def run_tryon(model: Path, weights: Path | None, data: EvalSet, settings: Any) -> torch.Tensor:
-    from diffbase.tryon.cli import load_tryon_model
+    from diffbase.methods.vton import VTON
     from diffbase.tryon.sampling import tryon
 
-    bb = load_tryon_model(str(model), "catvton", str(weights) if weights else None)
+    bb = VTON.load(str(model), str(weights) if weights else None, "catvton")
     results = []
     for start in range(0, len(data.indices), 16):
         sl = slice(start, start + 16)
@@ -147,10 +147,10 @@ def toy_model() -> Path:
 
 
 def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: int = 48) -> dict[str, Any]:
-    from diffbase.data.synthetic import write_dataset
     from diffbase.errors import UserError
     from diffbase.grid import image_grid
-    from diffbase.training.train import train
+    from diffbase.methods import train
+    from diffbase.toy.synthetic import write_dataset
     from diffbase.tryon.data import to_pil
     from diffbase.tryon.sampling import TryOnSettings
 

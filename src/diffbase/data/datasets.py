@@ -251,7 +251,13 @@ class TrainDataset:
         (mask, control, reference) cut the same way. None when a file fails to load."""
         rec, bucket = self.records[i], self.bucket_of[i]
         rng = random.Random(hash((self.seed, self.epoch, i)))
-        item: dict[str, Any] = {"index": i, "caption": rec.caption, "weight": rec.weight, "size": bucket}
+        item: dict[str, Any] = {
+            "index": i,
+            "caption": rec.caption,
+            "weight": rec.weight,
+            "dataset": rec.dataset,
+            "size": bucket,
+        }
         try:
             size, box = crop_geometry(*self.size_of[i], bucket, self.cfg.crop, rng)
             flip = self.cfg.random_flip and rng.random() < 0.5
@@ -274,4 +280,4 @@ class TrainDataset:
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_items(items, ("pixels", "mask", "control", "reference"), scalars=("weight",))
+        return collate_items(items, ("pixels", "mask", "control", "reference"), scalars=("weight", "dataset"))

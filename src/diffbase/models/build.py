@@ -78,6 +78,7 @@ def build_components(
     """All pipeline components of `cfg` with random weights (seeded), keyed as the pipeline names them."""
     spec = spec_for(cfg.family, cfg.variant)
     torch.manual_seed(seed)
+    dtype = DTYPES[cfg.dtype]
     components: dict[str, Any] = {}
     denoiser_kwargs = getattr(cfg, spec.denoiser)
     if denoiser_kwargs is None:
@@ -92,8 +93,8 @@ def build_components(
         if name == "scheduler":  # schedulers hold CPU tensors, also when modules are built on meta
             with torch.device("cpu"):
                 components[name] = cls(**kwargs)
-        else:
-            components[name] = cls(**kwargs)
+        else:  # each in its dtype as soon as it exists: a full FLUX.1 held in fp32 at once would need 68 GB
+            components[name] = cls(**kwargs).to(dtype)
     for module in (components[spec.denoiser], components["vae"]):
         module.eval()
     if text:
@@ -103,13 +104,8 @@ def build_components(
                 raise UserError(f"model.text_encoders.{te.key}: required for {spec.name}")
             words = SYNTHETIC_WORDS if cfg.word_tokenizer else None
             length = cfg.text_max_length if te.tokenizer_kind == "t5" else None
-            components[te.component], components[te.tokenizer] = build_text_encoder(
-                te, kwargs, tiny_tokenizers, words, length
-            )
-    dtype = DTYPES[cfg.dtype]
-    for value in components.values():
-        if isinstance(value, torch.nn.Module) and dtype != torch.float32:
-            value.to(dtype)
+            encoder, components[te.tokenizer] = build_text_encoder(te, kwargs, tiny_tokenizers, words, length)
+            components[te.component] = encoder.to(dtype)
     return components
 
 

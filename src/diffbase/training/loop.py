@@ -1,8 +1,9 @@
 """The one training loop, on accelerate, for every method and family.
 
-Reads top to bottom: set up, resume, then for each optimizer step: encode (or read the cache),
-loss, backward, clip, step, log, checkpoint, validate. Methods differ only through
-`training.methods` (what trains) and `training.step` (the loss).
+Reads top to bottom: `set_up` (the method prepares the backbone, optimizer, schedule, EMA, accelerate),
+`resume`, then for each optimizer step `step` (the method's loss, backward, clip, step), `log`, `save`
+and `validate`. A method (diffbase.methods) differs only by the functions it registers; this loop
+calls `method.prepare`, `method.loss` and `method.validate` and nothing method-specific.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from diffbase.errors import UserError
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
-from diffbase.training.methods import MethodState, load_trained_state_dict, prepare_method, trained_state_dict
 from diffbase.training.schedule import make_scheduler
-from diffbase.training.step import diffusion_step_loss
 
 
 @dataclass
@@ -37,6 +36,25 @@ class TrainResult:
     output_dir: Path | None = None
     finished: bool = False  # reached the planned number of steps (not stopped early)
     backbone: Any = None
+    trained: Any = None  # the method's Trained (its modules, for export)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds while it loops."""
+
+    config: Config
+    method: Any
+    bb: B.Backbone
+    accelerator: Any
+    trained: Any
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    steps: int
+    cache: Any = None
+    progress: ckpt.Progress = field(default_factory=ckpt.Progress)
+    grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
@@ -99,291 +117,280 @@ def total_steps(config: Config, batches_per_epoch: int) -> int:
     return max(1, t.epochs * math.ceil(batches_per_epoch / t.gradient_accumulation))
 
 
-def run_training(
-    config: Config,
-    bb: B.Backbone,
-    dataset: Any,
-    sampler: Any,
-    resume: str | None = None,
-    cache: Any | None = None,
-    stop_after: int | None = None,
-    show_progress: bool = True,
-    validation: tuple[Any, Any] = (None, None),
-) -> TrainResult:
-    """Train `bb` on `dataset` batched by `sampler` (index lists of one global batch each).
-
-    `validation` is the held-out dataset (or None) and its cache. `stop_after` ends the run early
-    after that many optimizer steps (as if it crashed), for tests.
-    """
+def make_accelerator(config: Config) -> Any:
+    """A fresh Accelerator: several runs in one process (tests, the demo, notebooks) each get their own
+    precision and accumulation settings; the process group (PartialState) is kept."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from tqdm import tqdm
 
-    from diffbase.training.metrics import MetricsLog
-
-    t, out_dir = config.training, Path(config.experiment.output_dir)
-    # Several runs in one process (tests, the demo, notebooks) each get their own precision and
-    # accumulation settings; the process group (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=config.hardware.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation,
+        gradient_accumulation_steps=config.training.gradient_accumulation,
         cpu=on_cpu(config),
     )
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+
+def set_up(config: Config, method: Any, bb: B.Backbone, batches_per_epoch: int, cache: Any) -> Run:
+    """The method prepares the backbone; what trains gets an optimizer, schedule and EMA, and goes
+    through accelerate (every trained module, so DDP/FSDP wrap each one)."""
+    t, accelerator = config.training, make_accelerator(config)
+    world = accelerator.num_processes
     if world > 1:
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type.value})")
     torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
-    method: MethodState = prepare_method(bb, t)
+    trained = method.prepare(bb, config)
     if config.hardware.mixed_precision != "no":  # what trains is kept in fp32; autocast runs the rest in half
-        for p in method.trainable:
+        for p in trained.trainable:
             p.data = p.data.float()
     attention = choose(config.hardware.attention_backend, accelerator.device)
-    apply_attention(attention, [bb.denoiser, *method.modules.values()])
-    if world > 1 and not method.wraps_denoiser:  # its module is never called through a DDP wrapper
+    apply_attention(attention, [bb.denoiser, *trained.modules.values()])
+    if world > 1 and not method.multi_process:
         raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
-    trained = next(iter(method.modules.values()))
-    trained.train()  # modules load in eval mode; LoRA dropout acts only in train mode
-    optimizer = make_optimizer(method.trainable, config)
-    steps = total_steps(config, len(sampler))
+    for module in trained.modules.values():
+        module.train()  # modules load in eval mode; LoRA dropout acts only in train mode
+    optimizer = make_optimizer(trained.trainable, config)
+    steps = total_steps(config, batches_per_epoch)
     schedule = t.schedule
     if schedule.warmup_epochs > 0:  # in optimizer steps of this data and batch size
-        per_epoch = math.ceil(len(sampler) / t.gradient_accumulation)
+        per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation)
         schedule = replace(schedule, warmup_steps=max(1, round(schedule.warmup_epochs * per_epoch)))
     lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, schedule)
     ema = None
     if t.ema.enabled:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(method.trainable, decay=t.ema.decay)
-    trained, optimizer = accelerator.prepare(trained, optimizer)
-    controlnet = trained if t.method == "controlnet" else None
-    if controlnet is not None:
-        bb.controlnet = accelerator.unwrap_model(trained)
-    elif method.wraps_denoiser:
-        bb.forward = trained
+        ema = EMAModel(trained.trainable, decay=t.ema.decay)
+    names = list(trained.modules)
+    *prepared, optimizer = accelerator.prepare(*trained.modules.values(), optimizer)
+    trained.calls = dict(zip(names, prepared, strict=True))
+    if "denoiser" in trained.calls:  # the backbone's own denoiser is called through its wrapper
+        bb.forward = trained.calls["denoiser"]
+    return Run(config, method, bb, accelerator, trained, optimizer, lr_scheduler, ema, steps, cache)
 
-    def loss_of(batch: dict[str, Any], step: int) -> torch.Tensor:
-        return step_loss(config, bb, method, batch, cache, step, controlnet)
 
-    masked = config.data.masked_loss
-    set_checkpointing(
-        config, accelerator, method, lambda: probe_step(accelerator, dataset, sampler, loss_of, optimizer, masked)
-    )
+def resume(run: Run, root: Path, resume_arg: str | None) -> None:
+    """Weights, optimizer, schedule, EMA, RNG and data position from a checkpoint folder."""
+    found = ckpt.resolve_resume(root, resume_arg)
+    if found is None:
+        return
+    run.progress, tensors, objects = ckpt.load_checkpoint(found)
+    if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
+        run.accelerator.load_state(str(found / "accelerate_state"))
+    else:
+        load_trained_state_dict(run.trained, tensors)
+        run.optimizer.load_state_dict(objects["optimizer"])
+    run.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+    if run.ema is not None and "ema" in tensors:
+        run.ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
+    run.accelerator.print(f"resumed from {found} at step {run.progress.step}")
 
-    progress = ckpt.Progress()
-    ckpt_root = out_dir / "checkpoints"
-    found = ckpt.resolve_resume(ckpt_root, resume)
-    if found is not None:
-        progress, tensors, objects = ckpt.load_checkpoint(found)
-        if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
-            accelerator.load_state(str(found / "accelerate_state"))
-        else:
-            load_trained_state_dict(method, tensors)
-            optimizer.load_state_dict(objects["optimizer"])
-        lr_scheduler.load_state_dict(objects["lr_scheduler"])
-        if ema is not None and "ema" in tensors:
-            ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
-        accelerator.print(f"resumed from {found} at step {progress.step}")
 
-    result = TrainResult(steps=progress.step, output_dir=out_dir)
-    metrics = MetricsLog(out_dir, enabled=accelerator.is_main_process, resume_step=progress.step)
-    grad_norm = torch.tensor(0.0)
-    bar = tqdm(
-        total=steps,
-        initial=progress.step,
-        desc=f"train {t.method}",
-        unit="step",
-        disable=not (show_progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
+def trained_state_dict(trained: Any, full: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """What a checkpoint keeps: the method's choice (LoRA layers, the parameters that train), else every
+    trained module whole. `full`: the gathered state dicts of sharded modules (FSDP, DeepSpeed)."""
+    if trained.state_dict is not None:
+        return trained.state_dict(trained, full)
+    return {
+        name: {k: v.detach() for k, v in (full[name] if full else module.state_dict()).items()}
+        for name, module in trained.modules.items()
+    }
+
+
+def load_trained_state_dict(trained: Any, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    if trained.load_state_dict is not None:
+        return trained.load_state_dict(trained, tensors)
+    for name, module in trained.modules.items():
+        module.load_state_dict(tensors[name])
+
+
+def batch_for(run: Run, dataset: Any, indices: list[int]) -> dict[str, Any]:
+    """This process's share of one global batch."""
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    per_rank = len(indices) // world
+    local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
+    return read_batch(dataset, local, run.config.data.masked_loss)
+
+
+def step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """One micro-batch: the method's loss, then backward, clip and optimizer step when gradients sync.
+    A non-finite loss (in any process) skips the update everywhere."""
+    acc, t = run.accelerator, run.config.training
+    with acc.accumulate(*run.trained.calls.values()), acc.autocast():
+        loss, logs = run.method.loss(run.config, run.bb, run.trained, batch, run.cache, run.progress.step)
+        finite = torch.isfinite(loss).all()
+        if acc.num_processes > 1:  # every process must agree to skip, or DDP hangs
+            finite = acc.reduce(finite.float(), reduction="min") > 0
+        if finite:
+            acc.backward(loss)
+            if acc.sync_gradients:  # an infinite bound measures the norm without clipping
+                run.grad_norm = acc.clip_grad_norm_(run.trained.trainable, t.max_grad_norm or math.inf)
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, logs, bool(finite)
+
+
+def count_nonfinite(run: Run, result: TrainResult) -> None:
+    p, t = run.progress, run.config.training
+    p.nonfinite_total += 1
+    p.nonfinite_in_row += 1
+    result.skipped_nonfinite += 1
+    if p.nonfinite_in_row >= t.max_nonfinite_steps:
+        raise UserError(
+            f"training: {p.nonfinite_in_row} non-finite losses in a row at step {p.step}; "
+            "lower training.learning_rate or check the data"
+        )
+
+
+def log(
+    run: Run, loss: torch.Tensor, logs: dict[str, torch.Tensor], metrics: Any, result: TrainResult
+) -> tuple[float, float]:
+    """After an optimizer step: schedule and EMA advance; loss, lr, grad norm and the method's own loss
+    terms (averaged over processes) go to metrics.jsonl and TensorBoard."""
+    acc = run.accelerator
+    lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
+    run.lr_scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.trained.trainable)
+    run.progress.step += 1
+    value = acc.reduce(loss.detach(), reduction="mean").item()
+    terms = {k: acc.reduce(v.detach().float(), reduction="mean").item() for k, v in logs.items()}
+    result.losses.append(value)
+    result.step_times.append(time.perf_counter())
+    grad_norm = float(run.grad_norm if run.grad_norm is not None else "nan")
+    metrics.scalars(run.progress.step, loss=value, lr=lr, grad_norm=grad_norm, **terms)
+    return value, lr
+
+
+def run_training(
+    config: Config,
+    method: Any,
+    bb: B.Backbone,
+    dataset: Any,
+    sampler: Any,
+    resume_arg: str | None = None,
+    cache: Any | None = None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+    validation: tuple[Any, Any] = (None, None),
+) -> TrainResult:
+    """Train `bb` with `method` on `dataset` batched by `sampler` (index lists of one global batch each).
+
+    `validation` is the held-out dataset (or None) and its cache. `stop_after` ends the run early
+    after that many optimizer steps (as if it crashed), for tests.
+    """
+    from tqdm import tqdm
+
+    from diffbase.training.metrics import MetricsLog
+
+    out_dir = Path(config.experiment.output_dir)
+    run = set_up(config, method, bb, len(sampler), cache)
+    set_checkpointing(run, lambda: probe_step(run, batch_for(run, dataset, next(iter(sampler)))))
+    resume(run, out_dir / "checkpoints", resume_arg)
+    acc, progress = run.accelerator, run.progress
+    result = TrainResult(steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained)
+    metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step)
+    bar = tqdm(total=run.steps, initial=progress.step, desc=f"train {config.training.method}", unit="step",
+               disable=not (show_progress and acc.is_main_process), dynamic_ncols=True)  # fmt: skip
     start, first_step = time.perf_counter(), progress.step
-    micro = 0
-    done = progress.step >= steps
-    while not done:
-        sampler.set_epoch(progress.epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(progress.epoch)
-        batches = list(sampler)
-        for b_index in range(progress.batch_in_epoch, len(batches)):
-            indices = batches[b_index]
-            per_rank = len(indices) // world
-            local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
-            batch = read_batch(dataset, local, config.data.masked_loss)
-            if not batch["index"]:  # every file of this batch failed to load (reported at the end)
-                progress.batch_in_epoch = b_index + 1
-                continue
-            with accelerator.accumulate(trained), accelerator.autocast():
-                loss = loss_of(batch, progress.step)
-                finite = torch.isfinite(loss).all()
-                if world > 1:  # every process must agree to skip, or DDP hangs
-                    finite = accelerator.reduce(finite.float(), reduction="min") > 0
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:  # an infinite bound measures the norm without clipping
-                        grad_norm = accelerator.clip_grad_norm_(method.trainable, t.max_grad_norm or math.inf)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            progress.batch_in_epoch = b_index + 1
-            if not accelerator.sync_gradients:
-                continue
-            if not finite:
-                progress.nonfinite_total += 1
-                progress.nonfinite_in_row += 1
-                result.skipped_nonfinite += 1
-                if progress.nonfinite_in_row >= t.max_nonfinite_steps:
-                    bar.close()  # the message goes on a line of its own
-                    raise UserError(
-                        f"training: {progress.nonfinite_in_row} non-finite losses in a row at step "
-                        f"{progress.step}; lower training.learning_rate or check the data"
-                    )
-                continue
-            progress.nonfinite_in_row = 0
-            lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(method.trainable)
-            progress.step += 1
-            value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            result.losses.append(value)
-            result.step_times.append(time.perf_counter())
-            rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
-            bar.update(1)
-            metrics.scalars(
-                progress.step, loss=value, lr=lr, grad_norm=float(grad_norm if grad_norm is not None else "nan")
-            )
-            if progress.step >= steps or (stop_after is not None and progress.step - first_step >= stop_after):
-                done = True
-            if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
-                result.checkpoint = save(
-                    accelerator, ckpt_root, progress, method, trained, optimizer, lr_scheduler, ema, t.keep_checkpoints
-                )
-            if done or (t.validation.every and progress.step % t.validation.every == 0):
-                validate(accelerator, config, bb, dataset, validation, metrics, progress.step, result)
-            if done:
+    try:
+        while progress.step < run.steps:
+            if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
                 break
-        else:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-    bar.close()
+    finally:
+        bar.close()  # a stopping message goes on a line of its own
     metrics.plot()
     metrics.close()
     bb.forward = None
-    result.backbone = bb
     result.steps = progress.step
-    result.finished = progress.step >= steps
+    result.finished = progress.step >= run.steps
     return result
 
 
-def step_loss(
-    config: Config,
-    bb: B.Backbone,
-    method: MethodState,
-    batch: dict[str, Any],
-    cache: Any | None,
-    step: int,
-    controlnet: Any = None,
-) -> torch.Tensor:
-    """One batch's loss: the method's own, or the standard diffusion loss."""
-    t = config.training
-    if method.loss is not None:
-        return method.loss(bb, batch, config.experiment.seed, step)
-    encoded, cond = encode_batch(bb, batch, cache)
-    return diffusion_step_loss(
-        bb,
-        t.objective,
-        encoded,
-        cond,
-        config.experiment.seed,
-        step,
-        controlnet=controlnet,
-        control_scale=t.controlnet.conditioning_scale,
-        weights=batch.get("weight"),
-    )
+def epoch(
+    run: Run, dataset: Any, sampler: Any, metrics: Any, result: TrainResult, bar: Any, clock: tuple, validation: tuple
+) -> bool:
+    """The rest of the current epoch; True when the run is done (all steps, or `stop_after`)."""
+    progress, start, first_step, stop_after = run.progress, *clock
+    sampler.set_epoch(progress.epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(progress.epoch)
+    batches = list(sampler)
+    for b_index in range(progress.batch_in_epoch, len(batches)):
+        batch = batch_for(run, dataset, batches[b_index])
+        progress.batch_in_epoch = b_index + 1
+        if not batch["index"]:  # every file of this batch failed to load (reported at the end)
+            continue
+        loss, logs, finite = step(run, batch)
+        if not run.accelerator.sync_gradients:
+            continue
+        if not finite:
+            count_nonfinite(run, result)
+            continue
+        progress.nonfinite_in_row = 0
+        value, lr = log(run, loss, logs, metrics, result)
+        rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
+        bar.update(1)
+        done = progress.step >= run.steps or (stop_after is not None and progress.step - first_step >= stop_after)
+        t = run.config.training
+        if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
+            result.checkpoint = save(run, Path(run.config.experiment.output_dir) / "checkpoints")
+        if done or (t.validation.every and progress.step % t.validation.every == 0):
+            validate(run, dataset, validation, metrics, result)
+        if done:
+            return True
+    progress.epoch += 1
+    progress.batch_in_epoch = 0
+    return False
 
 
-def probe_step(accelerator: Any, dataset: Any, sampler: Any, loss_of: Any, optimizer: Any, masked: bool) -> None:
+def probe_step(run: Run, batch: dict[str, Any]) -> None:
     """Forward and backward of the first batch, gradients dropped: what `auto` checkpointing measures."""
-    indices = next(iter(sampler))
-    per_rank = len(indices) // accelerator.num_processes
-    local = indices[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-    with accelerator.autocast():
-        loss = loss_of(read_batch(dataset, local, masked), 0)
-    accelerator.backward(loss)
-    optimizer.zero_grad(set_to_none=True)
+    with run.accelerator.autocast():
+        loss, _ = run.method.loss(run.config, run.bb, run.trained, batch, run.cache, 0)
+    run.accelerator.backward(loss)
+    run.optimizer.zero_grad(set_to_none=True)
 
 
-def set_checkpointing(config: Config, accelerator: Any, method: MethodState, probe: Any) -> None:
+def set_checkpointing(run: Run, probe: Any) -> None:
     """hardware.gradient_checkpointing: true, false, or auto (measured by one probe step on a GPU)."""
     from diffbase.training.memory import probe_needs_checkpointing
 
-    setting = config.hardware.gradient_checkpointing
+    acc, setting = run.accelerator, run.config.hardware.gradient_checkpointing
     on = setting is True
     if setting == "auto":
-        on, why = probe_needs_checkpointing(probe, accelerator.device)
-        if accelerator.num_processes > 1:  # every process makes the same choice
-            on = bool(accelerator.reduce(torch.tensor(float(on), device=accelerator.device), reduction="max") > 0)
-        accelerator.print(f"gradient checkpointing: {why}")
+        on, why = probe_needs_checkpointing(probe, acc.device)
+        if acc.num_processes > 1:  # every process makes the same choice
+            on = bool(acc.reduce(torch.tensor(float(on), device=acc.device), reduction="max") > 0)
+        acc.print(f"gradient checkpointing: {why}")
     if on:
-        for module in method.modules.values():
-            inner = accelerator.unwrap_model(module)
-            if hasattr(inner, "enable_gradient_checkpointing"):
-                inner.enable_gradient_checkpointing()
+        for module in run.trained.modules.values():
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
 
 
-def validate(
-    accelerator: Any,
-    config: Config,
-    bb: B.Backbone,
-    dataset: Any,
-    validation: tuple[Any, Any],
-    metrics: Any,
-    step: int,
-    result: TrainResult,
-) -> None:
-    """Validation images and held-out loss (or, for try-on, held-out try-on error), computed by the
-    main process while the others wait. DreamFit has no validation yet."""
+def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, result: TrainResult) -> None:
+    """The method's validation (images, held-out numbers), computed by the main process while the
+    others wait, under autocast as diffusers' scripts validate (fp32 trained weights beside a half base)."""
     from diffbase.io import save_png_atomic
 
-    v, method = config.training.validation, config.training.method
-    held_out, cache = validation
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and is_sharded(accelerator):
-        if v.prompts or held_out is not None:
-            accelerator.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
-    elif accelerator.is_main_process and method != "dreamfit":
-        with accelerator.autocast():  # as diffusers' scripts validate: fp32 trained weights beside a half base
-            grid, error, name = validation_outputs(config, bb, dataset, validation)
-        if grid is not None:
-            save_png_atomic(grid, Path(config.experiment.output_dir) / "validation" / f"step-{step:06d}.png")
-            metrics.image(step, "validation", grid)
-        if error is not None:
-            result.val_losses.append((step, error))
-            metrics.scalars(step, **{name: error})
-    accelerator.wait_for_everyone()
-
-
-def validation_outputs(
-    config: Config, bb: B.Backbone, dataset: Any, validation: tuple[Any, Any]
-) -> tuple[Any, float | None, str]:
-    """(image grid or None, held-out error or None, the error's metric name)."""
-    from diffbase.training.validation import validation_images, validation_loss
-
-    v, held_out, cache = config.training.validation, *validation
-    if config.training.method == "vton":
-        if held_out is None:
-            return None, None, ""
-        from diffbase.tryon.evaluate import tryon_validation
-
-        return (*tryon_validation(config, bb, held_out), "val_masked_l1")
-    grid = validation_images(config, bb, dataset) if v.prompts else None
-    error = validation_loss(config, bb, held_out, cache) if held_out is not None else None
-    return grid, error, "val_loss"
+    acc, config, step_no = run.accelerator, run.config, run.progress.step
+    acc.wait_for_everyone()
+    if acc.is_main_process and is_sharded(acc):
+        if config.training.validation.prompts or validation[0] is not None:
+            acc.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
+    elif acc.is_main_process:
+        with acc.autocast():
+            out = run.method.validate(config, run.bb, run.trained, dataset, validation)
+        if out.grid is not None:
+            save_png_atomic(out.grid, Path(config.experiment.output_dir) / "validation" / f"step-{step_no:06d}.png")
+            metrics.image(step_no, "validation", out.grid)
+        for name, value in out.metrics.items():
+            result.val_losses.append((step_no, value))
+            metrics.scalars(step_no, **{name: value})
+    acc.wait_for_everyone()
 
 
 def is_sharded(accelerator: Any) -> bool:
@@ -392,36 +399,27 @@ def is_sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def save(
-    accelerator: Any,
-    root: Path,
-    progress: ckpt.Progress,
-    method: MethodState,
-    trained: Any,
-    optimizer: Any,
-    lr_scheduler: Any,
-    ema: Any,
-    keep: int,
-) -> Path:
+def save(run: Run, root: Path) -> Path:
     """Checkpoint after every process reached the same step. Under DDP the main process has all it
     needs. Under FSDP and DeepSpeed every process takes part: the trained weights are gathered to
     the main process, and accelerate writes the sharded optimizer state, which is moved in."""
-    accelerator.wait_for_everyone()
+    acc, progress = run.accelerator, run.progress
+    acc.wait_for_everyone()
     folders, full = {}, None
-    if is_sharded(accelerator):
-        full = accelerator.get_state_dict(trained)
+    if is_sharded(acc):
+        full = {name: acc.get_state_dict(module) for name, module in run.trained.calls.items()}
         shards = root / f".tmp-optimizer-{progress.step:06d}"
-        accelerator.save_state(str(shards))
+        acc.save_state(str(shards))
         folders["accelerate_state"] = shards
-    if accelerator.is_main_process:
-        tensors = trained_state_dict(method, full)
-        objects = {"lr_scheduler": lr_scheduler.state_dict()}
+    if acc.is_main_process:
+        tensors = trained_state_dict(run.trained, full)
+        objects = {"lr_scheduler": run.lr_scheduler.state_dict()}
         if not folders:
-            objects["optimizer"] = optimizer.state_dict()
-        if ema is not None:
-            state = ema.state_dict()
+            objects["optimizer"] = run.optimizer.state_dict()
+        if run.ema is not None:
+            state = run.ema.state_dict()
             tensors["ema"] = {f"{i:05d}": p for i, p in enumerate(state.pop("shadow_params"))}
             objects["ema_meta"] = state
-        ckpt.save_checkpoint(root, progress, tensors, objects, keep, folders)
-    accelerator.wait_for_everyone()
+        ckpt.save_checkpoint(root, progress, tensors, objects, run.config.training.keep_checkpoints, folders)
+    acc.wait_for_everyone()
     return root / f"step-{progress.step:06d}"

@@ -75,9 +75,14 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 
 def diffusion_loss(
-    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
-    """Mean squared error per sample (optionally only where `mask` is 1), weighted, averaged over the batch."""
+    """Mean squared error per sample (optionally only where `mask` is 1), weighted, averaged over the batch
+    (or per sample with `reduce=False`, for methods that log loss terms by kind of sample)."""
     err = (pred.float() - target.float()) ** 2
     if mask is not None:
         mask = torch.nn.functional.interpolate(mask.float(), size=err.shape[-2:], mode="area").expand_as(err)
@@ -86,4 +91,4 @@ def diffusion_loss(
         per_sample = err.flatten(1).mean(1)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
-    return per_sample.mean()
+    return per_sample.mean() if reduce else per_sample

@@ -61,8 +61,10 @@ def diffusion_step_loss(
     controlnet: torch.nn.Module | None = None,
     control_scale: float = 1.0,
     weights: torch.Tensor | None = None,
+    reduce: bool = True,
 ) -> torch.Tensor:
-    """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, optional `mask`/`control`."""
+    """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, optional `mask`/`control`
+    (per sample with `reduce=False`)."""
     x0, noise, t = draw(bb, cfg, batch["mean"], batch["std"], seed, step, batch["index"])
     noisy = B.add_noise(bb, x0, noise, t)
     timesteps = B.model_timesteps(bb, t).to(x0.device)
@@ -77,7 +79,7 @@ def diffusion_step_loss(
     if cfg.snr_gamma is not None and kind != "flow":
         snr_w = min_snr_weights(B.ddpm_alphas_cumprod(bb), t, cfg.snr_gamma, kind)
         w = snr_w if w is None else w * snr_w
-    return diffusion_loss(pred, B.target(bb, x0, noise, t), w, batch.get("mask"))
+    return diffusion_loss(pred, B.target(bb, x0, noise, t), w, batch.get("mask"), reduce=reduce)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ def read_prompts(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from diffbase.cli_options import runtime, use_attention
+    from diffbase.commands.options import runtime, use_attention
     from diffbase.generate import GenerateSettings, generate, metadata, parse_size, pipeline_kwargs
     from diffbase.io import save_png_atomic
     from diffbase.models.loading import detect_family, load_model

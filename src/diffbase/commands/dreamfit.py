@@ -6,47 +6,37 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.cli_options import add_runtime_arguments
+from diffbase.commands.options import add_runtime_arguments
 from diffbase.errors import UserError
 
 
 def run_dreamfit(args: argparse.Namespace) -> None:
-    from diffbase.cli_options import runtime, use_attention
+    from diffbase.commands.options import runtime, use_attention
     from diffbase.data.images import BadFile, load_image, load_mask
-    from diffbase.dreamfit.checkpoint import load_dreamfit
-    from diffbase.dreamfit.generate import (
-        DreamFitSettings,
-        dreamfit_generate,
-        keep_image,
-        reference_image,
-    )
-    from diffbase.dreamfit.mechanism import install
+    from diffbase.dreamfit.generate import DreamFitSettings
     from diffbase.generate import parse_size
     from diffbase.io import save_png_atomic
-    from diffbase.models.loading import load_pipeline
+    from diffbase.methods.dreamfit import DREAMFIT
     from diffbase.pose import render_openpose
 
     h, w = parse_size(args.size)
     try:
-        garment = load_image(Path(args.garment))
-        pose = None
+        inputs: dict[str, Any] = {"garment": load_image(Path(args.garment))}
         if args.pose:
             pose_path = Path(args.pose)
-            pose = render_openpose(pose_path, (w, h)) if pose_path.suffix == ".json" else load_image(pose_path)
-        first = pose
+            inputs["pose"] = (
+                render_openpose(pose_path, (w, h)) if pose_path.suffix == ".json" else load_image(pose_path)
+            )
         if args.mode == "tryon":
             if not (args.person and args.mask):
                 raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
-            first = keep_image(load_image(Path(args.person)), load_mask(Path(args.mask)), pose)
+            inputs["person"], inputs["mask"] = load_image(Path(args.person)), load_mask(Path(args.mask))
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
-    pipe, spec = load_pipeline(args.model, **runtime(args))
-    if spec.family != "flux1":
-        raise UserError(f"--model: DreamFit runs on FLUX.1; {args.model} holds a {spec.family} model")
-    pipe.set_progress_bar_config(disable=True)
+    if args.mode == "pose" and "pose" not in inputs:
+        raise UserError("--mode pose: needs --pose")
+    loaded = DREAMFIT.load(args.model, args.checkpoint, args.lora_weight, args.lora_weight_mode, **runtime(args))
     use_attention(args, [])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
-    pairs = load_dreamfit(args.checkpoint, pipe.transformer, args.lora_weight, args.lora_weight_mode)
-    state = install(pipe.transformer, pairs)
     settings = DreamFitSettings(
         prompt=args.prompt,
         mode=args.mode,
@@ -57,7 +47,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         width=w,
         true_cfg=args.true_cfg,
     )
-    image = dreamfit_generate(pipe, state, settings, reference_image(args.mode, garment, (w, h), first))
+    image = DREAMFIT.run(loaded, inputs, settings)
     meta = {
         "mode": args.mode,
         "prompt": args.prompt,

@@ -4,38 +4,11 @@ Heavy imports stay inside the commands, so `diffbase --help` stays fast."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from diffbase.cli_options import add_runtime_arguments, runtime
+from diffbase.commands.options import add_runtime_arguments, runtime
 from diffbase.errors import UserError
-
-
-def load_tryon_model(
-    model: str, variant: str, weights: str | None, device: Any = "cpu", dtype: str = "float32", offload: str = "none"
-) -> Any:
-    """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights."""
-    from diffbase.models.backbone import Backbone
-    from diffbase.models.loading import load_pipeline
-    from diffbase.models.placement import place_pipeline
-    from diffbase.tryon.vton import load_catvton_attention, prepare_unet
-
-    pipe, spec = load_pipeline(model, dtype=dtype)  # on the CPU until the weights are in
-    if spec.family != "sd15":
-        raise UserError(f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model")
-    if weights:
-        info = Path(weights) / "vton.json"
-        if info.is_file():
-            trained = json.loads(info.read_text()).get("variant")
-            if trained != variant:
-                raise UserError(f"--weights: {weights} was trained as the {trained} variant; use --method {trained}")
-    prepare_unet(pipe.unet, variant)
-    if weights:
-        load_catvton_attention(pipe.unet, Path(weights))
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return Backbone(spec, place_pipeline(pipe, device, offload))
 
 
 def parse_box(text: str) -> tuple[int, int, int, int]:
@@ -60,15 +33,11 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def run_tryon(args: argparse.Namespace) -> None:
-    import torch
-    from PIL import Image
-
-    from diffbase.data.datasets import to_tensor
     from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.generate import parse_size
     from diffbase.io import save_png_atomic
-    from diffbase.tryon.data import box_mask, to_pil
-    from diffbase.tryon.sampling import tryon
+    from diffbase.methods.vton import VTON
+    from diffbase.tryon.data import box_mask
 
     if (args.mask is None) == (args.box is None):
         raise UserError("--mask / --box: give exactly one (the garment area on the person)")
@@ -78,17 +47,9 @@ def run_tryon(args: argparse.Namespace) -> None:
         mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box))
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
-    bb = load_tryon_model(args.model, args.method, args.weights, **runtime(args))
+    bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
     settings = settings_from(args)
-
-    def prep(img: Image.Image, nearest: bool = False) -> torch.Tensor:
-        return to_tensor(img.resize((w, h), Image.NEAREST if nearest else Image.BICUBIC))[None]
-
-    m = (prep(mask, nearest=True) > 0.5).float()
-    result = to_pil(tryon(bb, args.method, prep(person), prep(garment), m, settings)[0])
-    result = result.resize(person.size, Image.BICUBIC)
-    if settings.repaint:  # keep the person's own pixels outside the mask at full resolution
-        result = Image.composite(result, person, mask.resize(person.size).point(lambda v: 255 if v > 127 else 0))
+    result = VTON.run(bb, {"person": person, "garment": garment, "mask": mask}, settings, (h, w))
     meta = {
         "method": args.method,
         "model": args.model,
@@ -107,12 +68,13 @@ def run_eval(args: argparse.Namespace) -> None:
     from diffbase.generate import parse_size
     from diffbase.grid import image_grid
     from diffbase.io import save_png_atomic, write_json_atomic
+    from diffbase.methods.vton import VTON
     from diffbase.tryon.data import TryOnDataset, read_tryon
     from diffbase.tryon.evaluate import run_pairs
 
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
     dataset = TryOnDataset(records, parse_size(args.size))
-    bb = load_tryon_model(args.model, args.method, args.weights, **runtime(args))
+    bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
     folder = Path(args.out)
     header = ["person", "garment", "result", "ground truth"]

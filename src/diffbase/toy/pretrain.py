@@ -34,7 +34,7 @@ SIZE = 32
 def image_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n people, their garment masks, and n product shots, as tensors in [-1, 1] / {0, 1}."""
     from diffbase.data.datasets import to_tensor
-    from diffbase.data.synthetic import make_item
+    from diffbase.toy.synthetic import make_item
 
     people, masks, shots = [], [], []
     for i in range(n):
@@ -147,7 +147,7 @@ def train_inpainting(
 
 def captioned_folder(folder: Path, n: int, seed: int) -> Path:
     """Synthetic training-split people and product shots with captions, for text-to-image."""
-    from diffbase.data.synthetic import make_item
+    from diffbase.toy.synthetic import make_item
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -165,9 +165,10 @@ def train_text_to_image(pipe: Any, cfg: Any, work: Path, steps: int, n: int, see
     import shutil
 
     from diffbase.config import load_config
+    from diffbase.methods.full_finetune import FULL_FINETUNE
     from diffbase.models.backbone import Backbone
     from diffbase.models.specs import spec_for
-    from diffbase.training.train import build_dataset, run_training
+    from diffbase.training.train import prepare_cache, run_training
 
     stage = work / "_stage"
     base = stage / "base"
@@ -196,13 +197,12 @@ def train_text_to_image(pipe: Any, cfg: Any, work: Path, steps: int, n: int, see
         ],
     )
     bb = Backbone(spec_for(cfg.family, cfg.variant), pipe)
-    dataset = build_dataset(config)
-    from diffbase.training.train import prepare_cache
+    dataset = FULL_FINETUNE.dataset(config, False, bb)
 
     kept = {te.component: getattr(pipe, te.component) for te in bb.spec.text_encoders}
     vae_parts = {"encoder": pipe.vae.encoder, "decoder": pipe.vae.decoder}
     cache = prepare_cache(config, bb, [dataset], show)[0]  # frees the encoders, which the saved model needs back
-    result = run_training(config, bb, dataset, dataset.sampler(16), cache=cache, show_progress=show)
+    result = run_training(config, FULL_FINETUNE, bb, dataset, dataset.sampler(16), cache=cache, show_progress=show)
     pipe.vae.encoder, pipe.vae.decoder = vae_parts["encoder"], vae_parts["decoder"]
     pipe.register_modules(**kept)  # (plain setattr would leave model_index.json saying None)
     shutil.rmtree(stage, ignore_errors=True)

@@ -1,0 +1,175 @@
+"""DreamFit on FLUX.1 (the official training code was never released): every DreamFit LoRA trains, the
+base stays frozen, flow matching on the person image, with the write pass inside the same step so the
+loss reaches the write-pass LoRAs through the banks. Saved in the official key layout.
+
+A batch is a try-on pair (diffbase.tryon.data): the reference is the garment alone (garment mode),
+[pose render | garment] (pose mode) or [keep image | garment] (try-on mode; the keep image is the
+person with the garment area blacked out), the target is the person, the caption the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.methods import text_to_image, vton
+from diffbase.methods.registry import Method, Trained, Validation, register
+from diffbase.models import backbone as B
+from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
+from diffbase.training.step import sample_generator
+
+
+@dataclass
+class DreamFitConfig:
+    """DreamFit training: LoRAs on every block, the write pass inside the step."""
+
+    mode: Literal["garment", "pose", "tryon"] = "tryon"
+    rank: int = 16
+    size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
+    prompt: str | None = None  # one prompt for every item instead of the captions
+
+
+def prepare(bb: Any, config: Config) -> Trained:
+    from diffbase.dreamfit.checkpoint import Dims
+    from diffbase.dreamfit.loras import DreamFitLoras
+    from diffbase.dreamfit.mechanism import install
+
+    if bb.family != "flux1":
+        raise UserError(f"training.method: dreamfit trains on FLUX.1, not {bb.family}")
+    text_to_image.freeze(bb)
+    loras = DreamFitLoras(Dims.of(bb.denoiser), config.training.dreamfit.rank, seed=0)
+    state = install(bb.denoiser, loras.pairs())
+    bb.adapters["dreamfit"] = loras
+    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state})
+
+
+def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
+    """The write pass's pixels: the garment, [pose | garment] or [keep | garment]."""
+    garment = batch["garment"]
+    if mode == "garment":
+        return garment
+    if mode == "pose":
+        if "pose" not in batch:
+            raise UserError("training.dreamfit.mode: pose needs a 'pose' image for every pair in the metadata")
+        return torch.cat([batch["pose"], garment], dim=-1)
+    keep = batch["person"] * (1 - batch["person_mask"]) - batch["person_mask"]  # blacked out: -1 in [-1, 1]
+    return torch.cat([keep, garment], dim=-1)
+
+
+def write_pass(bb: Any, trained: Trained, batch: dict[str, Any], mode: str, guidance: float) -> None:
+    """The reference through the transformer with the LoRAs on, at timestep 0, filling the banks (with
+    gradients: the banks carry them to the write-pass LoRAs)."""
+    from diffbase.dreamfit.generate import GARMENT_TEXT
+
+    state, transformer, n, device = trained.extras["banks"], bb.forward or bb.denoiser, len(batch["index"]), bb.device
+    if "garment_text" not in trained.extras:
+        trained.extras["garment_text"] = B.encode_prompts(bb, [GARMENT_TEXT[mode]])
+    text = trained.extras["garment_text"]
+    with torch.no_grad():
+        ref = B.encode_images(bb, reference_pixels(batch, mode).to(device), sample=False)
+    g = torch.full([n], guidance, device=device) if bb.denoiser.config.guidance_embeds else None
+    ids = B.image_ids(bb, ref)
+    state.clear()
+    state.mode = "write"
+    try:
+        transformer(
+            hidden_states=B.pack(bb, ref),
+            timestep=torch.zeros(n, device=device),
+            guidance=g,
+            pooled_projections=text["pooled_prompt_embeds"].expand(n, -1),
+            encoder_hidden_states=text["prompt_embeds"].expand(n, -1, -1),
+            txt_ids=text["text_ids"],
+            img_ids=ids[0] if ids.dim() == 3 else ids,
+            return_dict=False,
+        )
+    finally:
+        state.mode = "read"
+
+
+def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Write pass on the reference, then flow matching on the person (the configured timestep sampling
+    and guidance value), reading the banks."""
+    d, objective = config.training.dreamfit, config.training.objective
+    state, device = trained.extras["banks"], bb.device
+    gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
+    write_pass(bb, trained, batch, d.mode, objective.guidance)
+    with torch.no_grad():
+        x0 = B.encode_images(bb, batch["person"].to(device), sample=False)
+    cond = B.encode_prompts(bb, [d.prompt] * len(gens) if d.prompt is not None else batch["caption"])
+    seq_len = B.image_seq_len(bb, tuple(x0.shape[-2:]))
+    scheduler = dict(bb.pipe.scheduler.config)
+    sigma = torch.cat([sample_flow_sigmas(objective, 1, scheduler, seq_len, generator=g) for g in gens])
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
+    noisy = B.add_noise(bb, x0, noise, sigma)
+    pred = B.denoise(bb, noisy, B.model_timesteps(bb, sigma).to(device), cond, guidance=objective.guidance)
+    state.clear()
+    state.mode = "off"
+    return diffusion_loss(pred, B.target(bb, x0, noise, sigma)), {}
+
+
+def dataset(config: Config, held_out: bool, bb: Any) -> Any:
+    return vton.pairs_dataset(config, held_out, config.training.dreamfit.size)
+
+
+def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+    return Validation()  # no validation images for DreamFit training yet
+
+
+def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
+    """The official key layout, so the official inference code can load it."""
+    return {"dreamfit": str(trained.modules["dreamfit"].save_official(out_dir / "dreamfit" / "dreamfit.bin"))}
+
+
+def load(
+    model: str, checkpoint: str, lora_weight: float = 1.0, lora_weight_mode: str = "official", **runtime: Any
+) -> tuple[Any, Any]:
+    """A FLUX.1 pipeline with an official DreamFit checkpoint installed: (pipe, bank state)."""
+    from diffbase.dreamfit.checkpoint import load_dreamfit
+    from diffbase.dreamfit.mechanism import install
+    from diffbase.models.loading import load_pipeline
+
+    pipe, spec = load_pipeline(model, **runtime)
+    if spec.family != "flux1":
+        raise UserError(f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
+    pipe.set_progress_bar_config(disable=True)
+    pairs = load_dreamfit(checkpoint, pipe.transformer, lora_weight, lora_weight_mode)
+    return pipe, install(pipe.transformer, pairs)
+
+
+def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
+    """One image: `inputs` has the garment and, by mode, a pose image or person and mask (PIL)."""
+    from diffbase.dreamfit.generate import dreamfit_generate, keep_image, reference_image
+
+    pipe, state = loaded
+    first = inputs.get("pose")
+    if settings.mode == "tryon":
+        if inputs.get("person") is None or inputs.get("mask") is None:
+            raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
+        first = keep_image(inputs["person"], inputs["mask"], first)
+    reference = reference_image(settings.mode, inputs["garment"], (settings.width, settings.height), first)
+    return dreamfit_generate(pipe, state, settings, reference)
+
+
+DREAMFIT = register(
+    Method(
+        name="dreamfit",
+        prepare=prepare,
+        loss=loss,
+        export=export,
+        dataset=dataset,
+        validate=validate,
+        section=("dreamfit", DreamFitConfig),
+        multi_process=False,
+        cacheable=False,
+        load=load,
+        run=run,
+        describe="DreamFit's LoRAs with the write pass inside the step",
+    )
+)

@@ -1,0 +1,1 @@
+"""Synthetic people in patterned garments and the toy models pretrained on them (the embedded default)."""

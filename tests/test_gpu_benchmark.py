@@ -1,0 +1,56 @@
+"""benchmarks/gpu.py --tiny: every stage of the GPU benchmark runs its code path on a CPU with tiny
+models and lands in the table with a number; no timing thresholds (CPU timings of tiny models mean nothing)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("train", "klein", "generate", "dreamfit", "tryon", "auto")
+RATIOS = (
+    "diffbase (cached) / plain diffusers+peft",
+    "diffbase uncached / cached",
+    "diffbase `generate()` / bare FluxPipeline",
+    "DreamFit generation / plain FLUX.1 generation",
+)
+NUMBER = re.compile(r"^\d+(\.\d+)?\b")
+
+
+def rows(table: str) -> list[list[str]]:
+    """The body rows of the markdown table, as cells (stage, measure, value, goal, result)."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines and lines[0].startswith("| stage | measure |"), table
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_tiny_run_reports_every_stage_and_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "r.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    table = out.read_text()
+    assert table.strip() in proc.stdout  # printed as well as written
+    assert table.startswith("## CPU (tiny)")
+    body = rows(table)
+    assert all(len(cells) == 5 for cells in body), body
+    errors = [cells for cells in body if cells[4] == "ERROR" or cells[1] == "error"]
+    assert not errors, errors
+    for stage in STAGES:
+        values = [cells[2] for cells in body if cells[0] == stage]
+        assert any(NUMBER.match(v) for v in values), (stage, values)
+    for measure in RATIOS:
+        found = [cells for cells in body if cells[0] == "ratios" and measure in cells[1]]
+        assert len(found) == 1, (measure, body)
+        _, _, value, goal, result = found[0]
+        assert NUMBER.match(value) and goal.startswith("<=") and result in ("PASS", "FAIL"), found[0]
+    # the step's FLOPs were counted, and CPU rows say n/a for what only a GPU has
+    assert any("FLOPs of one training step" in cells[1] and NUMBER.match(cells[2]) for cells in body)
+    assert all(cells[2].startswith("n/a") for cells in body if "MFU" in cells[1] or "peak memory" in cells[1])
