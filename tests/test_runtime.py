@@ -173,3 +173,20 @@ def test_doctor_runs_on_a_cpu_and_says_so() -> None:
     assert "hardware.attention_backend auto uses" in out
     code, _, err = run_cli("doctor", "--device", "cuda:7")
     assert code == 2 and err.startswith("error: --device: cuda:7 requested")
+
+
+def test_a_batch_is_on_the_compute_device_before_the_loss(tiny_model) -> None:
+    """Masks and control images reach the loss on the denoiser's device (on a GPU, a CPU control image
+    escaped CUDA autocast and every ControlNet run failed at its first step)."""
+    from diffbase.training.loop import encode_batch
+
+    bb = backbone(tiny_model, "sd15")
+    bb.denoiser.to("meta")
+
+    class Cached:  # posterior and text already computed, as a cache gives them
+        def lookup(self, batch):
+            return torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), {"prompt_embeds": torch.zeros(1, 3, 8)}
+
+    batch = {"index": [0], "mask": torch.ones(1, 1, 16, 16), "control": torch.zeros(1, 3, 16, 16), "size": (16, 16)}
+    encoded, _ = encode_batch(bb, batch, Cached())
+    assert {encoded[k].device.type for k in ("mean", "std", "mask", "control")} == {"meta"}

@@ -300,7 +300,9 @@ def controlnet_residuals(
         return {"block_controlnet_hidden_states": blocks}
     g = None
     if inner.config.guidance_embeds:
-        g = torch.full([latents.shape[0]], 1.0 if guidance is None else guidance, dtype=torch.float32)
+        g = torch.full(
+            [latents.shape[0]], 1.0 if guidance is None else guidance, device=latents.device, dtype=torch.float32
+        )
     blocks, single = controlnet(
         hidden_states=pack(bb, latents),
         controlnet_cond=pack(bb, control_latents),

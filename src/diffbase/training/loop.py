@@ -84,9 +84,9 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
             if cond is None:
                 cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
     out = {"mean": mean.float().to(bb.device), "std": std.float().to(bb.device), "index": batch["index"]}
-    for key in ("mask", "control"):
+    for key in ("mask", "control"):  # on the compute device too: CUDA autocast leaves CPU tensors alone
         if batch.get(key) is not None:
-            out[key] = batch[key]
+            out[key] = batch[key].to(bb.device)
     return out, cond
 
 
