@@ -67,22 +67,21 @@ def reference_image(
 def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, reference: Image.Image) -> Image.Image:
     """One image: the write pass on `reference` with the mode's text, then FLUX.1 sampling that reads."""
     from diffbase.data.datasets import to_tensor
-    from diffbase.models.backbone import Backbone, encode_images, text_length
+    from diffbase.models.backbone import Backbone, encode_images, image_ids, pack, text_length
     from diffbase.models.specs import spec_for
 
     if settings.mode not in GARMENT_TEXT:
         raise UserError(f"--mode: expected one of {sorted(GARMENT_TEXT)}, got '{settings.mode}'")
     transformer, device = pipe.transformer, pipe.transformer.device
+    bb = Backbone(spec_for("flux1"), pipe)
     length = text_length(pipe, "flux1")
     guidance = torch.full([1], settings.guidance, device=device) if transformer.config.guidance_embeds else None
 
     def write(text: str, image: Image.Image, negative: bool) -> None:
         # the text is padded like the prompt: single-block reads reuse the prompt's text ids
         embeds, pooled, text_ids = pipe.encode_prompt(text, None, device=device, **length)
-        z = encode_images(Backbone(spec_for("flux1"), pipe), to_tensor(image)[None].to(device), sample=False)
-        _, c, h, w = z.shape
-        packed = pipe._pack_latents(z.to(transformer.dtype), 1, c, h, w)
-        ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, transformer.dtype)
+        z = encode_images(bb, to_tensor(image)[None].to(device), sample=False).to(transformer.dtype)
+        packed, ids = pack(bb, z), image_ids(bb, z)
         write_banks(
             transformer,
             state,

@@ -22,6 +22,25 @@ Cond = dict[str, torch.Tensor]
 
 
 @dataclass
+class Conditioning:
+    """What a method adds to one denoiser call beyond the noisy latents and the text; `denoise` builds
+    the call from it for every family, so methods never touch a pipeline's packing or id helpers.
+
+    - `tokens` / `token_ids`: extra image tokens (packed reference latents, see `pack` and
+      `reference_ids`) appended after the noisy tokens; the output is sliced back to the noisy
+      tokens (FLUX.1 Kontext, FLUX.2 reference images).
+    - `channels`: extra input channels on the latent grid (B, C, H, W), joined to the noisy latents
+      along the channels (packed the same way for FLUX: FLUX.1 Fill's masked latent and mask).
+    - `residuals`: ControlNet outputs, passed to the denoiser in its dtype.
+    """
+
+    tokens: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
+    residuals: dict[str, Any] | None = None
+
+
+@dataclass
 class Backbone:
     spec: FamilySpec
     pipe: Any
@@ -178,6 +197,21 @@ def image_ids(bb: Backbone, latents: torch.Tensor) -> torch.Tensor:
     return bb.pipe._prepare_latent_ids(latents).to(latents.device)
 
 
+def reference_ids(bb: Backbone, latents: torch.Tensor, index: int = 0) -> torch.Tensor:
+    """Position ids of reference image `index`'s tokens, as the family's editing pipeline gives them:
+    FLUX.1 Kontext puts the reference grid at t = 1 (one reference); FLUX.2 puts reference i at
+    t = 10 + 10 * i (its pipeline's `_prepare_image_ids` with scale 10)."""
+    if bb.family == "flux1":
+        if index:
+            raise ValueError("FLUX.1 Kontext takes one reference image")
+        ids = image_ids(bb, latents).clone()
+        ids[..., 0] = 1
+        return ids
+    count = latents.shape[-2] * latents.shape[-1]
+    ids = bb.pipe._prepare_image_ids([latents[0]] * (index + 1), scale=10)[..., -count:, :]  # (1, N, 4)
+    return ids.expand(latents.shape[0], -1, -1).to(latents.device)
+
+
 def image_seq_len(bb: Backbone, latent_hw: tuple[int, int]) -> int:
     h, w = latent_hw
     if bb.family == "flux1":
@@ -197,17 +231,21 @@ def denoise(
     timesteps: torch.Tensor,
     cond: Cond,
     guidance: float | None = None,
-    residuals: dict[str, Any] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
-    """One denoiser forward, built as the family's pipeline builds it; returns (B, C, H, W).
+    """One denoiser forward, built as the family's pipeline builds it; returns (B, C, H, W) for the
+    noisy latents only.
 
     `timesteps` are in the scheduler's units (0..1000, i.e. sigma * 1000 for flow models);
-    `residuals` are ControlNet outputs passed through to the denoiser.
+    `conditioning` holds what a method adds (extra tokens, extra channels, ControlNet residuals).
     """
     model, family = bb.denoiser, bb.family
     call = bb.forward or model
+    c = conditioning or Conditioning()
     latents = latents.to(model.dtype)
-    extra = {k: _cast(v, model.dtype) for k, v in (residuals or {}).items()}
+    extra = {k: _cast(v, model.dtype) for k, v in (c.residuals or {}).items()}
+    if family != "flux1" and family != "flux2" and c.channels is not None:
+        latents = torch.cat([latents, c.channels.to(latents)], dim=1)
     if family in ("sd15", "sdxl"):
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["prompt_embeds"]}
         if family == "sdxl":
@@ -231,18 +269,25 @@ def denoise(
         g = torch.full(
             [latents.shape[0]], 1.0 if guidance is None else guidance, device=latents.device, dtype=torch.float32
         )
+    tokens, ids = pack(bb, latents), image_ids(bb, latents)
+    count = tokens.shape[1]
+    if c.channels is not None:  # Fill: [noisy | masked latent | mask] per token
+        tokens = torch.cat([tokens, pack(bb, c.channels.to(latents))], dim=-1)
+    if c.tokens is not None:  # references after the noisy tokens, with their own ids
+        tokens = torch.cat([tokens, c.tokens.to(latents)], dim=1)
+        ids = torch.cat([ids, c.token_ids.to(ids)], dim=-2)
     kwargs = {
-        "hidden_states": pack(bb, latents),
+        "hidden_states": tokens,
         "timestep": t / 1000,
         "guidance": g,
         "encoder_hidden_states": cond["prompt_embeds"],
         "txt_ids": cond["text_ids"],
-        "img_ids": image_ids(bb, latents),
+        "img_ids": ids,
         "return_dict": False,
     }
     if family == "flux1":
         kwargs["pooled_projections"] = cond["pooled_prompt_embeds"]
-    out = call(**kwargs, **extra)[0]
+    out = call(**kwargs, **extra)[0][:, :count]
     return unpack(bb, out, latents.shape[-2:])
 
 

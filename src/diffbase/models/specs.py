@@ -41,6 +41,8 @@ CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", "clip_l", "clip", "CLIPTex
 CLIP_G = TextEncoderSpec(
     "text_encoder_2", "tokenizer_2", "clip_g", "clip", "CLIPTextConfig", "CLIPTextModelWithProjection", 77
 )
+FLUX1_TEXT = (CLIP_L, TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", "t5", "T5Config", "T5EncoderModel", 512))
+QWEN3 = TextEncoderSpec("text_encoder", "tokenizer", "qwen3", "qwen", "Qwen3Config", "Qwen3ForCausalLM", 512)
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -101,10 +103,7 @@ FAMILIES: dict[str, FamilySpec] = {
             denoiser_class="FluxTransformer2DModel",
             vae_class="AutoencoderKL",
             scheduler_class="FlowMatchEulerDiscreteScheduler",
-            text_encoders=(
-                CLIP_L,
-                TextEncoderSpec("text_encoder_2", "tokenizer_2", "t5", "t5", "T5Config", "T5EncoderModel", 512),
-            ),
+            text_encoders=FLUX1_TEXT,
             prediction="flow",
             variants=("dev", "schnell", "tiny", "tiny-schnell", "toy"),
             pipeline_extras=(("image_encoder", None), ("feature_extractor", None)),
@@ -139,11 +138,47 @@ FAMILIES: dict[str, FamilySpec] = {
             denoiser_class="Flux2Transformer2DModel",
             vae_class="AutoencoderKLFlux2",
             scheduler_class="FlowMatchEulerDiscreteScheduler",
-            text_encoders=(
-                TextEncoderSpec("text_encoder", "tokenizer", "qwen3", "qwen", "Qwen3Config", "Qwen3ForCausalLM", 512),
-            ),
+            text_encoders=(QWEN3,),
             prediction="flow",
             variants=("klein-4b", "klein-9b", "tiny-klein"),
+        ),
+        # The pipelines the editing and inpainting methods need: same components, other pipeline classes.
+        FamilySpec(
+            name="flux1-kontext",
+            family="flux1",
+            pipeline="FluxKontextPipeline",
+            denoiser="transformer",
+            denoiser_class="FluxTransformer2DModel",
+            vae_class="AutoencoderKL",
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            text_encoders=FLUX1_TEXT,
+            prediction="flow",
+            variants=("kontext-dev", "tiny-kontext"),
+            pipeline_extras=(("image_encoder", None), ("feature_extractor", None)),
+        ),
+        FamilySpec(
+            name="flux1-fill",
+            family="flux1",
+            pipeline="FluxFillPipeline",
+            denoiser="transformer",
+            denoiser_class="FluxTransformer2DModel",
+            vae_class="AutoencoderKL",
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            text_encoders=FLUX1_TEXT,
+            prediction="flow",
+            variants=("fill-dev", "tiny-fill"),
+        ),
+        FamilySpec(
+            name="flux2-klein-inpaint",
+            family="flux2",
+            pipeline="Flux2KleinInpaintPipeline",
+            denoiser="transformer",
+            denoiser_class="Flux2Transformer2DModel",
+            vae_class="AutoencoderKLFlux2",
+            scheduler_class="FlowMatchEulerDiscreteScheduler",
+            text_encoders=(QWEN3,),
+            prediction="flow",
+            variants=("klein-4b-inpaint", "tiny-klein-inpaint"),
         ),
     )
 }

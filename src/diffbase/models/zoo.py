@@ -17,6 +17,9 @@ TINY_CONFIGS = {
     "flux1": "flux1_tiny.yaml",
     "flux2": "flux2_tiny.yaml",
     "flux2-klein": "flux2_klein_tiny.yaml",
+    "flux1-kontext": "flux1_kontext_tiny.yaml",
+    "flux1-fill": "flux1_fill_tiny.yaml",
+    "flux2-klein-inpaint": "flux2_klein_inpaint_tiny.yaml",
 }
 
 

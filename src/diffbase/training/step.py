@@ -73,7 +73,9 @@ def diffusion_step_loss(
         residuals = B.controlnet_residuals(
             bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
         )
-    pred = B.denoise(bb, noisy, timesteps, cond, guidance=cfg.guidance, residuals=residuals)
+    pred = B.denoise(
+        bb, noisy, timesteps, cond, guidance=cfg.guidance, conditioning=B.Conditioning(residuals=residuals)
+    )
     kind = B.prediction_kind(bb)
     w = weights
     if cfg.snr_gamma is not None and kind != "flow":
@@ -111,6 +113,8 @@ def fixed_time_loss(
             residuals = B.controlnet_residuals(
                 bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
             )
-        pred = B.denoise(bb, noisy, timesteps, cond, guidance=cfg.guidance, residuals=residuals)
+        pred = B.denoise(
+            bb, noisy, timesteps, cond, guidance=cfg.guidance, conditioning=B.Conditioning(residuals=residuals)
+        )
         total += diffusion_loss(pred, B.target(bb, x0, noise.to(x0), t), None, batch.get("mask")).item()
     return total / len(times)
