@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports  # layers point down, no import cycles (.importlinter)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
@@ -26,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/vton.py
 	$(PY) benchmarks/dreamfit.py
+	$(PY) benchmarks/gpu.py --tiny  # on a GPU machine: python benchmarks/gpu.py --out benchmarks/gpu.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -66,25 +66,43 @@ def human(n: int) -> str:
     return str(n)
 
 
-def vton_trainable(target: str | Path, overrides: list[str] | None = None) -> int | None:
-    """For a try-on experiment (training.method vton): the attn1 parameters that train, on the meta device."""
+def trainable(target: str | Path, overrides: list[str] | None = None) -> tuple[int, str] | None:
+    """For an experiment config: what its method trains (count and the method's words), found by letting
+    the method prepare the backbone built on the meta device. None for a bare model config."""
     import torch
 
     path = Path(target)
     if path.suffix not in (".yaml", ".yml"):
         return None
     from diffbase.config import load_config
+    from diffbase.methods import get
+    from diffbase.models.backbone import Backbone
+    from diffbase.models.build import build_components
+    from diffbase.models.specs import spec_for
 
     config = load_config(path, overrides)
-    if config.training.method != "vton":
+    if "method" not in load_raw_training(path):
         return None
-    from diffbase.models.build import build_components
-    from diffbase.tryon.vton import attn1_count, expand_conv_in
-
+    method = get(config.training.method)
     with torch.device("meta"):
-        unet = build_components(config.model, tiny_tokenizers=False)["unet"]
-        expand_conv_in(unet, config.training.vton.variant)
-    return attn1_count(unet)
+        components = build_components(config.model, tiny_tokenizers=False)
+        bb = Backbone(spec_for(config.model.family, config.model.variant), _Components(components))
+        trained = method.prepare(bb, config)
+    return sum(p.numel() for p in trained.trainable), method.describe
+
+
+class _Components:
+    """Just enough of a pipeline for `prepare` on the meta device: attributes and `components`."""
+
+    def __init__(self, components: dict[str, Any]) -> None:
+        self.__dict__.update(components)
+        self.components = components
+
+
+def load_raw_training(path: Path) -> dict[str, Any]:
+    from diffbase.config import load_raw
+
+    return load_raw(path).get("training") or {}
 
 
 def describe(target: str, overrides: list[str] | None = None) -> str:
@@ -93,7 +111,8 @@ def describe(target: str, overrides: list[str] | None = None) -> str:
     lines = [f"{name:<{width}}  {human(n):>9}  ({n:,})" for name, n in counts.items()]
     total = sum(counts.values())
     lines.append(f"{'total':<{width}}  {human(total):>9}  ({total:,})")
-    trainable = vton_trainable(target, overrides)
-    if trainable is not None:
-        lines.append(f"{'trains':<{width}}  {human(trainable):>9}  ({trainable:,}; every attn1 to_q/to_k/to_v/to_out)")
+    trains = trainable(target, overrides)
+    if trains is not None:
+        count, words = trains
+        lines.append(f"{'trains':<{width}}  {human(count):>9}  ({count:,}; {words})")
     return "\n".join(lines)

@@ -1,78 +1,18 @@
-"""Load a backbone from local files only: a diffusers folder, or a single-file checkpoint.
-
-The family is read from the folder's `model_index.json`; nothing is fetched from a hub.
-"""
+"""Load a backbone from local files only: a diffusers folder (models.folders), or a single-file
+checkpoint with a local folder for everything else (models.single_file)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diffbase.errors import UserError
+from diffbase.models.folders import DTYPES, detect_family, load_pipeline, quiet_loading, read_model_index
 from diffbase.models.placement import place_pipeline
-from diffbase.models.specs import FamilySpec, spec_for_pipeline
+from diffbase.models.single_file import load_single_file_pipeline
+from diffbase.models.specs import FamilySpec
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def quiet_loading() -> None:
-    """No per-component loading bars: the CLI shows its own progress and keeps stderr for errors."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def read_model_index(path: str | Path) -> dict[str, Any]:
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(f"{folder}: model path not found")
-    index = folder / "model_index.json"
-    if not folder.is_dir() or not index.is_file():
-        raise UserError(f"{folder}: expected a diffusers model folder with model_index.json")
-    try:
-        return json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{index}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def detect_family(path: str | Path) -> FamilySpec:
-    """The family spec of a diffusers folder, from the pipeline class in model_index.json."""
-    index = read_model_index(path)
-    return spec_for_pipeline(str(index.get("_class_name")), f"{Path(path) / 'model_index.json'}")
-
-
-def _check_components(folder: Path, index: dict[str, Any]) -> None:
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        if not (folder / name).is_dir():
-            raise UserError(f"{folder}: model_index.json lists '{name}' but the folder {folder / name} is missing")
-
-
-def load_pipeline(
-    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none"
-) -> tuple[Any, FamilySpec]:
-    """A diffusers pipeline from a local folder, with its family spec, placed by the device policy."""
-    import diffusers
-
-    folder = Path(path)
-    index = read_model_index(folder)
-    spec = spec_for_pipeline(str(index.get("_class_name")), str(folder / "model_index.json"))
-    _check_components(folder, index)
-    cls = getattr(diffusers, spec.pipeline)
-    quiet_loading()
-    try:
-        pipe = cls.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None
-    pipe.set_progress_bar_config(disable=True)
-    return place_pipeline(pipe, device, offload), spec
+__all__ = ["DTYPES", "detect_family", "load_model", "load_pipeline", "quiet_loading", "read_model_index"]
 
 
 def load_model(
@@ -90,8 +30,6 @@ def load_model(
         return load_pipeline(path, dtype=dtype, device=device, offload=offload)
     if not path.exists():
         raise UserError(f"{path}: model path not found")
-    from diffbase.models.single_file import load_single_file_pipeline
-
     if config is None:
         raise UserError(f"{path}: a single-file checkpoint needs --config, a local diffusers folder of the same family")
     pipe, spec = load_single_file_pipeline(path, Path(config), dtype=dtype)

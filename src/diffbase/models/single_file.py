@@ -14,7 +14,7 @@ import torch
 
 from diffbase.errors import UserError
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, is_bfl_flux1
-from diffbase.models.loading import DTYPES, detect_family, load_pipeline, quiet_loading
+from diffbase.models.folders import DTYPES, detect_family, load_pipeline, quiet_loading
 from diffbase.models.specs import FamilySpec
 
 # Key fragments that identify what a file holds, checked in order.

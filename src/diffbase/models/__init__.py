@@ -1,0 +1,1 @@
+"""Backbones: family specs, building, local loading, the training interface, device placement."""
