@@ -5,7 +5,7 @@ Like BFL's `util.py`, this is data, not behaviour: builders and loaders read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from diffbase.errors import UserError, closest
 
@@ -142,46 +142,24 @@ FAMILIES: dict[str, FamilySpec] = {
             prediction="flow",
             variants=("klein-4b", "klein-9b", "tiny-klein"),
         ),
-        # The pipelines the editing and inpainting methods need: same components, other pipeline classes.
-        FamilySpec(
-            name="flux1-kontext",
-            family="flux1",
-            pipeline="FluxKontextPipeline",
-            denoiser="transformer",
-            denoiser_class="FluxTransformer2DModel",
-            vae_class="AutoencoderKL",
-            scheduler_class="FlowMatchEulerDiscreteScheduler",
-            text_encoders=FLUX1_TEXT,
-            prediction="flow",
-            variants=("kontext-dev", "tiny-kontext"),
-            pipeline_extras=(("image_encoder", None), ("feature_extractor", None)),
-        ),
-        FamilySpec(
-            name="flux1-fill",
-            family="flux1",
-            pipeline="FluxFillPipeline",
-            denoiser="transformer",
-            denoiser_class="FluxTransformer2DModel",
-            vae_class="AutoencoderKL",
-            scheduler_class="FlowMatchEulerDiscreteScheduler",
-            text_encoders=FLUX1_TEXT,
-            prediction="flow",
-            variants=("fill-dev", "tiny-fill"),
-        ),
-        FamilySpec(
-            name="flux2-klein-inpaint",
-            family="flux2",
-            pipeline="Flux2KleinInpaintPipeline",
-            denoiser="transformer",
-            denoiser_class="Flux2Transformer2DModel",
-            vae_class="AutoencoderKLFlux2",
-            scheduler_class="FlowMatchEulerDiscreteScheduler",
-            text_encoders=(QWEN3,),
-            prediction="flow",
-            variants=("klein-4b-inpaint", "tiny-klein-inpaint"),
-        ),
     )
 }
+
+# The pipelines the editing and inpainting methods need: the same components, other pipeline classes.
+_EDITING = (
+    ("flux1", "flux1-kontext", "FluxKontextPipeline", ("kontext-dev", "tiny-kontext"), None),
+    ("flux1", "flux1-fill", "FluxFillPipeline", ("fill-dev", "tiny-fill"), ()),
+    (
+        "flux2-klein",
+        "flux2-klein-inpaint",
+        "Flux2KleinInpaintPipeline",
+        ("klein-4b-inpaint", "tiny-klein-inpaint"),
+        None,
+    ),
+)
+for _base, _name, _pipeline, _variants, _extras in _EDITING:
+    _row = replace(FAMILIES[_base], name=_name, pipeline=_pipeline, variants=_variants)
+    FAMILIES[_name] = _row if _extras is None else replace(_row, pipeline_extras=_extras)
 
 PIPELINE_TO_SPEC = {spec.pipeline: spec for spec in FAMILIES.values()}
 
