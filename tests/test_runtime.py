@@ -91,7 +91,7 @@ def test_attention_choices() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = choose("auto", cuda)
     assert "cudnn" not in auto.kernels and "flash" in auto.kernels  # the kernel that broke FLUX training
-    assert choose("auto", cpu).kernels == ()  # torch's CPU kernels as they are
+    assert choose("auto", cpu).kernels == ("flash", "efficient", "cudnn", "math")  # PyTorch's defaults
     assert choose("math", cuda).kernels == ("math",)
     assert choose("sage", cuda).diffusers_backend == "sage"
     assert choose("flash_attn", cuda).diffusers_backend == "flash"  # the flash-attn package
@@ -190,3 +190,15 @@ def test_a_batch_is_on_the_compute_device_before_the_loss(tiny_model) -> None:
     batch = {"index": [0], "mask": torch.ones(1, 1, 16, 16), "control": torch.zeros(1, 3, 16, 16), "size": (16, 16)}
     encoded, _ = encode_batch(bb, batch, Cached())
     assert {encoded[k].device.type for k in ("mean", "std", "mask", "control")} == {"meta"}
+
+
+def test_auto_undoes_an_earlier_kernel_choice_in_the_same_process() -> None:
+    """The SDPA switches are process-wide and steer CPU attention too: a run with `math` once left later
+    runs in the same process (tests, notebooks) on another kernel than a fresh process would use."""
+    from diffbase.attention import apply_attention, choose
+
+    cpu = torch.device("cpu")
+    apply_attention(choose("math", cpu), [])
+    assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    apply_attention(choose("auto", cpu), [])
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()

@@ -7,7 +7,9 @@ isolated attention call of the same shapes passes, only whole-model runs show it
 196678). So `auto` keeps cuDNN's kernel off on CUDA and lets torch choose among the others.
 
 Names:
-- `auto`: the above. On a CPU torch's CPU kernels run whatever is set.
+- `auto`: the above; elsewhere every kernel enabled, PyTorch's default (the switches are process-wide
+  and steer the CPU's choice between its flash and math kernels too, so `auto` also undoes an earlier
+  choice made in the same process).
 - `flash`, `efficient`, `cudnn`, `math`: only that SDPA kernel (an error at the first attention
   call if it cannot run those shapes; `diffbase doctor` shows which work here).
 - any other name is one of diffusers' attention backends (`native`, `_native_cudnn`, `flash_attn`
@@ -31,15 +33,15 @@ DIFFUSERS_ALIASES = {"flash_attn": "flash"}  # diffusers calls the flash-attn pa
 @dataclass(frozen=True)
 class AttentionChoice:
     name: str  # what the user asked for
-    kernels: tuple[str, ...] = ()  # SDPA kernels left enabled (empty: torch's defaults untouched)
+    kernels: tuple[str, ...] = SDPA_KERNELS  # the SDPA kernels left enabled
     diffusers_backend: str | None = None  # set on the denoiser instead
 
     def describe(self) -> str:
         if self.diffusers_backend:
             return f"{self.name}: diffusers backend '{self.diffusers_backend}'"
-        if self.kernels:
-            return f"{self.name}: SDPA kernels {', '.join(self.kernels)}"
-        return f"{self.name}: PyTorch's default SDPA choice"
+        if self.kernels == SDPA_KERNELS:
+            return f"{self.name}: PyTorch's default SDPA choice"
+        return f"{self.name}: SDPA kernels {', '.join(self.kernels)}"
 
 
 def diffusers_backends() -> list[str]:
@@ -53,7 +55,7 @@ def choose(name: str, device: torch.device, key: str = "hardware.attention_backe
     if name == "auto":
         if device.type == "cuda":
             return AttentionChoice(name, kernels=("flash", "efficient", "math"))
-        return AttentionChoice(name)
+        return AttentionChoice(name, kernels=SDPA_KERNELS)
     if name in SDPA_KERNELS:
         return AttentionChoice(name, kernels=(name,))
     backend = DIFFUSERS_ALIASES.get(name, name)
@@ -67,7 +69,7 @@ def choose(name: str, device: torch.device, key: str = "hardware.attention_backe
 
 
 def set_sdpa_kernels(kernels: tuple[str, ...]) -> None:
-    """Enable exactly these SDPA kernels for CUDA (process-wide; CPU kernels are unaffected)."""
+    """Enable exactly these SDPA kernels (process-wide; on a CPU they choose between flash and math)."""
     b = torch.backends.cuda
     b.enable_flash_sdp("flash" in kernels)
     b.enable_mem_efficient_sdp("efficient" in kernels)
@@ -77,8 +79,7 @@ def set_sdpa_kernels(kernels: tuple[str, ...]) -> None:
 
 def apply_attention(choice: AttentionChoice, models: list[Any]) -> None:
     """Put the choice in force for these denoisers (and the process's SDPA settings)."""
-    if choice.kernels:
-        set_sdpa_kernels(choice.kernels)
+    set_sdpa_kernels(choice.kernels)
     if choice.diffusers_backend:
         for model in models:
             if model is None or not hasattr(model, "set_attention_backend"):
