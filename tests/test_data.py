@@ -362,7 +362,7 @@ def test_items_do_not_depend_on_the_hash_seed(tmp_path: Path) -> None:
 
 def dropout_dataset(tmp_path: Path, rate: float, n: int = 200) -> TrainDataset:
     Image.new("RGB", (40, 40), "red").save(tmp_path / "a.png")
-    records = [Record(tmp_path / "a.png", f"caption {i}") for i in range(n)]
+    records = [Record({"image": tmp_path / "a.png"}, f"caption {i}") for i in range(n)]
     cfg = DataConfig(resolution=32, bucket_step=0, caption_dropout=rate)
     return TrainDataset(records, cfg, seed=1)
 

@@ -127,7 +127,7 @@ def test_data_layouts_and_paired_ground_truth(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "synth", 6, 3, size=(32, 32))
     (root / "train" / "metadata.json").unlink()  # read the VITON-HD layout itself
     paired = read_tryon(root, "train")
-    assert len(paired) == 6 and all(r.target == r.person for r in paired)
+    assert len(paired) == 6 and all(r.target == r.image for r in paired)  # the person is the image slot
     (root / "train_pairs.txt").write_text("00000.png 00001.png\n00001.png 00002.png\n")
     unpaired = read_tryon(root, "train", paired=False)
     assert [r.garment.name for r in unpaired] == ["00001.png", "00002.png"] and unpaired[0].target is None

@@ -148,7 +148,7 @@ class TrainingCache:
 
     latents: ShardStore | None
     text: ShardStore | None
-    latent_keys: list[str]  # per dataset index
+    latent_keys: dict[str, list[str | None]]  # per slot, per dataset index (None: the record lacks it)
     text_identity: str
     backbone: Any
 
@@ -161,9 +161,7 @@ class TrainingCache:
 
         mean = std = cond = None
         if self.latents is not None:
-            parts = [self.latents.get(self.latent_keys[i]) for i in batch["index"]]
-            mean = torch.stack([p["mean"] for p in parts])
-            std = torch.stack([p["std"] for p in parts])
+            mean, std = self.posterior(batch, "image")
         if self.text is not None:
             parts = [self.text.get(self.prompt_key(c)) for c in batch["caption"]]
             cond = {}
@@ -177,6 +175,14 @@ class TrainingCache:
             device = self.backbone.device
             cond = {k: v.to(device) for k, v in cond.items()}
         return mean, std, cond
+
+    def posterior(self, batch: dict[str, Any], slot: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached VAE posterior (mean, std) of one image slot (`image`, `reference`, ...) of a batch."""
+        keys = self.latent_keys.get(slot)
+        if keys is None or any(keys[i] is None for i in batch["index"]):
+            raise KeyError(f"slot '{slot}' is not cached for every item of this batch")
+        parts = [self.latents.get(keys[i]) for i in batch["index"]]
+        return torch.stack([p["mean"] for p in parts]), torch.stack([p["std"] for p in parts])
 
 
 def check_cacheable(config: Any) -> None:
@@ -196,6 +202,20 @@ def text_identity(bb: Any) -> str:
     return key_of(*parts)
 
 
+def slot_keys(dataset: Any, slots: tuple[str, ...], identity: str) -> dict[str, list[str | None]]:
+    """A latent key per slot and item: the file's content, its cut (bucket) and the VAE; None where a
+    record has no such slot. The slot's name is not part of the key: one file is one latent."""
+    digests: dict[Path, str] = {}
+    keys: dict[str, list[str | None]] = {slot: [] for slot in slots}
+    for rec, bucket in zip(dataset.records, dataset.bucket_of, strict=True):
+        for slot in slots:
+            path = rec.slots.get(slot)
+            if path is not None and path not in digests:
+                digests[path] = file_digest(path)
+            keys[slot].append(key_of("latent", digests[path], bucket, identity) if path is not None else None)
+    return keys
+
+
 def latent_identity(config: Any, bb: Any) -> str:
     d = config.data
     return key_of(PREPROCESS_VERSION, d.crop, module_fingerprint(bb.vae))
@@ -206,16 +226,21 @@ def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
         yield items[i : i + size]
 
 
-def build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[TrainingCache, CacheStats]:
+def build_cache(
+    config: Any, bb: Any, dataset: Any, show_progress: bool = True, slots: tuple[str, ...] = ("image",)
+) -> tuple[TrainingCache, CacheStats]:
     """Compute what is missing from the cache for this dataset and model, on the compute device (also
-    when offload parks the encoders on the CPU); reuse the rest."""
+    when offload parks the encoders on the CPU); reuse the rest. `slots`: the image slots whose
+    latents are cached (a key per slot and item; one file in two slots is one entry)."""
     from diffbase.models.placement import encoders_on
 
     with encoders_on(bb):
-        return _build_cache(config, bb, dataset, show_progress)
+        return _build_cache(config, bb, dataset, show_progress, slots)
 
 
-def _build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool) -> tuple[TrainingCache, CacheStats]:
+def _build_cache(
+    config: Any, bb: Any, dataset: Any, show_progress: bool, slots: tuple[str, ...]
+) -> tuple[TrainingCache, CacheStats]:
     from tqdm import tqdm
 
     from diffbase.models import backbone as B
@@ -225,34 +250,28 @@ def _build_cache(config: Any, bb: Any, dataset: Any, show_progress: bool) -> tup
     root = Path(d.cache_dir or Path(config.experiment.output_dir) / "cache")
     batch = max(1, min(8, config.training.batch_size))
     latents = text = None
-    latent_keys: list[str] = []
+    latent_keys: dict[str, list[str | None]] = {}
     if d.cache_latents:
         latents = ShardStore.open(root / "latents")
-        identity = latent_identity(config, bb)
-        digests: dict[Path, str] = {}
-        for rec, bucket in zip(dataset.records, dataset.bucket_of, strict=True):
-            if rec.image not in digests:
-                digests[rec.image] = file_digest(rec.image)
-            latent_keys.append(key_of("latent", digests[rec.image], bucket, identity))
-        todo: dict[str, int] = {}
-        for i, key in enumerate(latent_keys):
-            if key not in latents and key not in todo:
-                todo[key] = i
-        stats.latents_computed, stats.latents_reused = len(todo), len(set(latent_keys)) - len(todo)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i in todo.values():
-            by_bucket.setdefault(dataset.bucket_of[i], []).append(i)
+        latent_keys = slot_keys(dataset, slots, latent_identity(config, bb))
+        todo: dict[str, tuple[int, str]] = {}
+        for slot, keys in latent_keys.items():
+            for i, key in enumerate(keys):
+                if key is not None and key not in latents and key not in todo:
+                    todo[key] = (i, slot)
+        every = {k for keys in latent_keys.values() for k in keys if k is not None}
+        stats.latents_computed, stats.latents_reused = len(todo), len(every) - len(todo)
+        by_bucket: dict[tuple[int, int], list[tuple[str, int, str]]] = {}
+        for key, (i, slot) in todo.items():
+            by_bucket.setdefault(dataset.bucket_of[i], []).append((key, i, slot))
         bar = tqdm(total=len(todo), desc="cache latents", unit="img", disable=not show_progress or not todo)
-        for indices in by_bucket.values():
-            for group in _batches(indices, batch):
-                items = [dataset.item(i, pixels=True) for i in group]
-                ok = [(i, it) for i, it in zip(group, items, strict=True) if it is not None]
-                if not ok:
-                    continue
-                mean, std = B.encode_distribution(bb, torch.stack([it["pixels"] for _, it in ok]))
-                latents.write(
-                    {latent_keys[i]: {"mean": m, "std": s} for (i, _), m, s in zip(ok, mean, std, strict=True)}
-                )
+        for entries in by_bucket.values():
+            for group in _batches(entries, batch):
+                items = [dataset.item(i, pixels=True) for _, i, _ in group]
+                ok = [(key, it["pixels" if slot == "image" else slot]) for (key, _, slot), it in zip(group, items, strict=True) if it is not None]  # fmt: skip
+                if ok:
+                    mean, std = B.encode_distribution(bb, torch.stack([px for _, px in ok]))
+                    latents.write({key: {"mean": m, "std": s} for (key, _), m, s in zip(ok, mean, std, strict=True)})
                 bar.update(len(group))
         bar.close()
     if d.cache_text:

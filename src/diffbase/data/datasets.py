@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,18 +22,53 @@ from diffbase.data.buckets import BucketBatchSampler, assign_bucket, crop_geomet
 from diffbase.data.images import IMAGE_SUFFIXES, BadFile, image_size, load_image, load_mask
 from diffbase.errors import UserError, closest
 
-METADATA_KEYS = {"image", "caption", "mask", "control", "reference"}
+# Named image slots a record may hold. `image` is what the model learns to produce (the target; the
+# person for try-on); the others are companions: `mask` (loss or inpainting area), `control`
+# (ControlNet), `reference`, `reference_2`, ... (references of editing and customization methods),
+# `source` (the input of a paired edit), `garment`, `pose` and `target` (try-on; `target` is the
+# ground truth of an unpaired pair).
+SLOTS = ("image", "mask", "control", "reference", "source", "garment", "pose", "target")
+METADATA_KEYS = {"image", "caption", "mask", "control", "reference", "references", "source"}
+
+
+def is_slot(name: str) -> bool:
+    return name in SLOTS or (name.startswith("reference_") and name.removeprefix("reference_").isdigit())
 
 
 @dataclass
 class Record:
-    image: Path
+    """One item: named image slots (see SLOTS) and a caption. `record.mask` etc. read a slot (None when
+    the record has none)."""
+
+    slots: dict[str, Path]
     caption: str = ""
-    mask: Path | None = None
-    control: Path | None = None
-    reference: Path | None = None
     dataset: int = 0
     weight: float = 1.0  # loss weight (DreamBooth class images use the prior loss weight)
+    box: tuple[int, int, int, int] | None = None  # a try-on garment area given as a box instead of a mask
+
+    def __getattr__(self, name: str) -> Path | None:
+        if is_slot(name):
+            return self.__dict__.get("slots", {}).get(name)
+        raise AttributeError(name)
+
+    def companions(self) -> dict[str, Path]:
+        """Every slot but the image, in a fixed order."""
+        return {k: v for k, v in sorted(self.slots.items()) if k != "image"}
+
+
+class Dataset(Protocol):
+    """What the training loop, the cache and validation need of a dataset: plain images with captions
+    (TrainDataset), paired edits (source and image slots) and try-on pairs (tryon.data.TryOnDataset)."""
+
+    records: list[Record]
+    report: BadFileReport
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> dict[str, Any] | None: ...
+    def sampler(self, batch_size: int, shuffle: bool = True) -> BucketBatchSampler: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    @staticmethod
+    def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -65,7 +100,7 @@ def read_folder(folder: Path, dataset: int = 0) -> list[Record]:
         if path.suffix.lower() in IMAGE_SUFFIXES:
             caption_file = path.with_suffix(".txt")
             caption = caption_file.read_text().strip() if caption_file.is_file() else ""
-            records.append(Record(path, caption, dataset=dataset))
+            records.append(Record({"image": path}, caption, dataset=dataset))
     return records
 
 
@@ -99,19 +134,26 @@ def read_metadata(file: Path, dataset: int = 0) -> list[Record]:
         for key in entry:
             if key not in METADATA_KEYS:
                 raise UserError(f"{file}: entry {n}: unknown key '{key}'{closest(key, METADATA_KEYS)}")
-
-        rel = {k: (file.parent / entry[k]) if entry.get(k) else None for k in ("mask", "control", "reference")}
-        records.append(
-            Record(
-                file.parent / entry["image"],
-                str(entry.get("caption", "")),
-                rel["mask"],
-                rel["control"],
-                rel["reference"],
-                dataset,
-            )
-        )
+        records.append(Record(entry_slots(file, n, entry), str(entry.get("caption", "")), dataset))
     return records
+
+
+def entry_slots(file: Path, n: int, entry: dict[str, Any]) -> dict[str, Path]:
+    """A metadata entry's image slots, paths relative to the file; `references` (a list) fills
+    `reference`, `reference_2`, ... after a single `reference`."""
+    slots = {k: file.parent / entry[k] for k in ("image", "mask", "control", "reference", "source") if entry.get(k)}
+    refs = entry.get("references") or []
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise UserError(f"{file}: entry {n}: 'references' must be a list of image paths")
+    for r in refs:
+        slots["reference" if "reference" not in slots else f"reference_{len(reference_slots(slots)) + 1}"] = (
+            file.parent / r
+        )
+    return slots
+
+
+def reference_slots(slots: dict[str, Any]) -> list[str]:
+    return [k for k in slots if k == "reference" or k.startswith("reference_")]
 
 
 def read_dataset(path: Path, dataset: int = 0) -> list[Record]:
@@ -208,7 +250,7 @@ class TrainDataset:
         self.load_pixels = True  # False when latents come from the cache
         sizes: dict[tuple[Path | None, ...], tuple[int, int] | None] = {}
         for rec in records:  # checked once per entry's set of files (image and companions)
-            files = (rec.image, rec.mask, rec.control, rec.reference)
+            files = tuple(sorted(rec.slots.items()))
             if files not in sizes:
                 sizes[files] = self._checked_size(rec)
             size = sizes[files]
@@ -223,9 +265,8 @@ class TrainDataset:
 
     def _checked_size(self, rec: Record) -> tuple[int, int] | None:
         try:
-            for extra in (rec.mask, rec.control, rec.reference):
-                if extra is not None:
-                    image_size(extra)
+            for extra in rec.companions().values():
+                image_size(extra)
             return image_size(rec.image)
         except BadFile as err:
             self.report.skip_or_fail(err, self.cfg.on_bad_file)
@@ -247,8 +288,8 @@ class TrainDataset:
         return self.item(i, self.load_pixels)
 
     def item(self, i: int, pixels: bool = True) -> dict[str, Any] | None:
-        """Item i: its cut of the image (unless `pixels` is False), caption, loss weight and companions
-        (mask, control, reference) cut the same way. None when a file fails to load."""
+        """Item i: its cut of the image (unless `pixels` is False) as `pixels`, caption, loss weight and
+        every companion slot cut the same way, under the slot's name. None when a file fails to load."""
         rec, bucket = self.records[i], self.bucket_of[i]
         rng = random.Random(hash((self.seed, self.epoch, i)))
         item: dict[str, Any] = {
@@ -264,13 +305,9 @@ class TrainDataset:
             if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
                 item["caption"] = ""
             images = {"pixels": same_crop(load_image(rec.image), size, box)} if pixels else {}
-            for key, path, loader in (
-                ("mask", rec.mask, load_mask),
-                ("control", rec.control, load_image),
-                ("reference", rec.reference, load_image),
-            ):
-                if path is not None:
-                    images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
+            for key, path in rec.companions().items():
+                loader = load_mask if key == "mask" else load_image
+                images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
         except BadFile as err:
             self.report.skip_or_fail(err, self.cfg.on_bad_file)
             return None
@@ -280,4 +317,5 @@ class TrainDataset:
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_items(items, ("pixels", "mask", "control", "reference"), scalars=("weight", "dataset"))
+        slots = sorted({k for it in items if it is not None for k in it if is_slot(k)})
+        return collate_items(items, ("pixels", *slots), scalars=("weight", "dataset"))

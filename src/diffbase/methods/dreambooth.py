@@ -60,7 +60,7 @@ def class_records(config: Config, bb: Any) -> list[Any]:
         generate_class_images(config, folder, db.num_class_images - len(existing), len(existing), bb)
         existing = read_folder(folder)
     return [
-        Record(r.image, db.class_prompt, weight=db.prior_loss_weight, dataset=CLASS_DATASET)
+        Record({"image": r.image}, db.class_prompt, weight=db.prior_loss_weight, dataset=CLASS_DATASET)
         for r in existing[: db.num_class_images]
     ]
 

@@ -14,7 +14,6 @@ truth. Unpaired pairs have none (only distribution metrics apply).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +22,27 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffbase.data.buckets import BucketBatchSampler
-from diffbase.data.datasets import BadFileReport, collate_items, read_json_entries, to_tensor
+from diffbase.data.datasets import BadFileReport, Record, collate_items, read_json_entries, to_tensor
 from diffbase.data.images import BadFile, load_image, load_mask
 from diffbase.errors import UserError
 
 DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 
 
-@dataclass
-class TryOnRecord:
-    person: Path
-    garment: Path
-    mask: Path | None = None
-    box: tuple[int, int, int, int] | None = None
-    target: Path | None = None  # ground truth; the person itself for paired data
-    caption: str = ""
-    pose: Path | None = None  # a pose render (DreamFit's pose mode)
+def tryon_record(
+    person: Path,
+    garment: Path,
+    mask: Path | None = None,
+    box: tuple[int, int, int, int] | None = None,
+    target: Path | None = None,
+    caption: str = "",
+    pose: Path | None = None,
+) -> Record:
+    """A try-on pair as a record: the person is the `image` slot (what the model produces), with
+    `garment`, `mask` (or a box), `target` (the ground truth; the person itself for paired data) and
+    `pose` (a pose render, DreamFit's pose mode)."""
+    slots = {"image": person, "garment": garment, "mask": mask, "target": target, "pose": pose}
+    return Record({k: v for k, v in slots.items() if v is not None}, caption, box=box)
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -60,7 +64,7 @@ def _pairs(file: Path) -> list[tuple[str, str]]:
     return out
 
 
-def read_vitonhd(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
+def read_vitonhd(root: Path, split: str, paired: bool) -> list[Record]:
     pairs_file = root / f"{split}_pairs.txt"
     if not pairs_file.is_file():
         raise UserError(f"{root}: no {split}_pairs.txt (VITON-HD layout)")
@@ -72,7 +76,7 @@ def read_vitonhd(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
         p_stem, g_stem = Path(person).stem, Path(garment).stem
         mask = _find(base / "agnostic-mask", f"{p_stem}_mask")
         records.append(
-            TryOnRecord(
+            tryon_record(
                 base / "image" / person,
                 base / "cloth" / garment,
                 mask,
@@ -82,7 +86,7 @@ def read_vitonhd(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
     return records
 
 
-def read_dresscode(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
+def read_dresscode(root: Path, split: str, paired: bool) -> list[Record]:
     records = []
     for category in DRESSCODE_CATEGORIES:
         folder = root / category
@@ -98,7 +102,7 @@ def read_dresscode(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
                 garment = f"{p_id}_1{Path(garment).suffix}"
             g_id = Path(garment).stem.rsplit("_", 1)[0]
             records.append(
-                TryOnRecord(
+                tryon_record(
                     folder / "images" / person,
                     folder / "images" / garment,
                     _find(folder / "agnostic_masks", Path(person).stem),
@@ -109,7 +113,7 @@ def read_dresscode(root: Path, split: str, paired: bool) -> list[TryOnRecord]:
     return records
 
 
-def read_metadata(file: Path) -> list[TryOnRecord]:
+def read_metadata(file: Path) -> list[Record]:
     entries = read_json_entries(file)
     if not isinstance(entries, list):
         raise UserError(f"{file}: expected a list of objects with 'person' and 'garment'")
@@ -124,7 +128,7 @@ def read_metadata(file: Path) -> list[TryOnRecord]:
             raise UserError(f"{file}: entry {n}: 'box' must be [x0, y0, x1, y1] in pixels")
         rel = {k: file.parent / e[k] if e.get(k) else None for k in ("person", "garment", "mask", "target", "pose")}
         records.append(
-            TryOnRecord(
+            tryon_record(
                 rel["person"],
                 rel["garment"],
                 rel["mask"],
@@ -137,7 +141,7 @@ def read_metadata(file: Path) -> list[TryOnRecord]:
     return records
 
 
-def read_tryon(path: str | Path, split: str = "train", paired: bool = True) -> list[TryOnRecord]:
+def read_tryon(path: str | Path, split: str = "train", paired: bool = True) -> list[Record]:
     """Records from any supported layout (detected from what the folder holds)."""
     path = Path(path)
     if not path.exists():
@@ -175,9 +179,7 @@ def box_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Ima
 class TryOnDataset:
     """Records -> person, garment, mask (and target) tensors at one size (height, width)."""
 
-    def __init__(
-        self, records: list[TryOnRecord], size: tuple[int, int], seed: int = 0, on_bad_file: str = "skip"
-    ) -> None:
+    def __init__(self, records: list[Record], size: tuple[int, int], seed: int = 0, on_bad_file: str = "skip") -> None:
         self.records, self.size, self.seed, self.epoch = records, tuple(size), seed, 0
         self.on_bad_file = on_bad_file
         self.report = BadFileReport()
@@ -199,13 +201,13 @@ class TryOnDataset:
         rec = self.records[i]
         h, w = self.size
         try:
-            person = load_image(rec.person)
+            person = load_image(rec.image)
             if rec.mask is not None:
                 mask = load_mask(rec.mask)
             elif rec.box is not None:
                 mask = box_mask(person.size, rec.box)
             else:
-                raise BadFile(rec.person, "no mask and no box for this person")
+                raise BadFile(rec.image, "no mask and no box for this person")
             item = {
                 "index": i,
                 "person": to_tensor(person.resize((w, h), Image.BICUBIC)),
@@ -228,7 +230,7 @@ class TryOnDataset:
         return collate_items(items, ("person", "garment", "person_mask", "target", "pose"))
 
 
-def split_pairs(records: list[TryOnRecord], fraction: float, seed: int) -> tuple[list[TryOnRecord], list[TryOnRecord]]:
+def split_pairs(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """A held-out share of the pairs, whole garments at a time (no garment in both parts)."""
     if fraction <= 0:
         return records, []
