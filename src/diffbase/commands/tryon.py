@@ -29,6 +29,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         seed=args.seed,
         prompt=args.prompt,
         repaint=not args.no_repaint,
+        seed_mode=args.seed_mode,
     )
 
 
@@ -49,7 +50,8 @@ def run_tryon(args: argparse.Namespace) -> None:
         raise UserError(f"{err.path}: {err.reason}") from None
     bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
     settings = settings_from(args)
-    result = VTON.run(bb, {"person": person, "garment": garment, "mask": mask}, settings, (h, w))
+    inputs = {"person": person, "garment": garment, "mask": mask}
+    result = VTON.run(bb, inputs, settings, (h, w), soften=args.soften_mask)
     meta = {
         "method": args.method,
         "model": args.model,
@@ -58,6 +60,8 @@ def run_tryon(args: argparse.Namespace) -> None:
         "guidance": args.guidance,
         "eta": args.eta,
         "seed": args.seed,
+        "seed_mode": args.seed_mode,
+        "soften_mask": args.soften_mask,
         "size": [h, w],
     }
     save_png_atomic(result, Path(args.out), meta)
@@ -110,6 +114,12 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="vton variant only")
     p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
+    p.add_argument(
+        "--seed-mode",
+        choices=["diffbase", "catvton"],
+        default="diffbase",
+        help="catvton: VAE samples from the global generator seeded as CatVTON's scripts do (its numbers)",
+    )
     add_runtime_arguments(p, offload=False)
 
 
@@ -120,6 +130,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--mask", help="the garment area on the person (white)")
     t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
     t.add_argument("--garment", required=True)
+    t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
     t.add_argument("--out", required=True)
     t.set_defaults(func=run_tryon)
 

@@ -169,27 +169,27 @@ def load(
     return bb
 
 
-def run(bb: B.Backbone, inputs: dict[str, Any], settings: Any, size: tuple[int, int]) -> Any:
-    """One try-on: `inputs` person, garment (RGB) and mask (L) PIL images; the model runs at `size`
-    (height, width) and the result comes back at the person's size, the person's own pixels pasted
-    outside the mask when `settings.repaint`."""
+def run(bb: B.Backbone, inputs: dict[str, Any], settings: Any, size: tuple[int, int], soften: bool = False) -> Any:
+    """One try-on with CatVTON's geometry: `inputs` person, garment (RGB) and mask (L) PIL images. The
+    person and mask are centre-cropped to the aspect of `size` (height, width), the garment fitted
+    and padded with white; the result goes back into the person at its own size, the person's own
+    pixels kept outside the mask when `settings.repaint`. `soften`: blur and re-binarise the mask."""
     from PIL import Image
 
     from diffbase.data.datasets import to_tensor
+    from diffbase.tryon import preprocess as P
     from diffbase.tryon.data import to_pil
     from diffbase.tryon.sampling import tryon
 
     h, w = size
-    person, garment, mask = inputs["person"], inputs["garment"], inputs["mask"]
-
-    def prep(img: Image.Image, nearest: bool = False) -> torch.Tensor:
-        return to_tensor(img.resize((w, h), Image.NEAREST if nearest else Image.BICUBIC))[None]
-
-    m = (prep(mask, nearest=True) > 0.5).float()
-    result = to_pil(tryon(bb, bb.adapters["variant"], prep(person), prep(garment), m, settings)[0])
-    result = result.resize(person.size, Image.BICUBIC)
+    person, garment = inputs["person"].convert("RGB"), inputs["garment"]
+    full_mask = P.soften_mask(inputs["mask"]) if soften else P.binarize(inputs["mask"])
+    mask = P.binarize(P.crop_to_aspect(full_mask, (w, h)))
+    tensors = [to_tensor(img)[None] for img in (P.crop_to_aspect(person, (w, h)), P.fit_and_pad(garment, (w, h)))]
+    m = (to_tensor(mask)[None] > 0.5).float()
+    result = P.paste_back(to_pil(tryon(bb, bb.adapters["variant"], *tensors, m, settings)[0]), person, (w, h))
     if settings.repaint:  # keep the person's own pixels outside the mask at full resolution
-        result = Image.composite(result, person, mask.resize(person.size).point(lambda v: 255 if v > 127 else 0))
+        result = Image.composite(result, person, full_mask.resize(person.size, Image.NEAREST))
     return result
 
 

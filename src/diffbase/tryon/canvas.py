@@ -27,8 +27,8 @@ def mask_canvas(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     return stack(small, torch.zeros_like(small))
 
 
-def sample_latents(bb: B.Backbone, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """VAE posterior samples, scaled, one generator per sample (drawn in batch order)."""
+def sample_latents(bb: B.Backbone, pixels: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """VAE posterior samples, scaled, one generator per sample (drawn in batch order; None: the global one)."""
     mean, std = B.encode_distribution(bb, pixels)
     z = torch.stack(
         [m + s * torch.randn(m.shape, generator=g).to(m) for m, s, g in zip(mean, std, generators, strict=True)]

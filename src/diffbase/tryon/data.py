@@ -25,6 +25,7 @@ from diffbase.data.buckets import BucketBatchSampler
 from diffbase.data.datasets import BadFileReport, Record, collate_items, read_json_entries, to_tensor
 from diffbase.data.images import BadFile, load_image, load_mask
 from diffbase.errors import UserError
+from diffbase.tryon import preprocess as P
 
 DRESSCODE_CATEGORIES = ("upper_body", "lower_body", "dresses")
 
@@ -194,8 +195,9 @@ class TryOnDataset:
         return BucketBatchSampler({self.size: list(range(len(self)))}, batch_size, self.seed, shuffle)
 
     def _image(self, path: Path) -> torch.Tensor:
+        """A person-side image (person, ground truth, pose): centre-cropped to the aspect, then resized."""
         h, w = self.size
-        return to_tensor(load_image(path).resize((w, h), Image.BICUBIC))
+        return to_tensor(P.crop_to_aspect(load_image(path), (w, h)))
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.records[i]
@@ -210,9 +212,9 @@ class TryOnDataset:
                 raise BadFile(rec.image, "no mask and no box for this person")
             item = {
                 "index": i,
-                "person": to_tensor(person.resize((w, h), Image.BICUBIC)),
-                "garment": self._image(rec.garment),
-                "person_mask": (to_tensor(mask.resize((w, h), Image.NEAREST)) > 0.5).float(),
+                "person": to_tensor(P.crop_to_aspect(person, (w, h))),
+                "garment": to_tensor(P.fit_and_pad(load_image(rec.garment), (w, h))),
+                "person_mask": (to_tensor(P.crop_to_aspect(mask.convert("L"), (w, h))) > 0.5).float(),
                 "caption": rec.caption,
                 "size": self.size,
             }

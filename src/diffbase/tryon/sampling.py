@@ -1,7 +1,13 @@
 """Try-on inference for both variants, run as CatVTON runs: DDIM ("leading" spacing, steps_offset 1,
 no clipping, final alpha = alphas_cumprod[0]) with eta, classifier-free guidance whose
 unconditional branch zeroes the garment latent (batch order [uncond, cond], same mask and noise),
-the result read from the person half, and optionally the unmasked pixels pasted back."""
+the result decoded from the person half of the latent canvas only (CatVTON splits the latents before
+the VAE: decoding the whole canvas lets the decoder's attention and convolutions mix the garment half
+into the person), and optionally the unmasked pixels pasted back.
+
+Seeds: by default one CPU generator seeded with `seed` draws everything (VAE samples, initial noise,
+DDIM's eta noise). `seed_mode="catvton"` draws the VAE samples from the global generator seeded with
+`seed`, masked person first, then garment, as CatVTON's scripts do, so its numbers can be reproduced."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ class TryOnSettings:
     seed: int = 0
     prompt: str = ""  # vton variant only (CatVTON has no text)
     repaint: bool = True  # paste the person's unmasked pixels back onto the result
+    seed_mode: str = "diffbase"  # or "catvton": VAE samples from the global generator, as CatVTON's scripts
 
 
 def ddim(bb: B.Backbone) -> object:
@@ -56,8 +63,11 @@ def tryon(
     g = torch.Generator("cpu").manual_seed(settings.seed)
     n = person.shape[0]
     person, garment, mask = person.to(device), garment.to(device), mask.to(device)
-    z_masked = C.sample_latents(bb, C.masked_person(person, mask), [g] * n)  # masked person first, then garment
-    z_garment = C.sample_latents(bb, garment, [g] * n)
+    if settings.seed_mode == "catvton":
+        torch.manual_seed(settings.seed)
+    vae_gens = [None] * n if settings.seed_mode == "catvton" else [g] * n
+    z_masked = C.sample_latents(bb, C.masked_person(person, mask), vae_gens)  # masked person first, then garment
+    z_garment = C.sample_latents(bb, garment, vae_gens)
     cond = C.stack(z_masked, z_garment)
     uncond = C.stack(z_masked, torch.zeros_like(z_garment))
     masks = C.mask_canvas(mask, tuple(z_masked.shape[-2:]))
@@ -77,7 +87,7 @@ def tryon(
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + settings.guidance * (pred_cond - pred_uncond)
         latents = scheduler.step(pred, t, latents, eta=settings.eta, generator=g, return_dict=False)[0]
-    result = C.top_half(B.decode_latents(bb, latents)).clamp(-1, 1)
+    result = B.decode_latents(bb, C.top_half(latents))  # the person half only, as CatVTON decodes
     if settings.repaint:
         result = person * (1 - mask) + result * mask
     return result
