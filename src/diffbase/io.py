@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def default_mode(path: Path) -> None:
+    """The mode a plain `open()` or `mkdir()` would have given (temporary files are made owner-only):
+    results on a shared GPU box or a mounted volume stay readable by others, as the umask says."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
+def default_modes(root: Path) -> None:
+    """`default_mode` for a file, or a folder and everything in it (libraries such as safetensors write
+    owner-only files too)."""
+    default_mode(root)
+    if root.is_dir():
+        for path in root.rglob("*"):
+            default_mode(path)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -19,10 +42,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        default_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out` to fill; renamed onto `out` (an empty folder, or any with
+    `replace`) when the block ends without an error, removed otherwise."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        default_modes(tmp)
+        if out.exists():
+            shutil.rmtree(out) if replace else out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

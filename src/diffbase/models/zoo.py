@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from diffbase.config import configs_dir, load_config
 from diffbase.errors import UserError, closest
+from diffbase.io import atomic_folder
 
 TINY_CONFIGS = {
     "sd15": "sd15_tiny.yaml",
@@ -40,13 +38,6 @@ def write_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise UserError(f"{out}: output folder exists and is not empty")
     cfg = load_config(tiny_config_path(family)).model
     pipe = build_pipeline(cfg, seed=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

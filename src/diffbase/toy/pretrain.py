@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from diffbase.config import configs_dir, load_config
 from diffbase.errors import UserError
+from diffbase.io import atomic_folder
 
 TOY_CONFIGS = {"sd15-toy": "sd15_toy.yaml", "flux1-toy": "flux1_toy.yaml"}
 SIZE = 32
@@ -213,9 +214,6 @@ def pretrain(
     name: str, out: Path, vae_steps: int, unet_steps: int, seed: int = 0, pool_size: int = 3000, show: bool = True
 ) -> Path:
     """Build the toy model from its config, train it, save it as a diffusers folder (fp16, atomically)."""
-    import os
-    import shutil
-    import tempfile
 
     from diffbase.models.build import build_pipeline
 
@@ -228,9 +226,7 @@ def pretrain(
     pipe = build_pipeline(cfg, seed=seed)
     pool = image_pool(pool_size, seed)
     vae_losses = train_vae(pipe.vae, torch.cat([pool[0], pool[2]]), vae_steps, 32, seed, show)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         if name == "sd15-toy":
             unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
         else:
@@ -246,10 +242,4 @@ def pretrain(
             "torch": torch.__version__,
         }
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from diffbase.errors import UserError
+from diffbase.io import default_modes
 
 NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -96,6 +97,7 @@ def save_checkpoint(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "rng.json").write_text(json.dumps(plain))
     (tmp / "state.json").write_text(json.dumps(progress.__dict__, indent=2))
+    default_modes(tmp)
     _fsync_dir(tmp)
     _fault_injection(progress.step)
     if final.exists():

@@ -114,7 +114,7 @@ def train(
     config: Config, method: Any, resume: str | None = None, stop_after: int | None = None, show_progress: bool = True
 ) -> TrainResult:
     """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end."""
-    from diffbase.io import write_json_atomic
+    from diffbase.io import default_modes, write_json_atomic
 
     out_dir = Path(config.experiment.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,10 @@ def train(
     if dataset.report.files:
         print(dataset.report.summary())
     if process_state(config).is_main_process and result.finished:
-        write_json_atomic(out_dir / "exports.json", method.export(config, bb, result.trained, out_dir))
+        files = method.export(config, bb, result.trained, out_dir)
+        for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
+            default_modes(Path(path))
+        write_json_atomic(out_dir / "exports.json", files)
         (out_dir / "losses.json").write_text(json.dumps(result.losses))
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
