@@ -90,3 +90,27 @@ def test_random_crops_cannot_be_cached(tiny_model, tmp_path: Path) -> None:
     exp = write_experiment(tmp_path / "exp.yaml", "sd15", tiny_model("sd15"), data, tmp_path / "run")
     code, _, err = run_cli("train", str(exp), "data.cache_latents=true", "data.crop=random")
     assert code == 2 and err.startswith("error: data.cache_latents:") and err.count("\n") == 1
+
+
+def test_a_second_process_reuses_every_latent_of_a_random_weight_model(tmp_path: Path) -> None:
+    """The VAE's identity does not depend on the process (diffusers keeps a set in its config, ordered
+    by the hash seed); and `cache` on a config that does not read the cache says so."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_experiments import SHAPES
+
+    exp = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "sd15_lora.yaml"
+    outs = []
+    for seed in ("1", "2"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "diffbase.cli", "cache", str(exp), f"data.train_path={SHAPES}",
+             f"experiment.output_dir={tmp_path}"],
+            env=dict(os.environ, PYTHONHASHSEED=seed), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc)
+    assert "latents: 8 computed, 0 reused" in outs[0].stdout
+    assert "latents: 0 computed, 8 reused; prompts: 0 computed" in outs[1].stdout
+    assert "train` will not read this cache" in outs[1].stderr

@@ -81,6 +81,11 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides + runtime_overrides(args))
     d = config.data
     if not (d.cache_latents or d.cache_text):
+        print(
+            "note: data.cache_latents and data.cache_text are off in this config, so `train` will not read "
+            "this cache; set them (data.cache_latents=true data.cache_text=true) when you train",
+            file=sys.stderr,
+        )
         config.data.cache_latents = config.data.cache_text = True
     bb = load_backbone(config)
     _, stats = build_cache(config, bb, get(config.training.method).dataset(config, False, bb))

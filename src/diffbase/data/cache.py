@@ -37,6 +37,8 @@ def module_fingerprint(module: torch.nn.Module | None) -> str:
     config = getattr(module, "config", None)
     if config is not None:
         data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        # `_`-keys are bookkeeping (diffusers' `_use_default_values` is a set, ordered by the hash seed)
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
         h.update(json.dumps(data, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
