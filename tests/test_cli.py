@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,23 @@ def test_zoo_writes_a_complete_folder(tmp_path: Path) -> None:
     for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer"):
         assert (out / name).exists(), name
     assert not list(tmp_path.glob(".sd15.*"))  # no temporary folder left behind
+
+
+def test_a_run_leaves_nothing_after_a_config_error_and_never_overwrites_silently(tmp_path) -> None:
+    from tests.test_experiments import SHAPES
+
+    out = tmp_path / "run"
+    exp = "configs/experiments/tiny/sd15_lora.yaml"
+    common = ["training.max_steps=1", "training.validation.steps=2", f"experiment.output_dir={out}"]
+    code, _, err = run_cli("train", exp, *common, f"data.train_path={tmp_path / 'missing'}")
+    assert code == 2 and "not found" in err and not out.exists()  # no config.yaml left behind
+    assert run_cli("train", exp, *common, f"data.train_path={SHAPES}")[0] == 0
+    first = (out / "metrics.jsonl").read_text()
+    code, _, err = run_cli("train", exp, *common, f"data.train_path={SHAPES}")
+    assert code == 2 and "already holds a run" in err and "--resume latest" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == first  # untouched
+    code, _, err = run_cli("train", exp, *common, f"data.train_path={SHAPES}", "training.max_steps=2", "--overwrite")
+    assert code == 0, err
+    assert [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line
+    ] == [1, 2]

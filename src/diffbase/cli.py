@@ -67,7 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from diffbase.training.loop import process_state
 
     config = load_config(args.config, args.overrides + runtime_overrides(args))
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     if process_state(config).is_main_process:
         print(f"trained {result.steps} steps; outputs in {result.output_dir}")
 
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="experiment YAML")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
+    tr.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     training_runtime_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 

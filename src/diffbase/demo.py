@@ -176,7 +176,7 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
     print("try-on before training (the pretrained toy base, its own attention)")
     before = run_tryon(model, None, data, settings)
     print(f"training: only attn1 trains ({config.training.max_steps} steps, batch {config.training.batch_size})")
-    result = train(config)
+    result = train(config, overwrite=True)  # the demo rebuilds its data and run each time
     print("try-on after training, on held-out people and garments")
     after = run_tryon(model, out / "run" / "vton", data, settings)
     rows = {

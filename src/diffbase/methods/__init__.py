@@ -7,8 +7,8 @@ from diffbase.methods.registry import METHODS, Method, Trained, Validation, get,
 __all__ = ["METHODS", "Method", "Trained", "Validation", "get", "register", "train"]
 
 
-def train(config, resume=None, stop_after=None, show_progress=True):  # noqa: ANN001, ANN201
+def train(config, resume=None, stop_after=None, show_progress=True, overwrite=False):  # noqa: ANN001, ANN201
     """`diffbase train`: the configured method trained by the one loop (diffbase.training)."""
     from diffbase.training.train import train as run
 
-    return run(config, get(config.training.method), resume, stop_after, show_progress)
+    return run(config, get(config.training.method), resume, stop_after, show_progress, overwrite)

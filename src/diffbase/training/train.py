@@ -110,17 +110,50 @@ def datasets(config: Config, method: Any, bb: Backbone, show_progress: bool) -> 
     return dataset, sampler, held_out, caches
 
 
+# What a run leaves in its output folder (the cache and DreamBooth's class images are kept by --overwrite:
+# they are keyed by content and reusable).
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "validation", "loss.png", "losses.json", "exports.json",
+             "config.yaml")  # fmt: skip
+
+
+def claim_output(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A new run does not silently overwrite an earlier one: continue it (--resume latest) or replace it
+    (--overwrite, which removes the earlier run's files)."""
+    import shutil
+
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found or resume is not None:
+        return
+    if not overwrite:
+        raise UserError(
+            f"experiment.output_dir: {out_dir} already holds a run ({', '.join(found)}); continue it with "
+            "--resume latest, or start over with --overwrite"
+        )
+    for name in found:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def train(
-    config: Config, method: Any, resume: str | None = None, stop_after: int | None = None, show_progress: bool = True
+    config: Config,
+    method: Any,
+    resume: str | None = None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end."""
-    from diffbase.io import default_modes, write_json_atomic
+    """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end.
+    Nothing is written before the model and data have loaded, so a bad config leaves no files."""
+    from diffbase.io import default_modes, write_json_atomic, write_text_atomic
 
     out_dir = Path(config.experiment.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_yaml(config))
+    if process_state(config).is_main_process:
+        claim_output(out_dir, resume, overwrite)
+    process_state(config).wait_for_everyone()
     bb = load_backbone(config)
     dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress)
+    if process_state(config).is_main_process:
+        write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
     result = run_training(
         config, method, bb, dataset, sampler, resume_arg=resume, cache=caches[0], stop_after=stop_after,
         show_progress=show_progress, validation=(held_out, caches[1]),
