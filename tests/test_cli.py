@@ -90,3 +90,14 @@ def test_a_run_leaves_nothing_after_a_config_error_and_never_overwrites_silently
     assert [
         json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line
     ] == [1, 2]
+
+
+def test_generate_records_the_guidance_it_used(tiny_model, tmp_path) -> None:
+    from PIL import Image
+
+    code, _, err = run_cli("generate", "--model", str(tiny_model("sd15")), "--prompt", "a cat", "--size", "32x32",
+                           "--steps", "2", "--out", str(tmp_path / "a.png"))  # fmt: skip
+    assert code == 0, err
+    info = Image.open(tmp_path / "a.png").text
+    assert json.loads(info["diffbase"])["guidance"] == 7.5  # StableDiffusionPipeline's default
+    assert info["parameters"].startswith("a cat\n")

@@ -206,3 +206,33 @@ def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tin
         config.training.dreamfit.mode = mode
         config.experiment.output_dir = str(tmp_path / mode)
         assert train(config, show_progress=False).finished
+
+
+def test_tryon_keeps_the_person_outside_the_mask_and_metadata_is_complete(tiny_model, tmp_path) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from tests.conftest import run_cli
+
+    person = Image.new("RGB", (32, 32), (220, 200, 180))
+    ImageDraw.Draw(person).rectangle((0, 0, 31, 10), fill=(30, 120, 60))
+    person.save(tmp_path / "p.png")
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((8, 12, 24, 28), fill=255)
+    mask.save(tmp_path / "m.png")
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "g.png")
+    common = ["dreamfit", "--mode", "tryon", "--model", str(tiny_model("flux1")), "--checkpoint",
+              str(tiny_checkpoint(tiny_model, tmp_path)), "--garment", str(tmp_path / "g.png"), "--person",
+              str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png"), "--prompt", "a person", "--size", "32x32",
+              "--steps", "2"]  # fmt: skip
+    for extra, name in (([], "kept.png"), (["--no-repaint"], "raw.png")):
+        code, _, err = run_cli(*common, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+    kept, raw = (np.asarray(Image.open(tmp_path / n).convert("RGB")) for n in ("kept.png", "raw.png"))
+    outside = np.asarray(mask) < 128
+    assert (kept[outside] == np.asarray(person)[outside]).all()  # the person's own pixels
+    assert (raw[outside] != np.asarray(person)[outside]).any() and (kept[~outside] == raw[~outside]).all()
+    meta = json.loads(Image.open(tmp_path / "kept.png").text["diffbase"])
+    assert meta["size"] == [32, 32] and meta["repaint"] is True

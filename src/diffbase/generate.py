@@ -6,6 +6,7 @@ a seed gives the same image here and in a bare diffusers pipeline.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ def generate(pipe: Any, spec: FamilySpec, settings: GenerateSettings) -> Any:
         return pipe(**pipeline_kwargs(spec, settings), **text_length(pipe, spec.family), output_type="pil").images[0]
 
 
-def metadata(settings: GenerateSettings, model: str | Path, spec: FamilySpec) -> dict[str, Any]:
+def metadata(settings: GenerateSettings, model: str | Path, spec: FamilySpec, pipe: Any = None) -> dict[str, Any]:
+    """What made the image, with the values the pipeline used where the settings left them unset."""
     data = {k: v for k, v in asdict(settings).items() if v not in (None, [])}
+    if settings.guidance is None and pipe is not None:
+        default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        if default is not None and default.default is not inspect.Parameter.empty:
+            data["guidance"] = default.default
     return data | {"model": str(model), "pipeline": spec.pipeline, "family": spec.family}

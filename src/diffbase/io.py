@@ -82,6 +82,6 @@ def save_png_atomic(image: Any, path: str | Path, metadata: dict[str, Any] | Non
         info.add_text("diffbase", json.dumps(metadata, sort_keys=True))
         prompt = metadata.get("prompt", "")
         rest = ", ".join(f"{k}: {v}" for k, v in metadata.items() if k not in ("prompt", "negative"))
-        negative = f"\nNegative prompt: {metadata['negative']}" if metadata.get("negative") else ""
-        info.add_text("parameters", f"{prompt}{negative}\n{rest}")
+        negative = f"Negative prompt: {metadata['negative']}" if metadata.get("negative") else ""
+        info.add_text("parameters", "\n".join(part for part in (prompt, negative, rest) if part))
     return atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))

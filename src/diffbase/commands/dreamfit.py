@@ -47,7 +47,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         width=w,
         true_cfg=args.true_cfg,
     )
-    image = DREAMFIT.run(loaded, inputs, settings)
+    image = DREAMFIT.run(loaded, inputs, settings, repaint=not args.no_repaint)
     meta = {
         "mode": args.mode,
         "prompt": args.prompt,
@@ -58,6 +58,8 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "lora_weight": args.lora_weight,
         "true_cfg": args.true_cfg,
+        "size": [h, w],
+        "repaint": args.mode == "tryon" and not args.no_repaint,
     }
     save_png_atomic(image, Path(args.out), meta)
     print(f"wrote {args.out}")
@@ -85,6 +87,7 @@ def add_parser(sub: Any) -> None:
         default="official",
         help="official: the processor LoRAs scale by lora_weight squared, as the official loader does",
     )
+    p.add_argument("--no-repaint", action="store_true", help="try-on: keep the model's pixels outside the mask too")
     add_runtime_arguments(p, offload=False)
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_dreamfit)

@@ -50,7 +50,7 @@ def run_generate(args: argparse.Namespace) -> None:
         settings = settings_for(i, prompt)
         image = generate(pipe, spec, settings)
         target = out / f"{i:04d}.png" if args.prompts else out
-        save_png_atomic(image, target, metadata(settings, args.model, spec))
+        save_png_atomic(image, target, metadata(settings, args.model, spec, pipe))
         if not args.prompts:
             print(f"wrote {target}")
     if args.prompts:

@@ -143,8 +143,11 @@ def load(
     return pipe, install(pipe.transformer, pairs)
 
 
-def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
-    """One image: `inputs` has the garment and, by mode, a pose image or person and mask (PIL)."""
+def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any, repaint: bool = True) -> Any:
+    """One image: `inputs` has the garment and, by mode, a pose image or person and mask (PIL). Try-on
+    keeps the person's own pixels outside the mask (`repaint`), as `diffbase tryon` does."""
+    from PIL import Image
+
     from diffbase.dreamfit.generate import dreamfit_generate, keep_image, reference_image
 
     pipe, state = loaded
@@ -153,8 +156,12 @@ def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
         if inputs.get("person") is None or inputs.get("mask") is None:
             raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
         first = keep_image(inputs["person"], inputs["mask"], first)
-    reference = reference_image(settings.mode, inputs["garment"], (settings.width, settings.height), first)
-    return dreamfit_generate(pipe, state, settings, reference)
+    size = (settings.width, settings.height)
+    image = dreamfit_generate(pipe, state, settings, reference_image(settings.mode, inputs["garment"], size, first))
+    if settings.mode == "tryon" and repaint:
+        person, mask = inputs["person"].convert("RGB").resize(size, Image.BICUBIC), inputs["mask"].convert("L")
+        image = Image.composite(image, person, mask.resize(size, Image.NEAREST).point(lambda v: 255 if v > 127 else 0))
+    return image
 
 
 DREAMFIT = register(
