@@ -113,3 +113,20 @@ def test_pickle_checkpoints_load_with_weights_only(flux_state, tmp_path: Path) -
         generate(tmp_path, "pt", "--model", str(file), "--config", str(folder)),
         generate(tmp_path, "dir", "--model", str(folder)),
     )
+
+
+def test_a_diffusers_layout_transformer_file_loads_and_other_parts_are_explained(
+    flux_state, tiny_model, tmp_path
+) -> None:
+    """A FLUX.1 transformer saved in diffusers' own key layout is a FLUX.1 file (it was once taken for
+    SD3: both have ff_context); a UNet's diffusers-layout file is a folder's part, and says so."""
+    folder, state = flux_state
+    single = tmp_path / "flux1-diffusers.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(single))
+    via_file = generate(tmp_path, "file", "--model", str(single), "--config", str(folder))
+    assert (via_file == generate(tmp_path, "folder", "--model", str(folder))).all()
+    unet = load_pipeline(tiny_model("sd15"))[0].unet.state_dict()
+    part = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.items()}, str(part))
+    err = error_of("--model", str(part), "--config", str(tiny_model("sd15")))
+    assert "diffusers-layout weights of one component" in err and "pass the folder as --model" in err

@@ -154,16 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", metavar="key=value")
     info.set_defaults(func=_cmd_info)
 
-    gen = sub.add_parser("generate", help="text-to-image with any family")
+    gen = sub.add_parser(
+        "generate", help="text-to-image with any family", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     gen.add_argument("--model", required=True, help="diffusers folder, or a single file with --config")
-    gen.add_argument("--config", help="model config YAML for a single-file checkpoint")
+    gen.add_argument("--config", help="a local diffusers folder of the same family, for a single-file checkpoint")
     gen.add_argument("--prompt")
     gen.add_argument("--prompts", help="file with one prompt per line; --out is then a folder")
     gen.add_argument("--negative")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=28)
-    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers' examples)")
+    gen.add_argument("--steps", type=int, default=28, help="sampling steps")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
     gen.add_argument("--true-cfg", type=float, dest="true_cfg", help="FLUX.1 true CFG scale (with --negative)")
     gen.add_argument("--size", default="512x512", help="HxW")
     add_runtime_arguments(gen)

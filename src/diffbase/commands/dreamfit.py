@@ -66,7 +66,11 @@ def run_dreamfit(args: argparse.Namespace) -> None:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("dreamfit", help="DreamFit on FLUX.1: garment, pose-guided or try-on generation")
+    p = sub.add_parser(
+        "dreamfit",
+        help="DreamFit on FLUX.1: garment, pose-guided or try-on generation",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--mode", choices=["garment", "pose", "tryon"], default="garment")
     p.add_argument("--model", required=True, help="a local FLUX.1 diffusers folder")
     p.add_argument("--checkpoint", required=True, help="flux_i2i.bin, flux_i2i_with_pose.bin or flux_tryon.bin")
@@ -76,11 +80,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mask", help="try-on: the garment area on the person")
     p.add_argument("--prompt", required=True)
     p.add_argument("--size", default="1024x768", help="HxW (default 1024x768)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="FLUX guidance value")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative write pass")
-    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--lora-weight", type=float, default=1.0, help="DreamFit LoRA strength")
     p.add_argument(
         "--lora-weight-mode",
         choices=["official", "linear"],

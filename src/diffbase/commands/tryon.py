@@ -108,10 +108,10 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)")
     p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
     p.add_argument("--size", default="512x384", help="HxW the model runs at (default 512x384)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=2.5)
-    p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=2.5, help="CFG scale (garment-zeroed branch)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--prompt", default="", help="vton variant only")
     p.add_argument("--no-repaint", action="store_true", help="keep the model's pixels outside the mask too")
     p.add_argument(
@@ -124,7 +124,11 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    t = sub.add_parser("tryon", help="virtual try-on: a person, a mask (or box) and a garment")
+    t = sub.add_parser(
+        "tryon",
+        help="virtual try-on: a person, a mask (or box) and a garment",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     model_arguments(t)
     t.add_argument("--person", required=True)
     t.add_argument("--mask", help="the garment area on the person (white)")

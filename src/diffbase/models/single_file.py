@@ -25,7 +25,10 @@ LAYOUTS = [
     ("sdxl", ("conditioner.embedders.1.", "model.diffusion_model.label_emb.")),
     ("sd15", ("model.diffusion_model.input_blocks.",)),
 ]
-DIFFUSERS_FLUX1 = ("transformer_blocks.0.attn.add_q_proj.weight", "single_transformer_blocks.0.proj_mlp.weight")
+DIFFUSERS_FLUX1 = ("single_transformer_blocks.0.proj_mlp.weight",)  # diffusers' FLUX.1 transformer (SD3 has none)
+# Weights of one component of a diffusers folder (a UNet, an SD3 or FLUX.2 transformer, a VAE).
+DIFFUSERS_PARTS = ("down_blocks.0.resnets.0.conv1.weight", "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight",
+                   "pos_embed.proj.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")  # fmt: skip
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -51,12 +54,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_layout(keys: list[str]) -> str:
-    """Which family's checkpoint this is, from its key names ("unknown" when none matches)."""
+    """Which family's checkpoint this is, from its key names ("unknown" when none matches;
+    "diffusers-part" for one component of a diffusers folder)."""
+    if any(k.removeprefix(COMFY_PREFIX) in DIFFUSERS_FLUX1 for k in keys):  # before SD3: both have ff_context
+        return "flux1"
+    if any(k in DIFFUSERS_PARTS for k in keys):
+        return "diffusers-part"
     for family, markers in LAYOUTS:
         if any(m in k for k in keys for m in markers):
             return family
-    if any(k.removeprefix(COMFY_PREFIX) in DIFFUSERS_FLUX1 for k in keys):
-        return "flux1"
     return "unknown"
 
 
@@ -109,6 +115,12 @@ def load_single_file_pipeline(path: Path, config: Path, dtype: str = "float32") 
     spec = detect_family(config)
     state = read_state_dict(path)
     found = detect_layout(list(state))
+    if found == "diffusers-part":
+        raise UserError(
+            f"{path}: diffusers-layout weights of one component (a folder's unet/, transformer/ or vae/), not a "
+            f"single-file checkpoint; put the file in that subfolder of a copy of {config} and pass the folder "
+            "as --model"
+        )
     if found == "unknown":
         raise UserError(f"{path}: no known checkpoint layout (BFL, ComfyUI, original SD or diffusers) in its keys")
     if found != spec.family:
