@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_cli
-from tests.test_experiments import SHAPES, TINY
+from tests.test_experiments import TINY, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden" / "behaviour.json"
@@ -77,15 +77,7 @@ def check(name: str, got: dict) -> None:
 
 @pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
 def test_tiny_experiment_unchanged(path: Path, tmp_path: Path) -> None:
-    code, _, err = run_cli(
-        "train",
-        str(path),
-        "training.max_steps=3",
-        "training.checkpoint_every=0",
-        "training.validation.steps=2",
-        f"data.train_path={SHAPES}",
-        f"experiment.output_dir={tmp_path}",
-    )
+    code, _, err = train_tiny(path, tmp_path, 3)
     assert code == 0, err
     check(
         f"tiny/{path.stem}",

@@ -11,24 +11,14 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from tests.test_experiments import SHAPES, TINY
+from tests.test_experiments import TINY, train_tiny
 
 BF16 = ["model.dtype=bfloat16", "hardware.mixed_precision=bf16"]
 
 
 @pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
 def test_tiny_experiments_train_validate_and_export_in_bf16(path: Path, tmp_path: Path) -> None:
-    code, out, err = run_cli(
-        "train",
-        str(path),
-        *BF16,
-        "training.max_steps=2",
-        "training.checkpoint_every=0",
-        "training.validation.steps=2",
-        "training.validation.loss_split=0.25",
-        f"data.train_path={SHAPES}",
-        f"experiment.output_dir={tmp_path}",
-    )
+    code, _, err = train_tiny(path, tmp_path, 2, *BF16, "training.validation.loss_split=0.25")
     assert code == 0, err
     assert all(math.isfinite(v) for v in json.loads((tmp_path / "losses.json").read_text()))
     assert (tmp_path / "validation" / "step-000002.png").exists()

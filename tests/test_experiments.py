@@ -34,17 +34,17 @@ def test_full_size_experiments_are_valid_and_ask_for_weights(path: Path, tmp_pat
         assert code == 2 and err.startswith("error: model.pretrained_path: required for sd15")
 
 
+def train_tiny(path: Path, out: Path, steps: int, *overrides: str) -> tuple[int, str, str]:
+    """`diffbase train` on a tiny experiment with the shapes, no checkpoints, 2 validation steps."""
+    return run_cli(
+        "train", str(path), f"training.max_steps={steps}", "training.checkpoint_every=0",
+        "training.validation.steps=2", f"data.train_path={SHAPES}", f"experiment.output_dir={out}", *overrides,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
 def test_tiny_experiments_train(path: Path, tmp_path: Path) -> None:
-    code, out, err = run_cli(
-        "train",
-        str(path),
-        "training.max_steps=2",
-        "training.checkpoint_every=0",
-        f"data.train_path={SHAPES}",
-        f"experiment.output_dir={tmp_path}",
-        "training.validation.steps=2",
-    )
+    code, out, err = train_tiny(path, tmp_path, 2)
     assert code == 0, err
     assert "trained 2 steps" in out
     assert (tmp_path / "exports.json").exists() and (tmp_path / "validation" / "step-000002.png").exists()
