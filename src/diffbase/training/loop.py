@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from diffbase.attention import apply_attention, choose
-from diffbase.config import Config
+from diffbase.config import Config, dump_yaml
 from diffbase.errors import UserError
+from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
@@ -289,6 +290,8 @@ def run_training(
     set_checkpointing(run, lambda: probe_step(run, batch_for(run, dataset, next(iter(sampler)))))
     resume(run, out_dir / "checkpoints", resume_arg)
     acc, progress = run.accelerator, run.progress
+    if acc.is_main_process:  # the run's record, once its set-up succeeded (a config error leaves nothing)
+        write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
     result = TrainResult(steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained)
     metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step)
     bar = tqdm(total=run.steps, initial=progress.step, desc=f"train {config.training.method}", unit="step",

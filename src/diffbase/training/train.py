@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from diffbase.config import Config, dump_yaml
+from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
@@ -143,8 +143,8 @@ def train(
     overwrite: bool = False,
 ) -> TrainResult:
     """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end.
-    Nothing is written before the model and data have loaded, so a bad config leaves no files."""
-    from diffbase.io import default_modes, write_json_atomic, write_text_atomic
+    Nothing of the run is written before its set-up succeeded, so a bad config leaves no files."""
+    from diffbase.io import default_modes, write_json_atomic
 
     out_dir = Path(config.experiment.output_dir)
     if process_state(config).is_main_process:
@@ -152,8 +152,6 @@ def train(
     process_state(config).wait_for_everyone()
     bb = load_backbone(config)
     dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress)
-    if process_state(config).is_main_process:
-        write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
     result = run_training(
         config, method, bb, dataset, sampler, resume_arg=resume, cache=caches[0], stop_after=stop_after,
         show_progress=show_progress, validation=(held_out, caches[1]),
