@@ -53,7 +53,7 @@ def run_parity(out: Path, size: int = 64, steps: int = 4) -> dict:
             "seconds": round(time.perf_counter() - start, 2),
             "max_pixel_diff_vs_diffusers": max_diff,
         }
-    grid = image_grid(rows, labels=FAMILIES, header=[p[:20] for p in PROMPTS])
+    grid = image_grid(rows, labels=FAMILIES, header=PROMPTS)
     save_png_atomic(grid, out / "grid.png")
     write_json_atomic(out / "metrics.json", results)
     rows_html = "".join(
