@@ -66,7 +66,7 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
     denoiser.train(was_training)
     if bb.controlnet is not None:
         bb.controlnet.train(was_training)
-    return image_grid([images], header=list(v.prompts), cell=min(256, max(h, w)))
+    return image_grid([images], header=list(v.prompts), cell=max(128, min(256, max(h, w))))  # captions need room
 
 
 @torch.no_grad()
