@@ -78,16 +78,14 @@ def encoders_on(bb: Any) -> Iterator[None]:
     """Text encoders and the VAE on the denoiser's device for the duration (they may be parked on the
     CPU by offload or after caching), and back where they were afterwards."""
     device = bb.device
-    modules = encoder_modules(bb)
-    before = [_device_of(m) for m in modules]
-    for m in modules:
+    away = [(m, d) for m in encoder_modules(bb) if (d := _device_of(m)) is not None and d != device]
+    for m, _ in away:  # only what is elsewhere moves: a no-op per step when nothing is offloaded
         m.to(device)
     try:
         yield
     finally:
-        for m, d in zip(modules, before, strict=True):
-            if d is not None:
-                m.to(d)
+        for m, d in away:
+            m.to(d)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device | None:
