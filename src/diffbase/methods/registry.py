@@ -34,7 +34,8 @@ class Trained:
 
     def call(self, name: str) -> Any:
         """A trained module as the step must call it: through its DDP/FSDP wrapper when there is one."""
-        return self.calls.get(name) or self.modules[name]
+        wrapped = self.calls.get(name)
+        return wrapped if wrapped is not None else self.modules[name]  # a container module may be falsy
 
 
 @dataclass
