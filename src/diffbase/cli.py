@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", default="512x512", help="HxW")
     add_runtime_arguments(gen)
     gen.add_argument("--out", required=True)
+    gen.add_argument("--compare", metavar="GRID.png", help="also a grid of each prompt without and with the --lora")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train", help="train with an experiment config (LoRA, full fine-tune, DreamBooth, ControlNet)")

@@ -59,3 +59,8 @@ def image_grid(
         for c, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
     return grid
+
+
+def side_by_side(named: dict[str, Image.Image], cell: int = 192) -> Image.Image:
+    """One row with a header per image (person | garment | result): what a single result is judged by."""
+    return image_grid([list(named.values())], header=list(named), cell=cell)

@@ -63,6 +63,12 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     }
     save_png_atomic(image, Path(args.out), meta)
     print(f"wrote {args.out}")
+    if args.grid:
+        from diffbase.grid import side_by_side
+
+        shown = {k: inputs[k] for k in ("person", "pose", "garment") if k in inputs} | {"result": image}
+        save_png_atomic(side_by_side(shown), Path(args.grid))
+        print(f"wrote {args.grid}")
 
 
 def add_parser(sub: Any) -> None:
@@ -94,4 +100,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-repaint", action="store_true", help="try-on: keep the model's pixels outside the mask too")
     add_runtime_arguments(p, offload=False)
     p.add_argument("--out", required=True)
+    p.add_argument("--grid", metavar="GRID.png", help="also the inputs and the result side by side")
     p.set_defaults(func=run_dreamfit)

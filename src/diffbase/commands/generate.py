@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from diffbase.errors import UserError
@@ -25,7 +26,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from diffbase.generate import GenerateSettings, generate, metadata, parse_size, pipeline_kwargs
     from diffbase.io import save_png_atomic
     from diffbase.models.loading import detect_family, load_model
-    from diffbase.models.lora_loading import apply_loras
+    from diffbase.models.lora_loading import apply_loras, parse_lora_arg
 
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
@@ -41,17 +42,32 @@ def run_generate(args: argparse.Namespace) -> None:
     folder = Path(args.config) if args.config else Path(args.model)
     if folder.is_dir():  # check the settings against the family before spending time loading
         pipeline_kwargs(detect_family(folder), settings_for(0, prompts[0]))
+    if args.compare and not args.lora:
+        raise UserError("--compare: shows the images without and with --lora; give at least one --lora")
     pipe, spec = load_model(args.model, config=args.config, **runtime(args))
     use_attention(args, [getattr(pipe, spec.denoiser)])
+    without = []
+    if args.compare:  # the same seeds before the LoRAs go in
+        for i, prompt in enumerate(tqdm(prompts, desc="generate without LoRA", unit="img", disable=len(prompts) == 1)):
+            without.append(generate(pipe, spec, replace(settings_for(i, prompt), loras=[])))
     apply_loras(pipe, spec, args.lora)
     out = Path(args.out)
     bar = tqdm(prompts, desc="generate", unit="img", disable=len(prompts) == 1)
+    images = []
     for i, prompt in enumerate(bar):
         settings = settings_for(i, prompt)
         image = generate(pipe, spec, settings)
+        images.append(image)
         target = out / f"{i:04d}.png" if args.prompts else out
         save_png_atomic(image, target, metadata(settings, args.model, spec, pipe))
         if not args.prompts:
             print(f"wrote {target}")
     if args.prompts:
         print(f"wrote {len(prompts)} images to {out}")
+    if args.compare:
+        from diffbase.grid import image_grid
+
+        rows = [[a, b] for a, b in zip(without, images, strict=True)]
+        header = ["without LoRA", "with " + ", ".join(parse_lora_arg(x)[0].name for x in args.lora)]
+        save_png_atomic(image_grid(rows, labels=prompts, header=header, cell=192), Path(args.compare))
+        print(f"wrote {args.compare}")

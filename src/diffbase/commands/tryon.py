@@ -66,6 +66,11 @@ def run_tryon(args: argparse.Namespace) -> None:
     }
     save_png_atomic(result, Path(args.out), meta)
     print(f"wrote {args.out}")
+    if args.grid:
+        from diffbase.grid import side_by_side
+
+        save_png_atomic(side_by_side({"person": person, "garment": garment, "result": result}), Path(args.grid))
+        print(f"wrote {args.grid}")
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -136,6 +141,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--garment", required=True)
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
     t.add_argument("--out", required=True)
+    t.add_argument("--grid", metavar="GRID.png", help="also person | garment | result side by side")
     t.set_defaults(func=run_tryon)
 
 

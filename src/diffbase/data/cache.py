@@ -159,24 +159,28 @@ class TrainingCache:
 
     def lookup(self, batch: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any] | None]:
         """(mean, std, cond) for a batch; None where that part is not cached."""
-        from diffbase.models import backbone as B
-
         mean = std = cond = None
         if self.latents is not None:
             mean, std = self.posterior(batch, "image")
         if self.text is not None:
-            parts = [self.text.get(self.prompt_key(c)) for c in batch["caption"]]
-            cond = {}
-            for name in parts[0]:
-                if name.startswith("shared."):  # batch-independent tensors (FLUX.1 text ids)
-                    cond[name[len("shared.") :]] = parts[0][name]
-                else:
-                    cond[name] = torch.cat([p[name] for p in parts])
-            if self.backbone.family == "sdxl":
-                cond["add_time_ids"] = B.sdxl_time_ids(self.backbone, batch["size"], len(parts))
-            device = self.backbone.device
-            cond = {k: v.to(device) for k, v in cond.items()}
+            cond = self.conditioning(batch["caption"], batch.get("size"))
         return mean, std, cond
+
+    def conditioning(self, prompts: list[str], size: Any = None) -> dict[str, Any]:
+        """The cached text conditioning of these prompts, batched, on the backbone's device."""
+        from diffbase.models import backbone as B
+
+        parts = [self.text.get(self.prompt_key(c)) for c in prompts]
+        cond = {}
+        for name in parts[0]:
+            if name.startswith("shared."):  # batch-independent tensors (FLUX.1 text ids)
+                cond[name[len("shared.") :]] = parts[0][name]
+            else:
+                cond[name] = torch.cat([p[name] for p in parts])
+        if self.backbone.family == "sdxl":
+            cond["add_time_ids"] = B.sdxl_time_ids(self.backbone, size, len(parts))
+        device = self.backbone.device
+        return {k: v.to(device) for k, v in cond.items()}
 
     def posterior(self, batch: dict[str, Any], slot: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached VAE posterior (mean, std) of one image slot (`image`, `reference`, ...) of a batch."""
@@ -185,6 +189,13 @@ class TrainingCache:
             raise KeyError(f"slot '{slot}' is not cached for every item of this batch")
         parts = [self.latents.get(keys[i]) for i in batch["index"]]
         return torch.stack([p["mean"] for p in parts]), torch.stack([p["std"] for p in parts])
+
+    def tensors(self, batch: dict[str, Any], slot: str) -> dict[str, torch.Tensor]:
+        """Every tensor cached under one slot's keys for a batch, stacked, on the backbone's device (a
+        method's own entries, such as DreamFit's person and reference latents)."""
+        keys = self.latent_keys[slot]
+        parts = [self.latents.get(keys[i]) for i in batch["index"]]
+        return {name: torch.stack([p[name] for p in parts]).to(self.backbone.device) for name in parts[0]}
 
 
 def check_cacheable(config: Any) -> None:
@@ -223,7 +234,7 @@ def latent_identity(config: Any, bb: Any) -> str:
     return key_of(PREPROCESS_VERSION, d.crop, module_fingerprint(bb.vae))
 
 
-def _batches(items: list[Any], size: int) -> Iterable[list[Any]]:
+def batches(items: list[Any], size: int) -> Iterable[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -268,7 +279,7 @@ def _build_cache(
             by_bucket.setdefault(dataset.bucket_of[i], []).append((key, i, slot))
         bar = tqdm(total=len(todo), desc="cache latents", unit="img", disable=not show_progress or not todo)
         for entries in by_bucket.values():
-            for group in _batches(entries, batch):
+            for group in batches(entries, batch):
                 items = [dataset.item(i, pixels=True) for _, i, _ in group]
                 ok = [(key, it["pixels" if slot == "image" else slot]) for (key, _, slot), it in zip(group, items, strict=True) if it is not None]  # fmt: skip
                 if ok:
@@ -280,25 +291,35 @@ def _build_cache(
         text = ShardStore.open(root / "text")
     cache = TrainingCache(latents, text, latent_keys, text_identity(bb), bb)
     if text is not None:
-        prompts = sorted({r.caption for r in dataset.records} | ({""} if d.caption_dropout > 0 else set()))
-        missing = [p for p in prompts if cache.prompt_key(p) not in text]
-        stats.prompts_computed, stats.prompts_reused = len(missing), len(prompts) - len(missing)
-        bar = tqdm(total=len(missing), desc="cache prompts", unit="prompt", disable=not show_progress or not missing)
-        for group in _batches(missing, batch):
-            cond = B.encode_prompts(bb, group)
-            entries: dict[str, dict[str, torch.Tensor]] = {}
-            for j, prompt in enumerate(group):
-                entry = {}
-                for name, value in cond.items():
-                    if (bb.family, name) in SHARED:
-                        entry[f"shared.{name}"] = value
-                    else:
-                        entry[name] = value[j : j + 1]
-                entries[cache.prompt_key(prompt)] = entry
-            text.write(entries)
-            bar.update(len(group))
-        bar.close()
+        prompts = {r.caption for r in dataset.records} | ({""} if d.caption_dropout > 0 else set())
+        stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
     return cache, stats
+
+
+def cache_prompts(cache: TrainingCache, prompts: Iterable[str], batch: int, show_progress: bool) -> tuple[int, int]:
+    """Encode the prompts the text cache lacks; returns (computed, reused)."""
+    from tqdm import tqdm
+
+    from diffbase.models import backbone as B
+
+    bb, prompts = cache.backbone, sorted(set(prompts))
+    missing = [p for p in prompts if cache.prompt_key(p) not in cache.text]
+    bar = tqdm(total=len(missing), desc="cache prompts", unit="prompt", disable=not show_progress or not missing)
+    for group in batches(missing, batch):
+        cond = B.encode_prompts(bb, group)
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for j, prompt in enumerate(group):
+            entry = {}
+            for name, value in cond.items():
+                if (bb.family, name) in SHARED:
+                    entry[f"shared.{name}"] = value
+                else:
+                    entry[name] = value[j : j + 1]
+            entries[cache.prompt_key(prompt)] = entry
+        cache.text.write(entries)
+        bar.update(len(group))
+    bar.close()
+    return len(missing), len(prompts) - len(missing)
 
 
 def free_encoders(bb: Any, latents: bool, text: bool, keep_for_validation: bool) -> None:

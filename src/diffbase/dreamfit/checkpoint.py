@@ -1,7 +1,7 @@
 """DreamFit's official checkpoints (`flux_i2i.bin`, `flux_i2i_with_pose.bin`, `flux_tryon.bin`):
 read, checked against a FLUX.1 transformer, and mapped onto diffusers' block names.
 
-Facts from ../shared/REFERENCES.md (the official code, run on tiny weights): pickled dicts of
+Facts from the official code (run on tiny weights; docs/DREAMFIT.md): pickled dicts of
 low-rank pairs `<block>.<name>.{down,up}.weight` with BFL block names (`double_blocks.{i}`,
 `single_blocks.{i}`); the rank is read from each pair's down weight; each layer's scale is
 alpha / rank (released configs: alpha 16, doubled with the rank for the single blocks' 15360-wide

@@ -1,4 +1,4 @@
-"""DreamFit's write and read passes on diffusers' FluxTransformer2DModel (facts: ../shared/REFERENCES.md).
+"""DreamFit's write and read passes on diffusers' FluxTransformer2DModel (facts: docs/DREAMFIT.md).
 
 - Write pass (once per generation, timestep 0, clean garment latent, the mode's garment text): the
   DreamFit LoRAs are active (q/k/v and output LoRAs in the attention processors; modulation and MLP
@@ -11,11 +11,14 @@
   values can change the kept outputs, so dropping them is exact and cheaper (`keep_bank_queries`
   computes them anyway, for the check).
 
-Not built yet: the generation schedule (negative write, true CFG), the three modes, the CLI and training.
+Gradient checkpointing (`bank_checkpointing`) covers both passes: the recompute in the backward pass
+sees the mode and banks of the original call and does not store the banks again.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ class BankState:
     keep_bank_queries: bool = False
     negative: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # true CFG's banks
     reading_negative: bool = False  # the current transformer call is true CFG's negative branch
+    replaying: bool = False  # gradient checkpointing's recompute: compute as before, store nothing
 
     def clear(self) -> None:
         self.banks.clear()
@@ -83,11 +87,12 @@ class DreamFitProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         seq = q.shape[1]
-        if self.state.mode == "write":
+        if self.state.mode == "write" and not self.state.replaying:
             start = text_len if self.double else 0  # double blocks keep the image stream only
-            bank_q = q[:, start:] if self.state.keep_bank_queries else None  # only the check needs them
+            dtype = attn.to_k.weight.dtype  # the compute dtype: fp32 LoRA deltas must not widen the banks
+            bank_q = q[:, start:].to(dtype) if self.state.keep_bank_queries else None  # only the check needs them
             target = self.state.negative if self.state.reading_negative else self.state.banks
-            target[self.name] = (bank_q, k[:, start:], v[:, start:])
+            target[self.name] = (bank_q, k[:, start:].to(dtype), v[:, start:].to(dtype))
             self.state.writes += 1
         elif self.state.mode == "read" and self.name in self.state.banks:
             banks = self.state.negative if self.state.reading_negative and self.state.negative else self.state.banks
@@ -141,6 +146,33 @@ def install(transformer: torch.nn.Module, pairs: dict[str, LoraPair] | None = No
                 if pair is not None:
                     transformer.get_submodule(f"{kind}.{i}.{module_name}").register_forward_hook(_hook(pair, state))
     return state
+
+
+def bank_checkpointing(state: BankState) -> Callable[..., Any]:
+    """diffusers' `gradient_checkpointing_func` for a transformer with DreamFit processors. The loss
+    clears the banks and switches the mode off before the backward pass; the recompute of each block
+    must still run the write pass's LoRAs, or read the banks, exactly as the original call did."""
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
+        mode, negative_branch = state.mode, state.reading_negative
+        banks, negative = dict(state.banks), dict(state.negative)  # references, not copies of the tensors
+
+        @contextlib.contextmanager
+        def as_called() -> Iterator[None]:
+            before = (state.mode, state.banks, state.negative, state.reading_negative, state.replaying)
+            state.mode, state.banks, state.negative = mode, banks, negative
+            state.reading_negative, state.replaying = negative_branch, True
+            try:
+                yield
+            finally:
+                state.mode, state.banks, state.negative, state.reading_negative, state.replaying = before
+
+        return checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), as_called())
+        )
+
+    return checkpointed
 
 
 @torch.no_grad()

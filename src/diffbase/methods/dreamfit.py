@@ -37,7 +37,7 @@ class DreamFitConfig:
 def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.dreamfit.checkpoint import Dims
     from diffbase.dreamfit.loras import DreamFitLoras
-    from diffbase.dreamfit.mechanism import install
+    from diffbase.dreamfit.mechanism import bank_checkpointing, install
 
     if bb.family != "flux1":
         raise UserError(f"training.method: dreamfit trains on FLUX.1, not {bb.family}")
@@ -45,7 +45,11 @@ def prepare(bb: Any, config: Config) -> Trained:
     loras = DreamFitLoras(Dims.of(bb.denoiser), config.training.dreamfit.rank, seed=0)
     state = install(bb.denoiser, loras.pairs())
     bb.adapters["dreamfit"] = loras
-    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state})
+
+    def checkpointing() -> None:  # both passes and the DreamFit processors (see bank_checkpointing)
+        bb.denoiser.enable_gradient_checkpointing(bank_checkpointing(state))
+
+    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state}, checkpointing=checkpointing)
 
 
 def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
@@ -61,17 +65,10 @@ def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
     return torch.cat([keep, garment], dim=-1)
 
 
-def write_pass(bb: Any, trained: Trained, batch: dict[str, Any], mode: str, guidance: float) -> None:
-    """The reference through the transformer with the LoRAs on, at timestep 0, filling the banks (with
-    gradients: the banks carry them to the write-pass LoRAs)."""
-    from diffbase.dreamfit.generate import GARMENT_TEXT
-
-    state, transformer, n, device = trained.extras["banks"], bb.forward or bb.denoiser, len(batch["index"]), bb.device
-    if "garment_text" not in trained.extras:
-        trained.extras["garment_text"] = B.encode_prompts(bb, [GARMENT_TEXT[mode]])
-    text = trained.extras["garment_text"]
-    with torch.no_grad():
-        ref = B.encode_images(bb, reference_pixels(batch, mode).to(device), sample=False)
+def write_pass(bb: Any, trained: Trained, ref: torch.Tensor, text: dict[str, Any], guidance: float) -> None:
+    """The reference latents through the transformer with the LoRAs on, at timestep 0, filling the banks
+    (with gradients: the banks carry them to the write-pass LoRAs)."""
+    state, transformer, n, device = trained.extras["banks"], bb.forward or bb.denoiser, ref.shape[0], bb.device
     g = torch.full([n], guidance, device=device) if bb.denoiser.config.guidance_embeds else None
     ids = B.image_ids(bb, ref)
     state.clear()
@@ -91,27 +88,103 @@ def write_pass(bb: Any, trained: Trained, batch: dict[str, Any], mode: str, guid
         state.mode = "read"
 
 
+def step_inputs(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """(person latents, reference latents, read-pass text, write-pass text): from the cache where it has
+    them, else from the VAE (its mean, as the cache holds) and the text encoders."""
+    from diffbase.dreamfit.generate import GARMENT_TEXT
+
+    d, device = config.training.dreamfit, bb.device
+    prompts = [d.prompt] * len(batch["index"]) if d.prompt is not None else batch["caption"]
+    if cache is not None and cache.latents is not None:
+        latents = cache.tensors(batch, "pair")
+        person, ref = latents["person"], latents["reference"]
+    else:
+        with torch.no_grad():
+            person = B.encode_images(bb, batch["person"].to(device), sample=False)
+            ref = B.encode_images(bb, reference_pixels(batch, d.mode).to(device), sample=False)
+    if cache is not None and cache.text is not None:
+        return person, ref, cache.conditioning(prompts), cache.conditioning([GARMENT_TEXT[d.mode]])
+    if "garment_text" not in trained.extras:
+        trained.extras["garment_text"] = B.encode_prompts(bb, [GARMENT_TEXT[d.mode]])
+    return person, ref, B.encode_prompts(bb, prompts), trained.extras["garment_text"]
+
+
 def loss(
     config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Write pass on the reference, then flow matching on the person (the configured timestep sampling
     and guidance value), reading the banks."""
-    d, objective = config.training.dreamfit, config.training.objective
-    state, device = trained.extras["banks"], bb.device
+    objective = config.training.objective
+    state = trained.extras["banks"]
     gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
-    write_pass(bb, trained, batch, d.mode, objective.guidance)
-    with torch.no_grad():
-        x0 = B.encode_images(bb, batch["person"].to(device), sample=False)
-    cond = B.encode_prompts(bb, [d.prompt] * len(gens) if d.prompt is not None else batch["caption"])
+    x0, ref, cond, garment_text = step_inputs(config, bb, trained, batch, cache)
+    write_pass(bb, trained, ref, garment_text, objective.guidance)
     seq_len = B.image_seq_len(bb, tuple(x0.shape[-2:]))
     scheduler = dict(bb.pipe.scheduler.config)
     sigma = torch.cat([sample_flow_sigmas(objective, 1, scheduler, seq_len, generator=g) for g in gens])
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
     noisy = B.add_noise(bb, x0, noise, sigma)
-    pred = B.denoise(bb, noisy, B.model_timesteps(bb, sigma).to(device), cond, guidance=objective.guidance)
-    state.clear()
+    pred = B.denoise(bb, noisy, B.model_timesteps(bb, sigma).to(bb.device), cond, guidance=objective.guidance)
+    state.clear()  # the banks live on in the graph only, until the backward pass
     state.mode = "off"
     return diffusion_loss(pred, B.target(bb, x0, noise, sigma)), {}
+
+
+def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[Any, Any]:
+    """DreamFit's cache. Per pair, the person's latent and the write pass's reference latent (the VAE
+    mean, as the step encodes them), keyed by the pair's files, the mode, the size and the VAE; the
+    read pass's prompts (the fixed prompt or the captions) and the mode's garment text."""
+    from tqdm import tqdm
+
+    from diffbase.data import cache as K
+    from diffbase.dreamfit.generate import GARMENT_TEXT
+    from diffbase.models.placement import encoders_on
+
+    d, f, stats = config.data, config.training.dreamfit, K.CacheStats()
+    root = Path(d.cache_dir or Path(config.experiment.output_dir) / "cache")
+    batch = max(1, min(8, config.training.batch_size))
+    latents = text = None
+    keys: list[str | None] = []
+    with encoders_on(bb):
+        if d.cache_latents:
+            latents = K.ShardStore.open(root / "latents")
+            identity, digests = K.latent_identity(config, bb), {}
+            for rec in dataset.records:
+                files = [rec.image, rec.mask, rec.garment, rec.pose]
+                parts = [digests.setdefault(p, K.file_digest(p)) if p is not None else "-" for p in files]
+                keys.append(K.key_of("dreamfit", f.mode, tuple(f.size), rec.box, *parts, identity))
+            todo = [i for i, key in enumerate(keys) if key not in latents]
+            dataset.load_pixels = True  # to compute what is missing
+            stats.latents_computed, stats.latents_reused = len(todo), len(keys) - len(todo)
+            bar = tqdm(total=len(todo), desc="cache latents", unit="pair", disable=not show_progress or not todo)
+            for group in K.batches(todo, batch):
+                items = [dataset[i] for i in group]
+                for i, item in zip(group, items, strict=True):
+                    if item is None:
+                        keys[i] = None
+                done = dataset.collate(items)
+                if done["index"]:
+                    with torch.no_grad():
+                        person = B.encode_images(bb, done["person"].to(bb.device), sample=False)
+                        ref = B.encode_images(bb, reference_pixels(done, f.mode).to(bb.device), sample=False)
+                    latents.write(
+                        {
+                            keys[i]: {"person": p, "reference": r}
+                            for i, p, r in zip(done["index"], person, ref, strict=True)
+                        }
+                    )
+                bar.update(len(group))
+            bar.close()
+        if d.cache_text:
+            text = K.ShardStore.open(root / "text")
+        cache = K.TrainingCache(latents, text, {"pair": keys}, K.text_identity(bb), bb)
+        if text is not None:
+            prompts = {f.prompt} if f.prompt is not None else {r.caption for r in dataset.records}
+            counts = K.cache_prompts(cache, prompts | {GARMENT_TEXT[f.mode]}, batch, show_progress)
+            stats.prompts_computed, stats.prompts_reused = counts
+    return cache, stats
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:
@@ -174,7 +247,7 @@ DREAMFIT = register(
         validate=validate,
         section=("dreamfit", DreamFitConfig),
         multi_process=False,
-        cacheable=False,
+        cache=encode_pairs,
         load=load,
         run=run,
         describe="DreamFit's LoRAs with the write pass inside the step",

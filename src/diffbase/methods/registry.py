@@ -31,6 +31,7 @@ class Trained:
     load_state_dict: Callable[[Trained, dict[str, dict[str, torch.Tensor]]], None] | None = None
     calls: dict[str, Any] = field(default_factory=dict)  # the prepared (wrapped) modules, set by the loop
     extras: dict[str, Any] = field(default_factory=dict)  # the method's own state (DreamFit's banks, caches)
+    checkpointing: Callable[[], None] | None = None  # turns gradient checkpointing on (default: on `modules`)
 
     def call(self, name: str) -> Any:
         """A trained module as the step must call it: through its DDP/FSDP wrapper when there is one."""
@@ -58,6 +59,8 @@ class Method:
     section: tuple[str, type] | None = None  # ("lora", LoraConfig): the `training.<name>` keys it reads
     multi_process: bool = True  # False: its modules are not called through DDP, so training is single-process
     cacheable: bool = True  # data.cache_latents / cache_text apply to its batches
+    cache: Callable[[Config, Any, Any, bool], Any] | None = None  # its own cache: (config, bb, dataset, progress)
+    # -> (TrainingCache, CacheStats); default: the image slots' latents and the captions
     load: Callable[..., Any] | None = None  # inference: load(model, weights, device=, dtype=, offload=)
     run: Callable[..., Any] | None = None  # inference: run(loaded, inputs, settings) -> PIL image
     describe: str = ""

@@ -37,6 +37,7 @@ class VtonConfig:
     steps: int = 50  # inference / validation sampling
     guidance: float = 2.5
     eta: float = 1.0
+    mask_loss_weight: float = 1.0  # weight of the person's masked area in the loss (the rest of the canvas: 1)
 
 
 def prepare(bb: Any, config: Config) -> Trained:
@@ -100,7 +101,10 @@ def loss(
         text = texts[cfg.prompt].expand(len(gens), -1, -1)
     x = C.unet_input(cfg.variant, noisy, c["masks"], cond)
     pred = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
-    return diffusion_loss(pred, B.target(bb, c["target"], noise, t)), {}
+    weights = None
+    if cfg.mask_loss_weight != 1.0:
+        weights = 1.0 + (cfg.mask_loss_weight - 1.0) * c["masks"]
+    return diffusion_loss(pred, B.target(bb, c["target"], noise, t), mask=weights), {}
 
 
 def pairs_dataset(config: Config, held_out: bool, size: list[int]) -> Any:

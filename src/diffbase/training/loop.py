@@ -368,7 +368,9 @@ def set_checkpointing(run: Run, probe: Any) -> None:
         if acc.num_processes > 1:  # every process makes the same choice
             on = bool(acc.reduce(torch.tensor(float(on), device=acc.device), reduction="max") > 0)
         acc.print(f"gradient checkpointing: {why}")
-    if on:
+    if on and run.trained.checkpointing is not None:
+        run.trained.checkpointing()
+    elif on:
         for module in run.trained.modules.values():
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()

@@ -36,3 +36,35 @@ def probe_needs_checkpointing(run_step: Callable[[], None], device: torch.device
     if oom:
         return on, f"on (one step without it ran out of {total / gib:.0f} GiB)"
     return on, f"{'on' if on else 'off'} (one step without it peaked at {peak / gib:.1f} of {total / gib:.0f} GiB)"
+
+
+class SavedBytes:
+    """Counts the bytes autograd keeps for the backward pass while the block runs: the activations of a
+    training step, part by part, on any device (the meta device included, so a full-size model's figure
+    needs no memory). Storages are counted once; `exclude` holds the parameters, which are weights, not
+    activations."""
+
+    def __init__(self, exclude: list[torch.Tensor] | None = None) -> None:
+        self.total = 0
+        self._seen: set[int] = {storage_id(p) for p in exclude or []}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = storage_id(tensor)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def storage_id(tensor: torch.Tensor) -> int:
+    """One number per storage, also on the meta device (where every data pointer is 0)."""
+    storage = tensor.untyped_storage()
+    return storage.data_ptr() if tensor.device.type != "meta" else storage._cdata

@@ -68,11 +68,16 @@ def image_dataset(config: Config, held_out: bool = False, adjust: Any = None) ->
     return TrainDataset(records, config.data, config.experiment.seed)
 
 
-def prepare_cache(config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True) -> list[Any]:
+def prepare_cache(
+    config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True, method: Any = None
+) -> list[Any]:
     """Fill the cache for each dataset (computing only what is missing), then free what training
-    no longer needs. Returns a cache per dataset."""
-    from diffbase.data.cache import build_cache, free_encoders
+    no longer needs. Returns a cache per dataset. A method with its own `cache` builds it instead
+    of the image latents and captions."""
+    from diffbase.data.cache import build_cache as generic
+    from diffbase.data.cache import free_encoders
 
+    build_cache = method.cache if method is not None and method.cache is not None else generic
     state = process_state(config)
     caches = []
     if state.is_main_process:  # one process computes; the others then read its shards
@@ -106,7 +111,8 @@ def datasets(config: Config, method: Any, bb: Backbone, show_progress: bool) -> 
     held_out = method.dataset(config, True, bb)
     caches = [None, None]
     if d.cache_latents or d.cache_text:
-        caches = prepare_cache(config, bb, [dataset, held_out] if held_out else [dataset], show_progress) + [None]
+        caches = prepare_cache(config, bb, [dataset, held_out] if held_out else [dataset], show_progress, method)
+        caches += [None]
     return dataset, sampler, held_out, caches
 
 

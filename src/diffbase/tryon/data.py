@@ -184,6 +184,8 @@ class TryOnDataset:
         self.records, self.size, self.seed, self.epoch = records, tuple(size), seed, 0
         self.on_bad_file = on_bad_file
         self.report = BadFileReport()
+        self.load_pixels = True  # False once a method's cache holds every latent the step needs
+        self.unusable: set[int] = set()  # items whose files failed to load
 
     def __len__(self) -> int:
         return len(self.records)
@@ -202,6 +204,8 @@ class TryOnDataset:
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.records[i]
         h, w = self.size
+        if not self.load_pixels:
+            return None if i in self.unusable else {"index": i, "caption": rec.caption, "size": self.size}
         try:
             person = load_image(rec.image)
             if rec.mask is not None:
@@ -224,6 +228,7 @@ class TryOnDataset:
                 item["pose"] = self._image(rec.pose)
         except BadFile as err:
             self.report.skip_or_fail(err, self.on_bad_file)
+            self.unusable.add(i)
             return None
         return item
 

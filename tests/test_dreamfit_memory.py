@@ -1,0 +1,120 @@
+"""DreamFit training memory: the cache (same loss, encoders freed), checkpointing of both passes (same
+gradients, fewer saved activations) and banks in the compute dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from diffbase.training.memory import SavedBytes
+
+
+def dreamfit_config(tiny_model, tmp_path, *extra: str):
+    from diffbase.config import configs_dir, load_config
+    from diffbase.toy.synthetic import write_dataset
+
+    root = write_dataset(tmp_path / "synth", 4, 0, size=(32, 32))
+    return load_config(
+        configs_dir() / "models" / "flux1_tiny.yaml",
+        [
+            f"model.pretrained_path={tiny_model('flux1')}",
+            f"data.train_path={root}",
+            "training.method=dreamfit",
+            "training.dreamfit.size=[32,32]",
+            "training.dreamfit.rank=4",
+            "training.batch_size=2",
+            "training.checkpoint_every=0",
+            f"experiment.output_dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
+
+
+def set_up(config):
+    from diffbase.methods import get
+    from diffbase.training.train import load_backbone
+
+    method = get("dreamfit")
+    bb = load_backbone(config)
+    trained = method.prepare(bb, config)
+    for p in trained.trainable:  # the LoRAs' up halves start at zero: give every path a gradient
+        torch.nn.init.normal_(p, std=0.02)
+    dataset = method.dataset(config, False, bb)
+    return method, bb, trained, dataset
+
+
+def loss_and_grads(method, config, bb, trained, batch, cache=None):
+    for p in trained.trainable:
+        p.grad = None
+    loss, _ = method.loss(config, bb, trained, batch, cache, 3)
+    loss.backward()
+    return loss.detach(), grads(trained)
+
+
+def grads(trained) -> list[torch.Tensor]:
+    """Every LoRA's gradient (zeros for the few whose write-pass output feeds nothing)."""
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trained.trainable]
+
+
+def test_cached_loss_equals_uncached_and_the_encoders_are_freed(tiny_model, tmp_path) -> None:
+    from diffbase.training.train import prepare_cache
+
+    config = dreamfit_config(tiny_model, tmp_path, "training.dreamfit.mode=tryon")
+    method, bb, trained, dataset = set_up(config)
+    batch = dataset.collate([dataset[0], dataset[1]])
+    plain, plain_grads = loss_and_grads(method, config, bb, trained, batch)
+
+    config.data.cache_latents = config.data.cache_text = True
+    cache = prepare_cache(config, bb, [dataset], show_progress=False, method=method)[0]
+    assert bb.pipe.text_encoder is None and bb.pipe.text_encoder_2 is None and bb.vae.encoder is None
+    lean = dataset.collate([dataset[0], dataset[1]])  # the cache holds every latent: no pixels are read
+    assert "person" not in lean and lean["index"] == [0, 1]
+    cached, cached_grads = loss_and_grads(method, config, bb, trained, lean, cache)
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cached_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    fresh, _ = set_up(config)[1:3]  # a second run reuses every latent and prompt
+    again, stats = method.cache(config, fresh, dataset, False)
+    assert again.latent_keys == cache.latent_keys
+    assert (stats.latents_computed, stats.prompts_computed) == (0, 0) and stats.latents_reused == len(dataset)
+
+
+def test_checkpointing_covers_both_passes_with_the_same_gradients(tiny_model, tmp_path) -> None:
+    config = dreamfit_config(tiny_model, tmp_path, "training.dreamfit.mode=garment")
+    method, bb, trained, dataset = set_up(config)
+    batch = dataset.collate([dataset[0], dataset[1]])
+    params = list(bb.denoiser.parameters())
+    with SavedBytes(exclude=params) as plain_saved:
+        loss, _ = method.loss(config, bb, trained, batch, None, 3)
+    loss.backward()
+    plain_grads = grads(trained)
+
+    trained.checkpointing()
+    for p in trained.trainable:
+        p.grad = None
+    with SavedBytes(exclude=params) as saved:
+        loss2, _ = method.loss(config, bb, trained, batch, None, 3)
+    state = trained.extras["banks"]
+    assert state.mode == "off" and not state.banks  # the loss leaves nothing behind but the graph
+    loss2.backward()
+    assert state.mode == "off" and not state.banks and not state.replaying  # the recompute restored the state
+    torch.testing.assert_close(loss2, loss)
+    for a, b in zip(grads(trained), plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert saved.total < 0.7 * plain_saved.total
+
+
+def test_banks_are_kept_in_the_compute_dtype(tiny_model) -> None:
+    from diffbase.dreamfit.checkpoint import Dims
+    from diffbase.dreamfit.loras import DreamFitLoras
+    from diffbase.dreamfit.mechanism import install, write_banks
+    from diffbase.models.loading import load_pipeline
+    from tests.test_dreamfit_mechanism import inputs
+
+    pipe, _ = load_pipeline(tiny_model("flux1"), dtype="bfloat16")
+    loras = DreamFitLoras(Dims.of(pipe.transformer), 4, seed=0)  # fp32, as training keeps what trains
+    state = install(pipe.transformer, loras.pairs())
+    x = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+         for k, v in inputs(pipe.transformer, 0).items()}  # fmt: skip
+    write_banks(pipe.transformer, state, **x)
+    assert state.banks and {t.dtype for bank in state.banks.values() for t in bank[1:]} == {torch.bfloat16}
