@@ -13,9 +13,10 @@ from diffbase.dreamfit.checkpoint import DOUBLE, NETWORK_ALPHA, SINGLE, Dims, Lo
 class DreamFitLoras(torch.nn.Module):
     """Every DreamFit LoRA as parameters (down random, up zero: training starts at the plain model)."""
 
-    def __init__(self, dims: Dims, rank: int, seed: int = 0) -> None:
+    def __init__(self, dims: Dims, rank: int, seed: int = 0, device: str = "cpu") -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
+        meta = device == "meta"  # shapes only (memory accounting): no random numbers drawn
         self.downs, self.ups = torch.nn.ParameterDict(), torch.nn.ParameterDict()
         self.names: dict[str, str] = {}  # parameter key -> diffusers name
         for kind, count, names in (("double", dims.double, DOUBLE), ("single", dims.single, SINGLE)):
@@ -24,8 +25,9 @@ class DreamFitLoras(torch.nn.Module):
                     fan_in, fan_out = dims.shapes(kind, name)
                     r = rank * (2 if name == "processor.ref_proj_lora" else 1)
                     key = f"{kind}_blocks.{i}.{name}".replace(".", "__")
-                    self.downs[key] = torch.nn.Parameter(torch.randn(r, fan_in, generator=g) / r)
-                    self.ups[key] = torch.nn.Parameter(torch.zeros(fan_out, r))
+                    down = torch.empty(r, fan_in, device="meta") if meta else torch.randn(r, fan_in, generator=g) / r
+                    self.downs[key] = torch.nn.Parameter(down)
+                    self.ups[key] = torch.nn.Parameter(torch.zeros(fan_out, r, device=device))
                     self.names[key] = diffusers_name(kind, i, name)
 
     def pairs(self) -> dict[str, LoraPair]:

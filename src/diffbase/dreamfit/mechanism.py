@@ -148,13 +148,16 @@ def install(transformer: torch.nn.Module, pairs: dict[str, LoraPair] | None = No
     return state
 
 
-def bank_checkpointing(state: BankState) -> Callable[..., Any]:
+def bank_checkpointing(state: BankState, passes: tuple[str, ...] = ("write", "read")) -> Callable[..., Any]:
     """diffusers' `gradient_checkpointing_func` for a transformer with DreamFit processors. The loss
     clears the banks and switches the mode off before the backward pass; the recompute of each block
-    must still run the write pass's LoRAs, or read the banks, exactly as the original call did."""
+    must still run the write pass's LoRAs, or read the banks, exactly as the original call did.
+    `passes`: the passes checkpointed (the write pass alone keeps most of the saving at less recompute)."""
     from torch.utils.checkpoint import checkpoint
 
     def checkpointed(module: torch.nn.Module, *args: Any) -> Any:
+        if state.mode not in passes:
+            return module(*args)
         mode, negative_branch = state.mode, state.reading_negative
         banks, negative = dict(state.banks), dict(state.negative)  # references, not copies of the tensors
 

@@ -50,11 +50,15 @@ class SavedBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.add(tensor)
+        return tensor
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """Count a tensor kept some other way (a checkpointed block's inputs)."""
         key = storage_id(tensor)
         if key not in self._seen:
             self._seen.add(key)
             self.total += tensor.untyped_storage().nbytes()
-        return tensor
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
