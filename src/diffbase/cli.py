@@ -182,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     from diffbase.commands.dreamfit import add_parser as add_dreamfit
+    from diffbase.commands.edit import add_parsers as add_editing
     from diffbase.commands.tryon import add_eval_parser, add_parsers
 
     add_parsers(sub)
     add_dreamfit(sub)
+    add_editing(sub)
     ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
         dest="what", required=True
     )

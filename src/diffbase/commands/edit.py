@@ -1,0 +1,130 @@
+"""`diffbase edit` (FLUX.1 Kontext, FLUX.2 with reference images) and `diffbase inpaint` (FLUX.1 Fill,
+FLUX.2 klein inpainting): argument handling around `diffbase.editing`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from diffbase.commands.options import add_runtime_arguments
+from diffbase.errors import UserError
+
+
+def _images(paths: list[str]) -> list[Any]:
+    from diffbase.data.images import BadFile, load_image
+
+    try:
+        return [load_image(Path(p)) for p in paths]
+    except BadFile as err:
+        raise UserError(f"{err.path}: {err.reason}") from None
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from diffbase.editing import EditSettings
+    from diffbase.generate import parse_size
+
+    h = w = None
+    if args.size:
+        h, w = parse_size(args.size)
+    return EditSettings(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, height=h,
+                        width=w, strength=getattr(args, "strength", 1.0))  # fmt: skip
+
+
+def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
+    """The pipeline, after checking that the folder's pipeline does this job (before loading weights)."""
+    from diffbase.commands.options import runtime, use_attention
+    from diffbase.editing import check_pipeline
+    from diffbase.models.loading import detect_family, load_model
+
+    folder = Path(args.model)
+    if folder.is_dir():
+        check_pipeline(detect_family(folder), kind, args.model)
+    pipe, spec = load_model(args.model, **runtime(args))
+    check_pipeline(spec, kind, args.model)
+    use_attention(args, [getattr(pipe, spec.denoiser)])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, spec
+
+
+def _save(args: argparse.Namespace, image: Any, grid: dict[str, Any], meta: dict[str, Any]) -> None:
+    from diffbase.io import save_png_atomic
+
+    save_png_atomic(image, Path(args.out), meta)
+    print(f"wrote {args.out}")
+    if args.grid:
+        from diffbase.grid import side_by_side
+
+        save_png_atomic(side_by_side(grid | {"result": image}), Path(args.grid))
+        print(f"wrote {args.grid}")
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    from diffbase.editing import check_images, check_references, edit, metadata
+
+    images = _images(args.image)
+    settings = _settings(args)
+    pipe, spec = _load(args, "edit")
+    check_references(spec, "edit", len(images))
+    check_images(pipe, images, args.image)
+    result = edit(pipe, spec, images, settings)
+    meta = metadata(settings, args.model, spec, pipe, {"images": list(args.image)})
+    _save(args, result, {f"reference {i + 1}": im for i, im in enumerate(images)}, meta)
+
+
+def run_inpaint(args: argparse.Namespace) -> None:
+    from diffbase.data.images import BadFile, load_mask
+    from diffbase.editing import check_images, check_mask, check_references, inpaint, metadata
+
+    (image,) = _images([args.image])
+    try:
+        mask = load_mask(Path(args.mask))
+    except BadFile as err:
+        raise UserError(f"{err.path}: {err.reason}") from None
+    check_mask(image, mask, args.mask)
+    references = _images(args.reference)
+    settings = _settings(args)
+    pipe, spec = _load(args, "inpaint")
+    check_references(spec, "inpaint", len(references))
+    check_images(pipe, references, args.reference)
+    result = inpaint(pipe, spec, image, mask, settings, references)
+    inputs = {"image": args.image, "mask": args.mask} | ({"references": list(args.reference)} if references else {})
+    _save(
+        args, result, {"image": image, "mask": mask.convert("RGB")}, metadata(settings, args.model, spec, pipe, inputs)
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers' examples)")
+    p.add_argument("--steps", type=int, default=28, help="sampling steps")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
+    p.add_argument("--size", help="HxW of the result (default: from the image, as the pipeline chooses)")
+    add_runtime_arguments(p, offload=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--grid", metavar="GRID.png", help="also the inputs and the result side by side")
+
+
+def add_parsers(sub: Any) -> None:
+    e = sub.add_parser(
+        "edit",
+        help="reference editing: FLUX.1 Kontext, FLUX.2 dev / klein with reference images",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("--model", required=True, help="a local FLUX.1 Kontext or FLUX.2 diffusers folder")
+    e.add_argument("--image", action="append", required=True, help="a reference image (FLUX.2: repeat for more)")
+    _common(e)
+    e.set_defaults(func=run_edit)
+
+    i = sub.add_parser(
+        "inpaint",
+        help="inpainting: FLUX.1 Fill, FLUX.2 klein inpainting",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    i.add_argument("--model", required=True, help="a local FLUX.1 Fill or FLUX.2 klein inpainting diffusers folder")
+    i.add_argument("--image", required=True, help="the image to repaint")
+    i.add_argument("--mask", required=True, help="white where the image is repainted; the image's size")
+    i.add_argument("--reference", action="append", default=[], help="FLUX.2 klein: a reference image (repeatable)")
+    i.add_argument("--strength", type=float, default=1.0, help="1.0 repaints the masked area from pure noise")
+    _common(i)
+    i.set_defaults(func=run_inpaint)
