@@ -69,7 +69,7 @@ def _resolve(value, files):  # noqa: ANN001, ANN202
 def test_same_pixels_as_the_diffusers_pipeline(case, tiny_model, files, tmp_path) -> None:
     name, command, argv, kwargs = CASES[case]
     folder = tiny_model(name)
-    args = [files[a] if a in files else a for a in argv]
+    args = [files.get(a, a) for a in argv]
     out = tmp_path / "ours.png"
     code, _, err = run_cli(command, "--model", str(folder), *map(str, args), "--prompt", "a red shirt",
                            "--steps", "2", "--seed", "3", "--out", str(out), "--grid", str(tmp_path / "grid.png"))  # fmt: skip
