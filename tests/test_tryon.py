@@ -232,7 +232,7 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
 
     root = write_dataset(tmp_path / "synth", 8, 2, size=(32, 32))
 
-    def config(out: str):
+    def config(out: str, *extra: str):
         return load_config(
             configs_dir() / "models" / "sd15_tiny.yaml",
             [
@@ -245,10 +245,28 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
                 "training.checkpoint_every=2",
                 f"experiment.output_dir={tmp_path / out}",
                 "training.learning_rate=1e-3",
+                *extra,
             ],
         )
 
     whole = train(config("a"), show_progress=False)
+    # the cache (posteriors of person, masked person and garment; the latent mask): the same draws and
+    # losses, with held-out validation still running on pixels; a second run reuses every entry
+    cached = config("c", "data.cache_latents=true", "data.cache_text=true", "training.validation.loss_split=0.25",
+                    "training.validation.every=2")  # fmt: skip
+    cached_run = train(cached, show_progress=False)
+    uncached_run = train(config("d", "training.validation.loss_split=0.25"), show_progress=False)
+    assert cached_run.losses == pytest.approx(uncached_run.losses, rel=1e-5)
+    assert list((tmp_path / "c" / "validation").glob("*.png"))
+    cached.experiment.output_dir = str(tmp_path / "e")
+    cached.data.cache_dir = str(tmp_path / "c" / "cache")
+    from diffbase.methods import get
+    from diffbase.training.train import load_backbone
+
+    bb = load_backbone(cached)
+    get("vton").prepare(bb, cached)
+    _, stats = get("vton").cache(cached, bb, get("vton").dataset(cached, False, bb), False)
+    assert stats.latents_computed == 0 and stats.latents_reused > 0
     train(config("b"), stop_after=2, show_progress=False)
     resumed = train(config("b"), resume="latest", show_progress=False)
     assert resumed.losses == whole.losses[2:]

@@ -296,6 +296,60 @@ def _build_cache(
     return cache, stats
 
 
+def build_item_cache(
+    config: Any,
+    bb: Any,
+    dataset: Any,
+    tag: tuple[Any, ...],
+    encode: Any,
+    prompts: set[str],
+    show_progress: bool = True,
+) -> tuple[TrainingCache, CacheStats]:
+    """A method's own cache, one entry per item (slot "pair"): `encode(batch)` -> {name: tensor per
+    item} for what the step would otherwise encode from the item's images, keyed by every file of the
+    record, its box, `tag` (what else changes the result: mode, size) and the VAE; and `prompts` in
+    the text cache. Entries are computed only where missing (the encoders then back on the accelerator
+    when offload parked them)."""
+    from tqdm import tqdm
+
+    from diffbase.models.placement import encoders_on
+
+    d, stats = config.data, CacheStats()
+    root = Path(d.cache_dir or Path(config.experiment.output_dir) / "cache")
+    batch = max(1, min(8, config.training.batch_size))
+    latents = text = None
+    keys: list[str | None] = []
+    with encoders_on(bb):
+        if d.cache_latents:
+            latents = ShardStore.open(root / "latents")
+            identity, digests = latent_identity(config, bb), {}
+            for rec in dataset.records:
+                files = [f"{slot}:{digests.setdefault(p, file_digest(p))}" for slot, p in sorted(rec.slots.items())]
+                keys.append(key_of(*tag, rec.box, *files, identity))
+            todo = [i for i, key in enumerate(keys) if key not in latents]
+            stats.latents_computed, stats.latents_reused = len(todo), len(keys) - len(todo)
+            dataset.load_pixels = True  # to compute what is missing
+            bar = tqdm(total=len(todo), desc="cache latents", unit="item", disable=not show_progress or not todo)
+            for group in batches(todo, batch):
+                items = [dataset[i] for i in group]
+                for i, item in zip(group, items, strict=True):
+                    if item is None:
+                        keys[i] = None
+                done = dataset.collate(items)
+                if done["index"]:
+                    with torch.no_grad():
+                        encoded = encode(done)
+                    latents.write({keys[i]: {n: t[j] for n, t in encoded.items()} for j, i in enumerate(done["index"])})
+                bar.update(len(group))
+            bar.close()
+        if d.cache_text:
+            text = ShardStore.open(root / "text")
+        cache = TrainingCache(latents, text, {"pair": keys}, text_identity(bb), bb)
+        if text is not None:
+            stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
+    return cache, stats
+
+
 def cache_prompts(cache: TrainingCache, prompts: Iterable[str], batch: int, show_progress: bool) -> tuple[int, int]:
     """Encode the prompts the text cache lacks; returns (computed, reused)."""
     from tqdm import tqdm

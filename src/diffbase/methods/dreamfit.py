@@ -144,55 +144,21 @@ def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = Tr
     """DreamFit's cache. Per pair, the person's latent and the write pass's reference latent (the VAE
     mean, as the step encodes them), keyed by the pair's files, the mode, the size and the VAE; the
     read pass's prompts (the fixed prompt or the captions) and the mode's garment text."""
-    from tqdm import tqdm
-
-    from diffbase.data import cache as K
+    from diffbase.data.cache import build_item_cache
     from diffbase.dreamfit.generate import GARMENT_TEXT
-    from diffbase.models.placement import encoders_on
 
-    d, f, stats = config.data, config.training.dreamfit, K.CacheStats()
-    root = Path(d.cache_dir or Path(config.experiment.output_dir) / "cache")
-    batch = max(1, min(8, config.training.batch_size))
-    latents = text = None
-    keys: list[str | None] = []
-    with encoders_on(bb):
-        if d.cache_latents:
-            latents = K.ShardStore.open(root / "latents")
-            identity, digests = K.latent_identity(config, bb), {}
-            for rec in dataset.records:
-                files = [rec.image, rec.mask, rec.garment, rec.pose]
-                parts = [digests.setdefault(p, K.file_digest(p)) if p is not None else "-" for p in files]
-                keys.append(K.key_of("dreamfit", f.mode, tuple(f.size), rec.box, *parts, identity))
-            todo = [i for i, key in enumerate(keys) if key not in latents]
-            dataset.load_pixels = True  # to compute what is missing
-            stats.latents_computed, stats.latents_reused = len(todo), len(keys) - len(todo)
-            bar = tqdm(total=len(todo), desc="cache latents", unit="pair", disable=not show_progress or not todo)
-            for group in K.batches(todo, batch):
-                items = [dataset[i] for i in group]
-                for i, item in zip(group, items, strict=True):
-                    if item is None:
-                        keys[i] = None
-                done = dataset.collate(items)
-                if done["index"]:
-                    with torch.no_grad():
-                        person = B.encode_images(bb, done["person"].to(bb.device), sample=False)
-                        ref = B.encode_images(bb, reference_pixels(done, f.mode).to(bb.device), sample=False)
-                    latents.write(
-                        {
-                            keys[i]: {"person": p, "reference": r}
-                            for i, p, r in zip(done["index"], person, ref, strict=True)
-                        }
-                    )
-                bar.update(len(group))
-            bar.close()
-        if d.cache_text:
-            text = K.ShardStore.open(root / "text")
-        cache = K.TrainingCache(latents, text, {"pair": keys}, K.text_identity(bb), bb)
-        if text is not None:
-            prompts = {f.prompt} if f.prompt is not None else {r.caption for r in dataset.records}
-            counts = K.cache_prompts(cache, prompts | {GARMENT_TEXT[f.mode]}, batch, show_progress)
-            stats.prompts_computed, stats.prompts_reused = counts
-    return cache, stats
+    f = config.training.dreamfit
+
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = bb.device
+        return {
+            "person": B.encode_images(bb, batch["person"].to(device), sample=False),
+            "reference": B.encode_images(bb, reference_pixels(batch, f.mode).to(device), sample=False),
+        }
+
+    prompts = {f.prompt} if f.prompt is not None else {r.caption for r in dataset.records}
+    tag = ("dreamfit", f.mode, tuple(f.size))
+    return build_item_cache(config, bb, dataset, tag, encode, prompts | {GARMENT_TEXT[f.mode]}, show_progress)
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:

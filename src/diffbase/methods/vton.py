@@ -64,20 +64,54 @@ def load_attention_state_dict(trained: Trained, tensors: dict[str, dict[str, tor
         raise UserError(f"checkpoint: unexpected keys for denoiser: {result.unexpected_keys[:3]}")
 
 
-def canvas_batch(bb: B.Backbone, batch: dict[str, Any], generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
-    """Latent canvases of a batch: target (person over garment), masked (condition) and mask."""
-    device = bb.device
-    person, garment = batch["person"].to(device), batch["garment"].to(device)
-    mask = batch["person_mask"].to(device)
-    z_person = C.sample_latents(bb, person, generators)
-    z_masked = C.sample_latents(bb, C.masked_person(person, mask), generators)
-    z_garment = C.sample_latents(bb, garment, generators)
+def canvas_batch(
+    bb: B.Backbone, batch: dict[str, Any], generators: list[torch.Generator], cache: Any = None
+) -> dict[str, torch.Tensor]:
+    """Latent canvases of a batch: target (person over garment), masked (condition) and mask. From the
+    cached posteriors when `cache` has them: the same draws, so the same loss."""
+    if cache is not None and cache.latents is not None:
+        e = cache.tensors(batch, "pair")
+        z_person, z_masked, z_garment = (
+            C.sample_posterior(bb, e[f"{name}_mean"], e[f"{name}_std"], generators)
+            for name in ("person", "masked", "garment")
+        )
+        small = e["mask"]
+    else:
+        device = bb.device
+        person, garment = batch["person"].to(device), batch["garment"].to(device)
+        mask = batch["person_mask"].to(device)
+        z_person = C.sample_latents(bb, person, generators)
+        z_masked = C.sample_latents(bb, C.masked_person(person, mask), generators)
+        z_garment = C.sample_latents(bb, garment, generators)
+        small = C.latent_mask(mask, tuple(z_person.shape[-2:]))
     return {
         "target": C.stack(z_person, z_garment),
         "masked": z_masked,
         "garment": z_garment,
-        "masks": C.mask_canvas(mask, tuple(z_person.shape[-2:])),
+        "masks": C.stack(small, torch.zeros_like(small)),
     }
+
+
+def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[Any, Any]:
+    """The try-on cache: per pair, the VAE posteriors (mean, std) of the person, the masked person and
+    the garment, and the mask at latent size; training still draws a fresh sample every step. The
+    vton variant's fixed prompt goes to the text cache."""
+    from diffbase.data.cache import build_item_cache
+
+    cfg = config.training.vton
+
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = bb.device
+        person, garment = batch["person"].to(device), batch["garment"].to(device)
+        mask = batch["person_mask"].to(device)
+        out = {}
+        for name, pixels in (("person", person), ("masked", C.masked_person(person, mask)), ("garment", garment)):
+            out[f"{name}_mean"], out[f"{name}_std"] = B.encode_distribution(bb, pixels)
+        out["mask"] = C.latent_mask(mask, tuple(out["person_mean"].shape[-2:]))
+        return out
+
+    prompts = {cfg.prompt} if cfg.variant == "vton" else set()
+    return build_item_cache(config, bb, dataset, ("vton", tuple(cfg.size)), encode, prompts, show_progress)
 
 
 def loss(
@@ -86,7 +120,7 @@ def loss(
     cfg, seed = config.training.vton, config.experiment.seed
     unet = trained.call("denoiser")
     gens = [sample_generator(seed, step, i) for i in batch["index"]]
-    c = canvas_batch(bb, batch, gens)
+    c = canvas_batch(bb, batch, gens, cache)
     keep = torch.tensor([float(torch.rand((), generator=g) >= cfg.garment_dropout) for g in gens])
     cond = C.stack(c["masked"], c["garment"] * keep.view(-1, 1, 1, 1).to(c["garment"]))
     steps = bb.pipe.scheduler.config.num_train_timesteps
@@ -97,7 +131,10 @@ def loss(
     if cfg.variant == "vton":
         texts = trained.extras.setdefault("text", {})
         if cfg.prompt not in texts:
-            texts[cfg.prompt] = B.encode_prompts(bb, [cfg.prompt])["prompt_embeds"]
+            cached = cache is not None and cache.text is not None
+            texts[cfg.prompt] = (cache.conditioning([cfg.prompt]) if cached else B.encode_prompts(bb, [cfg.prompt]))[
+                "prompt_embeds"
+            ]
         text = texts[cfg.prompt].expand(len(gens), -1, -1)
     x = C.unet_input(cfg.variant, noisy, c["masks"], cond)
     pred = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
@@ -206,7 +243,7 @@ VTON = register(
         dataset=dataset,
         validate=validate,
         section=("vton", VtonConfig),
-        cacheable=False,
+        cache=encode_pairs,
         load=load,
         run=run,
         describe="CatVTON-style try-on: only attn1 trains",

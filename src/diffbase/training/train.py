@@ -89,9 +89,11 @@ def prepare_cache(
     if not state.is_main_process:
         caches = [build_cache(config, bb, dataset, show_progress=False)[0] for dataset in datasets]
     d = config.data
-    for dataset in datasets:
-        dataset.load_pixels = not d.cache_latents
-    free_encoders(bb, d.cache_latents, d.cache_text, keep_for_validation=bool(config.training.validation.prompts))
+    own = build_cache is not generic  # its validation may run the whole method on held-out pixels
+    for k, dataset in enumerate(datasets):
+        dataset.load_pixels = not d.cache_latents or (own and k > 0)
+    keep = bool(config.training.validation.prompts) or (own and len(datasets) > 1)
+    free_encoders(bb, d.cache_latents, d.cache_text, keep_for_validation=keep)
     return caches
 
 

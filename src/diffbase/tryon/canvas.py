@@ -21,15 +21,26 @@ def masked_person(person: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return person * (mask < 0.5)
 
 
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The person's mask at latent resolution (nearest)."""
+    return F.interpolate(mask.float(), size=latent_hw, mode="nearest")
+
+
 def mask_canvas(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """The person's mask at latent resolution (nearest), over zeros for the garment half."""
-    small = F.interpolate(mask.float(), size=latent_hw, mode="nearest")
+    small = latent_mask(mask, latent_hw)
     return stack(small, torch.zeros_like(small))
 
 
 def sample_latents(bb: B.Backbone, pixels: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """VAE posterior samples, scaled, one generator per sample (drawn in batch order; None: the global one)."""
-    mean, std = B.encode_distribution(bb, pixels)
+    return sample_posterior(bb, *B.encode_distribution(bb, pixels), generators)
+
+
+def sample_posterior(
+    bb: B.Backbone, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Samples of a (cached or just computed) posterior, scaled; the same draws as `sample_latents`."""
     z = torch.stack(
         [m + s * torch.randn(m.shape, generator=g).to(m) for m, s, g in zip(mean, std, generators, strict=True)]
     )
