@@ -26,7 +26,9 @@ def _cmd_zoo_tiny(args: argparse.Namespace) -> None:
 def _cmd_zoo_pretrain(args: argparse.Namespace) -> None:
     from diffbase.toy.pretrain import pretrain
 
-    out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed, pool_size=args.pool)
+    start = Path(args.start) if args.start else None
+    out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed, pool_size=args.pool,
+                   decoder_steps=args.decoder_steps, start=start)  # fmt: skip
     print(f"wrote {out}")
 
 
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--unet-steps", type=int, default=4000, help="denoiser steps (UNet or transformer)")
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--pool", type=int, default=3000, help="synthetic training items drawn from")
+    pre.add_argument("--decoder-steps", type=int, default=0, help="then the VAE decoder alone, with hue rotation")
+    pre.add_argument("--from", dest="start", help="an earlier result: run only the decoder stage on it")
     pre.set_defaults(func=_cmd_zoo_pretrain)
 
     info = sub.add_parser("info", help="parameter counts of a model config or folder (no weights needed)")

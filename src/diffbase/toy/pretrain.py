@@ -6,7 +6,11 @@ never on held-out garments):
 1. the VAE: L1 reconstruction with a small KL term; its scaling factor is then set so latents
    have unit spread, as SD's 0.18215 does for SD;
 2. the UNet, in CatVTON's graph (9 channels, cross-attention skipped): text-free inpainting of
-   garment areas, random boxes and whole images (DDPM epsilon, SD1.5's schedule).
+   garment areas, random boxes and whole images (DDPM epsilon, SD1.5's schedule);
+3. (optional, `--decoder-steps`) the VAE decoder alone, the encoder and so the latent space frozen,
+   on the same images with half of each batch hue-rotated: a codec should not depend on which
+   colours its training garments happened to have (without it, the shipped decoder drew held-out
+   yellow-and-black stripes as orange). `--from DIR` runs this stage on an earlier result.
 
 So the base knows people and garments and how to fill a hole, but not how to copy a garment from
 another image: that is what try-on training teaches it.
@@ -95,6 +99,59 @@ def train_vae(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: int,
         vae.register_to_config(shift_factor=round(latents.mean().item(), 5))
         latents = latents - latents.mean()
     vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
+    return losses
+
+
+def hue_rotate(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image (in [-1, 1]) rotated about the grey axis by a random angle: every hue, the same
+    lightness structure."""
+    import math
+
+    out = []
+    k = 1 / 3
+    for img in x:
+        a = float(torch.rand((), generator=g)) * 2 * math.pi
+        c, s = math.cos(a), math.sin(a) * math.sqrt(k)
+        m = torch.tensor(
+            [
+                [c + (1 - c) * k, k * (1 - c) - s, k * (1 - c) + s],
+                [k * (1 - c) + s, c + k * (1 - c), k * (1 - c) - s],
+                [k * (1 - c) - s, k * (1 - c) + s, c + k * (1 - c)],
+            ]
+        )
+        out.append(torch.einsum("ij,jhw->ihw", m, (img + 1) / 2).clamp(0, 1) * 2 - 1)
+    return torch.stack(out)
+
+
+def train_decoder(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: int, show: bool) -> list[float]:
+    """The decoder alone (the encoder, and so every latent the UNet learned, unchanged), half of each
+    batch hue-rotated."""
+    from tqdm import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=5e-4, weight_decay=0.0)
+    sched = warmup_cosine(opt, steps)
+    losses = []
+    bar = tqdm(range(steps), desc="pretrain decoder", unit="step", disable=not show)
+    for _ in bar:
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        rotate = torch.rand(batch, generator=g) < 0.5
+        x = torch.where(rotate.view(-1, 1, 1, 1), hue_rotate(x, g), x)
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    vae.eval().requires_grad_(False)
     return losses
 
 
@@ -211,9 +268,18 @@ def train_text_to_image(pipe: Any, cfg: Any, work: Path, steps: int, n: int, see
 
 
 def pretrain(
-    name: str, out: Path, vae_steps: int, unet_steps: int, seed: int = 0, pool_size: int = 3000, show: bool = True
+    name: str,
+    out: Path,
+    vae_steps: int,
+    unet_steps: int,
+    seed: int = 0,
+    pool_size: int = 3000,
+    show: bool = True,
+    decoder_steps: int = 0,
+    start: Path | None = None,
 ) -> Path:
-    """Build the toy model from its config, train it, save it as a diffusers folder (fp16, atomically)."""
+    """Build the toy model from its config, train it, save it as a diffusers folder (fp16, atomically).
+    With `start`, an earlier result is loaded instead and only the decoder stage runs."""
 
     from diffbase.models.build import build_pipeline
 
@@ -221,25 +287,41 @@ def pretrain(
         raise UserError(f"zoo pretrain: unknown toy model '{name}'; expected one of {sorted(TOY_CONFIGS)}")
     torch.manual_seed(seed)
     random.seed(seed)
-    start = time.time()
+    began = time.time()
     cfg = load_config(configs_dir() / "models" / TOY_CONFIGS[name]).model
-    pipe = build_pipeline(cfg, seed=seed)
     pool = image_pool(pool_size, seed)
-    vae_losses = train_vae(pipe.vae, torch.cat([pool[0], pool[2]]), vae_steps, 32, seed, show)
+    history: list[dict[str, Any]] = []
+    if start is not None:
+        from diffbase.models.loading import load_pipeline
+
+        pipe, _ = load_pipeline(start, dtype="float32")
+        record_file = Path(start) / "pretrain.json"
+        earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        history = earlier.pop("history", []) + [earlier] if earlier else []
+        vae_losses = unet_losses = []
+    else:
+        pipe = build_pipeline(cfg, seed=seed)
+        vae_losses = train_vae(pipe.vae, torch.cat([pool[0], pool[2]]), vae_steps, 32, seed, show)
     with atomic_folder(out, replace=True) as tmp:
-        if name == "sd15-toy":
-            unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
-        else:
-            unet_losses = train_text_to_image(pipe, cfg, tmp, unet_steps, pool_size, seed + 1, show)
+        if start is None:
+            if name == "sd15-toy":
+                unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
+            else:
+                unet_losses = train_text_to_image(pipe, cfg, tmp, unet_steps, pool_size, seed + 1, show)
+        decoder_losses = train_decoder(pipe.vae, torch.cat([pool[0], pool[2]]), decoder_steps, 32, seed + 2, show)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        command = f"diffbase zoo pretrain {name} OUT --seed {seed} --pool {pool_size}"
+        command += f" --from {start}" if start is not None else f" --vae-steps {vae_steps} --unet-steps {unet_steps}"
         record = {
-            "command": f"diffbase zoo pretrain {name} OUT --vae-steps {vae_steps} --unet-steps {unet_steps} "
-            f"--seed {seed} --pool {pool_size}",
-            "seconds": round(time.time() - start, 1),
-            "vae_loss_last100": float(np.mean(vae_losses[-100:])),
-            "unet_loss_last100": float(np.mean(unet_losses[-100:])),
+            "command": command + f" --decoder-steps {decoder_steps}",
+            "seconds": round(time.time() - began, 1),
+            "vae_loss_last100": float(np.mean(vae_losses[-100:])) if vae_losses else None,
+            "unet_loss_last100": float(np.mean(unet_losses[-100:])) if unet_losses else None,
+            "decoder_loss_last100": float(np.mean(decoder_losses[-100:])) if decoder_losses else None,
             "scaling_factor": pipe.vae.config.scaling_factor,
             "torch": torch.__version__,
         }
+        if history:
+            record["history"] = history  # the runs this one started from, oldest first
         (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -333,3 +333,31 @@ def write_dataset(out: Path, n_train: int, n_test: int, seed: int = 0, size: tup
         write_text_atomic(out / f"{split}_pairs.txt", "\n".join(pairs) + "\n")
         write_json_atomic(root / "metadata.json", entries)
     return out
+
+
+def write_edit_pairs(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Path:
+    """Paired edits for Kontext / Fill training: the same person before (`source`) and after
+    (`image`) their garment is recoloured, the garment area (`mask`) and the instruction as the
+    caption ("make the shirt green"), in metadata.jsonl."""
+    import json
+    from dataclasses import replace
+
+    from diffbase.io import write_text_atomic
+
+    for folder in ("source", "target", "mask"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    lines = []
+    colours = list(COLOURS)
+    for i in range(n):
+        before = make_item(seed, "train", i, size)
+        rng = random.Random(f"{seed}-edit-{i}")
+        colour = rng.choice([c for c in colours if c != before.spec.colour])
+        after = make_item(seed, "train", i, size, garment=replace(before.spec, colour=colour))
+        name = f"{i:05d}.png"
+        before.person.save(out / "source" / name)
+        after.person.save(out / "target" / name)
+        after.mask.save(out / "mask" / name)
+        entry = {"image": f"target/{name}", "source": f"source/{name}", "mask": f"mask/{name}"}
+        lines.append(json.dumps(entry | {"caption": f"make the {before.spec.kind} {colour}"}))
+    write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    return out

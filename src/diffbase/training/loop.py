@@ -92,10 +92,10 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
 
 
 def read_batch(dataset: Any, indices: list[int], masked_loss: bool) -> dict[str, Any]:
-    """Items collated into a batch; masks are kept only when the loss is masked."""
+    """Items collated into a batch; a mask is the loss mask only when the loss is masked (else `region`)."""
     batch = dataset.collate([dataset[i] for i in indices])
-    if not masked_loss:
-        batch.pop("mask", None)
+    if not masked_loss and "mask" in batch:  # an input then (Fill's inpainting area), not a loss mask
+        batch["region"] = batch.pop("mask")
     return batch
 
 

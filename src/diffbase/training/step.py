@@ -62,9 +62,10 @@ def diffusion_step_loss(
     control_scale: float = 1.0,
     weights: torch.Tensor | None = None,
     reduce: bool = True,
+    conditioning: B.Conditioning | None = None,
 ) -> torch.Tensor:
     """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, optional `mask`/`control`
-    (per sample with `reduce=False`)."""
+    (per sample with `reduce=False`); `conditioning`: what a method adds (reference tokens, channels)."""
     x0, noise, t = draw(bb, cfg, batch["mean"], batch["std"], seed, step, batch["index"])
     noisy = B.add_noise(bb, x0, noise, t)
     timesteps = B.model_timesteps(bb, t).to(x0.device)
@@ -73,9 +74,10 @@ def diffusion_step_loss(
         residuals = B.controlnet_residuals(
             bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
         )
-    pred = B.denoise(
-        bb, noisy, timesteps, cond, guidance=cfg.guidance, conditioning=B.Conditioning(residuals=residuals)
-    )
+    extra = conditioning or B.Conditioning()
+    if residuals is not None:
+        extra = B.Conditioning(extra.tokens, extra.token_ids, extra.channels, residuals)
+    pred = B.denoise(bb, noisy, timesteps, cond, guidance=cfg.guidance, conditioning=extra)
     kind = B.prediction_kind(bb)
     w = weights
     if cfg.snr_gamma is not None and kind != "flow":

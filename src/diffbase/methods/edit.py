@@ -1,0 +1,194 @@
+"""Reference editing (`kontext`) and inpainting (`fill`) trained on paired data, LoRA or full fine-tuning.
+
+- kontext: FLUX.1 Kontext or FLUX.2 (dev, klein). The `source` image (and FLUX.2's `reference`,
+  `reference_2`, ... after it) become reference tokens after the target's, with the pipelines' ids
+  (`editing.prepare_kontext_conditioning`); flow matching on the target (`image`).
+- fill: FLUX.1 Fill. The target with its `mask` area blanked, and the mask, become extra input channels
+  (`editing.prepare_fill_conditioning`); items without a mask get a random box.
+
+Data: metadata.json(l) entries with `image` (the target), `source` (kontext), optional `mask`, and a
+caption (the instruction); every slot is cut with the target, so a source of another size or aspect is
+resized to the target's bucket. Validation: source | result | target (fill: masked | result | target)
+for held-out pairs through the family's own pipeline with the weights being trained.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.methods import full_finetune, lora, text_to_image
+from diffbase.methods.registry import Method, Trained, Validation, register
+from diffbase.models import backbone as B
+
+
+@dataclass
+class EditConfig:
+    """Kontext and Fill training (LoRA settings from `training.lora`)."""
+
+    train: Literal["lora", "full"] = "lora"
+    validation_pairs: int = 4  # held-out pairs in the validation grid
+
+
+def _prepare(kind: str, bb: Any, config: Config) -> Trained:
+    from diffbase.editing import EDIT_PIPELINES
+
+    pipeline = bb.spec.pipeline
+    if kind == "kontext" and pipeline not in EDIT_PIPELINES:
+        raise UserError(f"training.method: kontext trains a {sorted(EDIT_PIPELINES)} folder; "
+                        f"model.pretrained_path holds a {pipeline}")  # fmt: skip
+    if kind == "fill" and pipeline != "FluxFillPipeline":
+        raise UserError(
+            f"training.method: fill trains a FluxFillPipeline folder; model.pretrained_path holds a {pipeline}"
+        )
+    if kind == "fill" and config.data.cache_latents:
+        raise UserError("data.cache_latents: fill blanks the mask area in pixels every step; use data.cache_text only")
+    train = config.training.edit.train
+    return (lora.prepare if train == "lora" else full_finetune.prepare)(bb, config)
+
+
+def sources(batch: dict[str, Any]) -> list[str]:
+    """The reference slots of a batch in order: source, reference, reference_2, ..."""
+    refs = sorted((k for k in batch if k == "reference" or k.startswith("reference_")), key=lambda k: (len(k), k))
+    return (["source"] if "source" in batch else []) + refs
+
+
+def kontext_conditioning(bb: Any, batch: dict[str, Any], cache: Any) -> B.Conditioning:
+    from diffbase.editing import prepare_kontext_conditioning
+
+    slots = sources(batch) or (["source"] if cache is not None else [])
+    if not slots:
+        raise UserError("training.method: kontext needs a 'source' image for every pair in the metadata")
+    if cache is not None and cache.latents is not None and "source" in cache.latent_keys:
+        tokens, ids = [], []
+        for i, slot in enumerate(slots):
+            mean, _ = cache.posterior(batch, slot)  # the mean, as the pipelines encode references
+            ref = B.normalize(bb, mean.float().to(bb.device))
+            tokens.append(B.pack(bb, ref))
+            ids.append(B.reference_ids(bb, ref, i))
+        return B.Conditioning(tokens=torch.cat(tokens, 1), token_ids=torch.cat(ids, -2))
+    pixels = [batch[s].to(bb.device) for s in slots]
+    return prepare_kontext_conditioning(pixels, bb, bb.device, torch.float32)
+
+
+def random_boxes(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """One random box per item (a quarter to three quarters of each side), 1 = repaint."""
+    _, _, h, w = shape
+    masks = torch.zeros(shape[0], 1, h, w)
+    for k, g in enumerate(generators):
+        bh = int(torch.randint(h // 4, 3 * h // 4 + 1, (1,), generator=g))
+        bw = int(torch.randint(w // 4, 3 * w // 4 + 1, (1,), generator=g))
+        y = int(torch.randint(0, h - bh + 1, (1,), generator=g))
+        x = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+        masks[k, :, y : y + bh, x : x + bw] = 1
+    return masks
+
+
+def fill_conditioning(bb: Any, batch: dict[str, Any], seed: int, step: int) -> B.Conditioning:
+    from diffbase.editing import prepare_fill_conditioning
+    from diffbase.training.step import sample_generator
+
+    pixels = batch["pixels"].to(bb.device)
+    mask = batch.get("region")
+    if mask is None:
+        gens = [sample_generator(seed + 7, step, i) for i in batch["index"]]
+        mask = random_boxes(tuple(pixels.shape), gens)
+    return prepare_fill_conditioning(pixels, mask.to(bb.device), bb, bb.device, torch.float32)
+
+
+def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int) -> Any:
+    from diffbase.training.loop import encode_batch
+    from diffbase.training.step import diffusion_step_loss
+
+    encoded, cond = encode_batch(bb, batch, cache)
+    if kind == "kontext":
+        conditioning = kontext_conditioning(bb, batch, cache)
+    else:
+        conditioning = fill_conditioning(bb, batch, config.experiment.seed, step)
+    value = diffusion_step_loss(
+        bb, config.training.objective, encoded, cond, config.experiment.seed, step,
+        weights=batch.get("weight"), conditioning=conditioning,
+    )  # fmt: skip
+    return value, {}
+
+
+def _validate(
+    kind: str, config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]
+) -> Validation:
+    """Held-out pairs through the family's pipeline (the weights being trained are in it), and the
+    held-out loss."""
+    from diffbase.grid import image_grid
+    from diffbase.tryon.data import to_pil
+
+    held_out, _ = validation
+    if held_out is None:
+        return Validation()
+    v, e = config.training.validation, config.training.edit
+    rows, header = [], (["source", "result", "target"] if kind == "kontext" else ["masked", "result", "target"])
+    bb.pipe.set_progress_bar_config(disable=True)
+    for i in range(min(e.validation_pairs, len(held_out))):
+        batch = held_out.collate([held_out.item(i, pixels=True)])
+        if not batch["index"]:
+            continue
+        target = to_pil(batch["pixels"][0])
+        h, w = batch["pixels"].shape[-2:]
+        kwargs: dict[str, Any] = {"prompt": batch["caption"][0], "num_inference_steps": v.steps, "height": h, "width": w,
+                                  "generator": torch.Generator("cpu").manual_seed(config.experiment.seed)}  # fmt: skip
+        if kind == "kontext":
+            first = to_pil(batch[sources(batch)[0]][0])
+            refs = [to_pil(batch[s][0]) for s in sources(batch)]
+            kwargs["image"] = refs[0] if bb.spec.pipeline == "FluxKontextPipeline" else refs
+            if bb.spec.pipeline == "FluxKontextPipeline":
+                kwargs["_auto_resize"] = False
+        else:
+            mask = batch.get("mask")
+            mask = mask if mask is not None else random_boxes((1, 1, h, w), [torch.Generator().manual_seed(i)])
+            from PIL import Image
+
+            kwargs["image"] = target
+            kwargs["mask_image"] = Image.fromarray((mask[0, 0] > 0.5).numpy().astype("uint8") * 255, "L")
+            first = to_pil(batch["pixels"][0] * (1 - mask[0]))
+        with torch.no_grad():
+            result = bb.pipe(**kwargs, **B.text_length(bb.pipe, bb.family)).images[0]
+        rows.append([first, result, target])
+    grid = image_grid(rows, header=header, cell=128) if rows else None
+    return Validation(grid)
+
+
+def _dataset(config: Config, held_out: bool, bb: Any) -> Any:
+    return text_to_image.dataset(config, held_out, bb)
+
+
+def _export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
+    return (lora.export if config.training.edit.train == "lora" else full_finetune.export)(config, bb, trained, out_dir)
+
+
+def _cache(config: Config, bb: Any, dataset: Any, show_progress: bool) -> Any:
+    """The image's latents and the source's (kontext), and the captions."""
+    from diffbase.data.cache import build_cache
+
+    return build_cache(config, bb, dataset, show_progress, slots=("image", "source"))
+
+
+def _method(kind: str, describe: str) -> Method:
+    return Method(
+        name=kind,
+        prepare=functools.partial(_prepare, kind),
+        loss=functools.partial(_loss, kind),
+        export=_export,
+        dataset=_dataset,
+        validate=functools.partial(_validate, kind),
+        section=("edit", EditConfig) if kind == "kontext" else None,
+        cache=_cache if kind == "kontext" else None,
+        describe=describe,
+    )
+
+
+KONTEXT = register(_method("kontext", "reference editing: source images as reference tokens (Kontext, FLUX.2)"))
+FILL = register(_method("fill", "inpainting: the masked target and mask as extra channels (FLUX.1 Fill)"))
