@@ -529,7 +529,7 @@ def stage_dreamfit_train(ctx: Context) -> None:
 
     s = ctx.sizes
     h, w = s.dreamfit_hw
-    data = write_dataset(ctx.work / "tryon-pairs", s.images, 0, size=(h, w))
+    data = write_dataset(ctx.work / "tryon-pairs", s.images, 0, size=(w, h))  # (width, height)
     config = load_config(
         configs_dir() / s.flux1_model,
         [

@@ -104,6 +104,15 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} training and {n_test} held-out try-on items to {args.out}")
 
 
+def _cmd_data_synth_edit(args: argparse.Namespace) -> None:
+    from diffbase.generate import parse_size
+    from diffbase.toy.synthetic import write_edit_pairs
+
+    h, w = parse_size(args.size)
+    write_edit_pairs(Path(args.out), args.n, seed=args.seed, size=(w, h))
+    print(f"wrote {args.n} edit pairs (source, target, mask, instruction) to {args.out}/metadata.jsonl")
+
+
 def _cmd_parity(args: argparse.Namespace) -> None:
     from diffbase.parity import run_parity
 
@@ -204,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="64x64", help="HxW")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_data_synth)
+    pairs = data.add_parser("synth-edit", help="write synthetic paired edits (recoloured garments) for kontext / fill")
+    pairs.add_argument("out")
+    pairs.add_argument("--n", type=int, default=200, help="pairs")
+    pairs.add_argument("--size", default="64x64", help="HxW")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.set_defaults(func=_cmd_data_synth_edit)
 
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")

@@ -158,7 +158,20 @@ def _validate(
             result = bb.pipe(**kwargs, **B.text_length(bb.pipe, bb.family)).images[0]
         rows.append([first, result, target])
     grid = image_grid(rows, header=header, cell=128) if rows else None
-    return Validation(grid)
+    return Validation(grid, {"val_loss": held_out_loss(kind, config, bb, trained, held_out)})
+
+
+def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out: Any, pairs: int = 8) -> float:
+    """The loss on (up to `pairs`) held-out pairs with fixed noise and timesteps: comparable across steps."""
+    from diffbase.training.loop import read_batch
+
+    values = []
+    for start in range(0, min(pairs, len(held_out)), 2):
+        batch = read_batch(held_out, list(range(start, min(start + 2, len(held_out)))), config.data.masked_loss)
+        if batch["index"]:
+            with torch.no_grad():
+                values.append(float(_loss(kind, config, bb, trained, batch, None, 10**6)[0]))
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _dataset(config: Config, held_out: bool, bb: Any) -> Any:
@@ -170,10 +183,13 @@ def _export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[st
 
 
 def _cache(config: Config, bb: Any, dataset: Any, show_progress: bool) -> Any:
-    """The image's latents and the source's (kontext), and the captions."""
+    """The image's latents and the source's (kontext), and the captions; held-out pairs keep their
+    pixels and the encoders stay for validation through the pipeline."""
     from diffbase.data.cache import build_cache
 
-    return build_cache(config, bb, dataset, show_progress, slots=("image", "source"))
+    refs = {s for r in dataset.records for s in r.slots if s == "source" or s.startswith("reference")}
+    slots = ("image", *sorted(refs)) if config.training.method == "kontext" else ("image",)
+    return build_cache(config, bb, dataset, show_progress, slots=slots)
 
 
 def _method(kind: str, describe: str) -> Method:
@@ -185,7 +201,7 @@ def _method(kind: str, describe: str) -> Method:
         dataset=_dataset,
         validate=functools.partial(_validate, kind),
         section=("edit", EditConfig) if kind == "kontext" else None,
-        cache=_cache if kind == "kontext" else None,
+        cache=_cache,
         describe=describe,
     )
 

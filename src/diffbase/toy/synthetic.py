@@ -336,7 +336,7 @@ def write_dataset(out: Path, n_train: int, n_test: int, seed: int = 0, size: tup
 
 
 def write_edit_pairs(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> Path:
-    """Paired edits for Kontext / Fill training: the same person before (`source`) and after
+    """Paired edits for Kontext / Fill training (size: width, height): the same person before (`source`) and after
     (`image`) their garment is recoloured, the garment area (`mask`) and the instruction as the
     caption ("make the shirt green"), in metadata.jsonl."""
     import json
