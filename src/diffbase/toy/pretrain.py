@@ -310,6 +310,10 @@ def pretrain(
                 unet_losses = train_text_to_image(pipe, cfg, tmp, unet_steps, pool_size, seed + 1, show)
         decoder_losses = train_decoder(pipe.vae, torch.cat([pool[0], pool[2]]), decoder_steps, 32, seed + 2, show)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        for config_file in [tmp / "model_index.json", *tmp.glob("*/config.json")]:  # no trace of `start`'s path
+            data = json.loads(config_file.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         command = f"diffbase zoo pretrain {name} OUT --seed {seed} --pool {pool_size}"
         command += f" --from {start}" if start is not None else f" --vae-steps {vae_steps} --unet-steps {unet_steps}"
         record = {
