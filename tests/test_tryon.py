@@ -188,10 +188,14 @@ def test_tryon_and_eval_commands(tiny_model, tmp_path: Path) -> None:
         "2",
         "--out",
         str(out),
+        "--grid",
+        str(tmp_path / "grid.png"),
     )
     assert code == 0, err
     result, original = Image.open(out), Image.open(person)
     assert result.size == original.size and json.loads(result.text["diffbase"])["method"] == "catvton"
+    grid = Image.open(tmp_path / "grid.png")  # person | garment | result, each a labelled cell
+    assert grid.width >= 3 * 192 > 2 * 192 >= grid.height
     code, stdout, err = run_cli(
         "eval",
         "tryon",
