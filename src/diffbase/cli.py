@@ -159,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--pool", type=int, default=3000, help="synthetic training items drawn from")
     pre.add_argument("--decoder-steps", type=int, default=0, help="then the VAE decoder alone, with hue rotation")
-    pre.add_argument("--from", dest="start", help="an earlier result: run only the decoder stage on it")
+    pre.add_argument(
+        "--from",
+        dest="start",
+        help="an earlier result to continue: --unet-steps more denoiser steps with every colour (hue rotation), then --decoder-steps",
+    )
     pre.set_defaults(func=_cmd_zoo_pretrain)
 
     info = sub.add_parser("info", help="parameter counts of a model config or folder (no weights needed)")

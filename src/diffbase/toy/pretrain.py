@@ -1,7 +1,8 @@
 """`diffbase zoo pretrain sd15-toy OUT`: the toy SD1.5 of the embedded default, trained reproducibly.
 
-Two stages on synthetic training-split people and product shots (never on try-on pairs, and
-never on held-out garments):
+Stages on synthetic training-split people and product shots (never on try-on pairs; the held-out
+garment combinations are never drawn, though the hue-rotated copies of the later stages can come near
+one, as a real base model has seen garments of every colour):
 
 1. the VAE: L1 reconstruction with a small KL term; its scaling factor is then set so latents
    have unit spread, as SD's 0.18215 does for SD;
@@ -10,7 +11,12 @@ never on held-out garments):
 3. (optional, `--decoder-steps`) the VAE decoder alone, the encoder and so the latent space frozen,
    on the same images with half of each batch hue-rotated: a codec should not depend on which
    colours its training garments happened to have (without it, the shipped decoder drew held-out
-   yellow-and-black stripes as orange). `--from DIR` runs this stage on an earlier result.
+   yellow-and-black stripes as orange).
+
+`--from DIR` continues an earlier result: `--unet-steps` more inpainting steps with half of each
+batch hue-rotated, then `--decoder-steps`. The shipped toy is three runs (its pretrain.json):
+1500 VAE + 4000 UNet steps, then 500 decoder steps, then 1500 UNet steps, the last two with hue
+rotation; on the demo's held-out set they raised colour accuracy after try-on training from 67% to 73%.
 
 So the base knows people and garments and how to fill a hole, but not how to copy a garment from
 another image: that is what try-on training teaches it.
@@ -156,7 +162,7 @@ def train_decoder(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: 
 
 
 def train_inpainting(
-    pipe: Any, pool: tuple[torch.Tensor, ...], steps: int, batch: int, seed: int, show: bool
+    pipe: Any, pool: tuple[torch.Tensor, ...], steps: int, batch: int, seed: int, show: bool, hue: bool = False
 ) -> list[float]:
     from tqdm import tqdm
 
@@ -179,6 +185,9 @@ def train_inpainting(
         kind = torch.randint(0, 10, (batch,), generator=g)
         use_shot = kind >= 7  # 30% product shots, 70% people
         x = torch.where(use_shot.view(-1, 1, 1, 1), shots[idx], people[idx])
+        if hue:  # half the batch in other colours: a base model has seen garments of every colour
+            rotate = torch.rand(batch, generator=g) < 0.5
+            x = torch.where(rotate.view(-1, 1, 1, 1), hue_rotate(x, g), x)
         mask = torch.where((kind < 4).view(-1, 1, 1, 1), garment_masks[idx], random_masks(batch, g))
         mask[kind == 6] = 1.0  # some whole-image generation
         with torch.no_grad():
@@ -308,14 +317,19 @@ def pretrain(
                 unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 1, show)
             else:
                 unet_losses = train_text_to_image(pipe, cfg, tmp, unet_steps, pool_size, seed + 1, show)
-        decoder_losses = train_decoder(pipe.vae, torch.cat([pool[0], pool[2]]), decoder_steps, 32, seed + 2, show)
+        elif unet_steps and name == "sd15-toy":  # continued with every colour (hue rotation)
+            unet_losses = train_inpainting(pipe, pool, unet_steps, 32, seed + 3, show, hue=True)
+        decoder_losses = []
+        if decoder_steps:
+            decoder_losses = train_decoder(pipe.vae, torch.cat([pool[0], pool[2]]), decoder_steps, 32, seed + 2, show)
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
         for config_file in [tmp / "model_index.json", *tmp.glob("*/config.json")]:  # no trace of `start`'s path
             data = json.loads(config_file.read_text())
             if data.pop("_name_or_path", None) is not None:
                 config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         command = f"diffbase zoo pretrain {name} OUT --seed {seed} --pool {pool_size}"
-        command += f" --from {start}" if start is not None else f" --vae-steps {vae_steps} --unet-steps {unet_steps}"
+        command += f" --from {start}" if start is not None else f" --vae-steps {vae_steps}"
+        command += f" --unet-steps {unet_steps}"
         record = {
             "command": command + f" --decoder-steps {decoder_steps}",
             "seconds": round(time.time() - began, 1),
