@@ -68,6 +68,7 @@ def run_generate(args: argparse.Namespace) -> None:
         from diffbase.grid import image_grid
 
         rows = [[a, b] for a, b in zip(without, images, strict=True)]
-        header = ["without LoRA", "with " + ", ".join(parse_lora_arg(x)[0].name for x in args.lora)]
+        scales = [parse_lora_arg(x)[1] for x in args.lora]
+        header = ["without LoRA", "with LoRA" + ("" if scales == [1.0] else f" ({', '.join(map(str, scales))})")]
         save_png_atomic(image_grid(rows, labels=prompts, header=header, cell=192), Path(args.compare))
         print(f"wrote {args.compare}")
