@@ -17,6 +17,8 @@ Full size, random weights built on the GPU (no downloads), bf16:
 4. CatVTON try-on (SD1.5-size UNet, 9 input channels) at 1024x768, 50 DDIM steps, guidance 2.5.
 5. DreamFit training in try-on mode, FLUX.1-dev, 1024x768, rank 16, batch 1, through `train(config)`
    with DreamFit's cache, the write pass checkpointed (goal <= 60 GiB, <= 1.6 s/step).
+6. FLUX.1 Kontext LoRA on paired edits (synthetic recolour pairs), 1024x1024, rank 16, batch 1, cached
+   target and source latents: s/step and peak memory.
 
 Every stage reports its own error and the others still run; the exit code is 1 if any stage failed
 (not for missed goals). On CUDA the SDPA kernels are diffbase's `auto` for every stage, plain runs
@@ -55,7 +57,7 @@ from diffbase.config import Config, configs_dir, load_config
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, SXM
 GIB = 2**30
 PROMPT = "a photo of a woman in a red dress"
-STAGES = ("train", "klein", "generate", "dreamfit", "tryon", "dreamfit_train", "auto")
+STAGES = ("train", "klein", "generate", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
 
 
 @dataclass(frozen=True)
@@ -565,6 +567,26 @@ def stage_dreamfit_train(ctx: Context) -> None:
     )  # fmt: skip
 
 
+def stage_kontext(ctx: Context) -> None:
+    """Kontext LoRA through `train(config)`: twice the tokens of a text-to-image step (the source's
+    reference tokens), the source latents cached."""
+    from diffbase.toy.synthetic import write_edit_pairs
+
+    s = ctx.sizes
+    res = s.train_res
+    data = write_edit_pairs(ctx.work / "edit-pairs", s.images, size=(res, res))
+    model = "experiments/flux1_kontext_dev_lora.yaml" if not ctx.tiny else "experiments/tiny/flux1_kontext.yaml"
+    config = train_config(
+        ctx, model, "kontext", f"data.train_path={data / 'metadata.jsonl'}", "data.cache_latents=true",
+        "data.cache_text=true", "training.validation.loss_split=0", "training.validation.prompts=[]",
+    )  # fmt: skip
+    ctx.log("kontext: diffbase, cached")
+    info = diffbase_train(ctx, config, validation=False)
+    label = f"FLUX.1 Kontext LoRA r16, {res}px target + {res}px source, batch 1, cached"
+    ctx.add("kontext", f"{label}: s/step", f"{info['s_step']:.3f}")
+    ctx.add("kontext", f"{label}: peak memory in the training loop", gib(info["peak"]))
+
+
 def stage_auto(ctx: Context) -> None:
     s = ctx.sizes
     left = ctx.budget_s - ctx.elapsed()
@@ -867,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         "dreamfit": stage_dreamfit,
         "tryon": stage_tryon,
         "dreamfit_train": stage_dreamfit_train,
+        "kontext": stage_kontext,
         "auto": stage_auto,
     }
     with tempfile.TemporaryDirectory(prefix="diffbase-gpu-bench-") as tmp:
