@@ -39,7 +39,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 CASES = {
     # Kontext resizes the reference to its preferred resolutions (the pipeline's default, kept)
-    "kontext": ("flux1-kontext", "edit", ["--image", "small", "--size", "32x32"], {"image": ["small"], "height": 32, "width": 32}),
+    "kontext": ("flux1-kontext", "edit", ["--image", "small", "--size", "32x32"],
+                {"image": ["small"], "height": 32, "width": 32, "max_area": 32 * 32}),
     "flux2": ("flux2", "edit", ["--image", "ref_a", "--size", "32x32"], {"image": [["ref_a"]], "height": 32, "width": 32}),
     "klein-two-references": (
         "flux2-klein", "edit", ["--image", "ref_a", "--image", "ref_b", "--size", "32x32"],
@@ -81,6 +82,7 @@ def test_same_pixels_as_the_diffusers_pipeline(case, tiny_model, files, tmp_path
         expected = pipe(prompt="a red shirt", num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3),
                         **call, **B.text_length(pipe, spec.family)).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    assert Image.open(out).size == (32, 32)  # --size is the result's size (Kontext too)
     assert (tmp_path / "grid.png").is_file()
 
 

@@ -91,9 +91,14 @@ def call_kwargs(settings: EditSettings) -> dict[str, Any]:
 def edit(pipe: Any, spec: FamilySpec, images: list[Any], settings: EditSettings) -> Any:
     """One edited PIL image from reference images and a prompt."""
     check_references(spec, "edit", len(images))
-    image = images[0] if spec.pipeline == "FluxKontextPipeline" else images
+    kontext = spec.pipeline == "FluxKontextPipeline"
+    kwargs = call_kwargs(settings)
+    if kontext and settings.height is not None:  # Kontext rescales any size to `max_area` (1024^2) otherwise
+        kwargs["max_area"] = settings.height * settings.width
     with torch.inference_mode():
-        out = pipe(image=image, **call_kwargs(settings), **B.text_length(pipe, spec.family), output_type="pil")
+        out = pipe(
+            image=images[0] if kontext else images, **kwargs, **B.text_length(pipe, spec.family), output_type="pil"
+        )
     return out.images[0]
 
 

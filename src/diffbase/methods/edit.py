@@ -144,8 +144,8 @@ def _validate(
             first = to_pil(batch[sources(batch)[0]][0])
             refs = [to_pil(batch[s][0]) for s in sources(batch)]
             kwargs["image"] = refs[0] if bb.spec.pipeline == "FluxKontextPipeline" else refs
-            if bb.spec.pipeline == "FluxKontextPipeline":
-                kwargs["_auto_resize"] = False
+            if bb.spec.pipeline == "FluxKontextPipeline":  # the pair's own size, not 1024^2
+                kwargs["_auto_resize"], kwargs["max_area"] = False, h * w
         else:
             mask = batch.get("mask")
             mask = mask if mask is not None else random_boxes((1, 1, h, w), [torch.Generator().manual_seed(i)])
