@@ -167,27 +167,11 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
 
 
 def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:
-    from diffbase.config import configs_dir, load_config
     from diffbase.dreamfit.checkpoint import load_dreamfit
     from diffbase.methods import train
-    from diffbase.toy.synthetic import write_dataset
+    from tests.test_dreamfit_memory import dreamfit_config
 
-    root = write_dataset(tmp_path / "synth", 6, 0, size=(32, 32))
-    config = load_config(
-        configs_dir() / "models" / "flux1_tiny.yaml",
-        [
-            f"model.pretrained_path={tiny_model('flux1')}",
-            f"data.train_path={root}",
-            "training.method=dreamfit",
-            "training.dreamfit.size=[32,32]",
-            "training.dreamfit.rank=4",
-            "training.max_steps=3",
-            "training.batch_size=2",
-            "training.learning_rate=1e-2",
-            "training.checkpoint_every=0",
-            f"experiment.output_dir={tmp_path / 'run'}",
-        ],
-    )
+    config = dreamfit_config(tiny_model, tmp_path, "training.max_steps=3", "training.learning_rate=1e-2", pairs=6)
     result = train(config, show_progress=False)
     loras = result.backbone.adapters["dreamfit"]
     # every LoRA moved (the write-pass ones reach the loss only through the banks) except those whose

@@ -9,11 +9,12 @@ import torch
 from diffbase.training.memory import SavedBytes
 
 
-def dreamfit_config(tiny_model, tmp_path, *extra: str):
+def dreamfit_config(tiny_model, tmp_path, *extra: str, pairs: int = 4):
+    """DreamFit on the tiny FLUX.1 at 32x32, rank 4, batch 2, on `pairs` synthetic try-on pairs."""
     from diffbase.config import configs_dir, load_config
     from diffbase.toy.synthetic import write_dataset
 
-    root = write_dataset(tmp_path / "synth", 4, 0, size=(32, 32))
+    root = write_dataset(tmp_path / "synth", pairs, 0, size=(32, 32))
     return load_config(
         configs_dir() / "models" / "flux1_tiny.yaml",
         [

@@ -76,13 +76,9 @@ def check_mask(image: Any, mask: Any, mask_name: str) -> None:
 
 
 def call_kwargs(settings: EditSettings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "prompt": settings.prompt,
-        "num_inference_steps": settings.steps,
-        "generator": torch.Generator("cpu").manual_seed(settings.seed),
-    }
-    if settings.guidance is not None:
-        kwargs["guidance_scale"] = settings.guidance
+    from diffbase.generate import seeded_kwargs
+
+    kwargs = seeded_kwargs(settings.prompt, settings.steps, settings.seed, settings.guidance)
     if settings.height is not None:
         kwargs["height"], kwargs["width"] = settings.height, settings.width
     return kwargs
@@ -147,11 +143,13 @@ def prepare_kontext_conditioning(
     """Reference images (B, 3, H, W) in [-1, 1] as extra tokens after the target's: packed latents with
     the family's reference ids (FLUX.1 Kontext: t = 1, one reference; FLUX.2: t = 10 + 10 * i), the
     output later sliced back to the target. `time_offset` shifts every reference's index."""
-    tokens, ids = [], []
-    for i, pixels in enumerate(reference_images):
-        latents = _encode(backbone, pixels, device, dtype)
-        tokens.append(B.pack(backbone, latents))
-        ids.append(B.reference_ids(backbone, latents, i + time_offset))
+    return reference_tokens(backbone, [_encode(backbone, px, device, dtype) for px in reference_images], time_offset)
+
+
+def reference_tokens(backbone: Any, latents: list[torch.Tensor], time_offset: int = 0) -> B.Conditioning:
+    """Normalised reference latents, in order, as packed tokens with the family's reference ids."""
+    tokens = [B.pack(backbone, z) for z in latents]
+    ids = [B.reference_ids(backbone, z, i + time_offset) for i, z in enumerate(latents)]
     return B.Conditioning(tokens=torch.cat(tokens, dim=1), token_ids=torch.cat(ids, dim=-2))
 
 

@@ -43,17 +43,22 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def seeded_kwargs(prompt: str, steps: int, seed: int, guidance: float | None) -> dict[str, Any]:
+    """What every diffusers pipeline call takes: prompt, steps, the seeded CPU generator and the
+    guidance scale when one is set (else the pipeline's own default)."""
+    kwargs: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": steps,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+    }
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
 def pipeline_kwargs(spec: FamilySpec, s: GenerateSettings) -> dict[str, Any]:
     """The diffusers call arguments for these settings, with the seeded CPU generator."""
-    kwargs: dict[str, Any] = {
-        "prompt": s.prompt,
-        "num_inference_steps": s.steps,
-        "height": s.height,
-        "width": s.width,
-        "generator": torch.Generator("cpu").manual_seed(s.seed),
-    }
-    if s.guidance is not None:
-        kwargs["guidance_scale"] = s.guidance
+    kwargs = seeded_kwargs(s.prompt, s.steps, s.seed, s.guidance) | {"height": s.height, "width": s.width}
     if s.negative is not None:
         if spec.family not in NEGATIVE_PROMPT_FAMILIES:
             raise UserError(f"--negative: the {spec.pipeline} takes no negative prompt")

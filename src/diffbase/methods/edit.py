@@ -60,19 +60,15 @@ def sources(batch: dict[str, Any]) -> list[str]:
 
 
 def kontext_conditioning(bb: Any, batch: dict[str, Any], cache: Any) -> B.Conditioning:
-    from diffbase.editing import prepare_kontext_conditioning
+    from diffbase.editing import prepare_kontext_conditioning, reference_tokens
 
-    slots = sources(batch) or (["source"] if cache is not None else [])
+    slots = sources(batch)  # items load every companion image, cached or not
     if not slots:
         raise UserError("training.method: kontext needs a 'source' image for every pair in the metadata")
     if cache is not None and cache.latents is not None and "source" in cache.latent_keys:
-        tokens, ids = [], []
-        for i, slot in enumerate(slots):
-            mean, _ = cache.posterior(batch, slot)  # the mean, as the pipelines encode references
-            ref = B.normalize(bb, mean.float().to(bb.device))
-            tokens.append(B.pack(bb, ref))
-            ids.append(B.reference_ids(bb, ref, i))
-        return B.Conditioning(tokens=torch.cat(tokens, 1), token_ids=torch.cat(ids, -2))
+        # the posterior means, as the pipelines encode references
+        means = [cache.posterior(batch, slot)[0] for slot in slots]
+        return reference_tokens(bb, [B.normalize(bb, m.float().to(bb.device)) for m in means])
     pixels = [batch[s].to(bb.device) for s in slots]
     return prepare_kontext_conditioning(pixels, bb, bb.device, torch.float32)
 
@@ -141,8 +137,8 @@ def _validate(
         kwargs: dict[str, Any] = {"prompt": batch["caption"][0], "num_inference_steps": v.steps, "height": h, "width": w,
                                   "generator": torch.Generator("cpu").manual_seed(config.experiment.seed)}  # fmt: skip
         if kind == "kontext":
-            first = to_pil(batch[sources(batch)[0]][0])
             refs = [to_pil(batch[s][0]) for s in sources(batch)]
+            first = refs[0]
             kwargs["image"] = refs[0] if bb.spec.pipeline == "FluxKontextPipeline" else refs
             if bb.spec.pipeline == "FluxKontextPipeline":  # the pair's own size, not 1024^2
                 kwargs["_auto_resize"], kwargs["max_area"] = False, h * w

@@ -74,6 +74,24 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> Any:
     )
 
 
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x)
+
+
+def fit_step(
+    opt: Any, sched: Any, loss: torch.Tensor, losses: list[float], bar: Any, clip: list[Any] | None = None
+) -> None:
+    """Backward, optional clipping (of `clip`, to norm 1), step, schedule; the loss logged on the bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+
+
 def train_vae(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: int, show: bool) -> list[float]:
     from tqdm import tqdm
 
@@ -91,13 +109,7 @@ def train_vae(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: int,
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
         recon = vae.decode(z).sample
         kl = dist.kl().mean() / z[0].numel()
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        fit_step(opt, sched, reconstruction_loss(recon, x) + 1e-4 * kl, losses, bar)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(images[:256]).latent_dist.mean
@@ -150,13 +162,7 @@ def train_decoder(vae: Any, images: torch.Tensor, steps: int, batch: int, seed: 
             dist = vae.encode(x).latent_dist
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        fit_step(opt, sched, reconstruction_loss(recon, x), losses, bar)
     vae.eval().requires_grad_(False)
     return losses
 
@@ -200,14 +206,7 @@ def train_inpainting(
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * target + (1 - a).sqrt() * noise
         pred = unet(torch.cat([noisy, mask_l, masked], dim=1), t, encoder_hidden_states=None).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        fit_step(opt, sched, F.mse_loss(pred, noise), losses, bar, clip=list(unet.parameters()))
     unet.eval().requires_grad_(False)
     return losses
 
