@@ -113,6 +113,15 @@ def _cmd_data_synth_edit(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} edit pairs (source, target, mask, instruction) to {args.out}/metadata.jsonl")
 
 
+def _cmd_data_synth_dreamo(args: argparse.Namespace) -> None:
+    from diffbase.generate import parse_size
+    from diffbase.toy.synthetic import write_multi_reference
+
+    h, w = parse_size(args.size)
+    write_multi_reference(Path(args.out), args.n, seed=args.seed, size=(w, h))
+    print(f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl")
+
+
 def _cmd_parity(args: argparse.Namespace) -> None:
     from diffbase.parity import run_parity
 
@@ -198,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     training_runtime_arguments(tr)
     tr.set_defaults(func=_cmd_train)
 
+    from diffbase.commands.customize import add_parser as add_customize
     from diffbase.commands.dreamfit import add_parser as add_dreamfit
     from diffbase.commands.edit import add_parsers as add_editing
     from diffbase.commands.tryon import add_eval_parser, add_parsers
 
     add_parsers(sub)
     add_dreamfit(sub)
+    add_customize(sub)
     add_editing(sub)
     ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
         dest="what", required=True
@@ -223,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--size", default="64x64", help="HxW")
     pairs.add_argument("--seed", type=int, default=0)
     pairs.set_defaults(func=_cmd_data_synth_edit)
+    multi = data.add_parser("synth-dreamo", help="write synthetic two-reference items (two garments placed by [ref#N])")
+    multi.add_argument("out")
+    multi.add_argument("--n", type=int, default=200, help="items")
+    multi.add_argument("--size", default="32x32", help="HxW of one reference (the target is twice as wide)")
+    multi.add_argument("--seed", type=int, default=0)
+    multi.set_defaults(func=_cmd_data_synth_dreamo)
 
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")

@@ -361,3 +361,41 @@ def write_edit_pairs(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (
         lines.append(json.dumps(entry | {"caption": f"make the {before.spec.kind} {colour}"}))
     write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
     return out
+
+
+def write_multi_reference(out: Path, n: int, seed: int = 0, size: tuple[int, int] = (32, 32)) -> Path:
+    """Two-reference items for DreamO training (size: one reference's width, height): two garments'
+    product shots as `[ref#1]` and `[ref#2]`, and a target twice as wide with both side by side in an
+    order the caption names ("[ref#2] on the left and [ref#1] on the right"), with each garment's mask in
+    the target (the routing loss's subject masks). Unseen colour combinations make the references the
+    only way to the target's colours."""
+    import json
+
+    from diffbase.io import write_text_atomic
+
+    for folder in ("references", "target", "masks"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    w, h = size
+    lines = []
+    for i in range(n):
+        rng = random.Random(f"{seed}-dreamo-{i}")
+        garments = [random_garment(rng, "train"), random_garment(rng, "train")]
+        shots = [_down(product_shot(g, (w * SCALE, h * SCALE)), (w, h)) for g in garments]
+        order = [0, 1] if rng.random() < 0.5 else [1, 0]  # which reference goes left
+        target = Image.new("RGB", (2 * w, h), (255, 255, 255))
+        refs = []
+        for k, shot in enumerate(shots):
+            name = f"{i:05d}_{k + 1}.png"
+            shot.save(out / "references" / name)
+            x = order.index(k) * w
+            target.paste(shot, (x, 0))
+            silhouette = shot.convert("L").point(lambda v: 255 if v < 245 else 0)
+            mask = Image.new("L", (2 * w, h), 0)
+            mask.paste(silhouette, (x, 0))
+            mask.save(out / "masks" / name)
+            refs.append({"image": f"references/{name}", "task": "ip", "mask": f"masks/{name}"})
+        target.save(out / "target" / f"{i:05d}.png")
+        caption = f"[ref#{order[0] + 1}] on the left and [ref#{order[1] + 1}] on the right"
+        lines.append(json.dumps({"image": f"target/{i:05d}.png", "caption": caption, "references": refs}))
+    write_text_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
+    return out
