@@ -19,6 +19,8 @@ Full size, random weights built on the GPU (no downloads), bf16:
    with DreamFit's cache, the write pass checkpointed (goal <= 60 GiB, <= 1.6 s/step).
 6. FLUX.1 Kontext LoRA on paired edits (synthetic recolour pairs), 1024x1024, rank 16, batch 1, cached
    target and source latents: s/step and peak memory.
+7. DreamO generation with 1 and 2 references (512 px) over plain FLUX.1, 1024x1024, 12 steps, exact and
+   cached-reference modes, and the cached mode's error (goal: 1 reference exact <= 1.6x plain).
 
 Every stage reports its own error and the others still run; the exit code is 1 if any stage failed
 (not for missed goals). On CUDA the SDPA kernels are diffbase's `auto` for every stage, plain runs
@@ -57,7 +59,7 @@ from diffbase.config import Config, configs_dir, load_config
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, SXM
 GIB = 2**30
 PROMPT = "a photo of a woman in a red dress"
-STAGES = ("train", "klein", "generate", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
+STAGES = ("train", "klein", "generate", "dreamo", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ class Sizes:
     dreamfit_repeats: int
     tryon_hw: tuple[int, int]
     tryon_steps: int
+    dreamo_hw: tuple[int, int] = (1024, 1024)  # the official app's default, 12 steps, 512 px references
+    dreamo_ref: int = 512
+    dreamo_steps: int = 12
+    dreamo_repeats: int = 2
     warmup_steps: int = 2  # training steps left out of s/step
     sample_warmup_steps: int = 2  # sampling steps of each warm-up call
 
@@ -125,6 +131,10 @@ TINY = Sizes(
     dreamfit_repeats=2,
     tryon_hw=(64, 48),
     tryon_steps=3,
+    dreamo_hw=(64, 64),
+    dreamo_ref=32,
+    dreamo_steps=2,
+    dreamo_repeats=1,
     sample_warmup_steps=1,
 )
 
@@ -681,6 +691,28 @@ def stage_generate(ctx: Context) -> None:
     ctx.add("generate", f"{label}: bare FluxPipeline call, s/image", f"{t['theirs']:.2f}")
 
 
+def stage_dreamo(ctx: Context) -> None:
+    """DreamO with 1 and 2 references over plain FLUX.1 (benchmarks/dreamo.py's measurement), exact and cached."""
+    from diffbase.dreamo.conditions import DreamOEmbeddings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from dreamo import measure  # benchmarks/dreamo.py
+
+    s = ctx.sizes
+    pipe, _ = flux1_pipeline(ctx)
+    emb = DreamOEmbeddings.for_pipe(pipe)
+    torch.nn.init.normal_(emb.task.weight, std=0.02)
+    torch.nn.init.normal_(emb.idx.weight, std=0.02)
+    emb = emb.to(ctx.device, pipe.transformer.dtype)
+    ctx.log("dreamo: timing plain, 1 and 2 references, exact and cached")
+    results = measure(pipe, emb, s.dreamo_hw, s.dreamo_ref, s.dreamo_steps, s.dreamo_repeats)
+    h, w = s.dreamo_hw
+    label = f"{h}x{w}, {s.dreamo_ref} px references, {s.dreamo_steps} steps"
+    for name, value in results.items():
+        ctx.add("dreamo", f"{label}: {name}", f"{value:.3f}")
+    ctx.metrics["dreamo_ratio"] = results["1 ref, exact: over plain"]
+
+
 def stage_dreamfit(ctx: Context) -> None:
     from diffbase.dreamfit.checkpoint import NETWORK_ALPHA, Dims, LoraPair, diffusers_name, random_official
     from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
@@ -804,6 +836,7 @@ def ratio_rows(ctx: Context) -> None:
         "one",
         1.3,
     )
+    ratio("ratios", "DreamO generation, 1 reference, exact mode / plain FLUX.1 generation", "dreamo_ratio", "one", 1.6)
 
 
 def render(ctx: Context, title: str) -> str:
@@ -886,6 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": stage_train,
         "klein": stage_klein,
         "generate": stage_generate,
+        "dreamo": stage_dreamo,
         "dreamfit": stage_dreamfit,
         "tryon": stage_tryon,
         "dreamfit_train": stage_dreamfit_train,

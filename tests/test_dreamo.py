@@ -325,6 +325,9 @@ def test_customize_command_writes_the_image_and_refuses_bad_input(tiny_model, tm
                                 "--grid", str(tmp_path / "g.png"))  # fmt: skip
     assert code == 0, err
     assert Image.open(out).size == (48, 32) and (tmp_path / "g.png").exists()
+    code, _, err = run_cli(*common, "--ref", "none", "--ref", f"{ref2}:tryon", "--dtype", "bfloat16",
+                           "--out", str(tmp_path / "bf16.png"))  # fmt: skip
+    assert code == 0 and np.asarray(Image.open(tmp_path / "bf16.png")).std() > 0, err  # as users run it
     bad = {
         ("--ref", f"{ref1}:face"): "expected IMAGE:TASK",
         ("--ref", f"{tmp_path}/nothing.png:ip"): "nothing.png",
@@ -366,3 +369,23 @@ def test_cached_reference_mode_is_close_to_exact_and_equal_with_one_step(tiny_mo
     assert 0 < diff.mean() < 10  # later steps read the first step's keys and values: close, not equal
     assert dict(pipe.transformer.attn_processors).keys() == processors.keys()
     assert all(type(p) is type(processors[n]) for n, p in pipe.transformer.attn_processors.items())  # restored
+
+
+def test_bad_dreamo_metadata_is_a_one_line_error(tmp_path) -> None:
+    from diffbase.dreamo.data import read_items
+
+    cases = {
+        '{"image": "t.png", "caption": "x"}': "a 'references' list",
+        '{"image": "t.png", "references": [{"task": "ip"}]}': "each reference needs 'image'",
+        '{"image": "t.png", "references": [{"image": "a.png", "task": "pose"}]}': "each reference needs 'image'",
+        '{"image": "t.png", "references": []}': "0 references; DreamO takes 1 to 9",
+    }
+    for line, message in cases.items():
+        (tmp_path / "metadata.jsonl").write_text(line + "\n")
+        with pytest.raises(UserError, match=message):
+            read_items(tmp_path)
+    with pytest.raises(UserError, match="no such file or folder"):
+        read_items(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metadata.jsonl"):
+        read_items(tmp_path / "empty")

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("train", "klein", "generate", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
+STAGES = ("train", "klein", "generate", "dreamo", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
 RATIOS = (
     "diffbase (cached) / plain diffusers+peft",
     "diffbase uncached / cached",
     "diffbase `generate()` / bare FluxPipeline",
     "DreamFit generation / plain FLUX.1 generation",
+    "DreamO generation, 1 reference, exact mode / plain FLUX.1 generation",
 )
 NUMBER = re.compile(r"^\d+(\.\d+)?\b")
 

@@ -56,6 +56,8 @@ class Item:
 
 
 def read_items(file: Path, dataset: int = 0) -> list[Item]:
+    if not file.exists():
+        raise UserError(f"{file}: no such file or folder (DreamO data is a metadata.jsonl or a folder with one)")
     if file.is_dir():
         for name in ("metadata.jsonl", "metadata.json"):
             if (file / name).is_file():
