@@ -21,6 +21,8 @@ Full size, random weights built on the GPU (no downloads), bf16:
    target and source latents: s/step and peak memory.
 7. DreamO generation with 1 and 2 references (512 px) over plain FLUX.1, 1024x1024, 12 steps, exact and
    cached-reference modes, and the cached mode's error (goal: 1 reference exact <= 1.6x plain).
+8. The tiled upscaler, 1024x1024 -> 2048x2048 (9 fused 1024 px tiles), 20 steps at strength 0.35, plain
+   and with a DINOv2 ViT-B/14 and its adapter: s/image and peak memory.
 
 Every stage reports its own error and the others still run; the exit code is 1 if any stage failed
 (not for missed goals). On CUDA the SDPA kernels are diffbase's `auto` for every stage, plain runs
@@ -59,7 +61,7 @@ from diffbase.config import Config, configs_dir, load_config
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s, SXM
 GIB = 2**30
 PROMPT = "a photo of a woman in a red dress"
-STAGES = ("train", "klein", "generate", "dreamo", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
+STAGES = ("train", "klein", "generate", "dreamo", "upscale", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class Sizes:
     dreamo_ref: int = 512
     dreamo_steps: int = 12
     dreamo_repeats: int = 2
+    upscale_from: int = 1024  # 1024x1024 -> 2048x2048, 1024 px tiles with 128 px overlap (9 tiles)
+    upscale_tile: int = 1024
+    upscale_overlap: int = 128
+    upscale_steps: int = 20
+    dino_config: tuple[int, int, int] = (768, 12, 12)  # ViT-B/14: width, layers, heads
     warmup_steps: int = 2  # training steps left out of s/step
     sample_warmup_steps: int = 2  # sampling steps of each warm-up call
 
@@ -135,6 +142,11 @@ TINY = Sizes(
     dreamo_ref=32,
     dreamo_steps=2,
     dreamo_repeats=1,
+    upscale_from=32,
+    upscale_tile=32,
+    upscale_overlap=16,
+    upscale_steps=3,
+    dino_config=(32, 2, 2),
     sample_warmup_steps=1,
 )
 
@@ -713,6 +725,39 @@ def stage_dreamo(ctx: Context) -> None:
     ctx.metrics["dreamo_ratio"] = results["1 ref, exact: over plain"]
 
 
+def stage_upscale(ctx: Context) -> None:
+    """The tiled upscaler, fused tiles, with and without a DINOv2 ViT-B/14 (random weights) and its adapter."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from diffbase.upscale.dino import DinoAdapter
+    from diffbase.upscale.sampling import UpscaleSettings, upscale
+    from diffbase.upscale.tiles import tile_grid
+
+    s = ctx.sizes
+    pipe, _ = flux1_pipeline(ctx)
+    width, layers, heads = s.dino_config
+    with torch.device(ctx.device):
+        dino = Dinov2Model(Dinov2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                                        intermediate_size=4 * width, patch_size=14, image_size=518))  # fmt: skip
+        adapter = DinoAdapter(width, pipe.transformer.config.joint_attention_dim)
+    dino = dino.to(pipe.transformer.dtype).eval()
+    adapter = adapter.to(pipe.transformer.dtype)
+    image = Image.new("RGB", (s.upscale_from, s.upscale_from), (120, 140, 160))
+    ImageDraw.Draw(image).ellipse([s.upscale_from // 4, s.upscale_from // 4, 3 * s.upscale_from // 4, 3 * s.upscale_from // 4], fill=(230, 60, 40))
+    settings = UpscaleSettings(scale=2.0, strength=0.35, steps=s.upscale_steps, tile=s.upscale_tile, overlap=s.upscale_overlap)
+    f = pipe.vae_scale_factor
+    side = 2 * s.upscale_from
+    tiles = len(tile_grid(side // f, side // f, s.upscale_tile // f, s.upscale_overlap // f))
+    label = f"{s.upscale_from}x{s.upscale_from} -> {side}x{side}, {tiles} tiles of {s.upscale_tile} px, {s.upscale_steps} steps at strength 0.35"
+    for name, extra in (("plain", (None, None)), ("DINO ViT-B/14 + adapter", (dino, adapter))):
+        ctx.log(f"upscale: {name}")
+        upscale(pipe, image.resize((s.upscale_from // 2, s.upscale_from // 2)), replace(settings, steps=2), *extra)  # warm-up
+        reset_peak(ctx.device)
+        seconds = timed(lambda extra=extra: upscale(pipe, image, settings, *extra), ctx.device)
+        ctx.add("upscale", f"{label}, {name}: s/image", f"{seconds:.2f}")
+        ctx.add("upscale", f"{label}, {name}: peak memory", gib(peak_bytes(ctx.device)))
+
+
 def stage_dreamfit(ctx: Context) -> None:
     from diffbase.dreamfit.checkpoint import NETWORK_ALPHA, Dims, LoraPair, diffusers_name, random_official
     from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
@@ -920,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         "klein": stage_klein,
         "generate": stage_generate,
         "dreamo": stage_dreamo,
+        "upscale": stage_upscale,
         "dreamfit": stage_dreamfit,
         "tryon": stage_tryon,
         "dreamfit_train": stage_dreamfit_train,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("train", "klein", "generate", "dreamo", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
+STAGES = ("train", "klein", "generate", "dreamo", "upscale", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
 RATIOS = (
     "diffbase (cached) / plain diffusers+peft",
     "diffbase uncached / cached",

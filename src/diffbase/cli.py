@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="tiny models for tests and trials").add_subparsers(dest="action", required=True)
     tiny = zoo.add_parser("tiny", help="write a complete tiny diffusers folder for a family")
-    tiny.add_argument("family", help="sd15, sdxl, sd3, flux1, flux2 or flux2-klein")
+    tiny.add_argument("family", help="sd15, sdxl, sd3, flux1, flux2, flux2-klein, flux1-kontext, flux1-fill, "
+                      "flux2-klein-inpaint, or dinov2 (a tiny DINOv2 for the upscaler)")  # fmt: skip
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_zoo_tiny)
@@ -211,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     from diffbase.commands.dreamfit import add_parser as add_dreamfit
     from diffbase.commands.edit import add_parsers as add_editing
     from diffbase.commands.tryon import add_eval_parser, add_parsers
+    from diffbase.commands.upscale import add_parser as add_upscale
 
     add_parsers(sub)
     add_dreamfit(sub)
     add_customize(sub)
+    add_upscale(sub)
     add_editing(sub)
     ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
         dest="what", required=True

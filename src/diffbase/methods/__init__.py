@@ -1,8 +1,8 @@
 """Training methods, one module each, registered by name (see registry.py). Importing this package
 registers the built-in ones: lora, full_finetune, dreambooth, controlnet, vton, dreamfit, dreamo, kontext,
-fill."""
+fill, upscale_dino."""
 
-from diffbase.methods import controlnet, dreambooth, dreamfit, dreamo, edit, full_finetune, lora, vton  # noqa: F401
+from diffbase.methods import controlnet, dreambooth, dreamfit, dreamo, edit, full_finetune, lora, upscale, vton  # noqa: F401
 from diffbase.methods.registry import METHODS, Method, Trained, Validation, get, register
 
 __all__ = ["METHODS", "Method", "Trained", "Validation", "get", "register", "train"]

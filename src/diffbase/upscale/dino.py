@@ -1,0 +1,121 @@
+"""DINOv2 features of each tile and the trainable adapter that brings them into FLUX's joint attention.
+
+The features are the last hidden states (CLS and patch tokens) of a transformers `Dinov2Model` loaded from a
+local folder, for the tile's pixels resized to `side` (a multiple of the patch size; 224 for ViT-B/14). The
+adapter maps them to the width of the text tokens (FLUX.1: 4096, T5's), so they join the prompt's tokens
+as extra context; `dino_strength` s scales the attention every query gives them (an additive log(s) on
+their attention logits: the softmax mass they would get is multiplied by s before renormalising). At 0
+they are left out entirely, which is exactly plain img2img.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_dino(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A transformers Dinov2Model from a local folder; anything else is a one-line error."""
+    from transformers import Dinov2Model
+
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--dino: {folder} has no config.json (expected a local DINOv2 folder, e.g. dinov2-base)")
+    try:
+        kind = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise UserError(f"--dino: {config_file}: not JSON ({err.msg})") from None
+    if kind != "dinov2":
+        raise UserError(f"--dino: {folder} holds a '{kind}' model; expected a DINOv2 model (model_type dinov2)")
+    model = Dinov2Model.from_pretrained(folder, local_files_only=True)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def dino_side(dino: Any, side: int | None = None) -> int:
+    """The input side for the features: `side` or the model's image size, as a multiple of its patch size."""
+    patch = dino.config.patch_size
+    wanted = side or min(int(dino.config.image_size), 224)
+    return max(patch, wanted // patch * patch)
+
+
+@torch.no_grad()
+def dino_features(dino: Any, pixels: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1 + patches, hidden)."""
+    s = dino_side(dino, side)
+    x = torch.nn.functional.interpolate(pixels.float(), size=(s, s), mode="bicubic", align_corners=False)
+    x = (x + 1) / 2
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = ((x - mean) / std).to(dino.device, dino.dtype)
+    return dino(pixel_values=x).last_hidden_state
+
+
+class DinoAdapter(torch.nn.Module):
+    """DINOv2 features -> context tokens: LayerNorm, Linear, GELU, Linear (the last one starts at zero)."""
+
+    def __init__(self, dino_width: int, context_width: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or context_width
+        self.dims = {"dino_width": dino_width, "context_width": context_width, "hidden": hidden}
+        self.net = torch.nn.Sequential(
+            torch.nn.LayerNorm(dino_width),
+            torch.nn.Linear(dino_width, hidden),
+            torch.nn.GELU(),
+            torch.nn.Linear(hidden, context_width),
+        )
+        torch.nn.init.zeros_(self.net[-1].weight)
+        torch.nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+    def save(self, path: Path) -> Path:
+        from diffbase.models.lora_formats import save_lora
+
+        meta = {k: str(v) for k, v in self.dims.items()}
+        return save_lora({k: v for k, v in self.state_dict().items()}, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, context_width: int, dino_width: int) -> DinoAdapter:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--adapter: {path}: no such file")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as err:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+            raise UserError(f"--adapter: {path}: not a safetensors file ({str(err).splitlines()[0]})") from None
+        dims = {k: int(meta[k]) for k in ("dino_width", "context_width", "hidden") if k in meta}
+        if dims.get("dino_width") != dino_width or dims.get("context_width") != context_width:
+            raise UserError(f"--adapter: {path} maps {dims.get('dino_width')} -> {dims.get('context_width')} features; "
+                            f"this DINO model and FLUX model need {dino_width} -> {context_width}")  # fmt: skip
+        adapter = cls(dino_width, context_width, dims.get("hidden"))
+        adapter.load_state_dict(state)
+        return adapter
+
+
+def context_with_dino(
+    prompt_embeds: torch.Tensor, text_ids: torch.Tensor, tokens: torch.Tensor, strength: float, image_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The prompt's tokens followed by the DINO tokens, their ids (zeros, as text), and the joint attention's
+    additive mask that scales the DINO tokens' attention by `strength` (keys: [text, dino, image])."""
+    b, n = tokens.shape[0], tokens.shape[1]
+    embeds = torch.cat([prompt_embeds.expand(b, -1, -1), tokens.to(prompt_embeds.dtype)], dim=1)
+    ids = torch.cat([text_ids, text_ids.new_zeros(n, text_ids.shape[-1])], dim=0)
+    text = prompt_embeds.shape[1]
+    bias = torch.zeros(b, 1, 1, text + n + image_tokens, device=prompt_embeds.device, dtype=prompt_embeds.dtype)
+    bias[..., text : text + n] = math.log(strength)
+    return embeds, ids, {"attention_mask": bias}
