@@ -122,6 +122,15 @@ def _cmd_data_synth_dreamo(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from diffbase.serve import Defaults, Limits, serve
+
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise UserError("--max-upload-mb / --max-pixels: expected positive limits")
+    defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device)
+    serve(args.host, args.port, defaults, Limits(int(args.max_upload_mb * 2**20), args.max_pixels))
+
+
 def _cmd_parity(args: argparse.Namespace) -> None:
     from diffbase.parity import run_parity
 
@@ -152,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file")
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.set_defaults(func=_cmd_config_show)
+
+    web = sub.add_parser("serve", help="the web UI (Gradio): try-on, DreamFit, DreamO, edit, upscale, training monitor")
+    web.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0 exposes it to your network)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    web.add_argument("--tryon-weights", help="the try-on tab's default weights (e.g. outputs/demo/run/vton)")
+    web.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this are refused")
+    web.add_argument("--max-pixels", type=int, default=4096 * 4096, help="images with more pixels are refused")
+    web.set_defaults(func=_cmd_serve)
 
     zoo = sub.add_parser("zoo", help="tiny models for tests and trials").add_subparsers(dest="action", required=True)
     tiny = zoo.add_parser("tiny", help="write a complete tiny diffusers folder for a family")

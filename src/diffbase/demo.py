@@ -204,6 +204,8 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
     write_text_atomic(out / "index.html", page(rows, report))
     print(table(rows))
     print(f"wrote {out / 'index.html'}, {out / 'grid.png'}, {out / 'metrics.json'} in {seconds} s")
+    print(f"try it in the web UI: .venv/bin/diffbase serve --tryon-weights {out / 'run' / 'vton'}  "
+          "(then open http://127.0.0.1:7860, tab Try-on; the training monitor shows this run too)")  # fmt: skip
     return report
 
 

@@ -31,19 +31,26 @@ def _settings(args: argparse.Namespace) -> Any:
                         width=w, strength=getattr(args, "strength", 1.0))  # fmt: skip
 
 
-def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
-    """The pipeline, after checking that the folder's pipeline does this job (before loading weights)."""
-    from diffbase.commands.options import runtime, use_attention
+def load_editing(model: str, kind: str, **runtime: Any) -> tuple[Any, Any]:
+    """The pipeline for `edit` or `inpaint`, after checking that the folder's pipeline does this job
+    (before loading weights); the command and the web UI load through this."""
     from diffbase.editing import check_pipeline
     from diffbase.models.loading import detect_family, load_model
 
-    folder = Path(args.model)
+    folder = Path(model)
     if folder.is_dir():
-        check_pipeline(detect_family(folder), kind, args.model)
-    pipe, spec = load_model(args.model, **runtime(args))
-    check_pipeline(spec, kind, args.model)
-    use_attention(args, [getattr(pipe, spec.denoiser)])
+        check_pipeline(detect_family(folder), kind, model)
+    pipe, spec = load_model(model, **runtime)
+    check_pipeline(spec, kind, model)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, spec
+
+
+def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
+    from diffbase.commands.options import runtime, use_attention
+
+    pipe, spec = load_editing(args.model, kind, **runtime(args))
+    use_attention(args, [getattr(pipe, spec.denoiser)])
     return pipe, spec
 
 

@@ -1,0 +1,332 @@
+"""`diffbase serve`: a Gradio app over the methods' inference API (the same load/run the CLI calls).
+
+Tabs: try-on (VTON / CatVTON, DreamFit try-on), DreamFit garment and pose generation, DreamO
+customization, Kontext edit and Fill inpainting, upscaling, and a training monitor (loss plot and latest
+validation grid of a `diffbase train` output folder). Models are local folders; the defaults are the
+shipped toy zoo, so the app runs on any machine.
+
+Safety: it binds to 127.0.0.1 unless told otherwise; uploads are limited in bytes (the server refuses
+larger ones) and in pixels (checked from the header before decoding, so a decompression bomb never
+decodes); upload names are never used as paths (only the server's own temporary copies are read); one
+queue with a single worker, and a lock around the models, so two requests never run a model at once;
+bad input shows as an error in the page and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from diffbase.errors import UserError
+
+ZOO = Path(__file__).resolve().parent / "zoo_weights"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the tabs start with: the toy zoo, and the demo's trained try-on weights when present."""
+
+    sd15: str = str(ZOO / "sd15-toy")
+    flux1: str = str(ZOO / "flux1-toy")
+    tryon_weights: str = ""
+    device: str = "auto"
+
+
+class Models:
+    """The last loaded model per key (one at a time: loading another frees the previous one), and the lock
+    that lets one request at a time run a model."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple | None = None
+        self.value: Any = None
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if self.key != key:
+            self.key, self.value = None, None
+            self.value, self.key = load(), key
+        return self.value
+
+
+def checked_image(path: str | None, what: str, limits: Limits, mask: bool = False) -> Image.Image:
+    """An upload (the server's temporary copy) as RGB (or a binary mask), refused before decoding when it is
+    too many bytes or pixels."""
+    from diffbase.data.images import BadFile, image_size, load_image, load_mask
+
+    if not path:
+        raise UserError(f"{what}: upload an image")
+    file = Path(path)
+    size = file.stat().st_size
+    if size > limits.max_bytes:
+        raise UserError(f"{what}: {size / 2**20:.1f} MB is more than the {limits.max_bytes / 2**20:.0f} MB limit")
+    try:
+        w, h = image_size(file)
+        if w * h > limits.max_pixels:
+            raise UserError(f"{what}: {w}x{h} is more than the {limits.max_pixels} pixel limit")
+        return load_mask(file) if mask else load_image(file)
+    except BadFile as err:
+        raise UserError(f"{what}: {err.reason}") from None
+
+
+def guarded(fn: Callable[..., Any], models: Models) -> Callable[..., Any]:
+    """Runs `fn` under the model lock; a UserError (or any failure) becomes an error shown in the page."""
+    import gradio as gr
+
+    @functools.wraps(fn)  # gradio reads the signature (its progress argument) through the wrapper
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with models.lock:
+            try:
+                return fn(*args, **kwargs)
+            except UserError as err:
+                raise gr.Error(str(err)) from None
+            except gr.Error:
+                raise
+            except Exception as err:  # noqa: BLE001  (the server keeps serving; the page says what failed)
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise gr.Error(f"{type(err).__name__}: {first}") from None
+
+    return run
+
+
+def runtime(device: str) -> dict[str, Any]:
+    from diffbase.models.placement import resolve_device
+
+    return {"device": resolve_device(device or "auto", "device"), "dtype": "float32"}
+
+
+def default_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A torso-sized box in the middle of the person, when neither a mask nor a box is given."""
+    w, h = size
+    return round(0.2 * w), round(0.22 * h), round(0.8 * w), round(0.62 * h)
+
+
+def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    if not text.strip():
+        return default_box(size)
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"box: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
+    return x0, y0, x1, y1
+
+
+def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
+    """(loss plot, latest validation grid or None, a status line) of a training output folder."""
+    from diffbase.plot import line_plot
+
+    out = Path(folder)
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{out}: no metrics.jsonl (a `diffbase train` output folder has one once training starts)")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    names = sorted({k for r in rows for k in r if k == "loss" or k.startswith("val_")})
+    series = {n: [(r["step"], r[n]) for r in rows if n in r] for n in names}
+    plot = line_plot({k: v for k, v in series.items() if v}, title=f"{out.name}: loss by step")
+    grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
+    grid = Image.open(grids[-1]).convert("RGB") if grids else None
+    last = max((r["step"] for r in rows if "step" in r), default=0)
+    return plot, grid, f"step {last}; {len(grids)} validation grid(s)" + (f", latest {grids[-1].name}" if grids else "")
+
+
+def build_app(defaults: Defaults, limits: Limits) -> Any:
+    import gradio as gr
+
+    models = Models()
+    tracked = gr.Progress(track_tqdm=True)  # gradio fills in a progress bar where a function takes one
+
+    def tryon(person: str, garment: str, mask: str | None, box: str, method: str, model: str, weights: str,
+              size: str, steps: int, seed: int, progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.generate import parse_size
+        from diffbase.methods.vton import VTON
+        from diffbase.tryon.data import box_mask
+        from diffbase.tryon.sampling import TryOnSettings
+
+        person_img = checked_image(person, "person", limits)
+        garment_img = checked_image(garment, "garment", limits)
+        mask_img = checked_image(mask, "mask", limits, mask=True) if mask else box_mask(
+            person_img.size, parse_box(box, person_img.size))  # fmt: skip
+        h, w = parse_size(size)
+        progress(0, desc="loading the model")
+        bb = models.get(("tryon", model, weights, method, defaults.device),
+                        lambda: VTON.load(model, weights or None, method, **runtime(defaults.device)))  # fmt: skip
+        progress(0.1, desc="sampling")
+        settings = TryOnSettings(steps=int(steps), seed=int(seed))
+        return VTON.run(bb, {"person": person_img, "garment": garment_img, "mask": mask_img}, settings, (h, w))
+
+    def dreamfit(mode: str, garment: str, person: str | None, mask: str | None, pose: str | None, prompt: str,
+                 model: str, checkpoint: str, size: str, steps: int, seed: int,
+                 progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.dreamfit.generate import DreamFitSettings
+        from diffbase.generate import parse_size
+        from diffbase.methods.dreamfit import DREAMFIT
+
+        if not checkpoint:
+            raise UserError("checkpoint: give a DreamFit checkpoint file (official .bin or one trained here)")
+        inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", limits)}
+        if pose:
+            inputs["pose"] = checked_image(pose, "pose", limits)
+        if mode == "tryon":
+            inputs["person"], inputs["mask"] = checked_image(person, "person", limits), checked_image(mask, "mask", limits, True)
+        h, w = parse_size(size)
+        progress(0, desc="loading the model")
+        loaded = models.get(("dreamfit", model, checkpoint, defaults.device),
+                            lambda: DREAMFIT.load(model, checkpoint, **runtime(defaults.device)))  # fmt: skip
+        settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
+        return DREAMFIT.run(loaded, inputs, settings)
+
+    def customize(ref1: str | None, task1: str, ref2: str | None, task2: str, prompt: str, model: str, dreamo: str,
+                  version: str, size: str, steps: int, seed: int,
+                  progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.dreamo.generate import DreamOSettings
+        from diffbase.generate import parse_size
+        from diffbase.methods.dreamo import DREAMO
+
+        slots = [(checked_image(r, f"reference {k}", limits), t, None, None) if r else None
+                 for k, (r, t) in enumerate(((ref1, task1), (ref2, task2)), start=1)]  # fmt: skip
+        if not any(slots):
+            raise UserError("references: upload at least one")
+        h, w = parse_size(size)
+        loaded = models.get(("dreamo", model, dreamo, version, defaults.device),
+                            lambda: DREAMO.load(model, dreamo, version, **runtime(defaults.device)))  # fmt: skip
+        settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed))
+        return DREAMO.run(loaded, {"references": slots}, settings)
+
+    def edit(kind: str, image: str, mask: str | None, prompt: str, model: str, steps: int, seed: int,
+             progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.commands.edit import load_editing
+        from diffbase.editing import EditSettings, check_images, check_mask, check_references, inpaint
+        from diffbase.editing import edit as run_edit
+
+        picture = checked_image(image, "image", limits)
+        pipe, spec = models.get(("edit", kind, model, defaults.device),
+                                lambda: load_editing(model, kind, **runtime(defaults.device)))  # fmt: skip
+        settings = EditSettings(prompt=prompt, seed=int(seed), steps=int(steps))
+        if kind == "edit":
+            check_references(spec, "edit", 1)
+            check_images(pipe, [picture], ["image"])
+            return run_edit(pipe, spec, [picture], settings)
+        area = checked_image(mask, "mask", limits, mask=True)
+        check_mask(picture, area, "mask")
+        return inpaint(pipe, spec, picture, area, settings, [])
+
+    def upscale(image: str, model: str, scale: float, strength: float, steps: int, seed: int,
+                progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.methods.upscale import UPSCALE
+        from diffbase.upscale.sampling import UpscaleSettings, output_size
+
+        picture = checked_image(image, "image", limits)
+        output_size(picture.size, float(scale), limits.max_pixels)
+        loaded = models.get(("upscale", model, defaults.device), lambda: UPSCALE.load(model, **runtime(defaults.device)))
+        settings = UpscaleSettings(scale=float(scale), strength=float(strength), steps=int(steps), seed=int(seed),
+                                   max_pixels=limits.max_pixels)  # fmt: skip
+        return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
+
+    def monitor(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
+        try:
+            return loss_view(folder)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+
+    def upload(label: str, elem_id: str) -> Any:
+        return gr.File(label=label, file_types=["image"], type="filepath", elem_id=elem_id)
+
+    with gr.Blocks(title="diffbase") as app:
+        gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
+        with gr.Tab("Try-on"):
+            with gr.Row():
+                person, garment, mask = upload("person", "tryon-person"), upload("garment", "tryon-garment"), upload("mask (optional)", "tryon-mask")
+            with gr.Row():
+                box = gr.Textbox(label="garment box x0,y0,x1,y1 (empty: the middle of the person)", value="")
+                method = gr.Radio(["catvton", "vton"], value="catvton", label="method")
+                model = gr.Textbox(label="SD1.5 model folder", value=defaults.sd15)
+                weights = gr.Textbox(label="trained attention weights (a run's vton/ folder)", value=defaults.tryon_weights)
+            with gr.Row():
+                size, steps, seed = gr.Textbox(label="HxW", value="64x48"), gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
+            run = gr.Button("Try on", elem_id="tryon-run", variant="primary")
+            result = gr.Image(label="result", type="pil", elem_id="tryon-result", format="png")
+            run.click(guarded(tryon, models), [person, garment, mask, box, method, model, weights, size, steps, seed], result)
+        with gr.Tab("DreamFit"):
+            with gr.Row():
+                mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
+                f_garment, f_person, f_mask, f_pose = (upload("garment", "df-garment"), upload("person (try-on)", "df-person"),
+                                                       upload("mask (try-on)", "df-mask"), upload("pose image (pose, optional for try-on)", "df-pose"))  # fmt: skip
+            f_prompt = gr.Textbox(label="prompt", value="a person")
+            with gr.Row():
+                f_model, f_ckpt = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1), gr.Textbox(label="DreamFit checkpoint", value="")
+                f_size, f_steps, f_seed = gr.Textbox(label="HxW", value="32x32"), gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
+            f_run, f_result = gr.Button("Generate", variant="primary"), gr.Image(label="result", type="pil", format="png")
+            f_run.click(guarded(dreamfit, models), [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed], f_result)
+        with gr.Tab("DreamO"):
+            tasks = ["ip", "id", "style", "tryon"]
+            with gr.Row():
+                r1, t1 = upload("reference 1", "do-ref1"), gr.Radio(tasks, value="ip", label="task 1")
+                r2, t2 = upload("reference 2", "do-ref2"), gr.Radio(tasks, value="tryon", label="task 2")
+            d_prompt = gr.Textbox(label="prompt ([ref#1], [ref#2] name the references)", value="[ref#1] wearing [ref#2]")
+            with gr.Row():
+                d_model, d_dir = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1), gr.Textbox(label="DreamO folder", value="")
+                d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
+                d_size, d_steps, d_seed = gr.Textbox(label="HxW", value="1024x1024"), gr.Number(label="steps", value=12, precision=0), gr.Number(label="seed", value=0, precision=0)
+            d_run, d_result = gr.Button("Customize", variant="primary"), gr.Image(label="result", type="pil", format="png")
+            d_run.click(guarded(customize, models), [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed], d_result)
+        with gr.Tab("Edit / Fill"):
+            with gr.Row():
+                kind = gr.Radio(["edit", "inpaint"], value="edit", label="Kontext edit or Fill inpaint")
+                e_image, e_mask = upload("image", "ed-image"), upload("mask (inpaint)", "ed-mask")
+            e_prompt = gr.Textbox(label="instruction / prompt", value="")
+            with gr.Row():
+                e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
+                e_steps, e_seed = gr.Number(label="steps", value=28, precision=0), gr.Number(label="seed", value=0, precision=0)
+            e_run, e_result = gr.Button("Run", variant="primary"), gr.Image(label="result", type="pil", format="png")
+            e_run.click(guarded(edit, models), [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
+        with gr.Tab("Upscale"):
+            u_image = upload("image", "up-image")
+            with gr.Row():
+                u_model = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1)
+                u_scale, u_strength = gr.Number(label="scale", value=2.0), gr.Slider(0.05, 1.0, value=0.35, label="strength")
+                u_steps, u_seed = gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
+            u_run, u_result = gr.Button("Upscale", variant="primary"), gr.Image(label="result", type="pil", format="png")
+            u_run.click(guarded(upscale, models), [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
+        with gr.Tab("Training monitor"):
+            folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
+            refresh = gr.Button("Refresh")
+            status = gr.Markdown()
+            with gr.Row():
+                plot, grid = gr.Image(label="loss", type="pil", format="png"), gr.Image(label="latest validation grid", type="pil", format="png")
+            refresh.click(monitor, folder, [plot, grid, status])
+            timer = gr.Timer(10.0, active=False)
+            live = gr.Checkbox(label="refresh every 10 s", value=False)
+            live.change(lambda on: gr.Timer(active=on), live, timer)
+            timer.tick(monitor, folder, [plot, grid, status])
+    app.queue(default_concurrency_limit=1, max_size=16)
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, defaults: Defaults | None = None, limits: Limits | None = None,
+          block: bool = True) -> Any:  # fmt: skip
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("diffbase serve needs gradio: pip install 'diffbase[ui]'") from None
+    limits = limits or Limits()
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # decoding anything larger fails (header checks come first)
+    app = build_app(defaults or Defaults(), limits)
+    print(f"diffbase web UI on http://{host}:{port} (uploads up to {limits.max_bytes / 2**20:.0f} MB, "
+          f"{limits.max_pixels} pixels)", flush=True)  # fmt: skip
+    app.launch(server_name=host, server_port=port, max_file_size=limits.max_bytes, prevent_thread_lock=not block,
+               show_error=True, quiet=True, ssr_mode=False)  # fmt: skip
+    return app

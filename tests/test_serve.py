@@ -1,0 +1,50 @@
+"""The web UI's guards and the training monitor, without a browser (tests/test_web_ui.py drives one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffbase.errors import UserError
+
+pytest.importorskip("gradio", reason="the web UI needs gradio (pip install 'diffbase[ui]')")
+
+
+def test_uploads_are_refused_by_bytes_and_pixels_before_decoding(tmp_path: Path) -> None:
+    from diffbase.serve import Limits, checked_image
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    assert checked_image(str(image), "person", Limits()).size == (64, 64)
+    with pytest.raises(UserError, match="person: .* MB is more than the 0 MB limit"):
+        checked_image(str(image), "person", Limits(max_bytes=1000))
+    with pytest.raises(UserError, match="person: 64x64 is more than the 4000 pixel limit"):
+        checked_image(str(image), "person", Limits(max_pixels=4000))
+    with pytest.raises(UserError, match="garment: upload an image"):
+        checked_image(None, "garment", Limits())
+
+
+def test_monitor_reads_a_run_folder(tmp_path: Path) -> None:
+    from diffbase.serve import loss_view
+
+    rows = [{"step": s, "loss": 1 / s} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "validation").mkdir()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "validation" / "step-000005.png")
+    plot, grid, status = loss_view(str(tmp_path))
+    assert plot.size[0] > 100 and grid.size == (20, 10) and status.startswith("step 5; 1 validation grid")
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        loss_view(str(tmp_path / "nothing"))
+
+
+def test_serve_binds_to_localhost_by_default() -> None:
+    import argparse
+
+    from diffbase.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert isinstance(args, argparse.Namespace) and args.host == "127.0.0.1"
