@@ -62,19 +62,28 @@ def main() -> None:
     for i, p in enumerate(people[:2]):
         source.paste(p, (64 * i, 0))
     s = UpscaleSettings(scale=2.0, strength=args.strength, steps=args.steps, seed=0, tile=32, overlap=8)
+    hard = UpscaleSettings(**{**s.__dict__, "overlap": 0})
     fused = upscale(pipe, source, s)
     pasted = upscale(pipe, source, s, paste=True)
+    butted = upscale(pipe, source, hard, paste=True)
     xs, ys = borders(pipe, fused.size, 32, 8)
+    hx, hy = borders(pipe, fused.size, 32, 0)
     plain = source.resize(fused.size, Image.LANCZOS)
     print(f"seams, toy FLUX.1, {source.size[0]}x{source.size[1]} -> {fused.size[0]}x{fused.size[1]}, 32 px tiles, "
-          f"8 px overlap, {args.steps} steps, strength {args.strength}; border gradient / mean gradient:")  # fmt: skip
-    for name, img in (("Lanczos resize (no tiles)", plain), ("fused at every step", fused), ("per-tile pasting", pasted)):
-        print(f"  {name}: {seam_ratio(img, xs, ys):.3f}")
+          f"{args.steps} steps, strength {args.strength}; border gradient / mean gradient (1.0: no seam):")  # fmt: skip
+    rows = (("Lanczos resize (no tiles), at the 8 px-overlap borders", plain, xs, ys),
+            ("fused at every step, 8 px overlap", fused, xs, ys),
+            ("per-tile pasting, 8 px overlap, feathered", pasted, xs, ys),
+            ("per-tile pasting, no overlap", butted, hx, hy),
+            ("Lanczos resize (no tiles), at the no-overlap borders", plain, hx, hy))  # fmt: skip
+    for name, img, bx, by in rows:
+        print(f"  {name}: {seam_ratio(img, bx, by):.3f}")
     marked = pasted.copy()
     for x in xs:
         for y in range(marked.height):
             marked.putpixel((x, y), (255, 0, 0))
-    side_by_side({"input (Lanczos x2)": plain, "fused": fused, "pasted": pasted, "pasted, borders": marked}).save(
+    side_by_side({"input (Lanczos x2)": plain, "fused": fused, "pasted": pasted, "pasted, borders": marked,
+                  "pasted, no overlap": butted}).save(
         ROOT / "benchmarks" / "upscale_seams.png"
     )
     print("cost as the image grows 4x (one run each, after a warm-up):")
