@@ -249,18 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="64x64", help="HxW")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_data_synth)
-    pairs = data.add_parser("synth-edit", help="write synthetic paired edits (recoloured garments) for kontext / fill")
-    pairs.add_argument("out")
-    pairs.add_argument("--n", type=int, default=200, help="pairs")
-    pairs.add_argument("--size", default="64x64", help="HxW")
-    pairs.add_argument("--seed", type=int, default=0)
-    pairs.set_defaults(func=_cmd_data_synth_edit)
-    multi = data.add_parser("synth-dreamo", help="write synthetic two-reference items (two garments placed by [ref#N])")
-    multi.add_argument("out")
-    multi.add_argument("--n", type=int, default=200, help="items")
-    multi.add_argument("--size", default="32x32", help="HxW of one reference (the target is twice as wide)")
-    multi.add_argument("--seed", type=int, default=0)
-    multi.set_defaults(func=_cmd_data_synth_dreamo)
+    synthetic = (
+        ("synth-edit", "write synthetic paired edits (recoloured garments) for kontext / fill", "pairs", "64x64",
+         "HxW", _cmd_data_synth_edit),
+        ("synth-dreamo", "write synthetic two-reference items (two garments placed by [ref#N])", "items", "32x32",
+         "HxW of one reference (the target is twice as wide)", _cmd_data_synth_dreamo),
+    )  # fmt: skip
+    for name, text, unit, size, size_help, func in synthetic:
+        p = data.add_parser(name, help=text)
+        p.add_argument("out")
+        p.add_argument("--n", type=int, default=200, help=unit)
+        p.add_argument("--size", default=size, help=size_help)
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=func)
 
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")

@@ -61,10 +61,9 @@ def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] 
 
 
 def run_customize(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, use_attention
+    from diffbase.commands.options import runtime, save_result, use_attention
     from diffbase.dreamo.generate import DreamOSettings
     from diffbase.generate import parse_size
-    from diffbase.io import save_png_atomic
     from diffbase.methods.dreamo import DREAMO
 
     h, w = parse_size(args.size)
@@ -80,14 +79,8 @@ def run_customize(args: argparse.Namespace) -> None:
     meta = {"prompt": settings.prompt, "model": args.model, "dreamo": args.dreamo, "version": args.version,
             "references": args.ref, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
             "size": [h, w], "ref_res": args.ref_res}  # fmt: skip
-    save_png_atomic(image, Path(args.out), meta)
-    print(f"wrote {args.out}")
-    if args.grid:
-        from diffbase.grid import side_by_side
-
-        shown = {f"ref {n} ({s[1]})": s[0] for n, s in enumerate(slots, start=1) if s is not None} | {"result": image}
-        save_png_atomic(side_by_side(shown), Path(args.grid))
-        print(f"wrote {args.grid}")
+    shown = {f"ref {n} ({s[1]})": s[0] for n, s in enumerate(slots, start=1) if s is not None}
+    save_result(image, args.out, meta, args.grid, shown)
 
 
 def add_parser(sub: Any) -> None:

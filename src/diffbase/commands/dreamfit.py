@@ -11,11 +11,10 @@ from diffbase.errors import UserError
 
 
 def run_dreamfit(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, use_attention
+    from diffbase.commands.options import runtime, save_result, use_attention
     from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.dreamfit.generate import DreamFitSettings
     from diffbase.generate import parse_size
-    from diffbase.io import save_png_atomic
     from diffbase.methods.dreamfit import DREAMFIT
     from diffbase.pose import render_openpose
 
@@ -61,14 +60,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
         "size": [h, w],
         "repaint": args.mode == "tryon" and not args.no_repaint,
     }
-    save_png_atomic(image, Path(args.out), meta)
-    print(f"wrote {args.out}")
-    if args.grid:
-        from diffbase.grid import side_by_side
-
-        shown = {k: inputs[k] for k in ("person", "pose", "garment") if k in inputs} | {"result": image}
-        save_png_atomic(side_by_side(shown), Path(args.grid))
-        print(f"wrote {args.grid}")
+    save_result(image, args.out, meta, args.grid, {k: inputs[k] for k in ("person", "pose", "garment") if k in inputs})
 
 
 def add_parser(sub: Any) -> None:

@@ -55,15 +55,9 @@ def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
 
 
 def _save(args: argparse.Namespace, image: Any, grid: dict[str, Any], meta: dict[str, Any]) -> None:
-    from diffbase.io import save_png_atomic
+    from diffbase.commands.options import save_result
 
-    save_png_atomic(image, Path(args.out), meta)
-    print(f"wrote {args.out}")
-    if args.grid:
-        from diffbase.grid import side_by_side
-
-        save_png_atomic(side_by_side(grid | {"result": image}), Path(args.grid))
-        print(f"wrote {args.grid}")
+    save_result(image, args.out, meta, args.grid, grid)
 
 
 def run_edit(args: argparse.Namespace) -> None:

@@ -33,3 +33,20 @@ def use_attention(args: argparse.Namespace, models: list[Any]) -> None:
     from diffbase.models.placement import resolve_device
 
     apply_attention(choose(args.attention, resolve_device(args.device), "--attention"), models)
+
+
+def save_result(image: Any, out: str, meta: dict[str, Any], grid: str | None = None,
+                shown: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """The result (atomically, with its settings in the PNG metadata) and, when asked, the inputs and the
+    result side by side."""
+    from pathlib import Path
+
+    from diffbase.io import save_png_atomic
+
+    save_png_atomic(image, Path(out), meta)
+    print(f"wrote {out}")
+    if grid:
+        from diffbase.grid import side_by_side
+
+        save_png_atomic(side_by_side((shown or {}) | {"result": image}), Path(grid))
+        print(f"wrote {grid}")

@@ -34,9 +34,9 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 
 def run_tryon(args: argparse.Namespace) -> None:
+    from diffbase.commands.options import save_result
     from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.generate import parse_size
-    from diffbase.io import save_png_atomic
     from diffbase.methods.vton import VTON
     from diffbase.tryon.data import box_mask
 
@@ -64,13 +64,7 @@ def run_tryon(args: argparse.Namespace) -> None:
         "soften_mask": args.soften_mask,
         "size": [h, w],
     }
-    save_png_atomic(result, Path(args.out), meta)
-    print(f"wrote {args.out}")
-    if args.grid:
-        from diffbase.grid import side_by_side
-
-        save_png_atomic(side_by_side({"person": person, "garment": garment, "result": result}), Path(args.grid))
-        print(f"wrote {args.grid}")
+    save_result(result, args.out, meta, args.grid, {"person": person, "garment": garment})
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -66,26 +66,11 @@ class DreamFitProcessor:
         image_rotary_emb: Any = None,
     ) -> Any:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
 
-        x = hidden_states
-        q = attn.to_q(x) + self._lora("ref_qkv_lora_q", x)
-        k = attn.to_k(x) + self._lora("ref_qkv_lora_k", x)
-        v = attn.to_v(x) + self._lora("ref_qkv_lora_v", x)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        text_len = 0
-        if encoder_hidden_states is not None:
-            e = encoder_hidden_states
-            eq, ek, ev = (
-                p(e).unflatten(-1, (-1, attn.head_dim)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            text_len = e.shape[1]
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        from diffbase.models.flux_attention import joint_qkv
+
+        q, k, v, text_len = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                      lambda name, x: self._lora(f"ref_qkv_lora_{name}", x))  # fmt: skip
         seq = q.shape[1]
         if self.state.mode == "write" and not self.state.replaying:
             start = text_len if self.double else 0  # double blocks keep the image stream only

@@ -43,21 +43,10 @@ class DreamOProcessor(FluxAttnProcessor):
         image_rotary_emb: Any = None,
     ) -> Any:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (-1, attn.head_dim))
+        from diffbase.models.flux_attention import joint_qkv
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            e = encoder_hidden_states
-            eq, ek, ev = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v, text = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if self.probes is not None and self.probes.layout is not None and torch.is_grad_enabled():
             record(self.probes, q, k)  # computed again in a checkpointed recompute, so its saved tensors match
         c = self.cache
@@ -72,8 +61,8 @@ class DreamOProcessor(FluxAttnProcessor):
         out = out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out
-        text, image = out.split_with_sizes([e.shape[1], out.shape[1] - e.shape[1]], dim=1)
-        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+        text_out, image = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text_out.contiguous())
 
 
 def _keeping_backend(new: DreamOProcessor, old: Any) -> DreamOProcessor:
