@@ -23,7 +23,7 @@ def test_there_is_an_experiment_for_each_family_and_method() -> None:
             if method == "controlnet" and family.startswith("flux2"):
                 continue  # diffusers has no FLUX.2 ControlNet model
             assert f"{family}_{method}" in names
-    assert len(TINY) == 26
+    assert len(TINY) == 27
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])

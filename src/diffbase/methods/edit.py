@@ -4,7 +4,10 @@
   `reference_2`, ... after it) become reference tokens after the target's, with the pipelines' ids
   (`editing.prepare_kontext_conditioning`); flow matching on the target (`image`).
 - fill: FLUX.1 Fill. The target with its `mask` area blanked, and the mask, become extra input channels
-  (`editing.prepare_fill_conditioning`); items without a mask get a random box.
+  (`editing.prepare_fill_conditioning`); items without a mask get a random box. FLUX.2 klein inpainting:
+  the image being inpainted (`source`; without one, the target with the area blanked) becomes reference
+  tokens, as Flux2KleinInpaintPipeline passes its `image`, and the loss is taken inside the mask only
+  (the pipeline keeps the rest of the image from the input at every step).
 
 Data: metadata.json(l) entries with `image` (the target), `source` (kontext), optional `mask`, and a
 caption (the instruction); every slot is cut with the target, so a source of another size or aspect is
@@ -37,17 +40,16 @@ class EditConfig:
 
 
 def _prepare(kind: str, bb: Any, config: Config) -> Trained:
-    from diffbase.editing import EDIT_PIPELINES
+    from diffbase.editing import EDIT_PIPELINES, INPAINT_PIPELINES
 
     pipeline = bb.spec.pipeline
     if kind == "kontext" and pipeline not in EDIT_PIPELINES:
         raise UserError(f"training.method: kontext trains a {sorted(EDIT_PIPELINES)} folder; "
                         f"model.pretrained_path holds a {pipeline}")  # fmt: skip
-    if kind == "fill" and pipeline != "FluxFillPipeline":
-        raise UserError(
-            f"training.method: fill trains a FluxFillPipeline folder; model.pretrained_path holds a {pipeline}"
-        )
-    if kind == "fill" and config.data.cache_latents:
+    if kind == "fill" and pipeline not in INPAINT_PIPELINES:
+        raise UserError(f"training.method: fill trains a {sorted(INPAINT_PIPELINES)} folder; "
+                        f"model.pretrained_path holds a {pipeline}")  # fmt: skip
+    if kind == "fill" and pipeline == "FluxFillPipeline" and config.data.cache_latents:
         raise UserError("data.cache_latents: fill blanks the mask area in pixels every step; use data.cache_text only")
     train = config.training.edit.train
     return (lora.prepare if train == "lora" else full_finetune.prepare)(bb, config)
@@ -88,14 +90,30 @@ def random_boxes(shape: tuple[int, ...], generators: list[torch.Generator]) -> t
 
 def fill_conditioning(bb: Any, batch: dict[str, Any], seed: int, step: int) -> B.Conditioning:
     from diffbase.editing import prepare_fill_conditioning
-    from diffbase.training.step import sample_generator
 
     pixels = batch["pixels"].to(bb.device)
+    return prepare_fill_conditioning(pixels, inpaint_region(batch, seed, step).to(bb.device), bb, bb.device, torch.float32)
+
+
+def inpaint_region(batch: dict[str, Any], seed: int, step: int) -> torch.Tensor:
+    """The pair's mask (1 = repaint), or a random box when it has none."""
+    from diffbase.training.step import sample_generator
+
     mask = batch.get("region")
     if mask is None:
-        gens = [sample_generator(seed + 7, step, i) for i in batch["index"]]
-        mask = random_boxes(tuple(pixels.shape), gens)
-    return prepare_fill_conditioning(pixels, mask.to(bb.device), bb, bb.device, torch.float32)
+        mask = random_boxes(tuple(batch["pixels"].shape), [sample_generator(seed + 7, step, i) for i in batch["index"]])
+    return mask
+
+
+def klein_inpaint_conditioning(bb: Any, batch: dict[str, Any], cache: Any, region: torch.Tensor) -> B.Conditioning:
+    """FLUX.2 klein inpainting's reference: the image being inpainted (the pair's `source`; without one, the
+    target with the area to repaint blanked), as Flux2KleinInpaintPipeline passes its `image`."""
+    from diffbase.editing import prepare_kontext_conditioning
+
+    if sources(batch):
+        return kontext_conditioning(bb, batch, cache)
+    pixels = batch["pixels"].to(bb.device)
+    return prepare_kontext_conditioning([pixels * (1 - region.to(pixels))], bb, bb.device, torch.float32)
 
 
 def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int) -> Any:
@@ -105,6 +123,10 @@ def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str,
     encoded, cond = encode_batch(bb, batch, cache)
     if kind == "kontext":
         conditioning = kontext_conditioning(bb, batch, cache)
+    elif bb.spec.pipeline == "Flux2KleinInpaintPipeline":  # the pipeline keeps the rest: the loss is the area's
+        region = inpaint_region(batch, config.experiment.seed, step)
+        conditioning = klein_inpaint_conditioning(bb, batch, cache, region)
+        encoded["mask"] = region.to(bb.device)
     else:
         conditioning = fill_conditioning(bb, batch, config.experiment.seed, step)
     value = diffusion_step_loss(
@@ -147,9 +169,10 @@ def _validate(
             mask = mask if mask is not None else random_boxes((1, 1, h, w), [torch.Generator().manual_seed(i)])
             from PIL import Image
 
-            kwargs["image"] = target
             kwargs["mask_image"] = Image.fromarray((mask[0, 0] > 0.5).numpy().astype("uint8") * 255, "L")
             first = to_pil(batch["pixels"][0] * (1 - mask[0]))
+            klein = bb.spec.pipeline == "Flux2KleinInpaintPipeline"
+            kwargs["image"] = (to_pil(batch[sources(batch)[0]][0]) if sources(batch) else first) if klein else target
         with torch.no_grad():
             result = bb.pipe(**kwargs, **B.text_length(bb.pipe, bb.family)).images[0]
         rows.append([first, result, target])
@@ -184,7 +207,8 @@ def _cache(config: Config, bb: Any, dataset: Any, show_progress: bool) -> Any:
     from diffbase.data.cache import build_cache
 
     refs = {s for r in dataset.records for s in r.slots if s == "source" or s.startswith("reference")}
-    slots = ("image", *sorted(refs)) if config.training.method == "kontext" else ("image",)
+    with_refs = config.training.method == "kontext" or bb.spec.pipeline == "Flux2KleinInpaintPipeline"
+    slots = ("image", *sorted(refs)) if with_refs else ("image",)
     return build_cache(config, bb, dataset, show_progress, slots=slots)
 
 
@@ -203,4 +227,5 @@ def _method(kind: str, describe: str) -> Method:
 
 
 KONTEXT = register(_method("kontext", "reference editing: source images as reference tokens (Kontext, FLUX.2)"))
-FILL = register(_method("fill", "inpainting: the masked target and mask as extra channels (FLUX.1 Fill)"))
+FILL = register(_method("fill", "inpainting: the masked target and mask as extra channels (FLUX.1 Fill), or the "
+                                "image as reference tokens and the loss on the area (FLUX.2 klein inpainting)"))

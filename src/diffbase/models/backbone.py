@@ -208,7 +208,10 @@ def reference_ids(bb: Backbone, latents: torch.Tensor, index: int = 0) -> torch.
         ids[..., 0] = 1
         return ids
     count = latents.shape[-2] * latents.shape[-1]
-    ids = bb.pipe._prepare_image_ids([latents[0]] * (index + 1), scale=10)[..., -count:, :]  # (1, N, 4)
+    if bb.spec.pipeline == "Flux2KleinInpaintPipeline":  # its helper takes batched latents and a batch size
+        ids = bb.pipe._prepare_image_ids([latents[:1]] * (index + 1), 1, scale=10)[..., -count:, :]
+    else:
+        ids = bb.pipe._prepare_image_ids([latents[0]] * (index + 1), scale=10)[..., -count:, :]  # (1, N, 4)
     return ids.expand(latents.shape[0], -1, -1).to(latents.device)
 
 
