@@ -100,3 +100,34 @@ def test_wrong_folders_and_settings_are_one_line_errors(tiny_model, tmp_path) ->
         config = edit_config(tiny_model, tmp_path / method / family, family, method, *extra)
         with pytest.raises(UserError, match=expected):
             get(method).prepare(load_backbone(config), config)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_sources_of_another_shape_keep_it_and_train(tiny_model, tmp_path, cached: bool) -> None:
+    """Sources twice as tall as their targets get buckets of their own (a source of the target's size keeps
+    the target's cut); batches, the latent cache and validation through the pipeline all take them."""
+    import json
+
+    from PIL import Image
+
+    from diffbase.methods import get, train
+    from diffbase.methods.edit import _dataset
+    from diffbase.training.train import load_backbone
+
+    extra = ("data.bucket_step=16", "data.min_bucket_side=16", "data.max_bucket_side=96", "training.max_steps=2",
+             f"data.cache_latents={str(cached).lower()}")  # fmt: skip
+    config = edit_config(tiny_model, tmp_path, "flux1-kontext", "kontext", *extra)
+    pairs = tmp_path / "pairs"
+    entries = [json.loads(x) for x in (pairs / "metadata.jsonl").read_text().splitlines()]
+    for e in entries[::2]:  # half the sources become 32x64 (width x height)
+        source = pairs / e["source"]
+        Image.open(source).resize((32, 64)).save(source)
+    bb = load_backbone(config)
+    data = _dataset(config, False, bb)
+    shapes = {(tuple(data[i]["pixels"].shape), tuple(data[i]["source"].shape)) for i in range(len(data))}
+    assert ((3, 32, 32), (3, 32, 32)) in shapes and any(s[-2] > s[-1] for _, s in shapes), shapes  # portrait kept
+    for batch in data.sampler(2):
+        assert len({tuple(data[i]["source"].shape) for i in batch}) == 1  # a batch shares its sources' bucket
+    result = train(config, show_progress=False)
+    assert result.finished and (tmp_path / "run" / "validation" / "step-000002.png").exists()
+    assert get("kontext").name == "kontext"

@@ -220,13 +220,19 @@ def slot_keys(dataset: Any, slots: tuple[str, ...], identity: str) -> dict[str, 
     record has no such slot. The slot's name is not part of the key: one file is one latent."""
     digests: dict[Path, str] = {}
     keys: dict[str, list[str | None]] = {slot: [] for slot in slots}
-    for rec, bucket in zip(dataset.records, dataset.bucket_of, strict=True):
+    for i, rec in enumerate(dataset.records):
         for slot in slots:
             path = rec.slots.get(slot)
             if path is not None and path not in digests:
                 digests[path] = file_digest(path)
+            bucket = slot_bucket(dataset, i, slot)
             keys[slot].append(key_of("latent", digests[path], bucket, identity) if path is not None else None)
     return keys
+
+
+def slot_bucket(dataset: Any, i: int, slot: str) -> tuple[int, int]:
+    """The bucket a slot of item i is cut to (a slot may have its own: TrainDataset.bucket_slots_separately)."""
+    return dataset.bucket_for(i, slot) if hasattr(dataset, "bucket_for") else dataset.bucket_of[i]
 
 
 def latent_identity(config: Any, bb: Any) -> str:
@@ -276,7 +282,7 @@ def _build_cache(
         stats.latents_computed, stats.latents_reused = len(todo), len(every) - len(todo)
         by_bucket: dict[tuple[int, int], list[tuple[str, int, str]]] = {}
         for key, (i, slot) in todo.items():
-            by_bucket.setdefault(dataset.bucket_of[i], []).append((key, i, slot))
+            by_bucket.setdefault(slot_bucket(dataset, i, slot), []).append((key, i, slot))
         bar = tqdm(total=len(todo), desc="cache latents", unit="img", disable=not show_progress or not todo)
         for entries in by_bucket.values():
             for group in batches(entries, batch):

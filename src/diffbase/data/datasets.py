@@ -18,7 +18,14 @@ import torch
 from PIL import Image
 
 from diffbase.config import DataConfig, DatasetConfig
-from diffbase.data.buckets import BucketBatchSampler, assign_bucket, crop_geometry, make_buckets, same_crop
+from diffbase.data.buckets import (
+    BucketBatchSampler,
+    assign_bucket,
+    crop_geometry,
+    make_buckets,
+    resize_and_crop,
+    same_crop,
+)
 from diffbase.data.images import IMAGE_SUFFIXES, BadFile, image_size, load_image, load_mask
 from diffbase.errors import UserError, closest
 
@@ -262,6 +269,26 @@ class TrainDataset:
             self.bucket_of.append(assign_bucket(h, w, self.buckets_list))
         if not self.records:
             raise UserError(f"data: every image was unusable; {self.report.summary()}")
+        self.own_buckets: dict[str, list[tuple[int, int] | None]] = {}  # slot -> its own bucket per item
+
+    def bucket_slots_separately(self, slots: tuple[str, ...]) -> None:
+        """Give these companion slots (an edit's source and references) buckets of their own where their size
+        differs from the image's: a source of another shape keeps its shape (centre-cut to its own bucket),
+        and batches hold items whose slots share buckets. A slot of the image's own size keeps the image's
+        cut (random crops and flips stay aligned). Call before sampling or caching."""
+        for slot in slots:
+            buckets: list[tuple[int, int] | None] = []
+            for i, rec in enumerate(self.records):
+                path = rec.slots.get(slot)
+                size = image_size(path) if path is not None else None  # checked when the records were read
+                same = size is None or size == self.size_of[i]
+                buckets.append(None if same else assign_bucket(size[1], size[0], self.buckets_list))
+            self.own_buckets[slot] = buckets
+
+    def bucket_for(self, i: int, slot: str) -> tuple[int, int]:
+        """The bucket slot `slot` of item i is cut to: its own one, or the image's."""
+        own = self.own_buckets.get(slot)
+        return own[i] if own is not None and own[i] is not None else self.bucket_of[i]
 
     def _checked_size(self, rec: Record) -> tuple[int, int] | None:
         try:
@@ -279,9 +306,10 @@ class TrainDataset:
         self.epoch = epoch
 
     def sampler(self, batch_size: int, shuffle: bool = True) -> BucketBatchSampler:
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, bucket in enumerate(self.bucket_of):
-            groups.setdefault(bucket, []).append(i)
+            key = (bucket, *(self.bucket_for(i, slot) for slot in sorted(self.own_buckets)))
+            groups.setdefault(key, []).append(i)
         return BucketBatchSampler(groups, batch_size, self.seed, shuffle)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
@@ -307,7 +335,11 @@ class TrainDataset:
             images = {"pixels": same_crop(load_image(rec.image), size, box)} if pixels else {}
             for key, path in rec.companions().items():
                 loader = load_mask if key == "mask" else load_image
-                images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
+                own = self.own_buckets.get(key)
+                if own is not None and own[i] is not None:  # its own bucket, centre-cut
+                    images[key] = resize_and_crop(loader(path), own[i])[0]
+                else:
+                    images[key] = same_crop(loader(path), size, box, nearest=key == "mask")
         except BadFile as err:
             self.report.skip_or_fail(err, self.cfg.on_bad_file)
             return None

@@ -185,8 +185,8 @@ def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out
     from diffbase.training.loop import read_batch
 
     values = []
-    for start in range(0, min(pairs, len(held_out)), 2):
-        batch = read_batch(held_out, list(range(start, min(start + 2, len(held_out)))), config.data.masked_loss)
+    for indices in [b for b in held_out.sampler(1, shuffle=False)][:pairs]:  # one bucket per batch
+        batch = read_batch(held_out, indices, config.data.masked_loss)
         if batch["index"]:
             with torch.no_grad():
                 values.append(float(_loss(kind, config, bb, trained, batch, None, 10**6)[0]))
@@ -194,7 +194,11 @@ def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out
 
 
 def _dataset(config: Config, held_out: bool, bb: Any) -> Any:
-    return text_to_image.dataset(config, held_out, bb)
+    """Paired edits; a source (or reference) of another size than its target keeps its own shape."""
+    data = text_to_image.dataset(config, held_out, bb)
+    if data is not None and (config.training.method == "kontext" or bb.spec.pipeline == "Flux2KleinInpaintPipeline"):
+        data.bucket_slots_separately(tuple(sorted({s for r in data.records for s in r.slots if s == "source" or s.startswith("reference")})))
+    return data
 
 
 def _export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
