@@ -173,3 +173,24 @@ def test_try_on_in_the_browser_and_bad_uploads_stay_contained(server, driver, tm
     time.sleep(2)
     d.find_element(By.ID, "tryon-run").click()
     assert wait_for(lambda: result_image(d), 180, "a result after the bad uploads").size == Image.open(person).size
+
+
+def test_other_tabs_answer_through_the_api(server, tmp_path) -> None:
+    """The upscale tab on the toy FLUX.1 and the training monitor, through gradio's client (the same endpoints
+    the page calls)."""
+    from gradio_client import Client, handle_file
+
+    from diffbase.toy.synthetic import make_item
+
+    client = Client(server, verbose=False)
+    item = make_item(0, "test", 1, (32, 32))
+    item.person.save(tmp_path / "small.png")
+    toy = str(ROOT / "src" / "diffbase" / "zoo_weights" / "flux1-toy")
+    out = client.predict(handle_file(str(tmp_path / "small.png")), toy, 2.0, 0.35, 4, 0, api_name="/upscale")
+    assert Image.open(out).size == (64, 64)
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(run / "validation" / "step-000002.png")
+    plot, grid, status = client.predict(str(run), api_name="/monitor")
+    assert Image.open(plot).size[0] > 100 and Image.open(grid).size == (16, 16) and "step 2" in status
