@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/vton.py
 	$(PY) benchmarks/dreamfit.py
+	$(PY) benchmarks/dreamo.py
+	$(PY) benchmarks/upscale.py
 	$(PY) benchmarks/gpu.py --tiny  # on a GPU machine: python benchmarks/gpu.py --out benchmarks/gpu.md
 
 lint: $(STAMP)
