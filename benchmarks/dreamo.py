@@ -64,7 +64,11 @@ def measure(pipe: Any, emb: Any, hw: tuple[int, int], ref_px: int, steps: int, r
         s = DreamOSettings(**{**settings.__dict__, "cache_references": cached})
         return lambda: dreamo_generate(pipe, emb, refs[:n], s)
 
-    runs = {f"{n} ref{'s' if n > 1 else ''}, {mode}": variant(n, mode == "cached") for n in (1, 2) for mode in ("exact", "cached")}
+    runs = {
+        f"{n} ref{'s' if n > 1 else ''}, {mode}": variant(n, mode == "cached")
+        for n in (1, 2)
+        for mode in ("exact", "cached")
+    }
     plain()  # warm-up
     for fn in runs.values():
         fn()

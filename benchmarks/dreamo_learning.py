@@ -35,8 +35,11 @@ def measure(config_path: Path, overrides: list[str], weights: Path | None) -> di
         trained.load_state_dict(trained, load_checkpoint(weights)[1])
     right = held_out_errors(config, bb, trained, held)
     wrong = held_out_errors(config, bb, trained, held, shift_references=1)
-    return {"val_loss": right["val_loss"], "subject_x0_right_refs": right["val_subject_x0"],
-            "subject_x0_other_refs": wrong["val_subject_x0"]}
+    return {
+        "val_loss": right["val_loss"],
+        "subject_x0_right_refs": right["val_subject_x0"],
+        "subject_x0_other_refs": wrong["val_subject_x0"],
+    }
 
 
 def main() -> None:
@@ -63,7 +66,9 @@ def main() -> None:
         sampled = [line["val_subject_l1"] for line in lines if "val_subject_l1" in line][-1]
         checkpoint = out / f"route_{route}" / "checkpoints" / f"step-{args.steps:06d}"
         results[f"route_{route}"] = measure(config_path, overrides, checkpoint) | {
-            "val_subject_l1_sampled": sampled, "train_seconds": seconds}
+            "val_subject_l1_sampled": sampled,
+            "train_seconds": seconds,
+        }
         print(route, results[f"route_{route}"], flush=True)
     print(json.dumps(results, indent=1))
     (ROOT / "benchmarks" / "dreamo_learning.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -743,15 +743,21 @@ def stage_upscale(ctx: Context) -> None:
     dino = dino.to(pipe.transformer.dtype).eval()
     adapter = adapter.to(pipe.transformer.dtype)
     image = Image.new("RGB", (s.upscale_from, s.upscale_from), (120, 140, 160))
-    ImageDraw.Draw(image).ellipse([s.upscale_from // 4, s.upscale_from // 4, 3 * s.upscale_from // 4, 3 * s.upscale_from // 4], fill=(230, 60, 40))
-    settings = UpscaleSettings(scale=2.0, strength=0.35, steps=s.upscale_steps, tile=s.upscale_tile, overlap=s.upscale_overlap)
+    ImageDraw.Draw(image).ellipse(
+        [s.upscale_from // 4, s.upscale_from // 4, 3 * s.upscale_from // 4, 3 * s.upscale_from // 4], fill=(230, 60, 40)
+    )
+    settings = UpscaleSettings(
+        scale=2.0, strength=0.35, steps=s.upscale_steps, tile=s.upscale_tile, overlap=s.upscale_overlap
+    )
     f = pipe.vae_scale_factor
     side = 2 * s.upscale_from
     tiles = len(tile_grid(side // f, side // f, s.upscale_tile // f, s.upscale_overlap // f))
     label = f"{s.upscale_from}x{s.upscale_from} -> {side}x{side}, {tiles} tiles of {s.upscale_tile} px, {s.upscale_steps} steps at strength 0.35"
     for name, extra in (("plain", (None, None)), ("DINO ViT-B/14 + adapter", (dino, adapter))):
         ctx.log(f"upscale: {name}")
-        upscale(pipe, image.resize((s.upscale_from // 2, s.upscale_from // 2)), replace(settings, steps=2), *extra)  # warm-up
+        upscale(
+            pipe, image.resize((s.upscale_from // 2, s.upscale_from // 2)), replace(settings, steps=2), *extra
+        )  # warm-up
         reset_peak(ctx.device)
         seconds = timed(lambda extra=extra: upscale(pipe, image, settings, *extra), ctx.device)
         ctx.add("upscale", f"{label}, {name}: s/image", f"{seconds:.2f}")

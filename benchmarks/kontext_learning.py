@@ -97,7 +97,9 @@ def main() -> None:
     trained.set_progress_bar_config(disable=True)
     after, rows = evaluate(trained, held, data, 28, args.guidance)
     print("trained:", after, flush=True)
-    image_grid(rows[:8], header=["source", "result", "target"], cell=96).save(ROOT / "benchmarks" / "kontext_learning.png")
+    image_grid(rows[:8], header=["source", "result", "target"], cell=96).save(
+        ROOT / "benchmarks" / "kontext_learning.png"
+    )
     report = {"args": vars(args), "train_seconds": round(seconds, 1), "held_out_pairs": len(held), "step 0": before,
               "trained": after}  # fmt: skip
     (ROOT / "benchmarks" / "kontext_learning.json").write_text(json.dumps(report, indent=1) + "\n")

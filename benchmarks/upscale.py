@@ -82,10 +82,15 @@ def main() -> None:
     for x in xs:
         for y in range(marked.height):
             marked.putpixel((x, y), (255, 0, 0))
-    side_by_side({"input (Lanczos x2)": plain, "fused": fused, "pasted": pasted, "pasted, borders": marked,
-                  "pasted, no overlap": butted}).save(
-        ROOT / "benchmarks" / "upscale_seams.png"
-    )
+    side_by_side(
+        {
+            "input (Lanczos x2)": plain,
+            "fused": fused,
+            "pasted": pasted,
+            "pasted, borders": marked,
+            "pasted, no overlap": butted,
+        }
+    ).save(ROOT / "benchmarks" / "upscale_seams.png")
     print("cost as the image grows 4x (one run each, after a warm-up):")
     upscale(pipe, people[0].resize((16, 16)), UpscaleSettings(scale=2.0, steps=4, tile=32, overlap=8))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

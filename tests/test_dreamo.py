@@ -129,7 +129,9 @@ def delta(state: dict, scales: dict, path: str) -> torch.Tensor:
     return scales[f"transformer.{path}"] * b @ a
 
 
-def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_official_code(tiny_model, tmp_path) -> None:
+def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_official_code(
+    tiny_model, tmp_path
+) -> None:
     from diffbase.dreamo.files import fuse_dreamo
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
@@ -140,7 +142,10 @@ def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_off
     from safetensors.torch import load_file
 
     keys = set(load_file(str(path)))
-    assert "double_blocks_0.processor.qkv_lora1.down.weight" in keys and "single_blocks_1.processor.proj_lora.up.weight" in keys
+    assert (
+        "double_blocks_0.processor.qkv_lora1.down.weight" in keys
+        and "single_blocks_1.processor.proj_lora.up.weight" in keys
+    )
     lora, read = read_dreamo_file(path, pipe.transformer)
     assert {k.rsplit(".lora_", 1)[0] for k in lora} == {k.rsplit(".lora_", 1)[0] for k in state}  # none missing
     for name in ("t5", "task", "idx"):
@@ -159,7 +164,9 @@ def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_off
     assert tokens[0] == before + 1 and before in tokens
     rows = pipe.text_encoder_2.get_input_embeddings().weight[before : before + 10]
     assert torch.equal(rows, loaded["t5"].to(rows))
-    assert add_placeholder_tokens(pipe.tokenizer_2, pipe.text_encoder_2, loaded["t5"]) == list(range(before, before + 10))
+    assert add_placeholder_tokens(pipe.tokenizer_2, pipe.text_encoder_2, loaded["t5"]) == list(
+        range(before, before + 10)
+    )
 
 
 def test_recipe_weights_sum_the_deltas(tiny_model, tmp_path) -> None:
@@ -177,7 +184,9 @@ def test_recipe_weights_sum_the_deltas(tiny_model, tmp_path) -> None:
     (tmp_path / "v1.1").mkdir()
     for (state, scales), name in zip(loras[2:], ("sft", "dpo"), strict=True):  # scales baked in, no alpha
         baked = {k: v * (scales[k.rsplit(".lora_", 1)[0]] if ".lora_B." in k else 1) for k, v in state.items()}
-        save_file({k: v.contiguous() for k, v in baked.items()}, str(tmp_path / "v1.1" / f"dreamo_{name}_lora.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in baked.items()}, str(tmp_path / "v1.1" / f"dreamo_{name}_lora.safetensors")
+        )
     path = "transformer_blocks.0.attn.to_q"
     base = pipe.transformer.get_submodule(path).weight.detach().clone()
     fuse_dreamo(pipe, tmp_path, "v1.1")
@@ -338,7 +347,9 @@ def test_customize_command_writes_the_image_and_refuses_bad_input(tiny_model, tm
         target = tmp_path / "bad.png"
         code, _, err = run_cli(*common, *args, "--out", str(target))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not target.exists(), err
-    code, _, err = run_cli(*common[:4], str(tmp_path), *common[5:], "--ref", f"{ref1}:ip", "--out", str(tmp_path / "x.png"))
+    code, _, err = run_cli(
+        *common[:4], str(tmp_path), *common[5:], "--ref", f"{ref1}:ip", "--out", str(tmp_path / "x.png")
+    )
     assert code == 2 and "dreamo.safetensors: no such file" in err
 
 
@@ -362,7 +373,9 @@ def test_cached_reference_mode_is_close_to_exact_and_equal_with_one_step(tiny_mo
     results = {}
     for steps in (1, 4):
         for cached in (False, True):
-            s = DreamOSettings(prompt="[ref#1] and [ref#2]", height=32, width=64, steps=steps, seed=1, cache_references=cached)
+            s = DreamOSettings(
+                prompt="[ref#1] and [ref#2]", height=32, width=64, steps=steps, seed=1, cache_references=cached
+            )
             results[steps, cached] = np.asarray(dreamo_generate(pipe, emb, refs, s), dtype=float)
     assert np.array_equal(results[1, False], results[1, True])  # one step: the recording call is the exact one
     diff = np.abs(results[4, False] - results[4, True])

@@ -94,7 +94,12 @@ def test_wrong_folders_and_settings_are_one_line_errors(tiny_model, tmp_path) ->
 
     for family, method, extra, expected in (
         ("flux1-fill", "kontext", (), "kontext trains"),
-        ("flux1-kontext", "fill", (), "fill trains a .*FluxFillPipeline.* folder; model.pretrained_path holds a FluxKontext"),
+        (
+            "flux1-kontext",
+            "fill",
+            (),
+            "fill trains a .*FluxFillPipeline.* folder; model.pretrained_path holds a FluxKontext",
+        ),
         ("flux1-fill", "fill", ("data.cache_latents=true",), "data.cache_latents: fill"),
     ):
         config = edit_config(tiny_model, tmp_path / method / family, family, method, *extra)

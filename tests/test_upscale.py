@@ -110,7 +110,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path) -> None:
         ("--scale", "-2"): "--scale: expected a number above 0",
         ("--max-pixels", "1000"): "beyond the limit of 1000 pixels",
         ("--scale", "400", "--max-pixels", "1000000"): "is beyond the limit",
-        ("--dino", str(model / "text_encoder"), "--adapter", str(tmp_path / "a.safetensors")): "expected a DINOv2 model",
+        (
+            "--dino",
+            str(model / "text_encoder"),
+            "--adapter",
+            str(tmp_path / "a.safetensors"),
+        ): "expected a DINOv2 model",
         ("--dino", str(DINO)): "give both",
     }
     for args, message in cases.items():

@@ -107,7 +107,9 @@ def upload(d, elem_id: str, path: Path) -> None:
 def clear(d, elem_id: str) -> None:
     from selenium.webdriver.common.by import By
 
-    for button in d.find_elements(By.CSS_SELECTOR, f"#{elem_id} button[aria-label*='Clear'], #{elem_id} button[aria-label*='clear']"):
+    for button in d.find_elements(
+        By.CSS_SELECTOR, f"#{elem_id} button[aria-label*='Clear'], #{elem_id} button[aria-label*='clear']"
+    ):
         button.click()
 
 
@@ -156,8 +158,11 @@ def test_try_on_in_the_browser_and_bad_uploads_stay_contained(server, driver, tm
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)
     assert bomb.stat().st_size < 2**20 < big.stat().st_size
-    cases = ((not_image, "person: not a readable image"), (bomb, "person: not a readable image (DecompressionBomb"),
-             (big, "exceed the maximum allowed size"))  # the last one: gradio's own limit (--max-upload-mb)
+    cases = (
+        (not_image, "person: not a readable image"),
+        (bomb, "person: not a readable image (DecompressionBomb"),
+        (big, "exceed the maximum allowed size"),
+    )  # the last one: gradio's own limit (--max-upload-mb)
     for bad, message in cases:
         clear(d, "tryon-person")
         upload(d, "tryon-person", bad)

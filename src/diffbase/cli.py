@@ -119,7 +119,9 @@ def _cmd_data_synth_dreamo(args: argparse.Namespace) -> None:
 
     h, w = parse_size(args.size)
     write_multi_reference(Path(args.out), args.n, seed=args.seed, size=(w, h))
-    print(f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl")
+    print(
+        f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl"
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

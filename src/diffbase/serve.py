@@ -180,7 +180,10 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         if pose:
             inputs["pose"] = checked_image(pose, "pose", limits)
         if mode == "tryon":
-            inputs["person"], inputs["mask"] = checked_image(person, "person", limits), checked_image(mask, "mask", limits, True)
+            inputs["person"], inputs["mask"] = (
+                checked_image(person, "person", limits),
+                checked_image(mask, "mask", limits, True),
+            )
         h, w = parse_size(size)
         progress(0, desc="loading the model")
         loaded = models.get(("dreamfit", model, checkpoint, defaults.device),
@@ -230,7 +233,9 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
         picture = checked_image(image, "image", limits)
         output_size(picture.size, float(scale), limits.max_pixels)
-        loaded = models.get(("upscale", model, defaults.device), lambda: UPSCALE.load(model, **runtime(defaults.device)))
+        loaded = models.get(
+            ("upscale", model, defaults.device), lambda: UPSCALE.load(model, **runtime(defaults.device))
+        )
         settings = UpscaleSettings(scale=float(scale), strength=float(strength), steps=int(steps), seed=int(seed),
                                    max_pixels=limits.max_pixels)  # fmt: skip
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
@@ -248,17 +253,29 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
         with gr.Tab("Try-on"):
             with gr.Row():
-                person, garment, mask = upload("person", "tryon-person"), upload("garment", "tryon-garment"), upload("mask (optional)", "tryon-mask")
+                person, garment, mask = (
+                    upload("person", "tryon-person"),
+                    upload("garment", "tryon-garment"),
+                    upload("mask (optional)", "tryon-mask"),
+                )
             with gr.Row():
                 box = gr.Textbox(label="garment box x0,y0,x1,y1 (empty: the middle of the person)", value="")
                 method = gr.Radio(["catvton", "vton"], value="catvton", label="method")
                 model = gr.Textbox(label="SD1.5 model folder", value=defaults.sd15)
-                weights = gr.Textbox(label="trained attention weights (a run's vton/ folder)", value=defaults.tryon_weights)
+                weights = gr.Textbox(
+                    label="trained attention weights (a run's vton/ folder)", value=defaults.tryon_weights
+                )
             with gr.Row():
-                size, steps, seed = gr.Textbox(label="HxW", value="64x48"), gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
+                size, steps, seed = (
+                    gr.Textbox(label="HxW", value="64x48"),
+                    gr.Number(label="steps", value=20, precision=0),
+                    gr.Number(label="seed", value=0, precision=0),
+                )
             run = gr.Button("Try on", elem_id="tryon-run", variant="primary")
             result = gr.Image(label="result", type="pil", elem_id="tryon-result", format="png")
-            run.click(guarded(tryon, models), [person, garment, mask, box, method, model, weights, size, steps, seed], result)
+            run.click(
+                guarded(tryon, models), [person, garment, mask, box, method, model, weights, size, steps, seed], result
+            )
         with gr.Tab("DreamFit"):
             with gr.Row():
                 mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
@@ -266,22 +283,52 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                                                        upload("mask (try-on)", "df-mask"), upload("pose image (pose, optional for try-on)", "df-pose"))  # fmt: skip
             f_prompt = gr.Textbox(label="prompt", value="a person")
             with gr.Row():
-                f_model, f_ckpt = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1), gr.Textbox(label="DreamFit checkpoint", value="")
-                f_size, f_steps, f_seed = gr.Textbox(label="HxW", value="32x32"), gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
-            f_run, f_result = gr.Button("Generate", variant="primary"), gr.Image(label="result", type="pil", format="png")
-            f_run.click(guarded(dreamfit, models), [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed], f_result)
+                f_model, f_ckpt = (
+                    gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1),
+                    gr.Textbox(label="DreamFit checkpoint", value=""),
+                )
+                f_size, f_steps, f_seed = (
+                    gr.Textbox(label="HxW", value="32x32"),
+                    gr.Number(label="steps", value=20, precision=0),
+                    gr.Number(label="seed", value=0, precision=0),
+                )
+            f_run, f_result = (
+                gr.Button("Generate", variant="primary"),
+                gr.Image(label="result", type="pil", format="png"),
+            )
+            f_run.click(
+                guarded(dreamfit, models),
+                [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
+                f_result,
+            )
         with gr.Tab("DreamO"):
             tasks = ["ip", "id", "style", "tryon"]
             with gr.Row():
                 r1, t1 = upload("reference 1", "do-ref1"), gr.Radio(tasks, value="ip", label="task 1")
                 r2, t2 = upload("reference 2", "do-ref2"), gr.Radio(tasks, value="tryon", label="task 2")
-            d_prompt = gr.Textbox(label="prompt ([ref#1], [ref#2] name the references)", value="[ref#1] wearing [ref#2]")
+            d_prompt = gr.Textbox(
+                label="prompt ([ref#1], [ref#2] name the references)", value="[ref#1] wearing [ref#2]"
+            )
             with gr.Row():
-                d_model, d_dir = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1), gr.Textbox(label="DreamO folder", value="")
+                d_model, d_dir = (
+                    gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1),
+                    gr.Textbox(label="DreamO folder", value=""),
+                )
                 d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
-                d_size, d_steps, d_seed = gr.Textbox(label="HxW", value="1024x1024"), gr.Number(label="steps", value=12, precision=0), gr.Number(label="seed", value=0, precision=0)
-            d_run, d_result = gr.Button("Customize", variant="primary"), gr.Image(label="result", type="pil", format="png")
-            d_run.click(guarded(customize, models), [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed], d_result)
+                d_size, d_steps, d_seed = (
+                    gr.Textbox(label="HxW", value="1024x1024"),
+                    gr.Number(label="steps", value=12, precision=0),
+                    gr.Number(label="seed", value=0, precision=0),
+                )
+            d_run, d_result = (
+                gr.Button("Customize", variant="primary"),
+                gr.Image(label="result", type="pil", format="png"),
+            )
+            d_run.click(
+                guarded(customize, models),
+                [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
+                d_result,
+            )
         with gr.Tab("Edit / Fill"):
             with gr.Row():
                 kind = gr.Radio(["edit", "inpaint"], value="edit", label="Kontext edit or Fill inpaint")
@@ -289,23 +336,38 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
             e_prompt = gr.Textbox(label="instruction / prompt", value="")
             with gr.Row():
                 e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
-                e_steps, e_seed = gr.Number(label="steps", value=28, precision=0), gr.Number(label="seed", value=0, precision=0)
+                e_steps, e_seed = (
+                    gr.Number(label="steps", value=28, precision=0),
+                    gr.Number(label="seed", value=0, precision=0),
+                )
             e_run, e_result = gr.Button("Run", variant="primary"), gr.Image(label="result", type="pil", format="png")
             e_run.click(guarded(edit, models), [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
         with gr.Tab("Upscale"):
             u_image = upload("image", "up-image")
             with gr.Row():
                 u_model = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1)
-                u_scale, u_strength = gr.Number(label="scale", value=2.0), gr.Slider(0.05, 1.0, value=0.35, label="strength")
-                u_steps, u_seed = gr.Number(label="steps", value=20, precision=0), gr.Number(label="seed", value=0, precision=0)
-            u_run, u_result = gr.Button("Upscale", variant="primary"), gr.Image(label="result", type="pil", format="png")
+                u_scale, u_strength = (
+                    gr.Number(label="scale", value=2.0),
+                    gr.Slider(0.05, 1.0, value=0.35, label="strength"),
+                )
+                u_steps, u_seed = (
+                    gr.Number(label="steps", value=20, precision=0),
+                    gr.Number(label="seed", value=0, precision=0),
+                )
+            u_run, u_result = (
+                gr.Button("Upscale", variant="primary"),
+                gr.Image(label="result", type="pil", format="png"),
+            )
             u_run.click(guarded(upscale, models), [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
         with gr.Tab("Training monitor"):
             folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
             refresh = gr.Button("Refresh")
             status = gr.Markdown()
             with gr.Row():
-                plot, grid = gr.Image(label="loss", type="pil", format="png"), gr.Image(label="latest validation grid", type="pil", format="png")
+                plot, grid = (
+                    gr.Image(label="loss", type="pil", format="png"),
+                    gr.Image(label="latest validation grid", type="pil", format="png"),
+                )
             refresh.click(monitor, folder, [plot, grid, status])
             timer = gr.Timer(10.0, active=False)
             live = gr.Checkbox(label="refresh every 10 s", value=False)

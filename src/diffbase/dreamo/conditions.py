@@ -98,7 +98,9 @@ class ReferenceTokens:
     indices: list[int]  # 1-based index per reference
 
 
-def pack_references(pipe: Any, latents: list[torch.Tensor], indices: list[int], target_hw: tuple[int, int]) -> ReferenceTokens:
+def pack_references(
+    pipe: Any, latents: list[torch.Tensor], indices: list[int], target_hw: tuple[int, int]
+) -> ReferenceTokens:
     """Normalised reference latents (B, 16, h, w) -> packed tokens and diagonal ids; `target_hw` is the
     target's packed grid (H/16, W/16)."""
     packed = [pipe._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3]) for z in latents]

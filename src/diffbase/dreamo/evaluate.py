@@ -32,7 +32,9 @@ def subject_l1(result: Image.Image, target: torch.Tensor, masks: list[torch.Tens
 
 
 @torch.no_grad()
-def held_out_fidelity(config: Any, bb: Any, emb: DreamOEmbeddings, held_out: Any, limit: int | None = None) -> tuple[Image.Image, float]:
+def held_out_fidelity(
+    config: Any, bb: Any, emb: DreamOEmbeddings, held_out: Any, limit: int | None = None
+) -> tuple[Image.Image, float]:
     """A grid (references | result | target) of the first items and their mean subject L1."""
     from diffbase.dreamo.generate import DreamOSettings, Reference, dreamo_generate
     from diffbase.grid import image_grid
@@ -47,7 +49,10 @@ def held_out_fidelity(config: Any, bb: Any, emb: DreamOEmbeddings, held_out: Any
         item = held_out[i]
         if item is None:
             continue
-        refs = [Reference(to_pil(r), t, k + 1) for k, (r, t) in enumerate(zip(item["references"], item["tasks"], strict=True))]
+        refs = [
+            Reference(to_pil(r), t, k + 1)
+            for k, (r, t) in enumerate(zip(item["references"], item["tasks"], strict=True))
+        ]
         settings = DreamOSettings(prompt=item["caption"], height=h, width=w, steps=v.steps,
                                   guidance=v.guidance if v.guidance is not None else 3.5, seed=v.seed + i)  # fmt: skip
         result = dreamo_generate(bb.pipe, emb, refs, settings)

@@ -25,7 +25,9 @@ import torch
 from diffbase.errors import UserError
 
 EMBEDDING_KEYS = ("dreamo_t5_embedding.weight", "dreamo_task_embedding.weight", "dreamo_idx_embedding.weight")
-KEY = re.compile(r"^(double|single)_blocks_(\d+)\.processor\.(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight$")
+KEY = re.compile(
+    r"^(double|single)_blocks_(\d+)\.processor\.(qkv_lora1|qkv_lora2|proj_lora1|proj_lora2|qkv_lora|proj_lora)\.(down|up)\.weight$"
+)
 TARGETS = {  # XLabs layer -> diffusers modules inside the block (a qkv layer's up weight is split in thirds)
     ("double", "qkv_lora1"): ("attn.to_q", "attn.to_k", "attn.to_v"),
     ("double", "qkv_lora2"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -55,14 +57,24 @@ class Recipe:
 
 
 RECIPES = {
-    "v1.1": Recipe("v1.1", (
-        ("dreamo.safetensors", 1.0, True), ("dreamo_cfg_distill.safetensors", 1.0, True),
-        ("v1.1/dreamo_sft_lora.safetensors", 1.0, False), ("v1.1/dreamo_dpo_lora.safetensors", 1.25, False),
-    )),  # fmt: skip
-    "v1": Recipe("v1", (
-        ("dreamo.safetensors", 1.0, True), ("dreamo_cfg_distill.safetensors", 1.0, True),
-        ("dreamo_quality_lora_pos.safetensors", 0.15, True), ("dreamo_quality_lora_neg.safetensors", -0.8, True),
-    )),  # fmt: skip
+    "v1.1": Recipe(
+        "v1.1",
+        (
+            ("dreamo.safetensors", 1.0, True),
+            ("dreamo_cfg_distill.safetensors", 1.0, True),
+            ("v1.1/dreamo_sft_lora.safetensors", 1.0, False),
+            ("v1.1/dreamo_dpo_lora.safetensors", 1.25, False),
+        ),
+    ),  # fmt: skip
+    "v1": Recipe(
+        "v1",
+        (
+            ("dreamo.safetensors", 1.0, True),
+            ("dreamo_cfg_distill.safetensors", 1.0, True),
+            ("dreamo_quality_lora_pos.safetensors", 0.15, True),
+            ("dreamo_quality_lora_neg.safetensors", -0.8, True),
+        ),
+    ),  # fmt: skip
     "none": Recipe("none", (("dreamo.safetensors", 1.0, True),)),  # a LoRA trained here, on its own
 }
 

@@ -67,7 +67,12 @@ def encode_references(pipe: Any, refs: list[Reference], generator: torch.Generat
 
 
 def reference_inputs(
-    pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], latents: list[torch.Tensor], noisy: int, target_hw: tuple[int, int]
+    pipe: Any,
+    emb: DreamOEmbeddings,
+    refs: list[Reference],
+    latents: list[torch.Tensor],
+    noisy: int,
+    target_hw: tuple[int, int],
 ) -> tuple[ReferenceTokens | None, torch.Tensor]:
     """The references' tokens and ids, and the embeddings to add after x_embedder (noisy + references)."""
     dtype = pipe.transformer.dtype
@@ -116,7 +121,9 @@ def dreamo_generate(
     timesteps = timesteps_for(pipe, s.steps, noisy, device)
 
     def guidance(value: float) -> torch.Tensor | None:
-        return torch.full([1], value, device=device, dtype=torch.float32) if transformer.config.guidance_embeds else None
+        return (
+            torch.full([1], value, device=device, dtype=torch.float32) if transformer.config.guidance_embeds else None
+        )
 
     first = s.first_step_guidance if s.first_step_guidance > 0 else s.guidance
     cached = s.cache_references and tokens is not None

@@ -54,7 +54,10 @@ class DreamOProcessor(FluxAttnProcessor):
             c.kv[id(self)] = (k[:, -c.tokens :], v[:, -c.tokens :])
         elif c is not None and c.mode == "read":
             ck, cv = c.kv[id(self)]
-            k, v = torch.cat([k, ck.expand(k.shape[0], -1, -1, -1)], dim=1), torch.cat([v, cv.expand(v.shape[0], -1, -1, -1)], dim=1)
+            k, v = (
+                torch.cat([k, ck.expand(k.shape[0], -1, -1, -1)], dim=1),
+                torch.cat([v, cv.expand(v.shape[0], -1, -1, -1)], dim=1),
+            )
         out = dispatch_attention_fn(
             q, k, v, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config
         )

@@ -61,7 +61,9 @@ def placeholder_rows(bb: Any, seed: int) -> torch.Tensor:
     if "dreamo_rows" not in bb.adapters:
         weight = bb.pipe.text_encoder_2.get_input_embeddings().weight
         g = torch.Generator().manual_seed(seed)
-        bb.adapters["dreamo_rows"] = torch.randn(len(PLACEHOLDERS), weight.shape[1], generator=g) * float(weight.detach().float().std())
+        bb.adapters["dreamo_rows"] = torch.randn(len(PLACEHOLDERS), weight.shape[1], generator=g) * float(
+            weight.detach().float().std()
+        )
         add_placeholder_tokens(bb.pipe.tokenizer_2, bb.pipe.text_encoder_2, bb.adapters["dreamo_rows"])
     return bb.adapters["dreamo_rows"]
 
@@ -81,7 +83,9 @@ def prepare(bb: Any, config: Config) -> Trained:
         emb.t5.weight.copy_(placeholder_rows(bb, config.experiment.seed))
     emb.t5.weight.requires_grad_(False)
     emb.to(bb.device)
-    add_lora(bb.denoiser, "flux1", LoraConfig(lc.rank, lc.alpha, lc.dropout, lc.target_modules or lora_modules(bb.denoiser)))
+    add_lora(
+        bb.denoiser, "flux1", LoraConfig(lc.rank, lc.alpha, lc.dropout, lc.target_modules or lora_modules(bb.denoiser))
+    )
     probes = install_probes(bb.denoiser, list(d.probe_blocks)) if d.lambda_route or d.lambda_holder else None
     params = [p for p in bb.denoiser.parameters() if p.requires_grad] + [emb.task.weight, emb.idx.weight]
 
@@ -129,8 +133,15 @@ def packed_masks(masks: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torc
 
 
 def predict(
-    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int, sigma: torch.Tensor,
-    gens: list[torch.Generator], plain_text: float | None = None,
+    config: Config,
+    bb: Any,
+    trained: Trained,
+    batch: dict[str, Any],
+    cache: Any,
+    step: int,
+    sigma: torch.Tensor,
+    gens: list[torch.Generator],
+    plain_text: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
     """One denoiser call on the batch's targets noised to `sigma` (noise drawn from `gens`, one per sample),
     the references as tokens with the condition embeddings: (prediction, target latents, noise, placeholder
@@ -144,7 +155,9 @@ def predict(
         refs = [B.encode_images(bb, r.to(device), sample=False) for r in batch["references"]]
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
     captions, marks = captions_and_marks(config, bb, batch, step, plain_text)
-    cond = cache.conditioning(captions) if cache is not None and cache.text is not None else B.encode_prompts(bb, captions)
+    cond = (
+        cache.conditioning(captions) if cache is not None and cache.text is not None else B.encode_prompts(bb, captions)
+    )
     grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
     tokens = pack_references(bb.pipe, refs, list(range(1, len(refs) + 1)), grid)
     noisy_count = grid[0] * grid[1]
@@ -165,14 +178,18 @@ def predict(
     return pred, x0, noise, marks
 
 
-def loss(config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from diffbase.dreamo.routing import holder_loss, route_loss
 
     d, objective, probes = config.training.dreamo, config.training.objective, trained.extras["probes"]
     gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
     h, w = batch["pixels"].shape[-2:]
     seq_len = B.image_seq_len(bb, (h // bb.pipe.vae_scale_factor, w // bb.pipe.vae_scale_factor))
-    sigma = torch.cat([sample_flow_sigmas(objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g) for g in gens])
+    sigma = torch.cat(
+        [sample_flow_sigmas(objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g) for g in gens]
+    )
     pred, x0, noise, marks = predict(config, bb, trained, batch, cache, step, sigma, gens)
     l_diff = diffusion_loss(pred, B.target(bb, x0, noise, sigma))
     terms = {"loss_diff": l_diff.detach()}
@@ -217,7 +234,9 @@ def dataset(config: Config, held_out: bool, bb: Any) -> Any:
 
 
 @torch.no_grad()
-def held_out_errors(config: Config, bb: Any, trained: Trained, held_out: Any, shift_references: int = 0) -> dict[str, float]:
+def held_out_errors(
+    config: Config, bb: Any, trained: Trained, held_out: Any, shift_references: int = 0
+) -> dict[str, float]:
     """On held-out items at the fixed noise levels `training.validation.loss_timesteps` with fixed noise,
     placeholders kept: `val_loss`, the flow-matching loss, and `val_subject_x0`, reference fidelity without
     sampling: the mean absolute error of the predicted clean latent (x_t - sigma * v) inside the subjects'

@@ -92,7 +92,9 @@ def fill_conditioning(bb: Any, batch: dict[str, Any], seed: int, step: int) -> B
     from diffbase.editing import prepare_fill_conditioning
 
     pixels = batch["pixels"].to(bb.device)
-    return prepare_fill_conditioning(pixels, inpaint_region(batch, seed, step).to(bb.device), bb, bb.device, torch.float32)
+    return prepare_fill_conditioning(
+        pixels, inpaint_region(batch, seed, step).to(bb.device), bb, bb.device, torch.float32
+    )
 
 
 def inpaint_region(batch: dict[str, Any], seed: int, step: int) -> torch.Tensor:
@@ -197,7 +199,9 @@ def _dataset(config: Config, held_out: bool, bb: Any) -> Any:
     """Paired edits; a source (or reference) of another size than its target keeps its own shape."""
     data = text_to_image.dataset(config, held_out, bb)
     if data is not None and (config.training.method == "kontext" or bb.spec.pipeline == "Flux2KleinInpaintPipeline"):
-        data.bucket_slots_separately(tuple(sorted({s for r in data.records for s in r.slots if s == "source" or s.startswith("reference")})))
+        data.bucket_slots_separately(
+            tuple(sorted({s for r in data.records for s in r.slots if s == "source" or s.startswith("reference")}))
+        )
     return data
 
 
@@ -231,5 +235,10 @@ def _method(kind: str, describe: str) -> Method:
 
 
 KONTEXT = register(_method("kontext", "reference editing: source images as reference tokens (Kontext, FLUX.2)"))
-FILL = register(_method("fill", "inpainting: the masked target and mask as extra channels (FLUX.1 Fill), or the "
-                                "image as reference tokens and the loss on the area (FLUX.2 klein inpainting)"))
+FILL = register(
+    _method(
+        "fill",
+        "inpainting: the masked target and mask as extra channels (FLUX.1 Fill), or the "
+        "image as reference tokens and the loss on the area (FLUX.2 klein inpainting)",
+    )
+)

@@ -82,19 +82,30 @@ def predict(config: Config, bb: Any, trained: Trained, x0: torch.Tensor, lr: tor
         features = dino_features(trained.extras["dino"], lr.to(bb.device), config.training.upscale.dino_side)
         tokens = trained.call("adapter")(features.float())
         context = context_with_dino(embeds, text_ids, tokens, 1.0, (x0.shape[-2] // 2) * (x0.shape[-1] // 2))
-    guidance = torch.full([1], config.training.objective.guidance, device=bb.device) if bb.denoiser.config.guidance_embeds else None
+    guidance = (
+        torch.full([1], config.training.objective.guidance, device=bb.device)
+        if bb.denoiser.config.guidance_embeds
+        else None
+    )
     noisy = B.add_noise(bb, x0, noise, sigma).to(bb.denoiser.dtype)
     timestep = B.model_timesteps(bb, sigma).to(bb.device, noisy.dtype)
     return velocity(bb.pipe, noisy, timestep, cond["pooled_prompt_embeds"], context, guidance)
 
 
-def loss(config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     u = config.training.upscale
     gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
     with torch.no_grad():
         x0 = B.encode_images(bb, batch["pixels"].to(bb.device), sample=False)
     seq_len = B.image_seq_len(bb, tuple(x0.shape[-2:]))
-    sigma = torch.cat([sample_flow_sigmas(config.training.objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g) for g in gens])
+    sigma = torch.cat(
+        [
+            sample_flow_sigmas(config.training.objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g)
+            for g in gens
+        ]
+    )
     sigma = sigma * u.max_sigma
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
     pred = predict(config, bb, trained, x0, low_res(config, batch, step), batch["caption"], sigma, noise)
@@ -142,7 +153,9 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
             continue
         hr = to_pil(batch["pixels"][0])
         small = hr.resize((hr.width // 2, hr.height // 2), Image.BICUBIC)
-        settings = UpscaleSettings(scale=2.0, strength=u.validation_strength, steps=v.steps, seed=v.seed, prompt=batch["caption"][0])
+        settings = UpscaleSettings(
+            scale=2.0, strength=u.validation_strength, steps=v.steps, seed=v.seed, prompt=batch["caption"][0]
+        )
         rows.append([small.resize(hr.size, Image.NEAREST), upscale(bb.pipe, small, settings, dino, adapter), hr])
     grid = image_grid(rows, header=["low-res (x2 nearest)", "upscaled x2", "high-res"]) if rows else None
     return Validation(grid, metrics)

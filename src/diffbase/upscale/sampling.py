@@ -135,7 +135,9 @@ def upscale(
     latents = pipe.scheduler.scale_noise(z, timesteps[:1], noise)
 
     embeds, pooled, text_ids = pipe.encode_prompt(s.prompt, None, device=device, **text_length(pipe, "flux1"))
-    guidance = torch.full([1], s.guidance, device=device, dtype=torch.float32) if t_model.config.guidance_embeds else None
+    guidance = (
+        torch.full([1], s.guidance, device=device, dtype=torch.float32) if t_model.config.guidance_embeds else None
+    )
     contexts = [tile_context(pipe, t, pixels, embeds, text_ids, dino, adapter, s.dino_strength) for t in tiles]
 
     def predict(t: Tile, x: torch.Tensor, timestep: torch.Tensor, context: tuple) -> torch.Tensor:
@@ -150,7 +152,9 @@ def upscale(
             retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
             strength_timesteps(pipe.scheduler, steps, s.strength)
             for step_t in timesteps:
-                x = pipe.scheduler.step(predict(t, x, step_t.expand(1).to(x.dtype), context), step_t, x, return_dict=False)[0]
+                x = pipe.scheduler.step(
+                    predict(t, x, step_t.expand(1).to(x.dtype), context), step_t, x, return_dict=False
+                )[0]
                 bar.update(1)
             finished.append((t, x))
         latents = fuse(finished, tuple(latents.shape), overlap).to(latents.dtype)
@@ -171,7 +175,12 @@ def upscale(
 
 
 def velocity(
-    pipe: Any, x: torch.Tensor, timestep: torch.Tensor, pooled: torch.Tensor, context: tuple, guidance: torch.Tensor | None
+    pipe: Any,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    pooled: torch.Tensor,
+    context: tuple,
+    guidance: torch.Tensor | None,
 ) -> torch.Tensor:
     """The transformer's prediction for latents x (B, C, h, w) as a native image of its own (ids from 0),
     with a tile's context (prompt tokens, their ids, the joint attention's extra arguments)."""
