@@ -249,6 +249,16 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
     def upload(label: str, elem_id: str) -> Any:
         return gr.File(label=label, file_types=["image"], type="filepath", elem_id=elem_id)
 
+    def sampling(size: str | None, steps: int) -> tuple[Any, Any, Any]:
+        """The HxW (None: the tab takes the size from its input), steps and seed fields of a generating tab."""
+        hw = gr.Textbox(label="HxW", value=size) if size is not None else None
+        return hw, gr.Number(label="steps", value=steps, precision=0), gr.Number(label="seed", value=0, precision=0)
+
+    def action(label: str, prefix: str | None = None) -> tuple[Any, Any]:
+        """The run button and the result image."""
+        return (gr.Button(label, variant="primary", elem_id=f"{prefix}-run" if prefix else None),
+                gr.Image(label="result", type="pil", format="png", elem_id=f"{prefix}-result" if prefix else None))  # fmt: skip
+
     with gr.Blocks(title="diffbase") as app:
         gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
         with gr.Tab("Try-on"):
@@ -266,13 +276,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                     label="trained attention weights (a run's vton/ folder)", value=defaults.tryon_weights
                 )
             with gr.Row():
-                size, steps, seed = (
-                    gr.Textbox(label="HxW", value="64x48"),
-                    gr.Number(label="steps", value=20, precision=0),
-                    gr.Number(label="seed", value=0, precision=0),
-                )
-            run = gr.Button("Try on", elem_id="tryon-run", variant="primary")
-            result = gr.Image(label="result", type="pil", elem_id="tryon-result", format="png")
+                size, steps, seed = sampling("64x48", 20)
+            run, result = action("Try on", "tryon")
             run.click(
                 guarded(tryon, models), [person, garment, mask, box, method, model, weights, size, steps, seed], result
             )
@@ -287,15 +292,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                     gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1),
                     gr.Textbox(label="DreamFit checkpoint", value=""),
                 )
-                f_size, f_steps, f_seed = (
-                    gr.Textbox(label="HxW", value="32x32"),
-                    gr.Number(label="steps", value=20, precision=0),
-                    gr.Number(label="seed", value=0, precision=0),
-                )
-            f_run, f_result = (
-                gr.Button("Generate", variant="primary"),
-                gr.Image(label="result", type="pil", format="png"),
-            )
+                f_size, f_steps, f_seed = sampling("32x32", 20)
+            f_run, f_result = action("Generate")
             f_run.click(
                 guarded(dreamfit, models),
                 [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
@@ -315,15 +313,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                     gr.Textbox(label="DreamO folder", value=""),
                 )
                 d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
-                d_size, d_steps, d_seed = (
-                    gr.Textbox(label="HxW", value="1024x1024"),
-                    gr.Number(label="steps", value=12, precision=0),
-                    gr.Number(label="seed", value=0, precision=0),
-                )
-            d_run, d_result = (
-                gr.Button("Customize", variant="primary"),
-                gr.Image(label="result", type="pil", format="png"),
-            )
+                d_size, d_steps, d_seed = sampling("1024x1024", 12)
+            d_run, d_result = action("Customize")
             d_run.click(
                 guarded(customize, models),
                 [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
@@ -336,11 +327,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
             e_prompt = gr.Textbox(label="instruction / prompt", value="")
             with gr.Row():
                 e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
-                e_steps, e_seed = (
-                    gr.Number(label="steps", value=28, precision=0),
-                    gr.Number(label="seed", value=0, precision=0),
-                )
-            e_run, e_result = gr.Button("Run", variant="primary"), gr.Image(label="result", type="pil", format="png")
+                _, e_steps, e_seed = sampling(None, 28)  # the size comes from the image
+            e_run, e_result = action("Run")
             e_run.click(guarded(edit, models), [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
         with gr.Tab("Upscale"):
             u_image = upload("image", "up-image")
@@ -350,14 +338,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                     gr.Number(label="scale", value=2.0),
                     gr.Slider(0.05, 1.0, value=0.35, label="strength"),
                 )
-                u_steps, u_seed = (
-                    gr.Number(label="steps", value=20, precision=0),
-                    gr.Number(label="seed", value=0, precision=0),
-                )
-            u_run, u_result = (
-                gr.Button("Upscale", variant="primary"),
-                gr.Image(label="result", type="pil", format="png"),
-            )
+                _, u_steps, u_seed = sampling(None, 20)  # the size follows the scale
+            u_run, u_result = action("Upscale")
             u_run.click(guarded(upscale, models), [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
         with gr.Tab("Training monitor"):
             folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
