@@ -220,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", metavar="GRID.png", help="also a grid of each prompt without and with the --lora")
     gen.set_defaults(func=_cmd_generate)
 
-    tr = sub.add_parser("train", help="train with an experiment config (LoRA, full fine-tune, DreamBooth, ControlNet)")
+    tr = sub.add_parser(
+        "train",
+        help="train with an experiment config (LoRA, full fine-tune, DreamBooth, ControlNet, "
+        "try-on, DreamFit, DreamO, Kontext, Fill, the upscaler's DINO adapter)",
+    )
     tr.add_argument("config", help="experiment YAML")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
