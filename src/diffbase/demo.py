@@ -147,11 +147,11 @@ def toy_model() -> Path:
 
 
 def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: int = 48) -> dict[str, Any]:
+    from diffbase.data.datasets import to_pil
     from diffbase.errors import UserError
     from diffbase.grid import image_grid
     from diffbase.methods import train
     from diffbase.toy.synthetic import write_dataset
-    from diffbase.tryon.data import to_pil
     from diffbase.tryon.sampling import TryOnSettings
 
     start = time.time()

@@ -215,6 +215,12 @@ def split_records(records: list[Record], fraction: float, seed: int = 0) -> tupl
     return [r for r in records if r.image not in held], [r for r in records if r.image in held]
 
 
+def to_pil(t: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> RGB image (the inverse of `to_tensor`)."""
+    arr = ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> (3, H, W) in [-1, 1]; L -> (1, H, W) in [0, 1]."""
     arr = np.asarray(img, dtype=np.float32)

@@ -9,13 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffbase.data.datasets import to_pil
 from diffbase.dreamo.conditions import DreamOEmbeddings
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB."""
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
 
 
 def subject_l1(result: Image.Image, target: torch.Tensor, masks: list[torch.Tensor]) -> float:

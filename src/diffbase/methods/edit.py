@@ -143,8 +143,8 @@ def _validate(
 ) -> Validation:
     """Held-out pairs through the family's pipeline (the weights being trained are in it), and the
     held-out loss."""
+    from diffbase.data.datasets import to_pil
     from diffbase.grid import image_grid
-    from diffbase.tryon.data import to_pil
 
     held_out, _ = validation
     if held_out is None:

@@ -134,9 +134,9 @@ def held_out_loss(config: Config, bb: Any, trained: Trained, held_out: Any, adap
 
 
 def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+    from diffbase.data.datasets import to_pil
     from diffbase.grid import image_grid
     from diffbase.training.loop import read_batch
-    from diffbase.upscale.degrade import to_pil
     from diffbase.upscale.sampling import UpscaleSettings, upscale
 
     held_out, _ = validation

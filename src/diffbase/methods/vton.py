@@ -217,9 +217,8 @@ def run(bb: B.Backbone, inputs: dict[str, Any], settings: Any, size: tuple[int, 
     pixels kept outside the mask when `settings.repaint`. `soften`: blur and re-binarise the mask."""
     from PIL import Image
 
-    from diffbase.data.datasets import to_tensor
+    from diffbase.data.datasets import to_pil, to_tensor
     from diffbase.tryon import preprocess as P
-    from diffbase.tryon.data import to_pil
     from diffbase.tryon.sampling import tryon
 
     h, w = size

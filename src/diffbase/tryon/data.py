@@ -17,7 +17,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -244,9 +243,3 @@ def split_pairs(records: list[Record], fraction: float, seed: int) -> tuple[list
     garments = sorted({r.garment for r in records})
     held = set(random.Random(seed).sample(garments, max(1, round(len(garments) * fraction))))
     return [r for r in records if r.garment not in held], [r for r in records if r.garment in held]
-
-
-def to_pil(t: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB image."""
-    arr = ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(arr))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffbase.data.datasets import to_pil
 from diffbase.models.backbone import Backbone
-from diffbase.tryon.data import TryOnDataset, to_pil
+from diffbase.tryon.data import TryOnDataset
 from diffbase.tryon.metrics import masked_l1, psnr, ssim
 from diffbase.tryon.sampling import TryOnSettings, tryon
 

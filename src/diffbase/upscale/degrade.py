@@ -21,11 +21,6 @@ class Degradation:
     jpeg: list[int] = field(default_factory=lambda: [40, 95])  # JPEG quality range
 
 
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 def degrade(hr: Image.Image, d: Degradation, rng: random.Random) -> Image.Image:
     w, h = hr.size
     factor = rng.uniform(*d.scales)
@@ -46,6 +41,6 @@ def degrade(hr: Image.Image, d: Degradation, rng: random.Random) -> Image.Image:
 
 def degrade_batch(pixels: torch.Tensor, d: Degradation, rngs: list[random.Random]) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> the degraded batch, same shape."""
-    from diffbase.data.datasets import to_tensor
+    from diffbase.data.datasets import to_pil, to_tensor
 
     return torch.stack([to_tensor(degrade(to_pil(p), d, rng)) for p, rng in zip(pixels, rngs, strict=True)])
