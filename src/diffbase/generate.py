@@ -43,6 +43,18 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def flux_timesteps(pipe: Any, steps: int, seq_len: int, device: Any) -> torch.Tensor:
+    """FluxPipeline's schedule, set on its scheduler: sigmas linspace(1, 1/steps) shifted for `seq_len` tokens.
+    For loops of our own that must sample as the pipeline does (DreamO, the tiled upscaler)."""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    c = pipe.scheduler.config
+    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))  # fmt: skip
+    return retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)[0]
+
+
 def seeded_kwargs(prompt: str, steps: int, seed: int, guidance: float | None) -> dict[str, Any]:
     """What every diffusers pipeline call takes: prompt, steps, the seeded CPU generator and the
     guidance scale when one is set (else the pipeline's own default)."""

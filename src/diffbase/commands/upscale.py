@@ -15,7 +15,7 @@ def run_upscale(args: argparse.Namespace) -> None:
     from diffbase.data.images import BadFile, image_size, load_image
     from diffbase.io import save_png_atomic
     from diffbase.methods.upscale import UPSCALE
-    from diffbase.upscale.sampling import UpscaleSettings, output_size
+    from diffbase.upscale.sampling import UpscaleSettings, check_strengths, output_size
 
     settings = UpscaleSettings(
         scale=args.scale, strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -31,8 +31,7 @@ def run_upscale(args: argparse.Namespace) -> None:
         image = load_image(source)
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
-    if not 0 < args.strength <= 1 or not 0 <= args.dino_strength <= 1:
-        raise UserError("--strength: expected (0, 1]; --dino-strength: expected [0, 1]")
+    check_strengths(settings)  # before the model loads
     loaded = UPSCALE.load(args.model, args.dino, args.adapter, **runtime(args))
     use_attention(args, [loaded[0].transformer])
     result = UPSCALE.run(loaded, {"image": image, "progress": True}, settings)

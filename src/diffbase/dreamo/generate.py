@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -82,22 +81,13 @@ def reference_inputs(
     return tokens, emb.sequence(noisy, list(zip(tokens.counts, tokens.indices, strict=True)), dtype)
 
 
-def timesteps_for(pipe: Any, steps: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-    c = pipe.scheduler.config
-    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))  # fmt: skip
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    return retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)[0]
-
-
 @torch.no_grad()
 def dreamo_generate(
     pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], settings: DreamOSettings, show_progress: bool = False
 ) -> Image.Image:
     from tqdm import tqdm
 
+    from diffbase.generate import flux_timesteps
     from diffbase.models.backbone import text_length
 
     s, transformer = settings, pipe.transformer
@@ -118,7 +108,7 @@ def dreamo_generate(
     do_cfg = s.true_cfg > 1
     if do_cfg:
         neg_embeds, neg_pooled, _ = pipe.encode_prompt(s.negative_prompt, None, device=device, **length)
-    timesteps = timesteps_for(pipe, s.steps, noisy, device)
+    timesteps = flux_timesteps(pipe, s.steps, noisy, device)
 
     def guidance(value: float) -> torch.Tensor | None:
         return (

@@ -89,6 +89,13 @@ def strength_timesteps(scheduler: Any, steps: int, strength: float) -> tuple[tor
     return scheduler.timesteps[start:], steps - start // scheduler.order
 
 
+def check_strengths(s: UpscaleSettings) -> None:
+    if not 0 < s.strength <= 1:
+        raise UserError(f"--strength: expected a value in (0, 1], got {s.strength}")
+    if not 0 <= s.dino_strength <= 1:
+        raise UserError(f"--dino-strength: expected a value in [0, 1], got {s.dino_strength}")
+
+
 def default_steps(pipe: Any) -> int:
     return 20 if pipe.transformer.config.guidance_embeds else 4
 
@@ -98,17 +105,14 @@ def upscale(
     pipe: Any, image: Image.Image, s: UpscaleSettings, dino: Any = None, adapter: Any = None,
     show_progress: bool = False, paste: bool = False,
 ) -> Image.Image:  # fmt: skip
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
     from diffusers.utils.torch_utils import randn_tensor
     from tqdm import tqdm
 
     from diffbase.data.datasets import to_tensor
+    from diffbase.generate import flux_timesteps
     from diffbase.models.backbone import text_length
 
-    if not 0 < s.strength <= 1:
-        raise UserError(f"--strength: expected a value in (0, 1], got {s.strength}")
-    if not 0 <= s.dino_strength <= 1:
-        raise UserError(f"--dino-strength: expected a value in [0, 1], got {s.dino_strength}")
+    check_strengths(s)
     t_model, vae, device = pipe.transformer, pipe.vae, pipe.transformer.device
     padded, (w, h) = prepare(pipe, image, s)
     use_vae_tiling(pipe, s.vae_tiling, padded.size)
@@ -118,17 +122,17 @@ def upscale(
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
     lh, lw = z.shape[-2:]
     f = pipe.vae_scale_factor
-    tile_px = s.tile or native_tile(pipe)
-    tiles = tile_grid(lh, lw, max(2, tile_px // f // 2 * 2), max(0, s.overlap // f))
     overlap = max(0, s.overlap // f)
+    tiles = tile_grid(lh, lw, max(2, (s.tile or native_tile(pipe)) // f // 2 * 2), overlap)
 
     steps = s.steps or default_steps(pipe)
     seq_len = (tiles[0].h // 2) * (tiles[0].w // 2)
-    c = pipe.scheduler.config
-    mu = calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))  # fmt: skip
-    retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    timesteps, remaining = strength_timesteps(pipe.scheduler, steps, s.strength)
+
+    def schedule() -> tuple[torch.Tensor, int]:  # set (again, for each pasted tile) on the scheduler
+        flux_timesteps(pipe, steps, seq_len, device)
+        return strength_timesteps(pipe.scheduler, steps, s.strength)
+
+    timesteps, remaining = schedule()
     if remaining < 1:
         raise UserError(f"--strength {s.strength} with --steps {steps} leaves no denoising step")
     noise = randn_tensor(z.shape, generator=generator, device=device, dtype=z.dtype)
@@ -140,21 +144,16 @@ def upscale(
     )
     contexts = [tile_context(pipe, t, pixels, embeds, text_ids, dino, adapter, s.dino_strength) for t in tiles]
 
-    def predict(t: Tile, x: torch.Tensor, timestep: torch.Tensor, context: tuple) -> torch.Tensor:
-        return velocity(pipe, x, timestep, pooled, context, guidance)
-
     bar = tqdm(total=remaining * len(tiles), desc=f"upscale ({len(tiles)} tiles)", unit="tile-step",
                disable=not show_progress)  # fmt: skip
     if paste:  # the baseline: every tile sampled on its own, then blended
         finished = []
         for t, context in zip(tiles, contexts, strict=True):
             x = t.cut(latents)
-            retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-            strength_timesteps(pipe.scheduler, steps, s.strength)
+            schedule()
             for step_t in timesteps:
-                x = pipe.scheduler.step(
-                    predict(t, x, step_t.expand(1).to(x.dtype), context), step_t, x, return_dict=False
-                )[0]
+                v = velocity(pipe, x, step_t.expand(1).to(x.dtype), pooled, context, guidance)
+                x = pipe.scheduler.step(v, step_t, x, return_dict=False)[0]
                 bar.update(1)
             finished.append((t, x))
         latents = fuse(finished, tuple(latents.shape), overlap).to(latents.dtype)
@@ -163,7 +162,7 @@ def upscale(
             timestep = step_t.expand(1).to(latents.dtype)
             parts = []
             for t, context in zip(tiles, contexts, strict=True):
-                parts.append((t, predict(t, t.cut(latents), timestep, context)))
+                parts.append((t, velocity(pipe, t.cut(latents), timestep, pooled, context, guidance)))
                 bar.update(1)
             fused = fuse(parts, tuple(latents.shape), overlap).to(latents.dtype)
             latents = pipe.scheduler.step(fused, step_t, latents, return_dict=False)[0]
