@@ -41,15 +41,14 @@ class DreamOEmbeddings(torch.nn.Module):
         c = pipe.transformer.config
         return cls(c.num_attention_heads * c.attention_head_dim, pipe.text_encoder_2.config.d_model)
 
-    def init_for_training(self, t5_rows: torch.Tensor, seed: int = 0) -> None:
-        """Condition embeddings at zero (training starts from plain reference tokens); the new T5 rows
-        drawn with the spread of the existing vocabulary, each distinct."""
-        g = torch.Generator().manual_seed(seed)
+    def init_for_training(self, t5_rows: torch.Tensor) -> None:
+        """Condition embeddings at zero (training starts from plain reference tokens); the T5 rows the ones
+        added to the tokenizer (kept fixed)."""
         with torch.no_grad():
             self.task.weight.zero_()
             self.idx.weight.zero_()
-            std = float(t5_rows.float().std())
-            self.t5.weight.copy_(torch.randn(self.t5.weight.shape, generator=g) * std)
+            self.t5.weight.copy_(t5_rows)
+        self.t5.weight.requires_grad_(False)
 
     def sequence(self, noisy: int, references: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
         """(1, noisy + sum of reference tokens, width): what is added after x_embedder. `references` holds

@@ -79,9 +79,6 @@ def prepare(bb: Any, config: Config) -> Trained:
     text_to_image.freeze(bb)
     emb = DreamOEmbeddings.for_pipe(bb.pipe)
     emb.init_for_training(placeholder_rows(bb, config.experiment.seed))
-    with torch.no_grad():
-        emb.t5.weight.copy_(placeholder_rows(bb, config.experiment.seed))
-    emb.t5.weight.requires_grad_(False)
     emb.to(bb.device)
     add_lora(
         bb.denoiser, "flux1", LoraConfig(lc.rank, lc.alpha, lc.dropout, lc.target_modules or lora_modules(bb.denoiser))
