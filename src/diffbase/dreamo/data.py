@@ -29,7 +29,7 @@ from PIL import Image
 from diffbase.data.datasets import BadFileReport, read_json_entries, to_tensor
 from diffbase.data.images import BadFile, image_size, load_image, load_mask
 from diffbase.dreamo.conditions import MAX_REFERENCES, PLACEHOLDERS, TASKS
-from diffbase.dreamo.preprocess import resize_by_area
+from diffbase.dreamo.preprocess import area_size, resize_by_area
 from diffbase.errors import UserError
 
 PLACEHOLDER = re.compile(r"\s*\[ref#[1-9]\]")
@@ -81,12 +81,6 @@ def read_items(file: Path, dataset: int = 0) -> list[Item]:
     return items
 
 
-def reference_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) after the area resize, without decoding the image."""
-    img = Image.new("1", size)
-    return resize_by_area(img, resolution * resolution).size
-
-
 def placeholder_marks(tokenizer: Any, caption: str, length: int) -> list[tuple[int, int]]:
     """(T5 token position, 0-based reference) of each `[ref#k]` in the caption, as the prompt is tokenized."""
     ids = tokenizer(caption, padding="max_length", max_length=length, truncation=True).input_ids
@@ -106,7 +100,7 @@ class DreamODataset:
         self.signature: list[tuple[Any, ...]] = []
         for item in items:
             try:
-                sizes = tuple(reference_size(image_size(r.image), resolution) for r in item.references)
+                sizes = tuple(area_size(image_size(r.image), resolution**2) for r in item.references)
                 image_size(item.target)
                 for r in item.references:
                     if r.mask is not None:

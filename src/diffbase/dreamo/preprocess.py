@@ -22,13 +22,19 @@ from diffbase.errors import UserError
 FACE_SIZE = 512  # the official aligned face crop
 
 
-def resize_by_area(image: Image.Image, area: int) -> Image.Image:
-    w, h = image.size
+def area_size(size: tuple[int, int], area: int) -> tuple[int, int]:
+    """(width, height) scaled to about `area` pixels, each side floored to a multiple of 16."""
+    w, h = size
     k = math.sqrt(area / (h * w))
     nh, nw = int(h * k) - int(h * k) % 16, int(w * k) - int(w * k) % 16
     if nh < 16 or nw < 16:
         raise UserError(f"a reference of {w}x{h} is too narrow for a {int(math.sqrt(area))} px reference resolution")
-    return image.resize((nw, nh), Image.BOX if k < 1 else Image.BICUBIC)
+    return nw, nh
+
+
+def resize_by_area(image: Image.Image, area: int) -> Image.Image:
+    size = area_size(image.size, area)
+    return image.resize(size, Image.BOX if area < image.width * image.height else Image.BICUBIC)  # BOX to shrink
 
 
 def on_white(image: Image.Image, mask: Image.Image) -> Image.Image:
