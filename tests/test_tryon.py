@@ -296,3 +296,42 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
         str(tmp_path / "x.png"),
     )
     assert code == 2 and "trained as the vton variant" in err
+
+
+def test_min_snr_weighting_reaches_the_tryon_loss(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """`training.objective.snr_gamma` weights each sample by min(SNR, gamma) / SNR of its timestep."""
+    import diffbase.methods.vton as V
+    from diffbase.config import configs_dir, load_config
+    from diffbase.methods import get
+    from diffbase.models import backbone as B
+    from diffbase.training.train import load_backbone
+
+    root = write_dataset(tmp_path / "synth", 4, 0, size=(32, 32))
+    seen: list[torch.Tensor | None] = []
+    original = V.diffusion_loss
+    monkeypatch.setattr(V, "diffusion_loss", lambda *a, **k: seen.append(a[2]) or original(*a, **k))
+
+    def loss(*extra: str) -> float:
+        config = load_config(
+            configs_dir() / "models" / "sd15_tiny.yaml",
+            [f"model.pretrained_path={tiny_model('sd15')}", f"data.train_path={root}", "training.method=vton",
+             "training.vton.size=[32,32]", "training.vton.mask_loss_weight=4", *extra],
+        )  # fmt: skip
+        bb = load_backbone(config)
+        method = get("vton")
+        trained = method.prepare(bb, config)
+        data = method.dataset(config, False, bb)
+        batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("person", "garment", "person_mask")}
+        batch["index"] = list(range(4))
+        return V.loss(config, bb, trained, batch, None, 3)[0].item()
+
+    plain, huge, gamma = loss(), loss("training.objective.snr_gamma=1e12"), loss("training.objective.snr_gamma=1")
+    assert seen[0] is None and torch.equal(seen[1], torch.ones(4))
+    assert huge == pytest.approx(plain, rel=1e-6) and gamma < plain
+    w = seen[2]
+    assert ((w > 0) & (w <= 1)).all() and (w < 1).any()
+    snrs = B.ddpm_alphas_cumprod(load_backbone(load_config(configs_dir() / "models" / "sd15_tiny.yaml",
+                                 [f"model.pretrained_path={tiny_model('sd15')}"])))  # fmt: skip
+    snrs = snrs / (1 - snrs)
+    for weight in w[w < 1]:  # each weight is 1 / SNR(t) of a timestep of the schedule
+        assert (snrs - 1 / weight).abs().min() < 1e-3 * (1 / weight)

@@ -23,7 +23,7 @@ import torch
 
 from diffbase.config import configs_dir, load_config
 from diffbase.io import save_png_atomic, write_json_atomic, write_text_atomic
-from diffbase.toy.synthetic import COLOURS, PATTERNS, Garment, make_item
+from diffbase.toy.synthetic import COLOURS, PATTERNS, Garment, make_item, second_colour
 
 SEED, SIZE = 0, 32
 
@@ -67,10 +67,6 @@ class EvalSet:
 
 
 CANDIDATES = [(p, c) for p in PATTERNS for c in COLOURS]
-
-
-def second_colour(colour: str) -> str:
-    return "black" if colour in ("yellow", "pink", "orange") else "white"
 
 
 def eval_set(n: int, seed: int = SEED) -> EvalSet:

@@ -21,7 +21,7 @@ from diffbase.errors import UserError
 from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
-from diffbase.training.objectives import diffusion_loss, sample_ddpm_timesteps
+from diffbase.training.objectives import diffusion_loss, min_snr_weights, sample_ddpm_timesteps
 from diffbase.training.step import sample_generator
 from diffbase.tryon import canvas as C
 
@@ -141,7 +141,10 @@ def loss(
     weights = None
     if cfg.mask_loss_weight != 1.0:
         weights = 1.0 + (cfg.mask_loss_weight - 1.0) * c["masks"]
-    return diffusion_loss(pred, B.target(bb, c["target"], noise, t), mask=weights), {}
+    gamma, per_sample = config.training.objective.snr_gamma, None
+    if gamma is not None:
+        per_sample = min_snr_weights(B.ddpm_alphas_cumprod(bb), t, gamma, B.prediction_kind(bb))
+    return diffusion_loss(pred, B.target(bb, c["target"], noise, t), per_sample, mask=weights), {}
 
 
 def pairs_dataset(config: Config, held_out: bool, size: list[int]) -> Any:

@@ -248,10 +248,14 @@ def _down(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.resize(size, Image.BOX)  # area averaging: an edge never spreads beyond its own pixel
 
 
+def second_colour(colour: str) -> str:
+    """The pattern's second colour: black on the light colours, white on the dark ones."""
+    return "black" if colour in ("yellow", "pink", "orange") else "white"
+
+
 def random_garment(rng: random.Random, split: str) -> Garment:
     pattern, colour = rng.choice(combinations(split))
-    second = "black" if colour in ("yellow", "pink", "orange") else "white"
-    return Garment(rng.choice(KINDS), pattern, colour, second, period=rng.choice([0.14, 0.18, 0.22]))
+    return Garment(rng.choice(KINDS), pattern, colour, second_colour(colour), period=rng.choice([0.14, 0.18, 0.22]))
 
 
 def random_pose(rng: random.Random) -> Pose:
