@@ -115,13 +115,9 @@ def default_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    if not text.strip():
-        return default_box(size)
-    try:
-        x0, y0, x1, y1 = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"box: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
-    return x0, y0, x1, y1
+    from diffbase.commands.options import parse_box as box
+
+    return box(text, "box") if text.strip() else default_box(size)
 
 
 def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments
+from diffbase.commands.options import add_runtime_arguments, parse_box
 from diffbase.errors import UserError
 
 
@@ -19,14 +19,6 @@ def parse_numbered(values: list[str], flag: str) -> dict[int, str]:
             raise UserError(f"{flag} {value}: expected N=VALUE with N the reference's slot (1, 2, ...)")
         out[int(slot)] = rest
     return out
-
-
-def parse_box(text: str, flag: str) -> tuple[int, int, int, int]:
-    parts = text.split(",")
-    if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise UserError(f"{flag}: expected x0,y0,x1,y1 in pixels, got '{text}'")
-    x0, y0, x1, y1 = (int(p) for p in parts)
-    return x0, y0, x1, y1
 
 
 def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] | None]:

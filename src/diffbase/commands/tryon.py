@@ -7,16 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments, runtime
+from diffbase.commands.options import add_runtime_arguments, parse_box, runtime
 from diffbase.errors import UserError
-
-
-def parse_box(text: str) -> tuple[int, int, int, int]:
-    try:
-        x0, y0, x1, y1 = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--box: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
-    return x0, y0, x1, y1
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -45,7 +37,7 @@ def run_tryon(args: argparse.Namespace) -> None:
     h, w = parse_size(args.size)
     try:
         person, garment = load_image(Path(args.person)), load_image(Path(args.garment))
-        mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box))
+        mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box, "--box"))
     except BadFile as err:
         raise UserError(f"{err.path}: {err.reason}") from None
     bb = VTON.load(args.model, args.weights, args.method, **runtime(args))

@@ -18,6 +18,7 @@ for held-out pairs through the family's own pipeline with the weights being trai
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,19 @@ def sources(batch: dict[str, Any]) -> list[str]:
     """The reference slots of a batch in order: source, reference, reference_2, ..."""
     refs = sorted((k for k in batch if k == "reference" or k.startswith("reference_")), key=lambda k: (len(k), k))
     return (["source"] if "source" in batch else []) + refs
+
+
+KLEIN_INPAINT = "Flux2KleinInpaintPipeline"
+
+
+def takes_references(config: Config, bb: Any) -> bool:
+    """Kontext, and FLUX.2 klein inpainting (its image goes in as reference tokens), read the pairs' sources."""
+    return config.training.method == "kontext" or bb.spec.pipeline == KLEIN_INPAINT
+
+
+def reference_slots(records: list[Any]) -> tuple[str, ...]:
+    """The source and reference slots any record of the data has, sorted."""
+    return tuple(sorted({s for r in records for s in r.slots if s == "source" or s.startswith("reference")}))
 
 
 def kontext_conditioning(bb: Any, batch: dict[str, Any], cache: Any) -> B.Conditioning:
@@ -125,7 +139,7 @@ def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str,
     encoded, cond = encode_batch(bb, batch, cache)
     if kind == "kontext":
         conditioning = kontext_conditioning(bb, batch, cache)
-    elif bb.spec.pipeline == "Flux2KleinInpaintPipeline":  # the pipeline keeps the rest: the loss is the area's
+    elif bb.spec.pipeline == KLEIN_INPAINT:  # the pipeline keeps the rest: the loss is the area's
         region = inpaint_region(batch, config.experiment.seed, step)
         conditioning = klein_inpaint_conditioning(bb, batch, cache, region)
         encoded["mask"] = region.to(bb.device)
@@ -173,7 +187,7 @@ def _validate(
 
             kwargs["mask_image"] = Image.fromarray((mask[0, 0] > 0.5).numpy().astype("uint8") * 255, "L")
             first = to_pil(batch["pixels"][0] * (1 - mask[0]))
-            klein = bb.spec.pipeline == "Flux2KleinInpaintPipeline"
+            klein = bb.spec.pipeline == KLEIN_INPAINT
             kwargs["image"] = (to_pil(batch[sources(batch)[0]][0]) if sources(batch) else first) if klein else target
         with torch.no_grad():
             result = bb.pipe(**kwargs, **B.text_length(bb.pipe, bb.family)).images[0]
@@ -187,7 +201,7 @@ def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out
     from diffbase.training.loop import read_batch
 
     values = []
-    for indices in [b for b in held_out.sampler(1, shuffle=False)][:pairs]:  # one bucket per batch
+    for indices in itertools.islice(held_out.sampler(1, shuffle=False), pairs):  # one item per batch
         batch = read_batch(held_out, indices, config.data.masked_loss)
         if batch["index"]:
             with torch.no_grad():
@@ -198,10 +212,8 @@ def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out
 def _dataset(config: Config, held_out: bool, bb: Any) -> Any:
     """Paired edits; a source (or reference) of another size than its target keeps its own shape."""
     data = text_to_image.dataset(config, held_out, bb)
-    if data is not None and (config.training.method == "kontext" or bb.spec.pipeline == "Flux2KleinInpaintPipeline"):
-        data.bucket_slots_separately(
-            tuple(sorted({s for r in data.records for s in r.slots if s == "source" or s.startswith("reference")}))
-        )
+    if data is not None and takes_references(config, bb):
+        data.bucket_slots_separately(reference_slots(data.records))
     return data
 
 
@@ -214,9 +226,7 @@ def _cache(config: Config, bb: Any, dataset: Any, show_progress: bool) -> Any:
     pixels and the encoders stay for validation through the pipeline."""
     from diffbase.data.cache import build_cache
 
-    refs = {s for r in dataset.records for s in r.slots if s == "source" or s.startswith("reference")}
-    with_refs = config.training.method == "kontext" or bb.spec.pipeline == "Flux2KleinInpaintPipeline"
-    slots = ("image", *sorted(refs)) if with_refs else ("image",)
+    slots = ("image", *reference_slots(dataset.records)) if takes_references(config, bb) else ("image",)
     return build_cache(config, bb, dataset, show_progress, slots=slots)
 
 
