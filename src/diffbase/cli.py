@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from diffbase.commands.options import add_runtime_arguments
-from diffbase.errors import UserError
+from diffbase.errors import Stopped, UserError
 
 
 def _cmd_config_show(args: argparse.Namespace) -> None:
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Stopped as exc:
+        print(exc, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

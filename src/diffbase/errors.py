@@ -16,3 +16,12 @@ def closest(name: str, candidates: Iterable[str]) -> str:
     """A ` (did you mean 'x'?)` hint for a typo, or an empty string."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class Stopped(Exception):
+    """A run that stopped on request (SIGTERM, SIGINT) after saving a checkpoint. The CLI prints the
+    message, which says where to resume from, and exits with `exit_code` (143 or 130, as a shell would)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +12,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def umask() -> int:
@@ -44,9 +55,37 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp_path)
         default_mode(tmp_path)
         os.replace(tmp_path, path)
+    except Exception as exc:
+        if disk_full(exc, path.parent):  # libraries (safetensors, torch.save) raise their own types, no path
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from exc
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for a full disk: the error says so (errno ENOSPC, or safetensors'
+    wording), or, since torch.save reports it only as "unexpected pos", the disk has under 1 MiB free."""
+    if is_disk_full(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error (or one it came from) says the disk is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @contextlib.contextmanager

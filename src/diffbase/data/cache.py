@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.io import file_digest
 
 PREPROCESS_VERSION = 1  # bump when resizing/cropping code changes what a cached latent holds
 SHARD_BYTES = 512 * 2**20
@@ -49,14 +50,6 @@ def module_fingerprint(module: torch.nn.Module | None) -> str:
     return h.hexdigest()[:24]
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def key_of(*parts: Any) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
@@ -68,24 +61,24 @@ class ShardStore:
     root: Path
     locations: dict[str, Path] = field(default_factory=dict)
     names: dict[str, list[str]] = field(default_factory=dict)  # key -> tensor names under it
+    damaged: dict[str, str] = field(default_factory=dict)  # key -> shard, for entries whose checksum failed
     _open: dict[Path, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, root: Path) -> ShardStore:
-        from safetensors import safe_open
-
+        """Every entry whose checksum matches what was written. A damaged entry (or a whole unreadable
+        shard) is left out, so it is computed again, and listed in `damaged`."""
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
+        bad: dict[str, str] = {}
         for shard in sorted(root.glob("shard-*.safetensors")):
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    names = list(f.keys())
-            except Exception:  # a damaged shard is ignored: its entries are computed again
-                continue
-            for name in names:
-                key = name.rsplit("/", 1)[0]
-                store.locations[key] = shard
-                store.names.setdefault(key, []).append(name)
+            for key, (names, ok) in verified_entries(shard).items():
+                if ok:
+                    store.locations[key] = shard
+                    store.names[key] = names
+                else:
+                    bad.setdefault(key, shard.name)
+        store.damaged = {k: v for k, v in bad.items() if k not in store.locations}
         return store
 
     def __contains__(self, key: str) -> bool:
@@ -110,11 +103,61 @@ class ShardStore:
             tensors = {
                 f"{k}/{n}": t.detach().cpu().contiguous().clone() for k, d in chunk.items() for n, t in d.items()
             }
+            sums = {
+                k: entry_digest((f"{k}/{n}", tensor_bytes(tensors[f"{k}/{n}"])) for n in sorted(d))
+                for k, d in chunk.items()
+            }
             shard = self.root / f"shard-{key_of(*sorted(chunk))[:16]}.safetensors"
-            atomic_write(shard, lambda p, t=tensors: save_file(t, str(p)))
+            meta = {CHECKSUMS: json.dumps(sums, sort_keys=True)}
+            atomic_write(shard, lambda p, t=tensors, m=meta: save_file(t, str(p), metadata=m))
             for k, d in chunk.items():
                 self.locations[k] = shard
                 self.names[k] = [f"{k}/{n}" for n in d]
+
+
+CHECKSUMS = "diffbase.sha256"  # shard metadata: {key: sha256 of its tensors' names and bytes}
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def entry_digest(parts: Iterable[tuple[str, Any]]) -> str:
+    """The sha256 of an entry's tensors, name and bytes, in name order: the same over the tensors being
+    written and over their bytes read back from the file."""
+    h = hashlib.sha256()
+    for name, data in parts:
+        h.update(name.encode() + b"\0")
+        h.update(data)
+    return h.hexdigest()
+
+
+def verified_entries(shard: Path) -> dict[str, tuple[list[str], bool]]:
+    """The entries of one shard: key -> (tensor names, whether its bytes match the checksum written with
+    it). Read straight from the safetensors layout (8-byte header length, JSON header, data) in one pass.
+    An unreadable shard, or one written without checksums, has no usable entries."""
+    import mmap
+
+    try:
+        with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(bytes(data[8 : 8 + n]))
+            sums = json.loads(header.pop("__metadata__", {}).get(CHECKSUMS, "{}"))
+            base, names = 8 + n, {}
+            for name in sorted(header):
+                names.setdefault(name.rsplit("/", 1)[0], []).append(name)
+            out = {}
+            for key, members in names.items():
+                parts = []
+                for name in members:
+                    start, end = header[name]["data_offsets"]
+                    if base + end > len(data):
+                        raise ValueError("cut short")
+                    parts.append((name, data[base + start : base + end]))
+                out[key] = (members, sums.get(key) == entry_digest(parts))
+            return out
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _chunks(entries: dict[str, dict[str, torch.Tensor]], limit: int) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
@@ -136,12 +179,20 @@ class CacheStats:
     latents_reused: int = 0
     prompts_computed: int = 0
     prompts_reused: int = 0
+    damaged: list[str] = field(default_factory=list)  # "shard: key" of entries whose checksum failed
 
     def summary(self) -> str:
-        return (
+        text = (
             f"latents: {self.latents_computed} computed, {self.latents_reused} reused; "
             f"prompts: {self.prompts_computed} computed, {self.prompts_reused} reused"
         )
+        if self.damaged:
+            text += f"; {len(self.damaged)} damaged entries recomputed (first: {self.damaged[0]})"
+        return text
+
+    def note_damaged(self, store: ShardStore, needed: Iterable[str]) -> None:
+        """Count the damaged entries this dataset needed (each is computed again)."""
+        self.damaged += [f"{store.damaged[k]}: {k}" for k in needed if k in store.damaged]
 
 
 @dataclass
@@ -279,6 +330,7 @@ def _build_cache(
                 if key is not None and key not in latents and key not in todo:
                     todo[key] = (i, slot)
         every = {k for keys in latent_keys.values() for k in keys if k is not None}
+        stats.note_damaged(latents, todo)
         stats.latents_computed, stats.latents_reused = len(todo), len(every) - len(todo)
         by_bucket: dict[tuple[int, int], list[tuple[str, int, str]]] = {}
         for key, (i, slot) in todo.items():
@@ -298,6 +350,7 @@ def _build_cache(
     cache = TrainingCache(latents, text, latent_keys, text_identity(bb), bb)
     if text is not None:
         prompts = {r.caption for r in dataset.records} | ({""} if d.caption_dropout > 0 else set())
+        stats.note_damaged(text, {cache.prompt_key(p) for p in prompts})
         stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
     return cache, stats
 
@@ -333,6 +386,7 @@ def build_item_cache(
                 files = [f"{slot}:{digests.setdefault(p, file_digest(p))}" for slot, p in sorted(rec.slots.items())]
                 keys.append(key_of(*tag, rec.box, *files, identity))
             todo = [i for i, key in enumerate(keys) if key not in latents]
+            stats.note_damaged(latents, {keys[i] for i in todo})
             stats.latents_computed, stats.latents_reused = len(todo), len(keys) - len(todo)
             dataset.load_pixels = True  # to compute what is missing
             bar = tqdm(total=len(todo), desc="cache latents", unit="item", disable=not show_progress or not todo)
@@ -352,7 +406,8 @@ def build_item_cache(
             text = ShardStore.open(root / "text")
         cache = TrainingCache(latents, text, {"pair": keys}, text_identity(bb), bb)
         if text is not None:
-            stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
+            stats.note_damaged(text, {cache.prompt_key(p) for p in prompts})
+        stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
     return cache, stats
 
 

@@ -1,12 +1,15 @@
 """Atomic checkpoints with the full training state, so `--resume latest` continues exactly.
 
 A checkpoint is a folder `step-000123/` written under a temporary name and renamed when
-complete; `state.json` inside is written last. A crash during a save leaves only a `.tmp-*`
-folder, which resume ignores and the next save removes.
+complete; `manifest.json` inside, the sha256 of every other file, is written last. A crash during a
+save leaves only a `.tmp-*` folder, which resume ignores and the next run removes. Resume verifies the
+manifest: `latest` falls back to the newest intact checkpoint (saying which and why), a named damaged one
+is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 
 from diffbase.errors import UserError
-from diffbase.io import default_modes
+from diffbase.io import default_modes, disk_full, file_digest
 
 NAME = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -62,11 +66,37 @@ def set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (renamed into place, so complete when written), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)]
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the sha256 and size of every file in the folder (sub-folders included)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"sha256": file_digest(p), "bytes": p.stat().st_size} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a file missing, cut short or changed), or None if intact."""
+    try:
+        entries = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written"
+        if file_digest(path) != entry["sha256"]:
+            return f"{name} differs from what was written (sha256)"
+    return None
 
 
 def save_checkpoint(
@@ -79,26 +109,20 @@ def save_checkpoint(
 ) -> Path:
     """Write `tensors` (safetensors files by name), `objects` (optimizer and lr-schedule state dicts,
     loaded back with `weights_only=True`) and the RNG states, move in `folders` (sharded optimizer
-    states written by every process), then rename the folder into place."""
-    from safetensors.torch import save_file
-
+    states written by every process), then rename the folder into place. A full disk is an OSError
+    (ENOSPC) naming the checkpoint, with nothing of it left."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{progress.step:06d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f".tmp-{final.name}"  # this run's own (the output folder is locked; runs that died left theirs)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, state in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(objects, tmp / "training_state.pt")
-    for name, folder in (folders or {}).items():
-        os.replace(folder, tmp / name)
-    plain, rng_tensors = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "rng.json").write_text(json.dumps(plain))
-    (tmp / "state.json").write_text(json.dumps(progress.__dict__, indent=2))
-    default_modes(tmp)
-    _fsync_dir(tmp)
+    try:
+        write_folder(tmp, progress, tensors, objects, folders or {})
+    except Exception as exc:
+        if disk_full(exc, root):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from exc
+        raise
     _fault_injection(progress.step)
     if final.exists():
         shutil.rmtree(final)
@@ -107,6 +131,29 @@ def save_checkpoint(
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_folder(
+    tmp: Path,
+    progress: Progress,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    objects: dict[str, Any],
+    folders: dict[str, Path],
+) -> None:
+    from safetensors.torch import save_file
+
+    for name, state in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(objects, tmp / "training_state.pt")
+    for name, folder in folders.items():
+        os.replace(folder, tmp / name)
+    plain, rng_tensors = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "rng.json").write_text(json.dumps(plain))
+    (tmp / "state.json").write_text(json.dumps(progress.__dict__, indent=2))
+    write_manifest(tmp)
+    default_modes(tmp)
+    _fsync_dir(tmp)
 
 
 def _fault_injection(step: int) -> None:
@@ -132,15 +179,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
-    """`latest` -> the newest complete checkpoint (or None if there is none); a path -> that checkpoint."""
+    """`latest` -> the newest intact checkpoint (or None if there is none; damaged newer ones are named
+    and skipped); a path -> that checkpoint, which must be intact."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(root)
-        return found[-1] if found else None
+        for path in reversed(found):
+            problem = damage(path)
+            if problem is None:
+                return path
+            print(f"note: checkpoint {path} is damaged ({problem}); trying the one before it")
+        if found:
+            raise UserError(f"--resume latest: every checkpoint in {root} is damaged; start over with --overwrite")
+        return None
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"--resume: {path} is not a complete checkpoint (no state.json)")
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"--resume: {path} is damaged ({problem}); resume from another checkpoint")
     return path
 
 

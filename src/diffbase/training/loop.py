@@ -8,8 +8,13 @@ calls `method.prepare`, `method.loss` and `method.validate` and nothing method-s
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ import torch
 
 from diffbase.attention import apply_attention, choose
 from diffbase.config import Config, dump_yaml
-from diffbase.errors import UserError
+from diffbase.errors import Stopped, UserError
 from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
@@ -29,7 +34,8 @@ from diffbase.training.schedule import make_scheduler
 @dataclass
 class TrainResult:
     steps: int
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # this process's steps (after a resume: since it)
+    all_losses: list[float] = field(default_factory=list)  # every step of the run, across resumes
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)  # perf_counter() at the end of each step (benchmarks)
     skipped_nonfinite: int = 0
@@ -38,6 +44,41 @@ class TrainResult:
     finished: bool = False  # reached the planned number of steps (not stopped early)
     backbone: Any = None
     trained: Any = None  # the method's Trained (its modules, for export)
+
+
+STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("SIGINT", 130)}
+
+
+@dataclass
+class StopRequest:
+    """Set by SIGTERM (what Slurm and Kubernetes send before a kill) or SIGINT: the loop finishes its
+    step, saves a checkpoint and stops."""
+
+    name: str | None = None
+    exit_code: int = 0
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """SIGTERM and SIGINT ask the loop to stop after its step; a second Ctrl-C stops at once."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield request
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if request.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request.name, request.exit_code = STOP_SIGNALS[signum]
+        print(f"\n{request.name}: finishing this step, then saving a checkpoint (Ctrl-C again stops at once)",
+              file=sys.stderr)  # fmt: skip
+
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -56,6 +97,7 @@ class Run:
     cache: Any = None
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
@@ -176,15 +218,19 @@ def resume(run: Run, root: Path, resume_arg: str | None) -> None:
     found = ckpt.resolve_resume(root, resume_arg)
     if found is None:
         return
-    run.progress, tensors, objects = ckpt.load_checkpoint(found)
-    if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
-        run.accelerator.load_state(str(found / "accelerate_state"))
-    else:
-        load_trained_state_dict(run.trained, tensors)
-        run.optimizer.load_state_dict(objects["optimizer"])
-    run.lr_scheduler.load_state_dict(objects["lr_scheduler"])
-    if run.ema is not None and "ema" in tensors:
-        run.ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
+    try:
+        run.progress, tensors, objects = ckpt.load_checkpoint(found)
+        if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
+            run.accelerator.load_state(str(found / "accelerate_state"))
+        else:
+            load_trained_state_dict(run.trained, tensors)
+            run.optimizer.load_state_dict(objects["optimizer"])
+        run.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        if run.ema is not None and "ema" in tensors:
+            run.ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # intact, but of another config
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--resume: {found} does not fit this config ({reason[:200]})") from None
     run.accelerator.print(f"resumed from {found} at step {run.progress.step}")
 
 
@@ -298,13 +344,18 @@ def run_training(
                disable=not (show_progress and acc.is_main_process), dynamic_ncols=True)  # fmt: skip
     start, first_step = time.perf_counter(), progress.step
     try:
-        while progress.step < run.steps:
-            if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
-                break
+        with stop_on_signals() as run.stop:
+            while progress.step < run.steps:
+                if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
+                    break
+        metrics.plot()
+    except Stopped:
+        metrics.plot()
+        raise
     finally:
         bar.close()  # a stopping message goes on a line of its own
-    metrics.plot()
-    metrics.close()
+        metrics.close()
+    result.all_losses = metrics.losses() if acc.is_main_process else result.losses
     bb.forward = None
     result.steps = progress.step
     result.finished = progress.step >= run.steps
@@ -320,11 +371,14 @@ def epoch(
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(progress.epoch)
     batches = list(sampler)
+    tried = read = 0
     for b_index in range(progress.batch_in_epoch, len(batches)):
         batch = batch_for(run, dataset, batches[b_index])
         progress.batch_in_epoch = b_index + 1
+        tried += 1
         if not batch["index"]:  # every file of this batch failed to load (reported at the end)
             continue
+        read += 1
         loss, logs, finite = step(run, batch)
         if not run.accelerator.sync_gradients:
             continue
@@ -337,16 +391,42 @@ def epoch(
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
         bar.update(1)
         done = progress.step >= run.steps or (stop_after is not None and progress.step - first_step >= stop_after)
-        t = run.config.training
+        t, saved = run.config.training, None
         if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
-            result.checkpoint = save(run, Path(run.config.experiment.output_dir) / "checkpoints")
+            result.checkpoint = saved = save(run, Path(run.config.experiment.output_dir) / "checkpoints")
         if done or (t.validation.every and progress.step % t.validation.every == 0):
             validate(run, dataset, validation, metrics, result)
         if done:
             return True
+        if stop_requested(run):
+            result.checkpoint = saved or save(run, Path(run.config.experiment.output_dir) / "checkpoints")
+            raise Stopped(
+                f"stopped by {run.stop.name or 'a signal'} after step {progress.step}: saved {result.checkpoint}; "
+                "continue with the same command and --resume latest", run.stop.exit_code or 143
+            )  # fmt: skip
+    if tried and not read:
+        raise UserError(f"data: no image could be read in epoch {progress.epoch + 1}; {unreadable(dataset)}")
     progress.epoch += 1
     progress.batch_in_epoch = 0
     return False
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether a stop was asked for, in any process (all stop after the same step)."""
+    asked = run.stop.name is not None
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor(float(asked), device=run.accelerator.device)
+        asked = bool(run.accelerator.reduce(flag, reduction="max") > 0)
+    return asked
+
+
+def unreadable(dataset: Any) -> str:
+    """What failed to load, for the message of an epoch with no readable batch."""
+    files = dataset.report.files
+    if not files:
+        return "check data.train_path"
+    path, reason = files[0]
+    return f"{len(files)} file(s) failed, first {path}: {reason}; restore them or fix data.train_path"
 
 
 def probe_step(run: Run, batch: dict[str, Any]) -> None:

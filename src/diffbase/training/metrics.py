@@ -18,8 +18,10 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # a resumed run drops what was logged after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            from diffbase.io import write_text_atomic
+
+            kept = [json.dumps(row) for row in self.history() if row["step"] <= resume_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,9 +45,20 @@ class MetricsLog:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def history(self) -> list[dict[str, Any]]:
+        """Every row logged; a last line cut short by a killed process is left out."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+    def losses(self) -> list[float]:
+        """The training loss of every step logged, across resumes."""
+        return [row["loss"] for row in self.history() if "loss" in row]
 
     def plot(self) -> Path | None:
         """loss.png: training loss (and validation loss where measured) against steps."""

@@ -3,7 +3,7 @@ datasets and the cache are set up here, the one loop trains, the method exports.
 
 from __future__ import annotations
 
-import json
+import errno
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,10 @@ import torch
 
 from diffbase.config import Config
 from diffbase.errors import UserError
+from diffbase.io import is_disk_full
 from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
+from diffbase.training import run_folder
 from diffbase.training.loop import TrainResult, process_state, run_training
 
 
@@ -118,30 +120,6 @@ def datasets(config: Config, method: Any, bb: Backbone, show_progress: bool) -> 
     return dataset, sampler, held_out, caches
 
 
-# What a run leaves in its output folder (the cache and DreamBooth's class images are kept by --overwrite:
-# they are keyed by content and reusable).
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "validation", "loss.png", "losses.json", "exports.json",
-             "config.yaml")  # fmt: skip
-
-
-def claim_output(out_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """A new run does not silently overwrite an earlier one: continue it (--resume latest) or replace it
-    (--overwrite, which removes the earlier run's files)."""
-    import shutil
-
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not found or resume is not None:
-        return
-    if not overwrite:
-        raise UserError(
-            f"experiment.output_dir: {out_dir} already holds a run ({', '.join(found)}); continue it with "
-            "--resume latest, or start over with --overwrite"
-        )
-    for name in found:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
 def train(
     config: Config,
     method: Any,
@@ -151,13 +129,54 @@ def train(
     overwrite: bool = False,
 ) -> TrainResult:
     """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end.
-    Nothing of the run is written before its set-up succeeded, so a bad config leaves no files."""
+    The output folder is locked for the run; a start that fails with nothing to resume removes what it
+    wrote, and a full disk or memory is one line saying what to change."""
+    out_dir = Path(config.experiment.output_dir)
+    state = process_state(config)
+    try:
+        with run_folder.locked(out_dir, enabled=state.is_main_process) as folder:
+            if folder is not None:
+                run_folder.claim(folder, resume, overwrite)
+            state.wait_for_everyone()
+            return _train(config, method, resume, stop_after, show_progress)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or is_disk_full(exc):
+            raise UserError(disk_full_message(exc, out_dir)) from None
+        raise
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise UserError(out_of_memory_message(config, exc)) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            raise UserError(out_of_memory_message(config, exc)) from None
+        raise
+
+
+def disk_full_message(exc: OSError, out_dir: Path) -> str:
+    import shutil
+
+    path = Path(exc.filename) if getattr(exc, "filename", None) else out_dir
+    folder = next((p for p in (path, *path.parents) if p.exists()), out_dir)
+    free = shutil.disk_usage(folder).free / 2**20
+    return (
+        f"{path}: no space left on device ({free:.1f} MiB free there); free some space, or set "
+        "experiment.output_dir (and data.cache_dir) on a larger disk, then run again (with --resume latest if "
+        "a checkpoint was saved)"
+    )
+
+
+def out_of_memory_message(config: Config, exc: BaseException) -> str:
+    d, t = config.data, config.training
+    where = "the GPU" if isinstance(exc, torch.OutOfMemoryError) else "the machine"
+    return (
+        f"out of memory on {where} at data.resolution={d.resolution} with training.batch_size={t.batch_size}: "
+        "lower data.resolution or training.batch_size, or set hardware.gradient_checkpointing=true"
+    )
+
+
+def _train(config: Config, method: Any, resume: str | None, stop_after: int | None, show_progress: bool) -> TrainResult:
     from diffbase.io import default_modes, write_json_atomic
 
     out_dir = Path(config.experiment.output_dir)
-    if process_state(config).is_main_process:
-        claim_output(out_dir, resume, overwrite)
-    process_state(config).wait_for_everyone()
     bb = load_backbone(config)
     dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress)
     result = run_training(
@@ -167,10 +186,31 @@ def train(
     if dataset.report.files:
         print(dataset.report.summary())
     if process_state(config).is_main_process and result.finished:
-        files = method.export(config, bb, result.trained, out_dir)
+        files = export_atomically(method, config, bb, result.trained, out_dir)
         for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
             default_modes(Path(path))
         write_json_atomic(out_dir / "exports.json", files)
-        (out_dir / "losses.json").write_text(json.dumps(result.losses))
+        write_json_atomic(out_dir / "losses.json", result.all_losses)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
+
+
+def export_atomically(method: Any, config: Config, bb: Backbone, trained: Any, out_dir: Path) -> dict[str, str]:
+    """The method writes its files into a staging folder; each top-level folder or file it wrote then
+    replaces its namesake in the output folder by a rename, so a kill mid-export leaves the earlier
+    export (or none) whole, and only a `.export-*` folder that the next run removes."""
+    import os
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        files = method.export(config, bb, trained, staging)
+        for item in sorted(staging.iterdir()):
+            target = out_dir / item.name
+            if target.is_dir() and item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: str(out_dir / Path(path).relative_to(staging)) for name, path in files.items()}
