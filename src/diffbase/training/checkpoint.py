@@ -123,7 +123,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(errno.ENOSPC, "No space left on device", str(final)) from exc
         raise
-    _fault_injection(progress.step)
+    hold_for_test("save", progress.step)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -156,13 +156,21 @@ def write_folder(
     _fsync_dir(tmp)
 
 
-def _fault_injection(step: int) -> None:
-    """For the crash test only: DIFFBASE_TEST_SLOW_SAVE_STEP=N holds the save of step N open for a minute,
-    so a test can kill the process while a checkpoint is half-written."""
-    if os.environ.get("DIFFBASE_TEST_SLOW_SAVE_STEP") == str(step):
-        import time
+def hold_for_test(where: str, step: int) -> None:
+    """For the fault tests only: DIFFBASE_TEST_HOLD=WHERE:STEP:FILE pauses the run at a known moment while
+    FILE exists, after creating FILE.held, so a test can act on it there (kill it, signal it, start a second
+    run, remove its images, fill its disk). WHERE: `save` (a checkpoint's files written, not yet renamed),
+    `step` (after optimizer step STEP is logged), `export` (the method's files written, not yet moved)."""
+    spec = os.environ.get("DIFFBASE_TEST_HOLD", "")
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or parts[0] != where or parts[1] != str(step):
+        return
+    import time
 
-        time.sleep(60)
+    release, deadline = Path(parts[2]), time.monotonic() + 600  # a test that died must not leave it forever
+    Path(f"{release}.held").touch()
+    while release.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _fsync_dir(path: Path) -> None:

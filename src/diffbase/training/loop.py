@@ -387,6 +387,7 @@ def epoch(
             continue
         progress.nonfinite_in_row = 0
         value, lr = log(run, loss, logs, metrics, result)
+        ckpt.hold_for_test("step", progress.step)
         rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
         bar.update(1)

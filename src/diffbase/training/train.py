@@ -16,6 +16,7 @@ from diffbase.io import is_disk_full
 from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
 from diffbase.training import run_folder
+from diffbase.training.checkpoint import hold_for_test
 from diffbase.training.loop import TrainResult, process_state, run_training
 
 
@@ -206,6 +207,7 @@ def export_atomically(method: Any, config: Config, bb: Backbone, trained: Any, o
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         files = method.export(config, bb, trained, staging)
+        hold_for_test("export", 0)
         for item in sorted(staging.iterdir()):
             target = out_dir / item.name
             if target.is_dir() and item.is_dir():
