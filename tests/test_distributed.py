@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
+from tests.golden_record import assert_weights_close
 from tests.images import image_folder
 from tests.test_training import write_experiment
 
@@ -55,9 +56,10 @@ def lora(run: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal as far as Adam lets two gradient reduction orders agree (4 steps at lr 1e-2; tests/golden_record.py)."""
     assert set(a) == set(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)  # Adam amplifies reduction-order noise
+        assert_weights_close(a[key], b[key], lr=1e-2, steps=4, what=key)
 
 
 def test_two_processes_equal_one_with_twice_the_batch_and_their_checkpoint_resumes_in_one(

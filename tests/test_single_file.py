@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 from diffbase.models.loading import load_pipeline
 from tests.conftest import run_cli
+from tests.golden_record import assert_pixels_close
 
 ARGS = ["--prompt", "a photo of a cat", "--steps", "2", "--size", "64x64", "--seed", "3", "--guidance", "3.5"]
 
@@ -48,7 +49,7 @@ def test_bfl_file_gives_the_folder_pixels(prefix: str, flux_state, tmp_path: Pat
     save_file({prefix + k: v.contiguous() for k, v in diffusers_to_bfl(state).items()}, str(file))
     from_file = generate(tmp_path, "file", "--model", str(file), "--config", str(folder))
     from_folder = generate(tmp_path, "folder", "--model", str(folder))
-    np.testing.assert_array_equal(from_file, from_folder)
+    assert_pixels_close(from_file, from_folder)
 
 
 def test_changed_weights_in_the_file_change_the_image(flux_state, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_pickle_checkpoints_load_with_weights_only(flux_state, tmp_path: Path) -
     folder, state = flux_state
     file = tmp_path / "flux1.pt"
     torch.save(diffusers_to_bfl(state), file)
-    np.testing.assert_array_equal(
+    assert_pixels_close(
         generate(tmp_path, "pt", "--model", str(file), "--config", str(folder)),
         generate(tmp_path, "dir", "--model", str(folder)),
     )
