@@ -66,7 +66,14 @@ def release(exp: Path) -> None:
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate()
+    """The run's exit code and output. A run that hangs (a bug, not a slow machine: these runs take seconds)
+    is killed after 15 minutes so the suite ends."""
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not end in 15 minutes:\n{out}\n{err}")
     return proc.returncode, out, err
 
 
