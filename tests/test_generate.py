@@ -96,7 +96,7 @@ def test_prompts_file_writes_a_batch(tiny_model, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model", "/nonexistent/flux"], "/nonexistent/flux: model path not found"),
+        (["--model", "/nonexistent/flux"], "--model: /nonexistent/flux not found"),
         (["--size", "64by64"], "--size: expected HxW such as 512x512, got '64by64'"),
         (["--negative", "ugly"], "--negative: the Flux2KleinPipeline takes no negative prompt"),
         (["--true-cfg", "2"], "--true-cfg: only FLUX.1 has true CFG"),

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffbase.commands.options import add_runtime_arguments
+from diffbase.commands.options import HelpFormatter, add_runtime_arguments
 from diffbase.errors import Stopped, UserError
 
 
@@ -201,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", metavar="key=value")
     info.set_defaults(func=_cmd_info)
 
-    gen = sub.add_parser(
-        "generate", help="text-to-image with any family", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    gen = sub.add_parser("generate", help="text-to-image with any family", formatter_class=HelpFormatter)
     gen.add_argument("--model", required=True, help="diffusers folder, or a single file with --config")
     gen.add_argument("--config", help="a local diffusers folder of the same family, for a single-file checkpoint")
     gen.add_argument("--prompt")
@@ -216,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--true-cfg", type=float, dest="true_cfg", help="FLUX.1 true CFG scale (with --negative)")
     gen.add_argument("--size", default="512x512", help="HxW")
     add_runtime_arguments(gen)
-    gen.add_argument("--out", required=True)
+    gen.add_argument("--out", required=True, help="the image (.png, .jpg, .webp), or with --prompts a folder")
     gen.add_argument("--compare", metavar="GRID.png", help="also a grid of each prompt without and with the --lora")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out / --compare when they exist")
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser(
@@ -300,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         import diffbase.methods  # noqa: F401  (registers the methods and their config sections)
+        from diffbase import progress
 
+        progress.set_quiet(getattr(args, "quiet", False))
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

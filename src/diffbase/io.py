@@ -124,3 +124,13 @@ def save_png_atomic(image: Any, path: str | Path, metadata: dict[str, Any] | Non
         negative = f"Negative prompt: {metadata['negative']}" if metadata.get("negative") else ""
         info.add_text("parameters", "\n".join(part for part in (prompt, negative, rest) if part))
     return atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+
+
+def save_image_atomic(image: Any, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """An image in the format its suffix names: PNG with its settings as text metadata, else JPEG or WebP
+    (quality 95)."""
+    path = Path(path)
+    kind = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower())
+    if kind is None:
+        return save_png_atomic(image, path, metadata)
+    return atomic_write(path, lambda p: image.convert("RGB").save(p, format=kind, quality=95))

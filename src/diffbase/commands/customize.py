@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments, parse_box
+from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments
 from diffbase.errors import UserError
 
 
@@ -23,7 +24,6 @@ def parse_numbered(values: list[str], flag: str) -> dict[int, str]:
 
 def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] | None]:
     """(image, task, mask, face box) per `--ref IMG:TASK` in order; `--ref none` keeps a slot empty."""
-    from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.dreamo.conditions import MAX_REFERENCES, TASKS
 
     if len(args.ref) > MAX_REFERENCES:
@@ -40,26 +40,57 @@ def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] 
         path, _, task = value.rpartition(":")
         if not path or task not in TASKS:
             raise UserError(f"--ref {value}: expected IMAGE:TASK with TASK one of {', '.join(TASKS)}")
-        try:
-            image = load_image(Path(path))
-            mask = load_mask(Path(masks[n])) if n in masks else None
-        except BadFile as err:
-            raise UserError(f"{err.path}: {err.reason}") from None
-        box = parse_box(boxes[n], "--face-box") if n in boxes else None
+        image = checks.image(path, f"--ref {n}")
+        mask = checks.mask(masks[n], f"--ref-mask {n}", image.size) if n in masks else None
+        box = checks.box(boxes[n], f"--face-box {n}", image.size) if n in boxes else None
         slots.append((image, task, mask, box))
     if not any(slots):
         raise UserError("--ref: give at least one reference image")
     return slots
 
 
+def check_prompt(prompt: str, slots: list[Any]) -> None:
+    """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one)."""
+    import re
+
+    given = ", ".join(f"[ref#{k}]" for k, s in enumerate(slots, 1) if s is not None)
+    for n in sorted({int(m) for m in re.findall(r"\[ref#(\d+)\]", prompt)}):
+        if not 1 <= n <= len(slots):
+            raise UserError(f"--prompt: [ref#{n}] names no reference (given: {given})")
+        if slots[n - 1] is None:
+            checks.note(f"--prompt: [ref#{n}] names an empty slot (--ref none)")
+
+
+def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
+    spec = checks.model_folder(args.model)
+    if spec is not None and spec.family != "flux1":
+        raise UserError(f"--model: DreamO runs on FLUX.1; {args.model} holds a {spec.family} model")
+    if not (Path(args.dreamo) / "dreamo.safetensors").is_file():
+        raise UserError(f"--dreamo: {Path(args.dreamo) / 'dreamo.safetensors'}: no such file (expected the folder "
+                        "of the DreamO weights)")  # fmt: skip
+    checks.count(args.steps, "--steps")
+    checks.count(args.ref_res, "--ref-res", least=16)
+    for value, name in ((args.guidance, "--guidance"), (args.first_step_guidance, "--first-step-guidance"),
+                        (args.neg_guidance, "--neg-guidance")):  # fmt: skip
+        checks.number(value, name, low=0)
+    checks.number(args.true_cfg, "--true-cfg", low=1)
+    if not 0 <= args.true_cfg_start <= args.true_cfg_end <= args.steps:
+        raise UserError(f"--true-cfg-start / --true-cfg-end: expected 0 <= start <= end <= --steps ({args.steps}), "
+                        f"got {args.true_cfg_start} and {args.true_cfg_end}")  # fmt: skip
+    return checks.size(args.size, "--size", 16)
+
+
 def run_customize(args: argparse.Namespace) -> None:
     from diffbase.commands.options import runtime, save_result, use_attention
     from diffbase.dreamo.generate import DreamOSettings
-    from diffbase.generate import parse_size
     from diffbase.methods.dreamo import DREAMO
 
-    h, w = parse_size(args.size)
-    slots = reference_slots(args)  # inputs are checked before the model loads
+    h, w = check_numbers(args)  # everything is checked before the model loads
+    slots = reference_slots(args)
+    check_prompt(args.prompt, slots)
+    inputs = [v.rpartition(":")[0] for v in args.ref]
+    checks.output(args.out, "--out", inputs, args.overwrite)
+    checks.output(args.grid, "--grid", [*inputs, args.out], args.overwrite)
     loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, **runtime(args))
     use_attention(args, [loaded[0].transformer])
     settings = DreamOSettings(
@@ -79,7 +110,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "customize",
         help="DreamO on FLUX.1: identity (id), subject (ip), try-on and style references",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, help="a local FLUX.1 dev diffusers folder")
     p.add_argument("--dreamo", required=True, help="a folder with dreamo.safetensors (and the recipe's LoRAs)")
@@ -105,6 +136,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--neg-guidance", type=float, default=3.5)
     add_runtime_arguments(p, offload=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--grid", metavar="GRID.png", help="also the references and the result side by side")
+    add_output_arguments(p, "also the references and the result side by side")
     p.set_defaults(func=run_customize)

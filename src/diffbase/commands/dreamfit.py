@@ -6,36 +6,45 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments
+from diffbase import progress
+from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments
 from diffbase.errors import UserError
 
 
 def run_dreamfit(args: argparse.Namespace) -> None:
     from diffbase.commands.options import runtime, save_result, use_attention
-    from diffbase.data.images import BadFile, load_image, load_mask
     from diffbase.dreamfit.generate import DreamFitSettings
-    from diffbase.generate import parse_size
     from diffbase.methods.dreamfit import DREAMFIT
     from diffbase.pose import render_openpose
 
-    h, w = parse_size(args.size)
-    try:
-        inputs: dict[str, Any] = {"garment": load_image(Path(args.garment))}
-        if args.pose:
-            pose_path = Path(args.pose)
-            inputs["pose"] = (
-                render_openpose(pose_path, (w, h)) if pose_path.suffix == ".json" else load_image(pose_path)
-            )
-        if args.mode == "tryon":
-            if not (args.person and args.mask):
-                raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
-            inputs["person"], inputs["mask"] = load_image(Path(args.person)), load_mask(Path(args.mask))
-    except BadFile as err:
-        raise UserError(f"{err.path}: {err.reason}") from None
+    spec = checks.model_folder(args.model)
+    if spec is not None and spec.family != "flux1":
+        raise UserError(f"--model: DreamFit runs on FLUX.1; {args.model} holds a {spec.family} model")
+    checks.weights_file(args.checkpoint, "--checkpoint")
+    checks.count(args.steps, "--steps")
+    checks.number(args.guidance, "--guidance", low=0)
+    checks.number(args.true_cfg, "--true-cfg", low=1)
+    checks.number(args.lora_weight, "--lora-weight")
+    h, w = checks.size(args.size, "--size", 16)
+    inputs: dict[str, Any] = {"garment": checks.image(args.garment, "--garment")}
+    if args.pose:
+        pose_path = Path(args.pose)
+        inputs["pose"] = render_openpose(pose_path, (w, h)) if pose_path.suffix == ".json" else checks.image(
+            args.pose, "--pose")  # fmt: skip
+    if args.mode == "tryon":
+        if not (args.person and args.mask):
+            raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
+        inputs["person"] = checks.image(args.person, "--person")
+        inputs["mask"] = checks.mask(args.mask, "--mask", inputs["person"].size)
     if args.mode == "pose" and "pose" not in inputs:
         raise UserError("--mode pose: needs --pose")
+    given = [args.garment, args.pose, args.person, args.mask]
+    checks.output(args.out, "--out", given, args.overwrite)
+    checks.output(args.grid, "--grid", [*given, args.out], args.overwrite)
     loaded = DREAMFIT.load(args.model, args.checkpoint, args.lora_weight, args.lora_weight_mode, **runtime(args))
     use_attention(args, [])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
+    progress.pipeline(loaded[0], "dreamfit")
     settings = DreamFitSettings(
         prompt=args.prompt,
         mode=args.mode,
@@ -67,7 +76,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "dreamfit",
         help="DreamFit on FLUX.1: garment, pose-guided or try-on generation",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--mode", choices=["garment", "pose", "tryon"], default="garment")
     p.add_argument("--model", required=True, help="a local FLUX.1 diffusers folder")
@@ -77,7 +86,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--person", help="try-on: the person")
     p.add_argument("--mask", help="try-on: the garment area on the person")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--size", default="1024x768", help="HxW (default 1024x768)")
+    p.add_argument("--size", default="1024x768", help="HxW")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance", type=float, default=4.0, help="FLUX guidance value")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -91,6 +100,5 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-repaint", action="store_true", help="try-on: keep the model's pixels outside the mask too")
     add_runtime_arguments(p, offload=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--grid", metavar="GRID.png", help="also the inputs and the result side by side")
+    add_output_arguments(p, "also the inputs and the result side by side")
     p.set_defaults(func=run_dreamfit)

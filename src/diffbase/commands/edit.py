@@ -7,28 +7,35 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments
-from diffbase.errors import UserError
+from diffbase import progress
+from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments
 
 
-def _images(paths: list[str]) -> list[Any]:
-    from diffbase.data.images import BadFile, load_image
-
-    try:
-        return [load_image(Path(p)) for p in paths]
-    except BadFile as err:
-        raise UserError(f"{err.path}: {err.reason}") from None
+def _images(paths: list[str], name: str) -> list[Any]:
+    return [checks.image(p, name) for p in paths]
 
 
-def _settings(args: argparse.Namespace) -> Any:
-    from diffbase.editing import EditSettings
-    from diffbase.generate import parse_size
+def _settings(args: argparse.Namespace, kind: str) -> Any:
+    """The sampling settings, checked against the model's family (read from its folder, nothing loaded)."""
+    from diffbase.editing import EditSettings, check_pipeline
 
+    spec = checks.model_folder(args.model)
+    if spec is not None:
+        check_pipeline(spec, kind, args.model)
+    checks.count(args.steps, "--steps")
+    checks.number(args.guidance, "--guidance", low=0)
+    strength = checks.number(getattr(args, "strength", 1.0), "--strength", 0, 1, low_open=True)
     h = w = None
     if args.size:
-        h, w = parse_size(args.size)
+        h, w = checks.size(args.size, "--size", checks.size_multiple(spec))
     return EditSettings(prompt=args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, height=h,
-                        width=w, strength=getattr(args, "strength", 1.0))  # fmt: skip
+                        width=w, strength=strength)  # fmt: skip
+
+
+def _outputs(args: argparse.Namespace, inputs: list[str]) -> None:
+    checks.output(args.out, "--out", inputs, args.overwrite)
+    checks.output(args.grid, "--grid", [*inputs, args.out], args.overwrite)
 
 
 def load_editing(model: str, kind: str, **runtime: Any) -> tuple[Any, Any]:
@@ -51,6 +58,7 @@ def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
 
     pipe, spec = load_editing(args.model, kind, **runtime(args))
     use_attention(args, [getattr(pipe, spec.denoiser)])
+    progress.pipeline(pipe, kind)
     return pipe, spec
 
 
@@ -63,8 +71,9 @@ def _save(args: argparse.Namespace, image: Any, grid: dict[str, Any], meta: dict
 def run_edit(args: argparse.Namespace) -> None:
     from diffbase.editing import check_images, check_references, edit, metadata
 
-    images = _images(args.image)
-    settings = _settings(args)
+    settings = _settings(args, "edit")
+    images = _images(args.image, "--image")
+    _outputs(args, args.image)
     pipe, spec = _load(args, "edit")
     check_references(spec, "edit", len(images))
     check_images(pipe, images, args.image)
@@ -74,17 +83,13 @@ def run_edit(args: argparse.Namespace) -> None:
 
 
 def run_inpaint(args: argparse.Namespace) -> None:
-    from diffbase.data.images import BadFile, load_mask
-    from diffbase.editing import check_images, check_mask, check_references, inpaint, metadata
+    from diffbase.editing import check_images, check_references, inpaint, metadata
 
-    (image,) = _images([args.image])
-    try:
-        mask = load_mask(Path(args.mask))
-    except BadFile as err:
-        raise UserError(f"{err.path}: {err.reason}") from None
-    check_mask(image, mask, args.mask)
-    references = _images(args.reference)
-    settings = _settings(args)
+    settings = _settings(args, "inpaint")
+    image = checks.image(args.image, "--image")
+    mask = checks.mask(args.mask, "--mask", image.size)
+    references = _images(args.reference, "--reference")
+    _outputs(args, [args.image, args.mask, *args.reference])
     pipe, spec = _load(args, "inpaint")
     check_references(spec, "inpaint", len(references))
     check_images(pipe, references, args.reference)
@@ -102,15 +107,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
     p.add_argument("--size", help="HxW of the result (default: from the image, as the pipeline chooses)")
     add_runtime_arguments(p, offload=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--grid", metavar="GRID.png", help="also the inputs and the result side by side")
+    add_output_arguments(p, "also the inputs and the result side by side")
 
 
 def add_parsers(sub: Any) -> None:
     e = sub.add_parser(
         "edit",
         help="reference editing: FLUX.1 Kontext, FLUX.2 dev / klein with reference images",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     e.add_argument("--model", required=True, help="a local FLUX.1 Kontext or FLUX.2 diffusers folder")
     e.add_argument("--image", action="append", required=True, help="a reference image (FLUX.2: repeat for more)")
@@ -120,7 +124,7 @@ def add_parsers(sub: Any) -> None:
     i = sub.add_parser(
         "inpaint",
         help="inpainting: FLUX.1 Fill, FLUX.2 klein inpainting",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     i.add_argument("--model", required=True, help="a local FLUX.1 Fill or FLUX.2 klein inpainting diffusers folder")
     i.add_argument("--image", required=True, help="the image to repaint")

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from diffbase import progress
+from diffbase.commands import checks
 from diffbase.errors import UserError
 
 
@@ -23,15 +25,24 @@ def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from diffbase.commands.options import runtime, use_attention
-    from diffbase.generate import GenerateSettings, generate, metadata, parse_size, pipeline_kwargs
-    from diffbase.io import save_png_atomic
+    from diffbase.generate import GenerateSettings, generate, metadata, pipeline_kwargs
+    from diffbase.io import save_image_atomic, save_png_atomic
     from diffbase.models.loading import detect_family, load_model
     from diffbase.models.lora_loading import apply_loras, parse_lora_arg
 
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-    height, width = parse_size(args.size)
+    spec = checks.model_folder(args.config or args.model, "--config" if args.config else "--model")
+    checks.count(args.steps, "--steps")
+    checks.number(args.guidance, "--guidance", low=0)
+    checks.number(args.true_cfg, "--true-cfg", low=1)
+    height, width = checks.size(args.size, "--size", checks.size_multiple(spec))
+    if args.prompts and Path(args.out).is_file():
+        raise UserError(f"--out: {args.out} is a file; with --prompts it is the folder the images go to")
+    if not args.prompts:
+        checks.output(args.out, "--out", [], args.overwrite)
+    checks.output(args.compare, "--compare", [args.out], args.overwrite)
 
     def settings_for(i: int, prompt: str) -> GenerateSettings:
         return GenerateSettings(
@@ -46,6 +57,7 @@ def run_generate(args: argparse.Namespace) -> None:
         raise UserError("--compare: shows the images without and with --lora; give at least one --lora")
     pipe, spec = load_model(args.model, config=args.config, **runtime(args))
     use_attention(args, [getattr(pipe, spec.denoiser)])
+    progress.pipeline(pipe, "generate")
     without = []
     if args.compare:  # the same seeds before the LoRAs go in
         for i, prompt in enumerate(tqdm(prompts, desc="generate without LoRA", unit="img", disable=len(prompts) == 1)):
@@ -59,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> None:
         image = generate(pipe, spec, settings)
         images.append(image)
         target = out / f"{i:04d}.png" if args.prompts else out
-        save_png_atomic(image, target, metadata(settings, args.model, spec, pipe))
+        save_image_atomic(image, target, metadata(settings, args.model, spec, pipe))
         if not args.prompts:
             print(f"wrote {target}")
     if args.prompts:

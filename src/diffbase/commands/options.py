@@ -8,10 +8,23 @@ from typing import Any
 DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Says each default once: appends `(default: X)` where the help text does not already speak of the
+    default and there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser, dtype_default: str = "float32", offload: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help=f"weights (default {dtype_default})")
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help="weights")
     p.add_argument("--attention", default="auto", help="auto, flash, efficient, cudnn, math or a diffusers backend")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)")
     if offload:
         p.add_argument(
             "--offload",
@@ -19,6 +32,13 @@ def add_runtime_arguments(p: argparse.ArgumentParser, dtype_default: str = "floa
             choices=["none", "model", "sequential"],
             help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses",
         )
+
+
+def add_output_arguments(p: argparse.ArgumentParser, grid_help: str) -> None:
+    """--out (PNG, JPEG or WebP), --grid and --overwrite, the same for every command that writes one image."""
+    p.add_argument("--out", required=True, help="the result: .png (with its settings), .jpg or .webp")
+    p.add_argument("--grid", metavar="GRID.png", help=grid_help)
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --grid when they exist")
 
 
 def runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,14 +61,14 @@ def save_result(image: Any, out: str, meta: dict[str, Any], grid: str | None = N
     result side by side."""
     from pathlib import Path
 
-    from diffbase.io import save_png_atomic
+    from diffbase.io import save_image_atomic
 
-    save_png_atomic(image, Path(out), meta)
+    save_image_atomic(image, Path(out), meta)
     print(f"wrote {out}")
     if grid:
         from diffbase.grid import side_by_side
 
-        save_png_atomic(side_by_side((shown or {}) | {"result": image}), Path(grid))
+        save_image_atomic(side_by_side((shown or {}) | {"result": image}), Path(grid))
         print(f"wrote {grid}")
 
 

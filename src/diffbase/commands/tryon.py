@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments, parse_box, runtime
+from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments, runtime
 from diffbase.errors import UserError
 
 
@@ -25,21 +26,33 @@ def settings_from(args: argparse.Namespace) -> Any:
     )
 
 
+def check_sampling(args: argparse.Namespace) -> tuple[int, int]:
+    """The model and sampling options `tryon` and `eval tryon` share, before the model loads."""
+    spec = checks.model_folder(args.model)
+    if spec is not None and spec.family != "sd15":
+        raise UserError(f"--model: try-on runs on an SD1.5 folder; {args.model} holds a {spec.family} model")
+    checks.weights_file(args.weights, "--weights")
+    checks.count(args.steps, "--steps")
+    checks.number(args.guidance, "--guidance", low=0)
+    checks.number(args.eta, "--eta", low=0)
+    return checks.size(args.size, "--size", checks.size_multiple(spec))
+
+
 def run_tryon(args: argparse.Namespace) -> None:
     from diffbase.commands.options import save_result
-    from diffbase.data.images import BadFile, load_image, load_mask
-    from diffbase.generate import parse_size
     from diffbase.methods.vton import VTON
     from diffbase.tryon.data import box_mask
 
     if (args.mask is None) == (args.box is None):
         raise UserError("--mask / --box: give exactly one (the garment area on the person)")
-    h, w = parse_size(args.size)
-    try:
-        person, garment = load_image(Path(args.person)), load_image(Path(args.garment))
-        mask = load_mask(Path(args.mask)) if args.mask else box_mask(person.size, parse_box(args.box, "--box"))
-    except BadFile as err:
-        raise UserError(f"{err.path}: {err.reason}") from None
+    h, w = check_sampling(args)
+    person, garment = checks.image(args.person, "--person"), checks.image(args.garment, "--garment")
+    if args.mask:
+        mask = checks.mask(args.mask, "--mask", person.size)
+    else:
+        mask = box_mask(person.size, checks.box(args.box, "--box", person.size))
+    checks.output(args.out, "--out", [args.person, args.garment, args.mask], args.overwrite)
+    checks.output(args.grid, "--grid", [args.person, args.garment, args.mask, args.out], args.overwrite)
     bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
     settings = settings_from(args)
     inputs = {"person": person, "garment": garment, "mask": mask}
@@ -60,15 +73,17 @@ def run_tryon(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from diffbase.generate import parse_size
     from diffbase.grid import image_grid
     from diffbase.io import save_png_atomic, write_json_atomic
     from diffbase.methods.vton import VTON
     from diffbase.tryon.data import TryOnDataset, read_tryon
     from diffbase.tryon.evaluate import run_pairs
 
+    size = check_sampling(args)
+    if args.limit is not None:
+        checks.count(args.limit, "--limit")
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
-    dataset = TryOnDataset(records, parse_size(args.size))
+    dataset = TryOnDataset(records, size)
     bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
     folder = Path(args.out)
@@ -98,7 +113,7 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["vton", "catvton"], default="vton")
     p.add_argument("--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)")
     p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
-    p.add_argument("--size", default="512x384", help="HxW the model runs at (default 512x384)")
+    p.add_argument("--size", default="512x384", help="HxW the model runs at")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=2.5, help="CFG scale (garment-zeroed branch)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
@@ -118,7 +133,7 @@ def add_parsers(sub: Any) -> None:
     t = sub.add_parser(
         "tryon",
         help="virtual try-on: a person, a mask (or box) and a garment",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     model_arguments(t)
     t.add_argument("--person", required=True)
@@ -126,8 +141,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
     t.add_argument("--garment", required=True)
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
-    t.add_argument("--out", required=True)
-    t.add_argument("--grid", metavar="GRID.png", help="also person | garment | result side by side")
+    add_output_arguments(t, "also person | garment | result side by side")
     t.set_defaults(func=run_tryon)
 
 

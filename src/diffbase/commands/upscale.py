@@ -6,63 +6,114 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands.options import add_runtime_arguments
+from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_runtime_arguments
 from diffbase.errors import UserError
 
 
-def run_upscale(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, use_attention
-    from diffbase.data.images import BadFile, image_size, load_image
-    from diffbase.io import save_png_atomic
-    from diffbase.methods.upscale import UPSCALE
-    from diffbase.upscale.sampling import UpscaleSettings, check_strengths, output_size
+def vae_factor(model: str) -> int:
+    """The VAE's downsampling factor from its config (2 ** (levels - 1)), read before any weights load."""
+    import json
 
+    config = Path(model) / "vae" / "config.json"
+    try:
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        raise UserError(
+            f"--model: {config} is missing or unreadable; expected a local FLUX.1 diffusers folder"
+        ) from None
+
+
+def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
+    """Every number, the input, the output path and the tiles it will take, before the model loads."""
+    from diffbase.upscale.sampling import UpscaleSettings, plan
+
+    out = args.out or args.output
+    if out is None:
+        raise UserError("--out: give the file to write the result to")
+    if args.out and args.output:
+        raise UserError("--out: given twice (as --out and as the second argument)")
+    if args.steps is not None:
+        checks.count(args.steps, "--steps")
+    checks.number(args.scale, "--scale", low=0, low_open=True)
+    checks.number(args.strength, "--strength", 0, 1, low_open=True)
+    checks.number(args.dino_strength, "--dino-strength", 0, 1)
+    checks.number(args.guidance, "--guidance", low=0)
+    checks.count(args.max_pixels, "--max-pixels")
+    checks.count(args.max_tiles, "--max-tiles")
+    if bool(args.dino) != bool(args.adapter):
+        raise UserError("--dino and --adapter: give both (the adapter is trained for one DINO model) or neither")
+    spec = checks.model_folder(args.model)
+    if spec is not None and spec.family != "flux1":
+        raise UserError(f"--model: the upscaler runs on FLUX.1; {args.model} holds a {spec.family} model")
+    factor = vae_factor(args.model)
+    native = 128 * factor  # FluxPipeline's default_sample_size (128 latents) in pixels
+    unit = 2 * factor  # one packed token: 16 px on FLUX.1
+    if args.tile is not None and (args.tile < 2 * unit or args.tile % unit):
+        raise UserError(f"--tile: expected a multiple of {unit} px of at least {2 * unit}, got {args.tile}")
+    tile = args.tile or native
+    if args.overlap is None:
+        args.overlap = tile // 8
+    if not 0 <= args.overlap < tile // 2:
+        raise UserError(f"--overlap: expected 0 <= overlap < half the tile ({tile // 2} px), got {args.overlap}")
     settings = UpscaleSettings(
         scale=args.scale, strength=args.strength, steps=args.steps, guidance=args.guidance, seed=args.seed,
         prompt=args.prompt, tile=args.tile, overlap=args.overlap, dino_strength=args.dino_strength,
         vae_tiling=args.vae_tiling, max_pixels=args.max_pixels,
     )  # fmt: skip
-    source = Path(args.input)
-    try:
-        w, h = image_size(source)
-        if w * h > args.max_pixels:
-            raise UserError(f"{source}: {w}x{h} is beyond the limit of {args.max_pixels} pixels (--max-pixels)")
-        out_w, out_h = output_size((w, h), args.scale, args.max_pixels)  # checked before any model loads
-        image = load_image(source)
-    except BadFile as err:
-        raise UserError(f"{err.path}: {err.reason}") from None
-    check_strengths(settings)  # before the model loads
+    image = checks.image(args.input, "input", max_pixels=args.max_pixels, max_aspect=None)
+    checks.output(out, "--out", [args.input], args.overwrite)
+    (w, h), tiles = plan(image.size, settings, factor, native)
+    if tiles > args.max_tiles:
+        raise UserError(f"--max-tiles: a {w}x{h} result takes {tiles} tiles of {tile} px, more than {args.max_tiles}; "
+                        "lower --scale, raise --tile, or raise --max-tiles")  # fmt: skip
+    steps = args.steps if args.steps is not None else "20 (dev) or 4 (schnell)"
+    print(f"upscale: {image.size[0]}x{image.size[1]} -> {w}x{h}, {tiles} tile(s) of {tile} px x {steps} steps "
+          f"x strength {args.strength}")  # fmt: skip
+    return settings, image, (w, h)
+
+
+def run_upscale(args: argparse.Namespace) -> None:
+    from diffbase.commands.options import runtime, use_attention
+    from diffbase.io import save_image_atomic
+    from diffbase.methods.upscale import UPSCALE
+
+    settings, image, (out_w, out_h) = check(args)
     loaded = UPSCALE.load(args.model, args.dino, args.adapter, **runtime(args))
     use_attention(args, [loaded[0].transformer])
-    result = UPSCALE.run(loaded, {"image": image, "progress": True}, settings)
-    meta = {"input": str(source), "model": args.model, "dino": args.dino, "adapter": args.adapter,
+    result = UPSCALE.run(loaded, {"image": image}, settings)
+    meta = {"input": str(args.input), "model": args.model, "dino": args.dino, "adapter": args.adapter,
             "scale": args.scale, "strength": args.strength, "steps": args.steps, "seed": args.seed,
             "dino_strength": args.dino_strength, "size": [out_h, out_w]}  # fmt: skip
-    save_png_atomic(result, Path(args.output), meta)
-    print(f"wrote {args.output} ({out_w}x{out_h})")
+    out = args.out or args.output
+    save_image_atomic(result, Path(out), meta)
+    print(f"wrote {out} ({out_w}x{out_h})")
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "upscale",
         help="tiled FLUX.1 upscaling, tiles fused at every step, optionally guided by DINOv2 features",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("input", help="the image to upscale")
-    p.add_argument("output", help="the result (PNG)")
+    p.add_argument("output", nargs="?", help="the result (the same as --out, kept for earlier scripts)")
+    p.add_argument("--out", help="the result: .png (with its settings), .jpg or .webp")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.add_argument("--model", required=True, help="a local FLUX.1 (dev or schnell) diffusers folder")
     p.add_argument("--dino", help="a local DINOv2 folder (with --adapter)")
     p.add_argument("--adapter", help="a DINO adapter trained by `diffbase train` (training.method: upscale_dino)")
-    p.add_argument("--scale", type=float, default=2.0)
+    p.add_argument("--scale", type=float, default=2.0, help="the result's size over the input's")
     p.add_argument("--strength", type=float, default=0.35, help="img2img strength (0, 1]")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 for dev, 4 for schnell)")
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX guidance value")
     p.add_argument("--dino-strength", type=float, default=1.0, help="0: plain img2img, 1: full DINO attention")
     p.add_argument("--prompt", default="", help="what the image shows (optional)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's native size)")
-    p.add_argument("--overlap", type=int, default=128, help="tile overlap in pixels")
+    p.add_argument("--overlap", type=int, help="tile overlap in pixels (default: an eighth of the tile, 128 for 1024)")
     p.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"], help="auto: on above 2048x2048")
     p.add_argument("--max-pixels", type=int, default=64 * 2**20, help="refuse inputs and results larger than this")
+    p.add_argument("--max-tiles", type=int, default=100, help="refuse results that take more tiles than this")
     add_runtime_arguments(p)
     p.set_defaults(func=run_upscale)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from diffbase import progress
 from diffbase.dreamo.conditions import DreamOEmbeddings, ReferenceTokens, added_after_x_embedder, pack_references
 from diffbase.dreamo.processor import ReferenceCache, reference_cache
 
@@ -83,7 +84,7 @@ def reference_inputs(
 
 @torch.no_grad()
 def dreamo_generate(
-    pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], settings: DreamOSettings, show_progress: bool = False
+    pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], settings: DreamOSettings, show_progress: bool | None = None
 ) -> Image.Image:
     from tqdm import tqdm
 
@@ -119,7 +120,14 @@ def dreamo_generate(
     cached = s.cache_references and tokens is not None
     context = reference_cache(transformer, hidden_refs.shape[1]) if cached else contextlib.nullcontext(ReferenceCache())
     with context as cache:
-        for i, t in enumerate(tqdm(timesteps, desc="dreamo", unit="step", disable=not show_progress)):
+        for i, t in enumerate(
+            tqdm(
+                timesteps,
+                desc="dreamo",
+                unit="step",
+                disable=not (progress.shown() if show_progress is None else show_progress),
+            )
+        ):
             timestep = t.expand(1).to(latents.dtype) / 1000
             reading = cached and i > 0
             cache.mode = "read" if reading else "record" if cached else "off"

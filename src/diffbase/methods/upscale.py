@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from diffbase import progress
 from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.methods import text_to_image
@@ -193,7 +194,9 @@ def run(loaded: tuple[Any, Any, Any], inputs: dict[str, Any], settings: Any) -> 
     from diffbase.upscale.sampling import upscale
 
     pipe, dino, adapter = loaded
-    return upscale(pipe, inputs["image"], settings, dino, adapter, show_progress=inputs.get("progress", False))
+    return upscale(
+        pipe, inputs["image"], settings, dino, adapter, show_progress=inputs.get("progress", progress.shown())
+    )
 
 
 UPSCALE = register(

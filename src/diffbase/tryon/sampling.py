@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffbase import progress
 from diffbase.models import backbone as B
 from diffbase.tryon import canvas as C
 
@@ -76,7 +77,7 @@ def tryon(
     scheduler = ddim(bb)
     scheduler.set_timesteps(settings.steps, device=device)
     latents = torch.randn(cond.shape, generator=g).to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for t in progress.bar(scheduler.timesteps, "try-on"):
         if use_cfg:
             x = C.unet_input(variant, torch.cat([latents] * 2), torch.cat([masks] * 2), torch.cat([uncond, cond]))
             enc = torch.cat([text] * 2) if text is not None else None

@@ -57,6 +57,22 @@ def output_size(size: tuple[int, int], scale: float, max_pixels: int) -> tuple[i
     return w, h
 
 
+def latent_tiles(latent_hw: tuple[int, int], tile: int, overlap: int, factor: int) -> tuple[list[Any], int]:
+    """The latent tiles of a (height, width) latent grid for a tile and overlap in pixels, and the overlap
+    in latent cells."""
+    cells = max(0, overlap // factor)
+    return tile_grid(*latent_hw, max(2, tile // factor // 2 * 2), cells), cells
+
+
+def plan(size: tuple[int, int], s: UpscaleSettings, factor: int, native: int) -> tuple[tuple[int, int], int]:
+    """The result's (width, height) and how many tiles sampling it takes, from sizes alone (before any
+    model loads): the padded latent grid upscale() will tile."""
+    w, h = output_size(size, s.scale, s.max_pixels)
+    unit = factor * 2
+    latent_hw = (math.ceil(h / unit) * unit // factor, math.ceil(w / unit) * unit // factor)
+    return (w, h), len(latent_tiles(latent_hw, s.tile or native, s.overlap, factor)[0])
+
+
 def native_tile(pipe: Any) -> int:
     """The model's native resolution in pixels: default_sample_size latents x the VAE's factor."""
     return int(pipe.default_sample_size * pipe.vae_scale_factor)
@@ -120,10 +136,8 @@ def upscale(
     pixels = to_tensor(padded)[None].to(device, vae.dtype)
     z = vae.encode(pixels).latent_dist.sample(generator)
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-    lh, lw = z.shape[-2:]
     f = pipe.vae_scale_factor
-    overlap = max(0, s.overlap // f)
-    tiles = tile_grid(lh, lw, max(2, (s.tile or native_tile(pipe)) // f // 2 * 2), overlap)
+    tiles, overlap = latent_tiles(tuple(z.shape[-2:]), s.tile or native_tile(pipe), s.overlap, f)
 
     steps = s.steps or default_steps(pipe)
     seq_len = (tiles[0].h // 2) * (tiles[0].w // 2)

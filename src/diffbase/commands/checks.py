@@ -1,0 +1,193 @@
+"""What every model-running command (and the web UI's tabs) checks before it loads a model: numbers in range,
+sizes the family can take, readable images of a usable shape, masks and boxes that mark something, and
+output paths that can be written. Each check raises a one-line UserError naming `name`: the command's flag,
+or the web UI's field label."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_ASPECT = 8.0  # longest side / shortest side a pipeline is given (a 5000x3 image has no latent rows)
+
+
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def count(value: int, name: str, least: int = 1, most: int | None = None) -> int:
+    """A whole number of at least `least` (and at most `most`): steps, tiles, resolutions."""
+    if value is None or value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"at least {least}"
+        raise UserError(f"{name}: expected a whole number {bound}, got {value}")
+    return value
+
+
+def number(
+    value: float | None, name: str, low: float | None = None, high: float | None = None,
+    low_open: bool = False, high_open: bool = False,
+) -> float | None:  # fmt: skip
+    """A finite number in a range; `*_open` leaves that end out. None (the pipeline's default) passes."""
+    if value is None:
+        return None
+    bad = not math.isfinite(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        left = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        right = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = f"in {left}, {right}" if low is not None and high is not None else (
+            f"{'above' if low_open else 'at least'} {low:g}" if low is not None else f"at most {high:g}")  # fmt: skip
+        raise UserError(f"{name}: expected a number {where}, got {value}")
+    return value
+
+
+def size(text: str, name: str, multiple: int = 8, least: int = 16) -> tuple[int, int]:
+    """`HxW` -> (height, width), each a multiple of what the family needs: rounded to the nearest one
+    with a note saying so (a 63x65 request does not silently become something else)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except (ValueError, AttributeError):
+        raise UserError(f"{name}: expected HxW such as 512x512, got '{text}'") from None
+    if h < least or w < least:
+        raise UserError(f"{name}: expected each side at least {least} px, got '{text}'")
+    rh, rw = (max(multiple, round(v / multiple) * multiple) for v in (h, w))
+    if (rh, rw) != (h, w):
+        note(f"{name} {h}x{w} is rounded to {rh}x{rw} (this model needs multiples of {multiple} px)")
+    return rh, rw
+
+
+def image(path: str | None, name: str, max_pixels: int | None = None, max_aspect: float | None = MAX_ASPECT) -> Any:
+    """A readable image (PIL, RGB) within the pixel limit, its sides at most `max_aspect` apart."""
+    from diffbase.data.images import BadFile, image_size, load_image
+
+    if not path:
+        raise UserError(f"{name}: give an image")
+    file = Path(path)
+    try:
+        w, h = image_size(file)
+        if max_pixels is not None and w * h > max_pixels:
+            raise UserError(f"{name}: {file} is {w}x{h}, beyond the limit of {max_pixels} pixels")
+        if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+            raise UserError(f"{name}: {file} is {w}x{h}; expected sides at most {max_aspect:g} times apart")
+        return load_image(file)
+    except BadFile as err:
+        raise UserError(f"{name}: {err.path}: {err.reason}") from None
+
+
+def mask(path: str, name: str, image_size: tuple[int, int]) -> Any:
+    """A readable mask of the image's size that marks something (white: the area to change)."""
+    from diffbase.data.images import BadFile, load_mask
+
+    try:
+        m = load_mask(Path(path))
+    except BadFile as err:
+        raise UserError(f"{name}: {err.path}: {err.reason}") from None
+    if m.size != tuple(image_size):
+        raise UserError(f"{name}: the mask is {m.size[0]}x{m.size[1]} (WxH) but the image is "
+                        f"{image_size[0]}x{image_size[1]}; expected the same size")  # fmt: skip
+    if m.convert("L").getextrema()[1] < 128:
+        raise UserError(f"{name}: the mask is empty (no pixel above 127); white marks the area to change")
+    return m
+
+
+def box(text: str, name: str, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`x0,y0,x1,y1` in pixels, inside the image and not empty."""
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{name}: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
+    w, h = image_size
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise UserError(f"{name}: {text} is not a box inside the {w}x{h} image (expected 0 <= x0 < x1 <= {w}, "
+                        f"0 <= y0 < y1 <= {h})")  # fmt: skip
+    return x0, y0, x1, y1
+
+
+def output(path: str | None, name: str, inputs: list[str] = (), overwrite: bool = False) -> Path | None:
+    """An output file that can be written: a known image suffix, not a folder, not one of the inputs, not an
+    existing file (unless `overwrite`), in a folder that exists or, for a relative path, can be made, and
+    where a file can be created now (before minutes of computing)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"{name}: {out} has no image suffix; expected one of {', '.join(OUTPUT_SUFFIXES)}")
+    if out.is_dir():
+        raise UserError(f"{name}: {out} is a folder; expected a file name")
+    resolved = out.resolve()
+    for given in inputs:
+        if given and Path(given).resolve() == resolved:
+            raise UserError(f"{name}: {out} is also an input; write the result to another file")
+    if out.exists() and not overwrite:
+        raise UserError(f"{name}: {out} exists; give another name, or --overwrite to replace it")
+    folder = out.parent
+    if not folder.exists():
+        if out.is_absolute():
+            raise UserError(f"{name}: the folder {folder} does not exist")
+        missing = next(p for p in [folder, *folder.parents] if p.parent.exists() or p == Path("."))
+        if not os.access(missing.parent if missing.parent != missing else Path("."), os.W_OK):
+            raise UserError(f"{name}: cannot make the folder {folder}")
+        return out  # made when written (atomic_write makes the folder)
+    if not folder.is_dir():
+        raise UserError(f"{name}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffbase-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{name}: cannot write in {folder} ({exc.strerror})") from None
+    return out
+
+
+def weights_file(path: str | None, name: str) -> None:
+    """A weights file is safetensors or a PyTorch pickle of tensors (loaded with weights_only=True); a
+    folder is checked for one of them."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{name}: {p} not found")
+    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+    for f in files:
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+            readable_tensors(f, name)
+
+
+def readable_tensors(f: Path, name: str) -> None:
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), framework="pt"):
+                return
+        except Exception:
+            raise UserError(f"{name}: {f} is not a safetensors file") from None
+    import zipfile
+
+    if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; anything else is not a weights file
+        raise UserError(f"{name}: {f} is not a PyTorch weights file (expected safetensors or a torch.save archive)")
+
+
+def model_folder(path: str, name: str = "--model") -> Any:
+    """The family spec of a local diffusers folder, read from its model_index.json (no weights loaded)."""
+    from diffbase.models.folders import detect_family
+
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"{name}: {folder} not found (expected a local diffusers folder)")
+    if not folder.is_dir():
+        return None  # a single file: checked when it loads
+    return detect_family(folder)
+
+
+def size_multiple(spec: Any) -> int:
+    """What a family's sides must be a multiple of: the VAE's 8 px, times 2 for the transformers' 2x2 patches."""
+    return 8 if spec is None or spec.family in ("sd15", "sdxl") else 16
