@@ -204,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text-to-image with any family", formatter_class=HelpFormatter)
     gen.add_argument("--model", required=True, help="diffusers folder, or a single file with --config")
     gen.add_argument("--config", help="a local diffusers folder of the same family, for a single-file checkpoint")
-    gen.add_argument("--prompt")
+    gen.add_argument("--prompt", help="what to draw")
     gen.add_argument("--prompts", help="file with one prompt per line; --out is then a folder")
-    gen.add_argument("--negative")
-    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]")
+    gen.add_argument("--negative", help="what to avoid (families with a negative prompt)")
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA file and its scale (repeatable)"
+    )
     gen.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers' examples)")
     gen.add_argument("--steps", type=int, default=28, help="sampling steps")
     gen.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")

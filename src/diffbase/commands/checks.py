@@ -191,3 +191,11 @@ def model_folder(path: str, name: str = "--model") -> Any:
 def size_multiple(spec: Any) -> int:
     """What a family's sides must be a multiple of: the VAE's 8 px, times 2 for the transformers' 2x2 patches."""
     return 8 if spec is None or spec.family in ("sd15", "sdxl") else 16
+
+
+def runtime(args: Any) -> None:
+    """--device and --attention name something that exists here (before minutes of loading)."""
+    from diffbase.attention import choose
+    from diffbase.models.placement import resolve_device
+
+    choose(args.attention, resolve_device(args.device), "--attention")

@@ -62,6 +62,7 @@ def check_prompt(prompt: str, slots: list[Any]) -> None:
 
 
 def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
+    checks.runtime(args)
     spec = checks.model_folder(args.model)
     if spec is not None and spec.family != "flux1":
         raise UserError(f"--model: DreamO runs on FLUX.1; {args.model} holds a {spec.family} model")
@@ -129,12 +130,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=12, help="sampling steps (12 with the turbo LoRA)")
     p.add_argument("--guidance", type=float, default=4.5, help="FLUX guidance value")
     p.add_argument("--first-step-guidance", type=float, default=0.0, help="the first step's guidance (0: --guidance)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG on steps [start, end)")
-    p.add_argument("--true-cfg-start", type=int, default=0)
-    p.add_argument("--true-cfg-end", type=int, default=0)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--neg-guidance", type=float, default=3.5)
+    p.add_argument("--true-cfg-start", type=int, default=0, help="the first step of true CFG")
+    p.add_argument("--true-cfg-end", type=int, default=0, help="the step true CFG ends before")
+    p.add_argument("--negative-prompt", default="", help="true CFG's negative prompt")
+    p.add_argument("--neg-guidance", type=float, default=3.5, help="the negative branch's guidance value")
     add_runtime_arguments(p, offload=False)
     add_output_arguments(p, "also the references and the result side by side")
     p.set_defaults(func=run_customize)

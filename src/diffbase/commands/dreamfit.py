@@ -18,6 +18,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     from diffbase.methods.dreamfit import DREAMFIT
     from diffbase.pose import render_openpose
 
+    checks.runtime(args)
     spec = checks.model_folder(args.model)
     if spec is not None and spec.family != "flux1":
         raise UserError(f"--model: DreamFit runs on FLUX.1; {args.model} holds a {spec.family} model")
@@ -78,14 +79,14 @@ def add_parser(sub: Any) -> None:
         help="DreamFit on FLUX.1: garment, pose-guided or try-on generation",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--mode", choices=["garment", "pose", "tryon"], default="garment")
+    p.add_argument("--mode", choices=["garment", "pose", "tryon"], default="garment", help="what to generate")
     p.add_argument("--model", required=True, help="a local FLUX.1 diffusers folder")
     p.add_argument("--checkpoint", required=True, help="flux_i2i.bin, flux_i2i_with_pose.bin or flux_tryon.bin")
-    p.add_argument("--garment", required=True)
+    p.add_argument("--garment", required=True, help="the garment photo")
     p.add_argument("--pose", help="a pose render, or an OpenPose keypoints .json that diffbase draws")
     p.add_argument("--person", help="try-on: the person")
     p.add_argument("--mask", help="try-on: the garment area on the person")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="what the picture shows")
     p.add_argument("--size", default="1024x768", help="HxW")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance", type=float, default=4.0, help="FLUX guidance value")

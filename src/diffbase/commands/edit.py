@@ -20,6 +20,7 @@ def _settings(args: argparse.Namespace, kind: str) -> Any:
     """The sampling settings, checked against the model's family (read from its folder, nothing loaded)."""
     from diffbase.editing import EditSettings, check_pipeline
 
+    checks.runtime(args)
     spec = checks.model_folder(args.model)
     if spec is not None:
         check_pipeline(spec, kind, args.model)
@@ -101,7 +102,7 @@ def run_inpaint(args: argparse.Namespace) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the instruction (edit) or what the area shows (inpaint)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers' examples)")
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")

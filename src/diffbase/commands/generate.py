@@ -33,6 +33,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    checks.runtime(args)
     spec = checks.model_folder(args.config or args.model, "--config" if args.config else "--model")
     checks.count(args.steps, "--steps")
     checks.number(args.guidance, "--guidance", low=0)

@@ -28,6 +28,7 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 def check_sampling(args: argparse.Namespace) -> tuple[int, int]:
     """The model and sampling options `tryon` and `eval tryon` share, before the model loads."""
+    checks.runtime(args)
     spec = checks.model_folder(args.model)
     if spec is not None and spec.family != "sd15":
         raise UserError(f"--model: try-on runs on an SD1.5 folder; {args.model} holds a {spec.family} model")
@@ -110,7 +111,12 @@ NOT_COMPUTED = "they need pretrained VGG/Inception weights, which diffbase does 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:
     """The model and sampling options `tryon` and `eval tryon` share."""
-    p.add_argument("--method", choices=["vton", "catvton"], default="vton")
+    p.add_argument(
+        "--method",
+        choices=["vton", "catvton"],
+        default="vton",
+        help="catvton: the released CatVTON weights on the inpainting UNet",
+    )
     p.add_argument("--model", required=True, help="a local SD1.5 diffusers folder (the inpainting UNet for catvton)")
     p.add_argument("--weights", help="trained attention weights: a train run's vton/ folder or a CatVTON folder")
     p.add_argument("--size", default="512x384", help="HxW the model runs at")
@@ -136,10 +142,10 @@ def add_parsers(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     model_arguments(t)
-    t.add_argument("--person", required=True)
+    t.add_argument("--person", required=True, help="the person photo")
     t.add_argument("--mask", help="the garment area on the person (white)")
     t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
-    t.add_argument("--garment", required=True)
+    t.add_argument("--garment", required=True, help="the garment photo")
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
     add_output_arguments(t, "also person | garment | result side by side")
     t.set_defaults(func=run_tryon)

@@ -28,6 +28,7 @@ def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
     """Every number, the input, the output path and the tiles it will take, before the model loads."""
     from diffbase.upscale.sampling import UpscaleSettings, plan
 
+    checks.runtime(args)
     out = args.out or args.output
     if out is None:
         raise UserError("--out: give the file to write the result to")
