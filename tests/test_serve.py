@@ -22,7 +22,7 @@ def test_uploads_are_refused_by_bytes_and_pixels_before_decoding(tmp_path: Path)
     assert checked_image(str(image), "person", Limits()).size == (64, 64)
     with pytest.raises(UserError, match="person: .* MB is more than the 0 MB limit"):
         checked_image(str(image), "person", Limits(max_bytes=1000))
-    with pytest.raises(UserError, match="person: 64x64 is more than the 4000 pixel limit"):
+    with pytest.raises(UserError, match="person: the image is 64x64, beyond the limit of 4000 pixels"):
         checked_image(str(image), "person", Limits(max_pixels=4000))
     with pytest.raises(UserError, match="garment: upload an image"):
         checked_image(None, "garment", Limits())
@@ -48,3 +48,57 @@ def test_serve_binds_to_localhost_by_default() -> None:
 
     args = build_parser().parse_args(["serve"])
     assert isinstance(args, argparse.Namespace) and args.host == "127.0.0.1"
+
+
+def test_a_request_stops_at_its_time_limit_or_on_stop_and_the_next_one_runs() -> None:
+    import time
+
+    import gradio as gr
+
+    from diffbase import progress
+    from diffbase.serve import Limits, Models, Request, guarded
+
+    models, request = Models(), Request(Limits(max_seconds=0.5))
+    steps: list[int] = []
+
+    def slow(n: int) -> str:
+        for i in progress.bar(range(n), "work", show=False):
+            steps.append(i)
+            time.sleep(0.05)
+        return "done"
+
+    run = guarded(slow, models, request)
+    with pytest.raises(gr.Error, match="ran past the 0.5 s limit"):
+        run(1000)
+    assert 0 < len(steps) < 1000 and not models.lock.locked()
+    steps.clear()
+
+    def stop_soon(n: int) -> str:
+        for i in progress.bar(range(n), "work", show=False):
+            if i == 3:
+                request.cancel.set()  # what the Stop button does, from another thread
+            steps.append(i)
+        return "done"
+
+    with pytest.raises(gr.Error, match="stopped"):
+        guarded(stop_soon, models, request)(1000)
+    assert len(steps) == 4
+    assert guarded(slow, models, request)(2) == "done"  # the next request starts with a clear flag and clock
+
+
+def test_a_diffusers_pipeline_stops_between_steps(tiny_model) -> None:
+    from diffbase import progress
+    from diffbase.generate import GenerateSettings, generate
+    from diffbase.models.loading import load_pipeline
+
+    pipe, spec = load_pipeline(tiny_model("flux1"))
+    progress.pipeline(pipe, "generate", show=False)
+    calls = []
+
+    def reason() -> str | None:
+        calls.append(1)
+        return "stopped" if len(calls) > 2 else None
+
+    with progress.stop_when(reason), pytest.raises(progress.Cancelled, match="stopped"):
+        generate(pipe, spec, GenerateSettings(prompt="a cat", steps=10, height=32, width=32))
+    assert len(calls) == 3  # two steps ran, the third was refused

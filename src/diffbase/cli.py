@@ -127,10 +127,11 @@ def _cmd_data_synth_dreamo(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     from diffbase.serve import Defaults, Limits, serve
 
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
-        raise UserError("--max-upload-mb / --max-pixels: expected positive limits")
+    if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
+        raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
     defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device)
-    serve(args.host, args.port, defaults, Limits(int(args.max_upload_mb * 2**20), args.max_pixels))
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
+    serve(args.host, args.port, defaults, limits)
 
 
 def _cmd_parity(args: argparse.Namespace) -> None:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--tryon-weights", help="the try-on tab's default weights (e.g. outputs/demo/run/vton)")
     web.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this are refused")
     web.add_argument("--max-pixels", type=int, default=4096 * 4096, help="images with more pixels are refused")
+    web.add_argument("--max-seconds", type=float, default=600.0, help="one request's time limit (it stops at a step)")
+    web.add_argument("--max-tiles", type=int, default=64, help="the upscale tab's limit on tiles per request")
     web.set_defaults(func=_cmd_serve)
 
     zoo = sub.add_parser("zoo", help="tiny models for tests and trials").add_subparsers(dest="action", required=True)

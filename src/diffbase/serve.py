@@ -34,6 +34,8 @@ ZOO = Path(__file__).resolve().parent / "zoo_weights"
 class Limits:
     max_bytes: int = 20 * 2**20
     max_pixels: int = 4096 * 4096
+    max_seconds: float = 600.0  # one request's run time; past it the work stops at its next step
+    max_tiles: int = 64  # the upscale tab's limit
 
 
 @dataclass(frozen=True)
@@ -62,35 +64,65 @@ class Models:
         return self.value
 
 
-def checked_image(path: str | None, what: str, limits: Limits, mask: bool = False) -> Image.Image:
-    """An upload (the server's temporary copy) as RGB (or a binary mask), refused before decoding when it is
-    too many bytes or pixels."""
-    from diffbase.data.images import BadFile, image_size, load_image, load_mask
+def checked_image(path: str | None, what: str, limits: Limits) -> Image.Image:
+    """An upload (the server's temporary copy) as RGB, refused before decoding when it is too many bytes or
+    pixels; the same checks as the commands', named by the field's label."""
+    from diffbase.commands import checks
 
     if not path:
         raise UserError(f"{what}: upload an image")
-    file = Path(path)
-    size = file.stat().st_size
+    size = Path(path).stat().st_size
     if size > limits.max_bytes:
         raise UserError(f"{what}: {size / 2**20:.1f} MB is more than the {limits.max_bytes / 2**20:.0f} MB limit")
-    try:
-        w, h = image_size(file)
-        if w * h > limits.max_pixels:
-            raise UserError(f"{what}: {w}x{h} is more than the {limits.max_pixels} pixel limit")
-        return load_mask(file) if mask else load_image(file)
-    except BadFile as err:
-        raise UserError(f"{what}: {err.reason}") from None
+    return checks.image(path, what, max_pixels=limits.max_pixels, show_path=False)
 
 
-def guarded(fn: Callable[..., Any], models: Models) -> Callable[..., Any]:
-    """Runs `fn` under the model lock; a UserError (or any failure) becomes an error shown in the page."""
+def checked_mask(path: str | None, what: str, limits: Limits, image: Image.Image) -> Image.Image:
+    from diffbase.commands import checks
+
+    if not path:
+        raise UserError(f"{what}: upload a mask")
+    size = Path(path).stat().st_size
+    if size > limits.max_bytes:
+        raise UserError(f"{what}: {size / 2**20:.1f} MB is more than the {limits.max_bytes / 2**20:.0f} MB limit")
+    return checks.mask(path, what, image.size, show_path=False)
+
+
+class Request:
+    """The running request's stop conditions: the Stop button and the per-request time limit."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.cancel = threading.Event()
+        self.deadline = 0.0
+
+    def reason(self) -> str | None:
+        import time
+
+        if self.cancel.is_set():
+            return "stopped (the Stop button)"
+        if time.monotonic() > self.deadline:
+            return f"stopped: the request ran past the {self.limits.max_seconds:g} s limit"
+        return None
+
+
+def guarded(fn: Callable[..., Any], models: Models, request: Request) -> Callable[..., Any]:
+    """Runs `fn` under the model lock and the request's stop conditions (checked at every sampling step); a
+    UserError (or any failure) becomes an error shown in the page."""
+    import time
+
     import gradio as gr
+
+    from diffbase import progress
 
     @functools.wraps(fn)  # gradio reads the signature (its progress argument) through the wrapper
     def run(*args: Any, **kwargs: Any) -> Any:
         with models.lock:
+            request.cancel.clear()
+            request.deadline = time.monotonic() + request.limits.max_seconds
             try:
-                return fn(*args, **kwargs)
+                with progress.stop_when(request.reason):
+                    return fn(*args, **kwargs)
             except UserError as err:
                 raise gr.Error(str(err)) from None
             except gr.Error:
@@ -115,9 +147,9 @@ def default_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
 
 
 def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    from diffbase.commands.options import parse_box as box
+    from diffbase.commands import checks
 
-    return box(text, "box") if text.strip() else default_box(size)
+    return checks.box(text, "garment box", size) if text.strip() else default_box(size)
 
 
 def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
@@ -141,21 +173,22 @@ def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
 def build_app(defaults: Defaults, limits: Limits) -> Any:
     import gradio as gr
 
-    models = Models()
+    models, request = Models(), Request(limits)
     tracked = gr.Progress(track_tqdm=True)  # gradio fills in a progress bar where a function takes one
 
     def tryon(person: str, garment: str, mask: str | None, box: str, method: str, model: str, weights: str,
               size: str, steps: int, seed: int, progress: Any = tracked) -> Image.Image:  # fmt: skip
-        from diffbase.generate import parse_size
+        from diffbase.commands import checks
         from diffbase.methods.vton import VTON
         from diffbase.tryon.data import box_mask
         from diffbase.tryon.sampling import TryOnSettings
 
+        h, w = checks.size(size, "HxW", 8)
+        checks.count(steps, "steps")
         person_img = checked_image(person, "person", limits)
         garment_img = checked_image(garment, "garment", limits)
-        mask_img = checked_image(mask, "mask", limits, mask=True) if mask else box_mask(
+        mask_img = checked_mask(mask, "mask (optional)", limits, person_img) if mask else box_mask(
             person_img.size, parse_box(box, person_img.size))  # fmt: skip
-        h, w = parse_size(size)
         progress(0, desc="loading the model")
         bb = models.get(("tryon", model, weights, method, defaults.device),
                         lambda: VTON.load(model, weights or None, method, **runtime(defaults.device)))  # fmt: skip
@@ -166,39 +199,44 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
     def dreamfit(mode: str, garment: str, person: str | None, mask: str | None, pose: str | None, prompt: str,
                  model: str, checkpoint: str, size: str, steps: int, seed: int,
                  progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase import progress as steps_progress
+        from diffbase.commands import checks
         from diffbase.dreamfit.generate import DreamFitSettings
-        from diffbase.generate import parse_size
         from diffbase.methods.dreamfit import DREAMFIT
 
         if not checkpoint:
-            raise UserError("checkpoint: give a DreamFit checkpoint file (official .bin or one trained here)")
+            raise UserError("DreamFit checkpoint: give a DreamFit checkpoint file (official .bin or one trained here)")
+        checks.weights_file(checkpoint, "DreamFit checkpoint")
+        h, w = checks.size(size, "HxW", 16)
+        checks.count(steps, "steps")
         inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", limits)}
         if pose:
-            inputs["pose"] = checked_image(pose, "pose", limits)
+            inputs["pose"] = checked_image(pose, "pose image", limits)
         if mode == "tryon":
-            inputs["person"], inputs["mask"] = (
-                checked_image(person, "person", limits),
-                checked_image(mask, "mask", limits, True),
-            )
-        h, w = parse_size(size)
+            inputs["person"] = checked_image(person, "person (try-on)", limits)
+            inputs["mask"] = checked_mask(mask, "mask (try-on)", limits, inputs["person"])
         progress(0, desc="loading the model")
         loaded = models.get(("dreamfit", model, checkpoint, defaults.device),
                             lambda: DREAMFIT.load(model, checkpoint, **runtime(defaults.device)))  # fmt: skip
+        steps_progress.pipeline(loaded[0], "dreamfit", show=True)
         settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
         return DREAMFIT.run(loaded, inputs, settings)
 
     def customize(ref1: str | None, task1: str, ref2: str | None, task2: str, prompt: str, model: str, dreamo: str,
                   version: str, size: str, steps: int, seed: int,
                   progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.commands import checks
+        from diffbase.commands.customize import check_prompt
         from diffbase.dreamo.generate import DreamOSettings
-        from diffbase.generate import parse_size
         from diffbase.methods.dreamo import DREAMO
 
+        h, w = checks.size(size, "HxW", 16)
+        checks.count(steps, "steps")
         slots = [(checked_image(r, f"reference {k}", limits), t, None, None) if r else None
                  for k, (r, t) in enumerate(((ref1, task1), (ref2, task2)), start=1)]  # fmt: skip
         if not any(slots):
             raise UserError("references: upload at least one")
-        h, w = parse_size(size)
+        check_prompt(prompt, slots, "prompt")
         loaded = models.get(("dreamo", model, dreamo, version, defaults.device),
                             lambda: DREAMO.load(model, dreamo, version, **runtime(defaults.device)))  # fmt: skip
         settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed))
@@ -206,34 +244,46 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
     def edit(kind: str, image: str, mask: str | None, prompt: str, model: str, steps: int, seed: int,
              progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase import progress as steps_progress
+        from diffbase.commands import checks
         from diffbase.commands.edit import load_editing
-        from diffbase.editing import EditSettings, check_images, check_mask, check_references, inpaint
+        from diffbase.editing import EditSettings, check_images, check_references, inpaint
         from diffbase.editing import edit as run_edit
 
+        checks.count(steps, "steps")
         picture = checked_image(image, "image", limits)
+        area = checked_mask(mask, "mask (inpaint)", limits, picture) if kind == "inpaint" else None
         pipe, spec = models.get(("edit", kind, model, defaults.device),
                                 lambda: load_editing(model, kind, **runtime(defaults.device)))  # fmt: skip
+        steps_progress.pipeline(pipe, kind, show=True)
         settings = EditSettings(prompt=prompt, seed=int(seed), steps=int(steps))
         if kind == "edit":
             check_references(spec, "edit", 1)
             check_images(pipe, [picture], ["image"])
             return run_edit(pipe, spec, [picture], settings)
-        area = checked_image(mask, "mask", limits, mask=True)
-        check_mask(picture, area, "mask")
         return inpaint(pipe, spec, picture, area, settings, [])
 
     def upscale(image: str, model: str, scale: float, strength: float, steps: int, seed: int,
                 progress: Any = tracked) -> Image.Image:  # fmt: skip
+        from diffbase.commands import checks
+        from diffbase.commands.upscale import vae_factor
         from diffbase.methods.upscale import UPSCALE
-        from diffbase.upscale.sampling import UpscaleSettings, output_size
+        from diffbase.upscale.sampling import UpscaleSettings, plan
 
+        checks.number(scale, "scale", low=0, low_open=True)
+        checks.number(strength, "strength", 0, 1, low_open=True)
+        checks.count(steps, "steps")
         picture = checked_image(image, "image", limits)
-        output_size(picture.size, float(scale), limits.max_pixels)
+        factor = vae_factor(model)
+        tile = 128 * factor  # the model's native size, overlapped by an eighth as the command does
+        settings = UpscaleSettings(scale=float(scale), strength=float(strength), steps=int(steps), seed=int(seed),
+                                   max_pixels=limits.max_pixels, tile=tile, overlap=tile // 8)  # fmt: skip
+        (w, h), tiles = plan(picture.size, settings, factor, tile, "scale")
+        if tiles > limits.max_tiles:
+            raise UserError(f"scale: a {w}x{h} result takes {tiles} tiles, more than this server's {limits.max_tiles}")
         loaded = models.get(
             ("upscale", model, defaults.device), lambda: UPSCALE.load(model, **runtime(defaults.device))
         )
-        settings = UpscaleSettings(scale=float(scale), strength=float(strength), steps=int(steps), seed=int(seed),
-                                   max_pixels=limits.max_pixels)  # fmt: skip
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
 
     def monitor(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
@@ -251,9 +301,20 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         return hw, gr.Number(label="steps", value=steps, precision=0), gr.Number(label="seed", value=0, precision=0)
 
     def action(label: str, prefix: str | None = None) -> tuple[Any, Any]:
-        """The run button and the result image."""
-        return (gr.Button(label, variant="primary", elem_id=f"{prefix}-run" if prefix else None),
-                gr.Image(label="result", type="pil", format="png", elem_id=f"{prefix}-result" if prefix else None))  # fmt: skip
+        """The run and stop buttons and the result image."""
+        with gr.Row():
+            run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run" if prefix else None)
+            stop = gr.Button(
+                "Stop", variant="stop", scale=0, min_width=160, elem_id=f"{prefix}-stop" if prefix else None
+            )
+        return (run, stop), gr.Image(label="result", type="pil", format="png",
+                                     elem_id=f"{prefix}-result" if prefix else None)  # fmt: skip
+
+    def wire(buttons: tuple[Any, Any], fn: Callable[..., Any], inputs: list[Any], output: Any) -> None:
+        """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step."""
+        run, stop = buttons
+        event = run.click(guarded(fn, models, request), inputs, output)
+        stop.click(request.cancel.set, None, None, queue=False, cancels=[event])
 
     with gr.Blocks(title="diffbase") as app:
         gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
@@ -274,9 +335,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
             with gr.Row():
                 size, steps, seed = sampling("64x48", 20)
             run, result = action("Try on", "tryon")
-            run.click(
-                guarded(tryon, models), [person, garment, mask, box, method, model, weights, size, steps, seed], result
-            )
+            wire(run, tryon, [person, garment, mask, box, method, model, weights, size, steps, seed], result)
         with gr.Tab("DreamFit"):
             with gr.Row():
                 mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
@@ -290,11 +349,9 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                 )
                 f_size, f_steps, f_seed = sampling("32x32", 20)
             f_run, f_result = action("Generate")
-            f_run.click(
-                guarded(dreamfit, models),
-                [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
-                f_result,
-            )
+            wire(f_run, dreamfit,
+                 [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
+                 f_result)  # fmt: skip
         with gr.Tab("DreamO"):
             tasks = ["ip", "id", "style", "tryon"]
             with gr.Row():
@@ -311,11 +368,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                 d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
                 d_size, d_steps, d_seed = sampling("1024x1024", 12)
             d_run, d_result = action("Customize")
-            d_run.click(
-                guarded(customize, models),
-                [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
-                d_result,
-            )
+            wire(d_run, customize, [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
+                 d_result)  # fmt: skip
         with gr.Tab("Edit / Fill"):
             with gr.Row():
                 kind = gr.Radio(["edit", "inpaint"], value="edit", label="Kontext edit or Fill inpaint")
@@ -325,7 +379,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                 e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
                 _, e_steps, e_seed = sampling(None, 28)  # the size comes from the image
             e_run, e_result = action("Run")
-            e_run.click(guarded(edit, models), [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
+            wire(e_run, edit, [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
         with gr.Tab("Upscale"):
             u_image = upload("image", "up-image")
             with gr.Row():
@@ -336,7 +390,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                 )
                 _, u_steps, u_seed = sampling(None, 20)  # the size follows the scale
             u_run, u_result = action("Upscale")
-            u_run.click(guarded(upscale, models), [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
+            wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
         with gr.Tab("Training monitor"):
             folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
             refresh = gr.Button("Refresh")

@@ -64,32 +64,37 @@ def size(text: str, name: str, multiple: int = 8, least: int = 16) -> tuple[int,
     return rh, rw
 
 
-def image(path: str | None, name: str, max_pixels: int | None = None, max_aspect: float | None = MAX_ASPECT) -> Any:
-    """A readable image (PIL, RGB) within the pixel limit, its sides at most `max_aspect` apart."""
+def image(
+    path: str | None, name: str, max_pixels: int | None = None, max_aspect: float | None = MAX_ASPECT,
+    show_path: bool = True,
+) -> Any:  # fmt: skip
+    """A readable image (PIL, RGB) within the pixel limit, its sides at most `max_aspect` apart. `show_path`
+    False leaves the file's path out of the message (the web UI's uploads sit in the server's temp folder)."""
     from diffbase.data.images import BadFile, image_size, load_image
 
     if not path:
         raise UserError(f"{name}: give an image")
     file = Path(path)
+    what = f"{name}: {file}" if show_path else f"{name}: the image"
     try:
         w, h = image_size(file)
         if max_pixels is not None and w * h > max_pixels:
-            raise UserError(f"{name}: {file} is {w}x{h}, beyond the limit of {max_pixels} pixels")
+            raise UserError(f"{what} is {w}x{h}, beyond the limit of {max_pixels} pixels")
         if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
-            raise UserError(f"{name}: {file} is {w}x{h}; expected sides at most {max_aspect:g} times apart")
+            raise UserError(f"{what} is {w}x{h}; expected sides at most {max_aspect:g} times apart")
         return load_image(file)
     except BadFile as err:
-        raise UserError(f"{name}: {err.path}: {err.reason}") from None
+        raise UserError(f"{name}: {file}: {err.reason}" if show_path else f"{name}: {err.reason}") from None
 
 
-def mask(path: str, name: str, image_size: tuple[int, int]) -> Any:
+def mask(path: str, name: str, image_size: tuple[int, int], show_path: bool = True) -> Any:
     """A readable mask of the image's size that marks something (white: the area to change)."""
     from diffbase.data.images import BadFile, load_mask
 
     try:
         m = load_mask(Path(path))
     except BadFile as err:
-        raise UserError(f"{name}: {err.path}: {err.reason}") from None
+        raise UserError(f"{name}: {err.path}: {err.reason}" if show_path else f"{name}: {err.reason}") from None
     if m.size != tuple(image_size):
         raise UserError(f"{name}: the mask is {m.size[0]}x{m.size[1]} (WxH) but the image is "
                         f"{image_size[0]}x{image_size[1]}; expected the same size")  # fmt: skip

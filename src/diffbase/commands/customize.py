@@ -49,16 +49,16 @@ def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] 
     return slots
 
 
-def check_prompt(prompt: str, slots: list[Any]) -> None:
+def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
     """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one)."""
     import re
 
     given = ", ".join(f"[ref#{k}]" for k, s in enumerate(slots, 1) if s is not None)
     for n in sorted({int(m) for m in re.findall(r"\[ref#(\d+)\]", prompt)}):
         if not 1 <= n <= len(slots):
-            raise UserError(f"--prompt: [ref#{n}] names no reference (given: {given})")
+            raise UserError(f"{name}: [ref#{n}] names no reference (given: {given})")
         if slots[n - 1] is None:
-            checks.note(f"--prompt: [ref#{n}] names an empty slot (--ref none)")
+            checks.note(f"{name}: [ref#{n}] names an empty slot")
 
 
 def check_numbers(args: argparse.Namespace) -> tuple[int, int]:

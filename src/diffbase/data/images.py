@@ -42,7 +42,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, reading only the header; raises BadFile."""
+    """(width, height) after EXIF rotation, reading only the header; raises BadFile. PIL's decompression-bomb
+    limit is lifted for the header alone, so a large photo is reported by its size, against the caller's own
+    limit, rather than as a bomb; decoding (load_image) keeps the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as img:
             img.verify()
@@ -53,6 +57,8 @@ def image_size(path: Path) -> tuple[int, int]:
         raise BadFile(path, "file not found") from None
     except Exception as exc:  # PIL raises many types for broken files
         raise BadFile(path, f"not a readable image ({type(exc).__name__})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

@@ -86,8 +86,6 @@ def reference_inputs(
 def dreamo_generate(
     pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], settings: DreamOSettings, show_progress: bool | None = None
 ) -> Image.Image:
-    from tqdm import tqdm
-
     from diffbase.generate import flux_timesteps
     from diffbase.models.backbone import text_length
 
@@ -120,14 +118,7 @@ def dreamo_generate(
     cached = s.cache_references and tokens is not None
     context = reference_cache(transformer, hidden_refs.shape[1]) if cached else contextlib.nullcontext(ReferenceCache())
     with context as cache:
-        for i, t in enumerate(
-            tqdm(
-                timesteps,
-                desc="dreamo",
-                unit="step",
-                disable=not (progress.shown() if show_progress is None else show_progress),
-            )
-        ):
+        for i, t in enumerate(progress.bar(timesteps, "dreamo", show=show_progress)):
             timestep = t.expand(1).to(latents.dtype) / 1000
             reading = cached and i > 0
             cache.mode = "read" if reading else "record" if cached else "off"

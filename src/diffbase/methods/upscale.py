@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from diffbase import progress
 from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.methods import text_to_image
@@ -194,9 +193,7 @@ def run(loaded: tuple[Any, Any, Any], inputs: dict[str, Any], settings: Any) -> 
     from diffbase.upscale.sampling import upscale
 
     pipe, dino, adapter = loaded
-    return upscale(
-        pipe, inputs["image"], settings, dino, adapter, show_progress=inputs.get("progress", progress.shown())
-    )
+    return upscale(pipe, inputs["image"], settings, dino, adapter, show_progress=inputs.get("progress"))
 
 
 UPSCALE = register(

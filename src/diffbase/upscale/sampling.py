@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffbase import progress
 from diffbase.errors import UserError
 from diffbase.upscale.dino import context_with_dino, dino_features
 from diffbase.upscale.tiles import Tile, fuse, tile_grid
@@ -47,13 +48,13 @@ class UpscaleSettings:
     max_pixels: int = MAX_OUTPUT_PIXELS
 
 
-def output_size(size: tuple[int, int], scale: float, max_pixels: int) -> tuple[int, int]:
-    """(width, height) of the result: the input's times `scale`, rounded."""
+def output_size(size: tuple[int, int], scale: float, max_pixels: int, name: str = "--scale") -> tuple[int, int]:
+    """(width, height) of the result: the input's times `scale`, rounded. `name`: the flag or field."""
     if not scale > 0 or not math.isfinite(scale):
-        raise UserError(f"--scale: expected a number above 0, got {scale}")
+        raise UserError(f"{name}: expected a number above 0, got {scale}")
     w, h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
     if w * h > max_pixels:
-        raise UserError(f"--scale {scale}: a {w}x{h} result is beyond the limit of {max_pixels} pixels")
+        raise UserError(f"{name} {scale}: a {w}x{h} result is beyond the limit of {max_pixels} pixels")
     return w, h
 
 
@@ -64,10 +65,12 @@ def latent_tiles(latent_hw: tuple[int, int], tile: int, overlap: int, factor: in
     return tile_grid(*latent_hw, max(2, tile // factor // 2 * 2), cells), cells
 
 
-def plan(size: tuple[int, int], s: UpscaleSettings, factor: int, native: int) -> tuple[tuple[int, int], int]:
+def plan(
+    size: tuple[int, int], s: UpscaleSettings, factor: int, native: int, name: str = "--scale"
+) -> tuple[tuple[int, int], int]:
     """The result's (width, height) and how many tiles sampling it takes, from sizes alone (before any
     model loads): the padded latent grid upscale() will tile."""
-    w, h = output_size(size, s.scale, s.max_pixels)
+    w, h = output_size(size, s.scale, s.max_pixels, name)
     unit = factor * 2
     latent_hw = (math.ceil(h / unit) * unit // factor, math.ceil(w / unit) * unit // factor)
     return (w, h), len(latent_tiles(latent_hw, s.tile or native, s.overlap, factor)[0])
@@ -119,10 +122,9 @@ def default_steps(pipe: Any) -> int:
 @torch.no_grad()
 def upscale(
     pipe: Any, image: Image.Image, s: UpscaleSettings, dino: Any = None, adapter: Any = None,
-    show_progress: bool = False, paste: bool = False,
+    show_progress: bool | None = None, paste: bool = False,
 ) -> Image.Image:  # fmt: skip
     from diffusers.utils.torch_utils import randn_tensor
-    from tqdm import tqdm
 
     from diffbase.data.datasets import to_tensor
     from diffbase.generate import flux_timesteps
@@ -158,8 +160,8 @@ def upscale(
     )
     contexts = [tile_context(pipe, t, pixels, embeds, text_ids, dino, adapter, s.dino_strength) for t in tiles]
 
-    bar = tqdm(total=remaining * len(tiles), desc=f"upscale ({len(tiles)} tiles)", unit="tile-step",
-               disable=not show_progress)  # fmt: skip
+    bar = progress.bar(desc=f"upscale ({len(tiles)} tiles)", unit="tile-step", total=remaining * len(tiles),
+                       show=show_progress)  # fmt: skip
     if paste:  # the baseline: every tile sampled on its own, then blended
         finished = []
         for t, context in zip(tiles, contexts, strict=True):
