@@ -102,3 +102,14 @@ def test_a_diffusers_pipeline_stops_between_steps(tiny_model) -> None:
     with progress.stop_when(reason), pytest.raises(progress.Cancelled, match="stopped"):
         generate(pipe, spec, GenerateSettings(prompt="a cat", steps=10, height=32, width=32))
     assert len(calls) == 3  # two steps ran, the third was refused
+
+
+def test_errors_name_the_field_not_the_flag() -> None:
+    from diffbase.serve import relabel
+
+    labels = {"--weights": "trained attention weights", "--model": "SD1.5 model folder"}
+    assert relabel("--weights: x.bin is not a PyTorch weights file", labels) == (
+        "trained attention weights: x.bin is not a PyTorch weights file"
+    )
+    assert relabel("--model: try-on runs on an SD1.5 folder", labels).startswith("SD1.5 model folder: try-on")
+    assert relabel("steps: expected a whole number", labels) == "steps: expected a whole number"

@@ -226,6 +226,7 @@ def test_bad_input_is_one_line_under_the_field_label(server, tmp_path) -> None:
         "mask (optional): the mask is empty": ("/tryon", [p, g, handle_file(str(black)), *tryon[3:]]),
         "garment box: 40,40,60,60 is not a box inside": ("/tryon", [p, g, None, "40,40,60,60", *tryon[4:]]),
         "scale: expected a number above 0": ("/upscale", [p, flux, -1.0, 0.35, 4, 0]),
+        "SD1.5 model folder: try-on runs on an SD1.5 folder": ("/tryon", [*tryon[:5], flux, *tryon[6:]]),
         "takes 324 tiles, more than this server's 64": ("/upscale", [p, flux, 127.0, 0.35, 4, 0]),
         "scale 200.0: a 6400x6400 result is beyond the limit": ("/upscale", [p, flux, 200.0, 0.35, 4, 0]),
     }

@@ -66,15 +66,6 @@ def check_images(pipe: Any, images: list[Any], names: list[str]) -> None:
             raise UserError(f"{name}: {err}") from None
 
 
-def check_mask(image: Any, mask: Any, mask_name: str) -> None:
-    """A mask of the image's size with something to repaint."""
-    if mask.size != image.size:
-        raise UserError(f"{mask_name}: the mask is {mask.size[0]}x{mask.size[1]} (WxH) but the image is "
-                        f"{image.size[0]}x{image.size[1]}; expected the same size")  # fmt: skip
-    if mask.convert("L").getextrema()[1] < 128:
-        raise UserError(f"{mask_name}: the mask is empty (no pixel above 127); white marks the area to repaint")
-
-
 def call_kwargs(settings: EditSettings) -> dict[str, Any]:
     from diffbase.generate import seeded_kwargs
 

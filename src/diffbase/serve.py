@@ -64,6 +64,12 @@ class Models:
         return self.value
 
 
+# The command flag each field stands for, so errors from the shared checks and loaders name the field.
+FLAGS = {"SD1.5 model folder": "--model", "FLUX.1 model folder": "--model", "Kontext, FLUX.2 or Fill model folder":
+         "--model", "trained attention weights (a run's vton/ folder)": "--weights", "DreamFit checkpoint":
+         "--checkpoint", "DreamO folder": "--dreamo", "method": "--method", "mode": "--mode"}  # fmt: skip
+
+
 def checked_image(path: str | None, what: str, limits: Limits) -> Image.Image:
     """An upload (the server's temporary copy) as RGB, refused before decoding when it is too many bytes or
     pixels; the same checks as the commands', named by the field's label."""
@@ -106,9 +112,19 @@ class Request:
         return None
 
 
-def guarded(fn: Callable[..., Any], models: Models, request: Request) -> Callable[..., Any]:
+def relabel(message: str, labels: dict[str, str]) -> str:
+    """An error from the commands' shared code, its leading flag (`--weights: ...`) named as the tab's field."""
+    for flag, label in labels.items():
+        if message.startswith((f"{flag}:", f"{flag} ")):
+            return label + message[len(flag) :]
+    return message
+
+
+def guarded(
+    fn: Callable[..., Any], models: Models, request: Request, labels: dict[str, str] | None = None
+) -> Callable[..., Any]:
     """Runs `fn` under the model lock and the request's stop conditions (checked at every sampling step); a
-    UserError (or any failure) becomes an error shown in the page."""
+    UserError (or any failure) becomes an error shown in the page, named by the field's label."""
     import time
 
     import gradio as gr
@@ -124,7 +140,7 @@ def guarded(fn: Callable[..., Any], models: Models, request: Request) -> Callabl
                 with progress.stop_when(request.reason):
                     return fn(*args, **kwargs)
             except UserError as err:
-                raise gr.Error(str(err)) from None
+                raise gr.Error(relabel(str(err), labels or {})) from None
             except gr.Error:
                 raise
             except Exception as err:  # noqa: BLE001  (the server keeps serving; the page says what failed)
@@ -311,9 +327,16 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
                                      elem_id=f"{prefix}-result" if prefix else None)  # fmt: skip
 
     def wire(buttons: tuple[Any, Any], fn: Callable[..., Any], inputs: list[Any], output: Any) -> None:
-        """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step."""
+        """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step.
+        Errors that name a command's flag name the input's label instead."""
         run, stop = buttons
-        event = run.click(guarded(fn, models, request), inputs, output)
+        labels = {}
+        for component in inputs:
+            label = getattr(component, "label", None)
+            if label:
+                labels[FLAGS.get(label, "")] = label
+        labels.pop("", None)
+        event = run.click(guarded(fn, models, request, labels), inputs, output)
         stop.click(request.cancel.set, None, None, queue=False, cancels=[event])
 
     with gr.Blocks(title="diffbase") as app:

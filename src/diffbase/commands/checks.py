@@ -118,7 +118,7 @@ def box(text: str, name: str, image_size: tuple[int, int]) -> tuple[int, int, in
 
 def output(path: str | None, name: str, inputs: list[str] = (), overwrite: bool = False) -> Path | None:
     """An output file that can be written: a known image suffix, not a folder, not one of the inputs, not an
-    existing file (unless `overwrite`), in a folder that exists or, for a relative path, can be made, and
+    existing file (unless `overwrite`), in a folder that exists or can be made (not a new top-level folder),
     where a file can be created now (before minutes of computing)."""
     if path is None:
         return None
@@ -134,21 +134,18 @@ def output(path: str | None, name: str, inputs: list[str] = (), overwrite: bool 
     if out.exists() and not overwrite:
         raise UserError(f"{name}: {out} exists; give another name, or --overwrite to replace it")
     folder = out.parent
-    if not folder.exists():
-        if out.is_absolute():
-            raise UserError(f"{name}: the folder {folder} does not exist")
-        missing = next(p for p in [folder, *folder.parents] if p.parent.exists() or p == Path("."))
-        if not os.access(missing.parent if missing.parent != missing else Path("."), os.W_OK):
-            raise UserError(f"{name}: cannot make the folder {folder}")
-        return out  # made when written (atomic_write makes the folder)
-    if not folder.is_dir():
-        raise UserError(f"{name}: {folder} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".diffbase-probe-", dir=folder)
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{name}: {existing} is not a folder")
+    if existing != folder.absolute() and existing.parent == existing:  # a new top-level folder: surely a typo
+        raise UserError(f"{name}: the folder {folder} does not exist (diffbase makes missing folders, but not at "
+                        "the filesystem's root)")  # fmt: skip
+    try:  # the folders are made when the result is written; here only whether it could be
+        fd, probe = tempfile.mkstemp(prefix=".diffbase-probe-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{name}: cannot write in {folder} ({exc.strerror})") from None
+        raise UserError(f"{name}: cannot write in {existing} ({exc.strerror})") from None
     return out
 
 

@@ -70,14 +70,3 @@ def save_result(image: Any, out: str, meta: dict[str, Any], grid: str | None = N
 
         save_image_atomic(side_by_side((shown or {}) | {"result": image}), Path(grid))
         print(f"wrote {grid}")
-
-
-def parse_box(text: str, what: str) -> tuple[int, int, int, int]:
-    """`x0,y0,x1,y1` in pixels (a try-on garment box, a DreamO face box); `what` names the flag or field."""
-    from diffbase.errors import UserError
-
-    try:
-        x0, y0, x1, y1 = (int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{what}: expected x0,y0,x1,y1 in pixels, got '{text}'") from None
-    return x0, y0, x1, y1
