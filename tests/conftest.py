@@ -13,7 +13,6 @@ import diffbase.methods  # noqa: E402,F401  (registers the built-in methods and 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
 
-FAMILIES = ["sd15", "sdxl", "sd3", "flux1", "flux2", "flux2-klein"]
 
 
 @pytest.fixture(scope="session")
@@ -33,19 +32,3 @@ def tiny_model(zoo_dir: Path):
         return out
 
     return get
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from diffbase.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse usage errors
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()

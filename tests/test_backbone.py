@@ -22,7 +22,7 @@ from diffbase.models.backbone import (
     unpack,
 )
 from diffbase.models.loading import load_pipeline
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 SIZE, STEPS, PROMPT = 64, 3, "a photo of a cat"
 

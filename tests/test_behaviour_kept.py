@@ -15,9 +15,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_cli
 from tests.golden_record import Record, rgb
-from tests.test_experiments import TINY, train_tiny
+from tests.helpers import TINY_EXPERIMENTS, run_cli, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = os.environ.get("DIFFBASE_RECORD") == "1"
@@ -50,7 +49,7 @@ def check(record: Record) -> None:
     record.save() if RECORD else record.check()
 
 
-@pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
+@pytest.mark.parametrize("path", TINY_EXPERIMENTS, ids=[p.stem for p in TINY_EXPERIMENTS])
 def test_tiny_experiment_unchanged(path: Path, tmp_path: Path) -> None:
     code, _, err = train_tiny(path, tmp_path, 3)
     assert code == 0, err
@@ -86,7 +85,7 @@ def test_toy_runs_unchanged(config: str, model: str, synth: Path, tmp_path: Path
 
 
 def test_catvton_and_dreamfit_commands_unchanged(tiny_model, synth: Path, tmp_path: Path) -> None:
-    from tests.test_dreamfit_mechanism import tiny_checkpoint
+    from tests.helpers import dreamfit_checkpoint
 
     test = synth / "test"
     person, mask = test / "image" / "00000.png", test / "agnostic-mask" / "00000_mask.png"
@@ -99,7 +98,7 @@ def test_catvton_and_dreamfit_commands_unchanged(tiny_model, synth: Path, tmp_pa
     assert code == 0, err
     code, _, err = run_cli(
         "dreamfit", "--mode", "tryon", "--model", str(tiny_model("flux1")), "--checkpoint",
-        str(tiny_checkpoint(tiny_model, tmp_path)), "--person", str(person), "--mask", str(mask),
+        str(dreamfit_checkpoint(tiny_model, tmp_path)), "--person", str(person), "--mask", str(mask),
         "--garment", str(garment), "--prompt", "a person", "--size", "32x32", "--steps", "3",
         "--out", str(tmp_path / "dreamfit.png"),
     )  # fmt: skip

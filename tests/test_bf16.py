@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
-from tests.test_experiments import TINY, train_tiny
+from tests.helpers import TINY_EXPERIMENTS, run_cli, train_tiny
 
 BF16 = ["model.dtype=bfloat16", "hardware.mixed_precision=bf16"]
 
 
-@pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
+@pytest.mark.parametrize("path", TINY_EXPERIMENTS, ids=[p.stem for p in TINY_EXPERIMENTS])
 def test_tiny_experiments_train_validate_and_export_in_bf16(path: Path, tmp_path: Path) -> None:
     code, _, err = train_tiny(path, tmp_path, 2, *BF16, "training.validation.loss_split=0.25")
     assert code == 0, err

@@ -14,9 +14,8 @@ from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
 from diffbase.training.step import diffusion_step_loss
-from tests.conftest import run_cli
+from tests.helpers import run_cli, tiny_config, write_experiment
 from tests.images import image_folder
-from tests.test_training import tiny_config, write_experiment
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux1", "flux2-klein"])
@@ -99,7 +98,7 @@ def test_a_second_process_reuses_every_latent_of_a_random_weight_model(tmp_path:
     import subprocess
     import sys
 
-    from tests.test_experiments import SHAPES
+    from tests.helpers import SHAPES
 
     exp = Path(__file__).resolve().parents[1] / "configs" / "experiments" / "tiny" / "sd15_lora.yaml"
     outs = []

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from diffbase.config import configs_dir
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_help_imports_no_heavy_library() -> None:
@@ -73,7 +73,7 @@ def test_zoo_writes_a_complete_folder(tmp_path: Path) -> None:
 
 
 def test_a_run_leaves_nothing_after_a_config_error_and_never_overwrites_silently(tmp_path) -> None:
-    from tests.test_experiments import SHAPES
+    from tests.helpers import SHAPES
 
     out = tmp_path / "run"
     exp = "configs/experiments/tiny/sd15_lora.yaml"

@@ -13,6 +13,7 @@ from PIL import Image
 from diffbase.models import backbone as B
 from diffbase.models.loading import load_pipeline
 from diffbase.models.zoo import write_tiny
+from tests.helpers import first_transformer_call
 
 ROWS = {
     "flux1-kontext": "FluxKontextPipeline",
@@ -32,22 +33,6 @@ def test_editing_and_inpainting_folders_load(folders: dict[str, Path]) -> None:
         pipe, spec = load_pipeline(folders[name])
         assert type(pipe).__name__ == pipeline and spec.name == name
     assert load_pipeline(folders["flux1-fill"])[0].transformer.config.in_channels == 384
-
-
-def first_transformer_call(pipe, **kwargs) -> dict:
-    """The keyword arguments and output of the pipeline's first transformer call."""
-    seen: dict = {}
-
-    def hook(module, args, call_kwargs, out):  # noqa: ANN001
-        seen.setdefault("kwargs", call_kwargs)
-        seen.setdefault("out", out[0])
-
-    handle = pipe.transformer.register_forward_hook(hook, with_kwargs=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe(prompt="a red shirt", num_inference_steps=1, height=32, width=32, max_sequence_length=32,
-         generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
-    handle.remove()
-    return seen
 
 
 def cond_of(kwargs: dict) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from diffbase.config import Config, configs_dir, load_config
 from diffbase.errors import UserError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def write(path: Path, text: str) -> Path:

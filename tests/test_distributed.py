@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
 from tests.golden_record import assert_weights_close
+from tests.helpers import run_cli, write_experiment
 from tests.images import image_folder
-from tests.test_training import write_experiment
 
 COMMON = (
     "training.schedule.type=constant",

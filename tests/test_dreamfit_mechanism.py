@@ -9,23 +9,7 @@ import torch
 from diffbase.dreamfit.checkpoint import Dims, LoraPair, diffusers_name, random_official
 from diffbase.dreamfit.mechanism import install, write_banks
 from diffbase.models.loading import load_pipeline
-
-
-def inputs(transformer, seed: int, tokens: int = 16, text: int = 8) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    c = transformer.config
-    side = int(tokens**0.5)
-    img_ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    return {
-        "hidden_states": torch.randn(1, tokens, c.in_channels, generator=g),
-        "encoder_hidden_states": torch.randn(1, text, c.joint_attention_dim, generator=g),
-        "pooled_projections": torch.randn(1, c.pooled_projection_dim, generator=g),
-        "timestep": torch.tensor([0.5]),
-        "guidance": torch.tensor([3.5]),
-        "img_ids": torch.cat([torch.zeros(tokens, 1), img_ids.float()], dim=1),
-        "txt_ids": torch.zeros(text, 3),
-        "return_dict": False,
-    }
+from tests.helpers import dreamfit_checkpoint, transformer_inputs
 
 
 def pairs_for(transformer, zero: bool = False) -> dict[str, LoraPair]:
@@ -39,14 +23,14 @@ def pairs_for(transformer, zero: bool = False) -> dict[str, LoraPair]:
 def test_plain_mode_is_diffusers_and_zero_loras_write_the_plain_qkv(tiny_model) -> None:
     pipe, _ = load_pipeline(tiny_model("flux1"))
     stock = copy.deepcopy(pipe.transformer)
-    x = inputs(stock, 0)
+    x = transformer_inputs(stock, 0)
     with torch.no_grad():
         expected = stock(**x)[0]
     plain, zero = copy.deepcopy(stock), copy.deepcopy(stock)
     state_plain, state_zero = install(plain), install(zero, pairs_for(zero, zero=True))
     with torch.no_grad():
         assert torch.equal(plain(**x)[0], expected)  # mode "off" is the stock processor's computation
-    garment = inputs(stock, 1)
+    garment = transformer_inputs(stock, 1)
     state_plain.keep_bank_queries = state_zero.keep_bank_queries = True  # store q too, to compare it
     write_banks(plain, state_plain, **garment)
     write_banks(zero, state_zero, **garment)
@@ -64,18 +48,18 @@ def test_banks_are_written_once_and_read_every_step_dropping_bank_queries_exactl
     pipe, _ = load_pipeline(tiny_model("flux1"))
     t = pipe.transformer
     state = install(t, pairs_for(t))
-    write_banks(t, state, **inputs(t, 1))
+    write_banks(t, state, **transformer_inputs(t, 1))
     blocks = len(t.attn_processors)
     assert state.writes == blocks
     double = next(iter(k for k in state.banks if k.startswith("transformer_blocks")))
     single = next(iter(k for k in state.banks if k.startswith("single_transformer_blocks")))
     assert state.banks[double][1].shape[1] == 16 and state.banks[single][1].shape[1] == 8 + 16  # image / text+image
-    x = inputs(t, 0)
+    x = transformer_inputs(t, 0)
     with torch.no_grad():
         fast = [t(**x)[0] for _ in range(3)]
     assert state.writes == blocks  # reading never writes
     state.keep_bank_queries = True  # the official way: the bank's queries too, their outputs sliced off
-    write_banks(t, state, **inputs(t, 1))
+    write_banks(t, state, **transformer_inputs(t, 1))
     with torch.no_grad():
         slow = t(**x)[0]
         state.mode = "off"
@@ -83,13 +67,6 @@ def test_banks_are_written_once_and_read_every_step_dropping_bank_queries_exactl
     assert torch.equal(fast[0], fast[2])
     assert (fast[0] - slow).abs().max() <= 1e-5
     assert (fast[0] - plain).abs().max() > 1e-3  # the garment's banks change the result
-
-
-def tiny_checkpoint(tiny_model, tmp_path):
-    from diffbase.dreamfit.checkpoint import save_official
-
-    pipe, _ = load_pipeline(tiny_model("flux1"))
-    return save_official(random_official(Dims.of(pipe.transformer), rank=4, seed=3), tmp_path / "flux_tryon.bin")
 
 
 def test_a_generation_writes_the_banks_once_and_frees_them(tiny_model, tmp_path) -> None:
@@ -100,7 +77,7 @@ def test_a_generation_writes_the_banks_once_and_frees_them(tiny_model, tmp_path)
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     pipe.set_progress_bar_config(disable=True)
-    state = install(pipe.transformer, load_dreamfit(tiny_checkpoint(tiny_model, tmp_path), pipe.transformer))
+    state = install(pipe.transformer, load_dreamfit(dreamfit_checkpoint(tiny_model, tmp_path), pipe.transformer))
     garment = Image.new("RGB", (32, 32), (200, 30, 30))
     settings = DreamFitSettings(prompt="a person wearing a red shirt", steps=4, height=32, width=32)
     image = dreamfit_generate(pipe, state, settings, reference_image("garment", garment, (32, 32)))
@@ -124,9 +101,9 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
 
     from PIL import Image
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
-    ckpt = tiny_checkpoint(tiny_model, tmp_path)
+    ckpt = dreamfit_checkpoint(tiny_model, tmp_path)
     Image.new("RGB", (48, 64), (30, 30, 200)).save(tmp_path / "g.png")
     Image.new("RGB", (48, 64), (220, 200, 180)).save(tmp_path / "p.png")
     Image.new("L", (48, 64), 255).save(tmp_path / "m.png")
@@ -169,7 +146,7 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
 def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:
     from diffbase.dreamfit.checkpoint import load_dreamfit
     from diffbase.methods import train
-    from tests.test_dreamfit_memory import dreamfit_config
+    from tests.helpers import dreamfit_config
 
     config = dreamfit_config(tiny_model, tmp_path, "training.max_steps=3", "training.learning_rate=1e-2", pairs=6)
     result = train(config, show_progress=False)
@@ -198,7 +175,7 @@ def test_tryon_keeps_the_person_outside_the_mask_and_metadata_is_complete(tiny_m
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     person = Image.new("RGB", (32, 32), (220, 200, 180))
     ImageDraw.Draw(person).rectangle((0, 0, 31, 10), fill=(30, 120, 60))
@@ -208,7 +185,7 @@ def test_tryon_keeps_the_person_outside_the_mask_and_metadata_is_complete(tiny_m
     mask.save(tmp_path / "m.png")
     Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "g.png")
     common = ["dreamfit", "--mode", "tryon", "--model", str(tiny_model("flux1")), "--checkpoint",
-              str(tiny_checkpoint(tiny_model, tmp_path)), "--garment", str(tmp_path / "g.png"), "--person",
+              str(dreamfit_checkpoint(tiny_model, tmp_path)), "--garment", str(tmp_path / "g.png"), "--person",
               str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png"), "--prompt", "a person", "--size", "32x32",
               "--steps", "2"]  # fmt: skip
     for extra, name in (([], "kept.png"), (["--no-repaint"], "raw.png")):

@@ -7,28 +7,7 @@ import pytest
 import torch
 
 from diffbase.training.memory import SavedBytes
-
-
-def dreamfit_config(tiny_model, tmp_path, *extra: str, pairs: int = 4):
-    """DreamFit on the tiny FLUX.1 at 32x32, rank 4, batch 2, on `pairs` synthetic try-on pairs."""
-    from diffbase.config import configs_dir, load_config
-    from diffbase.toy.synthetic import write_dataset
-
-    root = write_dataset(tmp_path / "synth", pairs, 0, size=(32, 32))
-    return load_config(
-        configs_dir() / "models" / "flux1_tiny.yaml",
-        [
-            f"model.pretrained_path={tiny_model('flux1')}",
-            f"data.train_path={root}",
-            "training.method=dreamfit",
-            "training.dreamfit.size=[32,32]",
-            "training.dreamfit.rank=4",
-            "training.batch_size=2",
-            "training.checkpoint_every=0",
-            f"experiment.output_dir={tmp_path / 'run'}",
-            *extra,
-        ],
-    )
+from tests.helpers import dreamfit_config
 
 
 def set_up(config):
@@ -114,7 +93,7 @@ def test_banks_are_kept_in_the_compute_dtype(tiny_model) -> None:
     from diffbase.dreamfit.loras import DreamFitLoras
     from diffbase.dreamfit.mechanism import install, write_banks
     from diffbase.models.loading import load_pipeline
-    from tests.test_dreamfit_mechanism import inputs
+    from tests.helpers import transformer_inputs as inputs
 
     pipe, _ = load_pipeline(tiny_model("flux1"), dtype="bfloat16")
     loras = DreamFitLoras(Dims.of(pipe.transformer), 4, seed=0)  # fp32, as training keeps what trains

@@ -24,8 +24,8 @@ from diffbase.dreamo.generate import DreamOSettings, Reference, dreamo_generate
 from diffbase.errors import UserError
 from diffbase.models.backbone import text_length
 from diffbase.models.loading import load_pipeline
-from tests.conftest import run_cli
 from tests.golden_record import assert_pixels_close
+from tests.helpers import run_cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dreamo"
 

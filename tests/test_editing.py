@@ -15,9 +15,8 @@ from diffbase.data.datasets import to_tensor
 from diffbase.editing import prepare_fill_conditioning, prepare_kontext_conditioning
 from diffbase.models import backbone as B
 from diffbase.models.loading import load_pipeline
-from tests.conftest import run_cli
 from tests.golden_record import assert_pixels_close
-from tests.test_conditioning import first_transformer_call
+from tests.helpers import first_transformer_call, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 
 from diffbase.config import configs_dir, load_config
-from tests.conftest import run_cli
+from tests.helpers import SHAPES, TINY_EXPERIMENTS, run_cli, train_tiny
 
 EXPERIMENTS = sorted((configs_dir() / "experiments").glob("*.yaml"))
-TINY = sorted((configs_dir() / "experiments" / "tiny").glob("*.yaml"))
-SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes"
-EDITS = Path(__file__).resolve().parents[1] / "examples" / "edits" / "metadata.jsonl"
-MULTI_REFERENCE = Path(__file__).resolve().parents[1] / "examples" / "dreamo" / "metadata.jsonl"
 
 
 def test_there_is_an_experiment_for_each_family_and_method() -> None:
@@ -23,7 +19,7 @@ def test_there_is_an_experiment_for_each_family_and_method() -> None:
             if method == "controlnet" and family.startswith("flux2"):
                 continue  # diffusers has no FLUX.2 ControlNet model
             assert f"{family}_{method}" in names
-    assert len(TINY) == 27
+    assert len(TINY_EXPERIMENTS) == 27
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -36,18 +32,7 @@ def test_full_size_experiments_are_valid_and_ask_for_weights(path: Path, tmp_pat
         assert code == 2 and err.startswith("error: model.pretrained_path: required for sd15")
 
 
-def train_tiny(path: Path, out: Path, steps: int, *overrides: str) -> tuple[int, str, str]:
-    """`diffbase train` on a tiny experiment with the shapes (the edit methods: the pairs in
-    examples/edits; DreamO: examples/dreamo), no checkpoints, 2 validation steps."""
-    method = load_config(path).training.method
-    data = EDITS if method in ("kontext", "fill") else MULTI_REFERENCE if method == "dreamo" else SHAPES
-    return run_cli(
-        "train", str(path), f"training.max_steps={steps}", "training.checkpoint_every=0",
-        "training.validation.steps=2", f"data.train_path={data}", f"experiment.output_dir={out}", *overrides,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("path", TINY, ids=[p.stem for p in TINY])
+@pytest.mark.parametrize("path", TINY_EXPERIMENTS, ids=[p.stem for p in TINY_EXPERIMENTS])
 def test_tiny_experiments_train(path: Path, tmp_path: Path) -> None:
     code, out, err = train_tiny(path, tmp_path, 2)
     assert code == 0, err

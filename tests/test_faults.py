@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import write_experiment
 from tests.images import image_folder
-from tests.test_training import write_experiment
 
 STEPS = ["training.max_steps=12", "training.checkpoint_every=4", "training.keep_checkpoints=0"]
 

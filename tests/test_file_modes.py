@@ -7,8 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.conftest import run_cli
-from tests.test_experiments import SHAPES
+from tests.helpers import SHAPES, run_cli
 
 
 def modes(root: Path) -> dict[str, int]:

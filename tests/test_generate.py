@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import FAMILIES, run_cli
 from tests.golden_record import assert_pixels_close
+from tests.helpers import FAMILIES, run_cli
 
 # Guidance that exercises each family's own path: CFG for SD, the guidance embedding for FLUX dev.
 GUIDANCE = {"sd15": 5.0, "sdxl": 5.0, "sd3": 4.0, "flux1": 3.5, "flux2": 4.0, "flux2-klein": 4.0}

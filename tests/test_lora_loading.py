@@ -14,7 +14,7 @@ from diffbase.generate import GenerateSettings, pipeline_kwargs
 from diffbase.models.loading import load_pipeline
 from diffbase.models.lora_formats import peft_scales, save_diffusers_lora, save_lora, to_kohya, to_xlabs
 from diffbase.models.lora_loading import apply_loras, linear_widths, parse_lora_arg
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TARGETS = {
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],

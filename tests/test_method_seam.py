@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from diffbase.config import load_config
 from diffbase.methods import METHODS, Method, Trained, get, register, text_to_image, train
-from tests.conftest import run_cli
-from tests.test_experiments import SHAPES
+from tests.helpers import SHAPES, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

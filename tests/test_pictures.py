@@ -34,10 +34,9 @@ def test_generate_compare_shows_each_prompt_without_and_with_the_lora(tiny_model
     import numpy as np
     from PIL import Image
 
-    from tests.conftest import run_cli
-    from tests.test_experiments import TINY, train_tiny
+    from tests.helpers import TINY_EXPERIMENTS, run_cli, train_tiny
 
-    path = next(p for p in TINY if p.stem == "flux1_lora")  # a LoRA for the tiny FLUX.1's layers
+    path = next(p for p in TINY_EXPERIMENTS if p.stem == "flux1_lora")  # a LoRA for the tiny FLUX.1's layers
     code, _, err = train_tiny(path, tmp_path / "run", 2, "training.learning_rate=0.5")
     assert code == 0, err
     prompts = tmp_path / "prompts.txt"

@@ -19,7 +19,7 @@ from diffbase.models.placement import (
     place_pipeline,
     resolve_device,
 )
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def backbone(tiny_model, family: str = "flux1") -> Backbone:
@@ -103,7 +103,7 @@ def test_attention_choices() -> None:
 
 def test_a_diffusers_backend_is_set_on_the_denoiser_and_gives_the_same_output(tiny_model) -> None:
     from diffbase.attention import apply_attention, backends_in_use, choose
-    from tests.test_dreamfit_mechanism import inputs
+    from tests.helpers import transformer_inputs as inputs
 
     transformer = backbone(tiny_model, "flux1").denoiser
     kwargs = inputs(transformer, seed=0)

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, diffusers_to_bfl
 from diffbase.models.loading import load_pipeline
-from tests.conftest import run_cli
 from tests.golden_record import assert_pixels_close
+from tests.helpers import run_cli
 
 ARGS = ["--prompt", "a photo of a cat", "--steps", "2", "--size", "64x64", "--seed", "3", "--guidance", "3.5"]
 

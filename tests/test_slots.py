@@ -15,8 +15,8 @@ from diffbase.data.datasets import Record, TrainDataset, read_metadata
 from diffbase.methods import get
 from diffbase.models import backbone as B
 from diffbase.models.loading import load_pipeline
+from tests.helpers import tiny_config
 from tests.images import image_folder, shape_image
-from tests.test_training import tiny_config
 
 
 def paired_edits(root: Path, n: int = 3) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 from diffbase.demo import classify, eval_set, mean_colour_baseline, score, table
 from diffbase.toy.synthetic import COLOURS, PATTERNS, combinations, make_item, write_dataset
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def pixels(img) -> np.ndarray:

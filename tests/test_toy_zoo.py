@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffbase.models.tokenizers import SYNTHETIC_WORDS, clip_tokenizer, t5_tokenizer
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ZOO = Path(__file__).resolve().parents[1] / "src" / "diffbase" / "zoo_weights"
 

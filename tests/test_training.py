@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffbase.config import Config, configs_dir, load_config
+from diffbase.config import Config, load_config
 from diffbase.data.datasets import TrainDataset, build_records
 from diffbase.methods import get, train
 from diffbase.models.backbone import Backbone
@@ -20,33 +20,8 @@ from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
 from diffbase.training.objectives import diffusion_loss
 from diffbase.training.step import fixed_time_loss
-from tests.conftest import run_cli
+from tests.helpers import TINY_MODELS, run_cli, tiny_config, write_experiment
 from tests.images import image_folder
-
-TINY = {
-    "sd15": "sd15_tiny",
-    "sdxl": "sdxl_tiny",
-    "sd3": "sd3_tiny",
-    "flux1": "flux1_tiny",
-    "flux2": "flux2_tiny",
-    "flux2-klein": "flux2_klein_tiny",
-}
-
-
-def tiny_config(family: str, folder: Path, data: Path, out: Path, *overrides: str) -> Config:
-    return load_config(
-        configs_dir() / "models" / f"{TINY[family]}.yaml",
-        [
-            f"model.pretrained_path={folder}",
-            f"data.train_path={data}",
-            f"experiment.output_dir={out}",
-            "data.resolution=64",
-            "training.batch_size=4",
-            "training.checkpoint_every=0",
-            "training.objective.timestep_sampling=uniform",
-            *overrides,
-        ],
-    )
 
 
 def batch_loss(config: Config, bb: Backbone, controlnet=None) -> float:
@@ -58,8 +33,8 @@ def batch_loss(config: Config, bb: Backbone, controlnet=None) -> float:
 
 
 CASES = (
-    [(f, "lora") for f in TINY]
-    + [(f, "full_finetune") for f in TINY]
+    [(f, "lora") for f in TINY_MODELS]
+    + [(f, "full_finetune") for f in TINY_MODELS]
     + [(f, "controlnet") for f in ("sd15", "sdxl", "sd3", "flux1")]
     + [("sd15", "dreambooth"), ("flux1", "dreambooth")]
 )
@@ -158,24 +133,6 @@ def test_keep_last_k_checkpoints(tiny_model, tmp_path: Path) -> None:
     )
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-000005", "step-000006"]
-
-
-def write_experiment(path: Path, family: str, folder: Path, data: Path, out: Path, *lines: str) -> Path:
-    base = configs_dir() / "models" / f"{TINY[family]}.yaml"
-    path.write_text(
-        "\n".join(
-            [
-                f"_base_: [{base}]",
-                "experiment: {output_dir: " + str(out) + "}",
-                "model: {pretrained_path: " + str(folder) + "}",
-                "data: {train_path: " + str(data) + ", resolution: 64}",
-                "training: {batch_size: 2, max_steps: 6, checkpoint_every: 2, learning_rate: 1.0e-3}",
-                *lines,
-            ]
-        )
-        + "\n"
-    )
-    return path
 
 
 def test_bad_training_input_is_one_line_exit_2(tiny_model, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from diffbase.tryon.vton import (
     prepare_unet,
     save_catvton_attention,
 )
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def tiny_vton(tiny_model, variant: str, seed: int = 0) -> Backbone:

@@ -15,8 +15,8 @@ from diffbase.models.loading import load_pipeline
 from diffbase.upscale.dino import DinoAdapter, context_with_dino, load_dino
 from diffbase.upscale.sampling import UpscaleSettings, prepare, upscale
 from diffbase.upscale.tiles import fuse, tile_grid, tile_weight
-from tests.conftest import run_cli
 from tests.golden_record import assert_pixels_close
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DINO = ROOT / "src" / "diffbase" / "zoo_weights" / "dinov2-tiny"
