@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffbase.commands.options import HelpFormatter, add_runtime_arguments
 from diffbase.errors import Stopped, UserError
+from diffbase.runtime import add_arguments, config_overrides
 
 
 def _cmd_config_show(args: argparse.Namespace) -> None:
@@ -44,31 +45,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     run_generate(args)
 
 
-def training_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="sets hardware.device (auto, cpu, cuda)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="sets model.dtype (and mixed precision)")
-    p.add_argument("--attention", help="sets hardware.attention_backend")
-
-
-def runtime_overrides(args: argparse.Namespace) -> list[str]:
-    """--device / --dtype / --attention as the config overrides they stand for (given last, so they win)."""
-    out = []
-    if args.device:
-        out.append(f"hardware.device={args.device}")
-    if args.dtype:
-        precision = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[args.dtype]
-        out += [f"model.dtype={args.dtype}", f"hardware.mixed_precision={precision}"]
-    if args.attention:
-        out.append(f"hardware.attention_backend={args.attention}")
-    return out
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
     from diffbase.methods import train
     from diffbase.training.loop import process_state
 
-    config = load_config(args.config, args.overrides + runtime_overrides(args))
+    config = load_config(args.config, args.overrides + config_overrides(args))
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if process_state(config).is_main_process:
         print(f"trained {result.steps} steps; outputs in {result.output_dir}")
@@ -80,7 +62,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
     from diffbase.methods import get
     from diffbase.training.train import load_backbone
 
-    config = load_config(args.config, args.overrides + runtime_overrides(args))
+    config = load_config(args.config, args.overrides + config_overrides(args))
     d = config.data
     if not (d.cache_latents or d.cache_text):
         print(
@@ -129,7 +111,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
         raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
-    defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device)
+    defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
+                        attention=args.attention)  # fmt: skip
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
     serve(args.host, args.port, defaults, limits)
 
@@ -168,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("serve", help="the web UI (Gradio): try-on, DreamFit, DreamO, edit, upscale, training monitor")
     web.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0 exposes it to your network)")
     web.add_argument("--port", type=int, default=7860)
-    web.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
+    add_arguments(web, offload=False)
     web.add_argument("--tryon-weights", help="the try-on tab's default weights (e.g. outputs/demo/run/vton)")
     web.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this are refused")
     web.add_argument("--max-pixels", type=int, default=4096 * 4096, help="images with more pixels are refused")
@@ -233,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
-    training_runtime_arguments(tr)
+    add_arguments(tr, dtype_default=None, offload=False)
     tr.set_defaults(func=_cmd_train)
 
     from diffbase.commands.customize import add_parser as add_customize
@@ -276,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
-    training_runtime_arguments(cache)
+    add_arguments(cache, dtype_default=None, offload=False)
     cache.set_defaults(func=_cmd_cache)
 
     parity = sub.add_parser(

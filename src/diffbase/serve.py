@@ -46,6 +46,8 @@ class Defaults:
     flux1: str = str(ZOO / "flux1-toy")
     tryon_weights: str = ""
     device: str = "auto"
+    dtype: str = "float32"
+    attention: str = "auto"
 
 
 class Models:
@@ -150,12 +152,6 @@ def guarded(
     return run
 
 
-def runtime(device: str) -> dict[str, Any]:
-    from diffbase.models.placement import resolve_device
-
-    return {"device": resolve_device(device or "auto", "device"), "dtype": "float32"}
-
-
 def default_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A torso-sized box in the middle of the person, when neither a mask nor a box is given."""
     w, h = size
@@ -189,7 +185,11 @@ def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
 def build_app(defaults: Defaults, limits: Limits) -> Any:
     import gradio as gr
 
+    from diffbase.runtime import resolve
+
     models, request = Models(), Request(limits)
+    rt = resolve(defaults.device, defaults.dtype, defaults.attention)  # once, for every tab
+    rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
     tracked = gr.Progress(track_tqdm=True)  # gradio fills in a progress bar where a function takes one
 
     def tryon(person: str, garment: str, mask: str | None, box: str, method: str, model: str, weights: str,
@@ -206,8 +206,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         mask_img = checked_mask(mask, "mask (optional)", limits, person_img) if mask else box_mask(
             person_img.size, parse_box(box, person_img.size))  # fmt: skip
         progress(0, desc="loading the model")
-        bb = models.get(("tryon", model, weights, method, defaults.device),
-                        lambda: VTON.load(model, weights or None, method, **runtime(defaults.device)))  # fmt: skip
+        bb = models.get(("tryon", model, weights, method),
+                        lambda: VTON.load(model, weights or None, method, **rt.loader()))  # fmt: skip
         progress(0.1, desc="sampling")
         settings = TryOnSettings(steps=int(steps), seed=int(seed))
         return VTON.run(bb, {"person": person_img, "garment": garment_img, "mask": mask_img}, settings, (h, w))
@@ -232,8 +232,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
             inputs["person"] = checked_image(person, "person (try-on)", limits)
             inputs["mask"] = checked_mask(mask, "mask (try-on)", limits, inputs["person"])
         progress(0, desc="loading the model")
-        loaded = models.get(("dreamfit", model, checkpoint, defaults.device),
-                            lambda: DREAMFIT.load(model, checkpoint, **runtime(defaults.device)))  # fmt: skip
+        loaded = models.get(("dreamfit", model, checkpoint),
+                            lambda: DREAMFIT.load(model, checkpoint, **rt.loader()))  # fmt: skip
         steps_progress.pipeline(loaded[0], "dreamfit", show=True)
         settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
         return DREAMFIT.run(loaded, inputs, settings)
@@ -253,8 +253,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         if not any(slots):
             raise UserError("references: upload at least one")
         check_prompt(prompt, slots, "prompt")
-        loaded = models.get(("dreamo", model, dreamo, version, defaults.device),
-                            lambda: DREAMO.load(model, dreamo, version, **runtime(defaults.device)))  # fmt: skip
+        loaded = models.get(("dreamo", model, dreamo, version),
+                            lambda: DREAMO.load(model, dreamo, version, **rt.loader()))  # fmt: skip
         settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed))
         return DREAMO.run(loaded, {"references": slots}, settings)
 
@@ -269,8 +269,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         checks.count(steps, "steps")
         picture = checked_image(image, "image", limits)
         area = checked_mask(mask, "mask (inpaint)", limits, picture) if kind == "inpaint" else None
-        pipe, spec = models.get(("edit", kind, model, defaults.device),
-                                lambda: load_editing(model, kind, **runtime(defaults.device)))  # fmt: skip
+        pipe, spec = models.get(("edit", kind, model),
+                                lambda: load_editing(model, kind, **rt.loader()))  # fmt: skip
         steps_progress.pipeline(pipe, kind, show=True)
         settings = EditSettings(prompt=prompt, seed=int(seed), steps=int(steps))
         if kind == "edit":
@@ -297,9 +297,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         (w, h), tiles = plan(picture.size, settings, factor, tile, "scale")
         if tiles > limits.max_tiles:
             raise UserError(f"scale: a {w}x{h} result takes {tiles} tiles, more than this server's {limits.max_tiles}")
-        loaded = models.get(
-            ("upscale", model, defaults.device), lambda: UPSCALE.load(model, **runtime(defaults.device))
-        )
+        loaded = models.get(("upscale", model), lambda: UPSCALE.load(model, **rt.loader()))
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
 
     def monitor(folder: str) -> tuple[Image.Image, Image.Image | None, str]:

@@ -195,9 +195,10 @@ def size_multiple(spec: Any) -> int:
     return 8 if spec is None or spec.family in ("sd15", "sdxl") else 16
 
 
-def runtime(args: Any) -> None:
-    """--device and --attention name something that exists here (before minutes of loading)."""
-    from diffbase.attention import choose
-    from diffbase.models.placement import resolve_device
+def runtime(args: Any) -> Any:
+    """The command's Runtime (device, dtype, attention, offload), resolved and checked before loading, and
+    kept as `args.runtime` for the load that follows."""
+    from diffbase.runtime import from_arguments
 
-    choose(args.attention, resolve_device(args.device), "--attention")
+    args.runtime = from_arguments(args)
+    return args.runtime

@@ -82,7 +82,7 @@ def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def run_customize(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, save_result, use_attention
+    from diffbase.commands.options import save_result
     from diffbase.dreamo.generate import DreamOSettings
     from diffbase.methods.dreamo import DREAMO
 
@@ -92,8 +92,8 @@ def run_customize(args: argparse.Namespace) -> None:
     inputs = [v.rpartition(":")[0] for v in args.ref]
     checks.output(args.out, "--out", inputs, args.overwrite)
     checks.output(args.grid, "--grid", [*inputs, args.out], args.overwrite)
-    loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, **runtime(args))
-    use_attention(args, [loaded[0].transformer])
+    loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, **args.runtime.loader())
+    args.runtime.use_attention([loaded[0].transformer])
     settings = DreamOSettings(
         prompt=args.prompt, height=h, width=w, steps=args.steps, guidance=args.guidance, seed=args.seed,
         first_step_guidance=args.first_step_guidance, true_cfg=args.true_cfg, true_cfg_start=args.true_cfg_start,

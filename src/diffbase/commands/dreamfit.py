@@ -13,7 +13,7 @@ from diffbase.errors import UserError
 
 
 def run_dreamfit(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, save_result, use_attention
+    from diffbase.commands.options import save_result
     from diffbase.dreamfit.generate import DreamFitSettings
     from diffbase.methods.dreamfit import DREAMFIT
     from diffbase.pose import render_openpose
@@ -43,8 +43,10 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     given = [args.garment, args.pose, args.person, args.mask]
     checks.output(args.out, "--out", given, args.overwrite)
     checks.output(args.grid, "--grid", [*given, args.out], args.overwrite)
-    loaded = DREAMFIT.load(args.model, args.checkpoint, args.lora_weight, args.lora_weight_mode, **runtime(args))
-    use_attention(args, [])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
+    loaded = DREAMFIT.load(
+        args.model, args.checkpoint, args.lora_weight, args.lora_weight_mode, **args.runtime.loader()
+    )
+    args.runtime.use_attention([])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
     progress.pipeline(loaded[0], "dreamfit")
     settings = DreamFitSettings(
         prompt=args.prompt,

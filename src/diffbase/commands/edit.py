@@ -55,10 +55,9 @@ def load_editing(model: str, kind: str, **runtime: Any) -> tuple[Any, Any]:
 
 
 def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
-    from diffbase.commands.options import runtime, use_attention
 
-    pipe, spec = load_editing(args.model, kind, **runtime(args))
-    use_attention(args, [getattr(pipe, spec.denoiser)])
+    pipe, spec = load_editing(args.model, kind, **args.runtime.loader())
+    args.runtime.use_attention([getattr(pipe, spec.denoiser)])
     progress.pipeline(pipe, kind)
     return pipe, spec
 

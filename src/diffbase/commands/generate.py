@@ -24,7 +24,6 @@ def read_prompts(path: str) -> list[str]:
 def run_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from diffbase.commands.options import runtime, use_attention
     from diffbase.generate import GenerateSettings, generate, metadata, pipeline_kwargs
     from diffbase.io import save_image_atomic, save_png_atomic
     from diffbase.models.loading import detect_family, load_model
@@ -56,8 +55,8 @@ def run_generate(args: argparse.Namespace) -> None:
         pipeline_kwargs(detect_family(folder), settings_for(0, prompts[0]))
     if args.compare and not args.lora:
         raise UserError("--compare: shows the images without and with --lora; give at least one --lora")
-    pipe, spec = load_model(args.model, config=args.config, **runtime(args))
-    use_attention(args, [getattr(pipe, spec.denoiser)])
+    pipe, spec = load_model(args.model, config=args.config, **args.runtime.loader())
+    args.runtime.use_attention([getattr(pipe, spec.denoiser)])
     progress.pipeline(pipe, "generate")
     without = []
     if args.compare:  # the same seeds before the LoRAs go in

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
-
 
 class HelpFormatter(argparse.HelpFormatter):
     """Says each default once: appends `(default: X)` where the help text does not already speak of the
@@ -21,17 +19,11 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, dtype_default: str = "float32", offload: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help="weights")
-    p.add_argument("--attention", default="auto", help="auto, flash, efficient, cudnn, math or a diffusers backend")
+    """The runtime's flags (diffbase.runtime) and --quiet, for a command that runs a model."""
+    from diffbase.runtime import add_arguments
+
+    add_arguments(p, dtype_default, offload)
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)")
-    if offload:
-        p.add_argument(
-            "--offload",
-            default="none",
-            choices=["none", "model", "sequential"],
-            help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses",
-        )
 
 
 def add_output_arguments(p: argparse.ArgumentParser, grid_help: str) -> None:
@@ -39,20 +31,6 @@ def add_output_arguments(p: argparse.ArgumentParser, grid_help: str) -> None:
     p.add_argument("--out", required=True, help="the result: .png (with its settings), .jpg or .webp")
     p.add_argument("--grid", metavar="GRID.png", help=grid_help)
     p.add_argument("--overwrite", action="store_true", help="replace --out / --grid when they exist")
-
-
-def runtime(args: argparse.Namespace) -> dict[str, Any]:
-    """device, dtype and offload for the loaders, with the device resolved and checked."""
-    from diffbase.models.placement import resolve_device
-
-    return {"device": resolve_device(args.device), "dtype": args.dtype, "offload": getattr(args, "offload", "none")}
-
-
-def use_attention(args: argparse.Namespace, models: list[Any]) -> None:
-    from diffbase.attention import apply_attention, choose
-    from diffbase.models.placement import resolve_device
-
-    apply_attention(choose(args.attention, resolve_device(args.device), "--attention"), models)
 
 
 def save_result(image: Any, out: str, meta: dict[str, Any], grid: str | None = None,

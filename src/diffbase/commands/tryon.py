@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.commands import checks
-from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments, runtime
+from diffbase.commands.options import HelpFormatter, add_output_arguments, add_runtime_arguments
 from diffbase.errors import UserError
 
 
@@ -54,7 +54,7 @@ def run_tryon(args: argparse.Namespace) -> None:
         mask = box_mask(person.size, checks.box(args.box, "--box", person.size))
     checks.output(args.out, "--out", [args.person, args.garment, args.mask], args.overwrite)
     checks.output(args.grid, "--grid", [args.person, args.garment, args.mask, args.out], args.overwrite)
-    bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
+    bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
     settings = settings_from(args)
     inputs = {"person": person, "garment": garment, "mask": mask}
     result = VTON.run(bb, inputs, settings, (h, w), soften=args.soften_mask)
@@ -85,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> None:
         checks.count(args.limit, "--limit")
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
     dataset = TryOnDataset(records, size)
-    bb = VTON.load(args.model, args.weights, args.method, **runtime(args))
+    bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
     folder = Path(args.out)
     header = ["person", "garment", "result", "ground truth"]

@@ -75,13 +75,12 @@ def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
 
 
 def run_upscale(args: argparse.Namespace) -> None:
-    from diffbase.commands.options import runtime, use_attention
     from diffbase.io import save_image_atomic
     from diffbase.methods.upscale import UPSCALE
 
     settings, image, (out_w, out_h) = check(args)
-    loaded = UPSCALE.load(args.model, args.dino, args.adapter, **runtime(args))
-    use_attention(args, [loaded[0].transformer])
+    loaded = UPSCALE.load(args.model, args.dino, args.adapter, **args.runtime.loader())
+    args.runtime.use_attention([loaded[0].transformer])
     result = UPSCALE.run(loaded, {"image": image}, settings)
     meta = {"input": str(args.input), "model": args.model, "dino": args.dino, "adapter": args.adapter,
             "scale": args.scale, "strength": args.strength, "steps": args.steps, "seed": args.seed,

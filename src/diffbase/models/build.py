@@ -15,8 +15,7 @@ from diffbase.config import ModelConfig
 from diffbase.errors import UserError, closest
 from diffbase.models.specs import FamilySpec, TextEncoderSpec, spec_for
 from diffbase.models.tokenizers import SYNTHETIC_WORDS, tiny_tokenizer
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from diffbase.runtime import torch_dtype
 
 
 def _class(library: str, name: str) -> type:
@@ -78,7 +77,7 @@ def build_components(
     """All pipeline components of `cfg` with random weights (seeded), keyed as the pipeline names them."""
     spec = spec_for(cfg.family, cfg.variant)
     torch.manual_seed(seed)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     components: dict[str, Any] = {}
     denoiser_kwargs = getattr(cfg, spec.denoiser)
     if denoiser_kwargs is None:

@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diffbase.errors import UserError
 from diffbase.models.placement import place_pipeline
 from diffbase.models.specs import FamilySpec, spec_for_pipeline
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from diffbase.runtime import torch_dtype
 
 
 def quiet_loading() -> None:
@@ -65,7 +62,7 @@ def load_pipeline(
     cls = getattr(diffusers, spec.pipeline)
     quiet_loading()
     try:
-        pipe = cls.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
+        pipe = cls.from_pretrained(folder, dtype=torch_dtype(dtype), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None

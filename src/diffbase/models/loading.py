@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
-from diffbase.models.folders import DTYPES, detect_family, load_pipeline, quiet_loading, read_model_index
+from diffbase.models.folders import detect_family, load_pipeline, quiet_loading, read_model_index
 from diffbase.models.placement import place_pipeline
 from diffbase.models.single_file import load_single_file_pipeline
 from diffbase.models.specs import FamilySpec
 
-__all__ = ["DTYPES", "detect_family", "load_model", "load_pipeline", "quiet_loading", "read_model_index"]
+__all__ = ["detect_family", "load_model", "load_pipeline", "quiet_loading", "read_model_index"]
 
 
 def load_model(

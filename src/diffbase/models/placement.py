@@ -19,25 +19,10 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.runtime import resolve_device  # noqa: F401  (where the loaders' callers found it)
 
 TRAINING_OFFLOAD = ("none", "model")
 INFERENCE_OFFLOAD = ("none", "model", "sequential")
-
-
-def resolve_device(name: str = "auto", key: str = "--device") -> torch.device:
-    """`auto` -> cuda when present, else cpu; a named device that this torch cannot use is a one-line error."""
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N, got '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UserError(f"{key}: {name} requested but torch {torch.__version__} ({build}) sees no CUDA device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"{key}: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return device
 
 
 def encoder_modules(bb: Any) -> list[torch.nn.Module]:

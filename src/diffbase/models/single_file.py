@@ -14,8 +14,9 @@ import torch
 
 from diffbase.errors import UserError
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, is_bfl_flux1
-from diffbase.models.folders import DTYPES, detect_family, load_pipeline, quiet_loading
+from diffbase.models.folders import detect_family, load_pipeline, quiet_loading
 from diffbase.models.specs import FamilySpec
+from diffbase.runtime import torch_dtype
 
 # Key fragments that identify what a file holds, checked in order.
 LAYOUTS = [
@@ -104,7 +105,7 @@ def _flux1_transformer(path: Path, state: dict[str, torch.Tensor], folder: Path,
         model = FluxTransformer2DModel.from_config(config)
     check_against(model, converted, path)
     model.load_state_dict(converted, assign=True, strict=True)
-    return model.to(DTYPES[dtype])
+    return model.to(torch_dtype(dtype))
 
 
 def load_single_file_pipeline(path: Path, config: Path, dtype: str = "float32") -> tuple[Any, FamilySpec]:
@@ -143,7 +144,11 @@ def _diffusers_single_file(path: Path, config: Path, spec: FamilySpec, dtype: st
     pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")
     try:
         model = denoiser_cls.from_single_file(
-            str(path), config=str(config), subfolder=spec.denoiser, local_files_only=True, torch_dtype=DTYPES[dtype]
+            str(path),
+            config=str(config),
+            subfolder=spec.denoiser,
+            local_files_only=True,
+            torch_dtype=torch_dtype(dtype),
         )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,107 @@
+"""Where and how models run: one `Runtime` (device, weight dtype, attention kernels, offload), parsed by one
+helper for every command, the web UI and training, and resolved once (the device checked, the attention
+name looked up) before any model loads. Quantization joins it next (issue 26)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from diffbase.errors import UserError
+
+if TYPE_CHECKING:  # torch loads with the first command that runs a model, so `--help` stays fast
+    import torch
+
+DTYPES = ("float32", "float16", "bfloat16")
+MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # training's accelerate setting
+OFFLOAD = ("none", "model", "sequential")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: str = "float32"
+    attention: str = "auto"
+    offload: str = "none"
+
+    def loader(self) -> dict[str, Any]:
+        """What the loaders take: device, dtype and offload."""
+        return {"device": self.device, "dtype": self.dtype, "offload": self.offload}
+
+    def use_attention(self, models: list[Any]) -> None:
+        """The attention choice in force for these denoisers (and the process's SDPA settings)."""
+        from diffbase.attention import apply_attention, choose
+
+        apply_attention(choose(self.attention, self.device, "--attention"), models)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a dtype name stands for."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_device(name: str | None = "auto", key: str = "--device") -> torch.device:
+    """`auto` -> cuda when present, else cpu; a named device that this torch cannot use is a one-line error."""
+    import torch
+
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N, got '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"{key}: {name} requested but torch {torch.__version__} ({build}) sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{key}: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def resolve(device: str | None = "auto", dtype: str = "float32", attention: str = "auto", offload: str = "none",
+            names: tuple[str, str, str, str] = ("--device", "--dtype", "--attention", "--offload")) -> Runtime:  # fmt: skip
+    """A Runtime from its four settings, each checked (`names`: the flags or fields they came from)."""
+    from diffbase.attention import choose
+
+    resolved = resolve_device(device, names[0])
+    if dtype not in DTYPES:
+        raise UserError(f"{names[1]}: expected one of {', '.join(DTYPES)}, got '{dtype}'")
+    if offload not in OFFLOAD:
+        raise UserError(f"{names[3]}: expected one of {', '.join(OFFLOAD)}, got '{offload}'")
+    choose(attention, resolved, names[2])
+    return Runtime(resolved, dtype, attention, offload)
+
+
+def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float32", offload: bool = True) -> None:
+    """--device, --dtype, --attention (and --offload) for a command. With `dtype_default` None (training and
+    caching) an option left out leaves the config's own value."""
+    p.add_argument("--device", default="auto" if dtype_default else None,
+                   help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")  # fmt: skip
+    p.add_argument("--dtype", default=dtype_default, choices=DTYPES,
+                   help="weights" if dtype_default else "sets model.dtype and the matching mixed precision")  # fmt: skip
+    p.add_argument("--attention", default="auto" if dtype_default else None,
+                   help="auto, flash, efficient, cudnn, math or a diffusers backend")  # fmt: skip
+    if offload:
+        p.add_argument("--offload", default="none", choices=list(OFFLOAD),
+                       help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses")  # fmt: skip
+
+
+def from_arguments(args: argparse.Namespace) -> Runtime:
+    """The Runtime a command's flags describe, resolved and checked."""
+    return resolve(args.device, args.dtype, args.attention, getattr(args, "offload", "none"))
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """--device / --dtype / --attention of `train` and `cache` as the config keys they stand for (given
+    last, so they win over the config's own)."""
+    out = []
+    if args.device:
+        out.append(f"hardware.device={args.device}")
+    if args.dtype:
+        out += [f"model.dtype={args.dtype}", f"hardware.mixed_precision={MIXED_PRECISION[args.dtype]}"]
+    if args.attention:
+        out.append(f"hardware.attention_backend={args.attention}")
+    return out
