@@ -107,7 +107,7 @@ def run_customize(args: argparse.Namespace) -> None:
     save_result(image, args.out, meta, args.grid, shown)
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "customize",
         help="DreamO on FLUX.1: identity (id), subject (ip), try-on and style references",

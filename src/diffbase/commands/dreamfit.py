@@ -75,7 +75,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     save_result(image, args.out, meta, args.grid, {k: inputs[k] for k in ("person", "pose", "garment") if k in inputs})
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "dreamfit",
         help="DreamFit on FLUX.1: garment, pose-guided or try-on generation",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from diffbase import progress
 from diffbase.commands import checks
+from diffbase.commands.options import HelpFormatter, add_runtime_arguments
 from diffbase.errors import UserError
 
 
@@ -84,3 +86,25 @@ def run_generate(args: argparse.Namespace) -> None:
         header = ["without LoRA", "with LoRA" + ("" if scales == [1.0] else f" ({', '.join(map(str, scales))})")]
         save_png_atomic(image_grid(rows, labels=prompts, header=header, cell=192), Path(args.compare))
         print(f"wrote {args.compare}")
+
+
+def add_parsers(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="text-to-image with any family", formatter_class=HelpFormatter)
+    gen.add_argument("--model", required=True, help="diffusers folder, or a single file with --config")
+    gen.add_argument("--config", help="a local diffusers folder of the same family, for a single-file checkpoint")
+    gen.add_argument("--prompt", help="what to draw")
+    gen.add_argument("--prompts", help="file with one prompt per line; --out is then a folder")
+    gen.add_argument("--negative", help="what to avoid (families with a negative prompt)")
+    gen.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA file and its scale (repeatable)"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (CPU generator, as diffusers' examples)")
+    gen.add_argument("--steps", type=int, default=28, help="sampling steps")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
+    gen.add_argument("--true-cfg", type=float, dest="true_cfg", help="FLUX.1 true CFG scale (with --negative)")
+    gen.add_argument("--size", default="512x512", help="HxW")
+    add_runtime_arguments(gen)
+    gen.add_argument("--out", required=True, help="the image (.png, .jpg, .webp), or with --prompts a folder")
+    gen.add_argument("--compare", metavar="GRID.png", help="also a grid of each prompt without and with the --lora")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out / --compare when they exist")
+    gen.set_defaults(func=run_generate)

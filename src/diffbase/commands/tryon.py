@@ -149,6 +149,10 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
     add_output_arguments(t, "also person | garment | result side by side")
     t.set_defaults(func=run_tryon)
+    ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
+        dest="what", required=True
+    )
+    add_eval_parser(ev)
 
 
 def add_eval_parser(sub: Any) -> None:

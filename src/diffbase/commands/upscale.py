@@ -90,7 +90,7 @@ def run_upscale(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({out_w}x{out_h})")
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "upscale",
         help="tiled FLUX.1 upscaling, tiles fused at every step, optionally guided by DINOv2 features",
