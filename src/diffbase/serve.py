@@ -182,18 +182,56 @@ def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
     return plot, grid, f"step {last}; {len(grids)} validation grid(s)" + (f", latest {grids[-1].name}" if grids else "")
 
 
-def build_app(defaults: Defaults, limits: Limits) -> Any:
+@dataclass
+class App:
+    """What every tab shares: the defaults and limits, the loaded model and its lock, the running request,
+    the runtime (resolved once) and the helpers that lay out a tab's uploads, fields and buttons."""
+
+    defaults: Defaults
+    limits: Limits
+    models: Models
+    request: Request
+    rt: Any
+    tracked: Any  # gradio fills in a progress bar where a function takes one
+
+    def upload(self, label: str, elem_id: str) -> Any:
+        import gradio as gr
+
+        return gr.File(label=label, file_types=["image"], type="filepath", elem_id=elem_id)
+
+    def sampling(self, size: str | None, steps: int) -> tuple[Any, Any, Any]:
+        """The HxW (None: the tab takes the size from its input), steps and seed fields of a generating tab."""
+        import gradio as gr
+
+        hw = gr.Textbox(label="HxW", value=size) if size is not None else None
+        return hw, gr.Number(label="steps", value=steps, precision=0), gr.Number(label="seed", value=0, precision=0)
+
+    def action(self, label: str, prefix: str | None = None) -> tuple[Any, Any]:
+        """The run and stop buttons and the result image."""
+        import gradio as gr
+
+        with gr.Row():
+            run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run" if prefix else None)
+            stop = gr.Button(
+                "Stop", variant="stop", scale=0, min_width=160, elem_id=f"{prefix}-stop" if prefix else None
+            )
+        return (run, stop), gr.Image(label="result", type="pil", format="png",
+                                     elem_id=f"{prefix}-result" if prefix else None)  # fmt: skip
+
+    def wire(self, buttons: tuple[Any, Any], fn: Callable[..., Any], inputs: list[Any], output: Any) -> None:
+        """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step.
+        Errors that name a command's flag name the input's label instead."""
+        run, stop = buttons
+        labels = {FLAGS[c.label]: c.label for c in inputs if getattr(c, "label", None) in FLAGS}
+        event = run.click(guarded(fn, self.models, self.request, labels), inputs, output)
+        stop.click(self.request.cancel.set, None, None, queue=False, cancels=[event])
+
+
+def tryon_tab(app: App) -> None:
     import gradio as gr
 
-    from diffbase.runtime import resolve
-
-    models, request = Models(), Request(limits)
-    rt = resolve(defaults.device, defaults.dtype, defaults.attention)  # once, for every tab
-    rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
-    tracked = gr.Progress(track_tqdm=True)  # gradio fills in a progress bar where a function takes one
-
     def tryon(person: str, garment: str, mask: str | None, box: str, method: str, model: str, weights: str,
-              size: str, steps: int, seed: int, progress: Any = tracked) -> Image.Image:  # fmt: skip
+              size: str, steps: int, seed: int, progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase.commands import checks
         from diffbase.methods.vton import VTON
         from diffbase.tryon.data import box_mask
@@ -201,20 +239,43 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
         h, w = checks.size(size, "HxW", 8)
         checks.count(steps, "steps")
-        person_img = checked_image(person, "person", limits)
-        garment_img = checked_image(garment, "garment", limits)
-        mask_img = checked_mask(mask, "mask (optional)", limits, person_img) if mask else box_mask(
+        person_img = checked_image(person, "person", app.limits)
+        garment_img = checked_image(garment, "garment", app.limits)
+        mask_img = checked_mask(mask, "mask (optional)", app.limits, person_img) if mask else box_mask(
             person_img.size, parse_box(box, person_img.size))  # fmt: skip
         progress(0, desc="loading the model")
-        bb = models.get(("tryon", model, weights, method),
-                        lambda: VTON.load(model, weights or None, method, **rt.loader()))  # fmt: skip
+        bb = app.models.get(("tryon", model, weights, method),
+                        lambda: VTON.load(model, weights or None, method, **app.rt.loader()))  # fmt: skip
         progress(0.1, desc="sampling")
         settings = TryOnSettings(steps=int(steps), seed=int(seed))
         return VTON.run(bb, {"person": person_img, "garment": garment_img, "mask": mask_img}, settings, (h, w))
 
+    with gr.Tab("Try-on"):
+        with gr.Row():
+            person, garment, mask = (
+                app.upload("person", "tryon-person"),
+                app.upload("garment", "tryon-garment"),
+                app.upload("mask (optional)", "tryon-mask"),
+            )
+        with gr.Row():
+            box = gr.Textbox(label="garment box x0,y0,x1,y1 (empty: the middle of the person)", value="")
+            method = gr.Radio(["catvton", "vton"], value="catvton", label="method")
+            model = gr.Textbox(label="SD1.5 model folder", value=app.defaults.sd15)
+            weights = gr.Textbox(
+                label="trained attention weights (a run's vton/ folder)", value=app.defaults.tryon_weights
+            )
+        with gr.Row():
+            size, steps, seed = app.sampling("64x48", 20)
+        run, result = app.action("Try on", "tryon")
+        app.wire(run, tryon, [person, garment, mask, box, method, model, weights, size, steps, seed], result)
+
+
+def dreamfit_tab(app: App) -> None:
+    import gradio as gr
+
     def dreamfit(mode: str, garment: str, person: str | None, mask: str | None, pose: str | None, prompt: str,
                  model: str, checkpoint: str, size: str, steps: int, seed: int,
-                 progress: Any = tracked) -> Image.Image:  # fmt: skip
+                 progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase import progress as steps_progress
         from diffbase.commands import checks
         from diffbase.dreamfit.generate import DreamFitSettings
@@ -225,22 +286,43 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         checks.weights_file(checkpoint, "DreamFit checkpoint")
         h, w = checks.size(size, "HxW", 16)
         checks.count(steps, "steps")
-        inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", limits)}
+        inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", app.limits)}
         if pose:
-            inputs["pose"] = checked_image(pose, "pose image", limits)
+            inputs["pose"] = checked_image(pose, "pose image", app.limits)
         if mode == "tryon":
-            inputs["person"] = checked_image(person, "person (try-on)", limits)
-            inputs["mask"] = checked_mask(mask, "mask (try-on)", limits, inputs["person"])
+            inputs["person"] = checked_image(person, "person (try-on)", app.limits)
+            inputs["mask"] = checked_mask(mask, "mask (try-on)", app.limits, inputs["person"])
         progress(0, desc="loading the model")
-        loaded = models.get(("dreamfit", model, checkpoint),
-                            lambda: DREAMFIT.load(model, checkpoint, **rt.loader()))  # fmt: skip
+        loaded = app.models.get(("dreamfit", model, checkpoint),
+                            lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()))  # fmt: skip
         steps_progress.pipeline(loaded[0], "dreamfit", show=True)
         settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
         return DREAMFIT.run(loaded, inputs, settings)
 
+    with gr.Tab("DreamFit"):
+        with gr.Row():
+            mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
+            f_garment, f_person, f_mask, f_pose = (app.upload("garment", "df-garment"), app.upload("person (try-on)", "df-person"),
+                                                   app.upload("mask (try-on)", "df-mask"), app.upload("pose image (pose, optional for try-on)", "df-pose"))  # fmt: skip
+        f_prompt = gr.Textbox(label="prompt", value="a person")
+        with gr.Row():
+            f_model, f_ckpt = (
+                gr.Textbox(label="FLUX.1 model folder", value=app.defaults.flux1),
+                gr.Textbox(label="DreamFit checkpoint", value=""),
+            )
+            f_size, f_steps, f_seed = app.sampling("32x32", 20)
+        f_run, f_result = app.action("Generate")
+        app.wire(f_run, dreamfit,
+             [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
+             f_result)  # fmt: skip
+
+
+def dreamo_tab(app: App) -> None:
+    import gradio as gr
+
     def customize(ref1: str | None, task1: str, ref2: str | None, task2: str, prompt: str, model: str, dreamo: str,
                   version: str, size: str, steps: int, seed: int,
-                  progress: Any = tracked) -> Image.Image:  # fmt: skip
+                  progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase.commands import checks
         from diffbase.commands.customize import check_prompt
         from diffbase.dreamo.generate import DreamOSettings
@@ -248,18 +330,39 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
         h, w = checks.size(size, "HxW", 16)
         checks.count(steps, "steps")
-        slots = [(checked_image(r, f"reference {k}", limits), t, None, None) if r else None
+        slots = [(checked_image(r, f"reference {k}", app.limits), t, None, None) if r else None
                  for k, (r, t) in enumerate(((ref1, task1), (ref2, task2)), start=1)]  # fmt: skip
         if not any(slots):
             raise UserError("references: upload at least one")
         check_prompt(prompt, slots, "prompt")
-        loaded = models.get(("dreamo", model, dreamo, version),
-                            lambda: DREAMO.load(model, dreamo, version, **rt.loader()))  # fmt: skip
+        loaded = app.models.get(("dreamo", model, dreamo, version),
+                            lambda: DREAMO.load(model, dreamo, version, **app.rt.loader()))  # fmt: skip
         settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed))
         return DREAMO.run(loaded, {"references": slots}, settings)
 
+    with gr.Tab("DreamO"):
+        tasks = ["ip", "id", "style", "tryon"]
+        with gr.Row():
+            r1, t1 = app.upload("reference 1", "do-ref1"), gr.Radio(tasks, value="ip", label="task 1")
+            r2, t2 = app.upload("reference 2", "do-ref2"), gr.Radio(tasks, value="tryon", label="task 2")
+        d_prompt = gr.Textbox(label="prompt ([ref#1], [ref#2] name the references)", value="[ref#1] wearing [ref#2]")
+        with gr.Row():
+            d_model, d_dir = (
+                gr.Textbox(label="FLUX.1 model folder", value=app.defaults.flux1),
+                gr.Textbox(label="DreamO folder", value=""),
+            )
+            d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
+            d_size, d_steps, d_seed = app.sampling("1024x1024", 12)
+        d_run, d_result = app.action("Customize")
+        app.wire(d_run, customize, [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
+             d_result)  # fmt: skip
+
+
+def edit_tab(app: App) -> None:
+    import gradio as gr
+
     def edit(kind: str, image: str, mask: str | None, prompt: str, model: str, steps: int, seed: int,
-             progress: Any = tracked) -> Image.Image:  # fmt: skip
+             progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase import progress as steps_progress
         from diffbase.commands import checks
         from diffbase.commands.edit import load_editing
@@ -267,10 +370,10 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         from diffbase.editing import edit as run_edit
 
         checks.count(steps, "steps")
-        picture = checked_image(image, "image", limits)
-        area = checked_mask(mask, "mask (inpaint)", limits, picture) if kind == "inpaint" else None
-        pipe, spec = models.get(("edit", kind, model),
-                                lambda: load_editing(model, kind, **rt.loader()))  # fmt: skip
+        picture = checked_image(image, "image", app.limits)
+        area = checked_mask(mask, "mask (inpaint)", app.limits, picture) if kind == "inpaint" else None
+        pipe, spec = app.models.get(("edit", kind, model),
+                                lambda: load_editing(model, kind, **app.rt.loader()))  # fmt: skip
         steps_progress.pipeline(pipe, kind, show=True)
         settings = EditSettings(prompt=prompt, seed=int(seed), steps=int(steps))
         if kind == "edit":
@@ -279,8 +382,23 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
             return run_edit(pipe, spec, [picture], settings)
         return inpaint(pipe, spec, picture, area, settings, [])
 
+    with gr.Tab("Edit / Fill"):
+        with gr.Row():
+            kind = gr.Radio(["edit", "inpaint"], value="edit", label="Kontext edit or Fill inpaint")
+            e_image, e_mask = app.upload("image", "ed-image"), app.upload("mask (inpaint)", "ed-mask")
+        e_prompt = gr.Textbox(label="instruction / prompt", value="")
+        with gr.Row():
+            e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
+            _, e_steps, e_seed = app.sampling(None, 28)  # the size comes from the image
+        e_run, e_result = app.action("Run")
+        app.wire(e_run, edit, [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
+
+
+def upscale_tab(app: App) -> None:
+    import gradio as gr
+
     def upscale(image: str, model: str, scale: float, strength: float, steps: int, seed: int,
-                progress: Any = tracked) -> Image.Image:  # fmt: skip
+                progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase.commands import checks
         from diffbase.commands.upscale import vae_factor
         from diffbase.methods.upscale import UPSCALE
@@ -289,16 +407,34 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         checks.number(scale, "scale", low=0, low_open=True)
         checks.number(strength, "strength", 0, 1, low_open=True)
         checks.count(steps, "steps")
-        picture = checked_image(image, "image", limits)
+        picture = checked_image(image, "image", app.limits)
         factor = vae_factor(model)
         tile = 128 * factor  # the model's native size, overlapped by an eighth as the command does
         settings = UpscaleSettings(scale=float(scale), strength=float(strength), steps=int(steps), seed=int(seed),
-                                   max_pixels=limits.max_pixels, tile=tile, overlap=tile // 8)  # fmt: skip
+                                   max_pixels=app.limits.max_pixels, tile=tile, overlap=tile // 8)  # fmt: skip
         (w, h), tiles = plan(picture.size, settings, factor, tile, "scale")
-        if tiles > limits.max_tiles:
-            raise UserError(f"scale: a {w}x{h} result takes {tiles} tiles, more than this server's {limits.max_tiles}")
-        loaded = models.get(("upscale", model), lambda: UPSCALE.load(model, **rt.loader()))
+        if tiles > app.limits.max_tiles:
+            raise UserError(
+                f"scale: a {w}x{h} result takes {tiles} tiles, more than this server's {app.limits.max_tiles}"
+            )
+        loaded = app.models.get(("upscale", model), lambda: UPSCALE.load(model, **app.rt.loader()))
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
+
+    with gr.Tab("Upscale"):
+        u_image = app.upload("image", "up-image")
+        with gr.Row():
+            u_model = gr.Textbox(label="FLUX.1 model folder", value=app.defaults.flux1)
+            u_scale, u_strength = (
+                gr.Number(label="scale", value=2.0),
+                gr.Slider(0.05, 1.0, value=0.35, label="strength"),
+            )
+            _, u_steps, u_seed = app.sampling(None, 20)  # the size follows the scale
+        u_run, u_result = app.action("Upscale")
+        app.wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
+
+
+def monitor_tab(app: App) -> None:
+    import gradio as gr
 
     def monitor(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
         try:
@@ -306,128 +442,39 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
         except UserError as err:
             raise gr.Error(str(err)) from None
 
-    def upload(label: str, elem_id: str) -> Any:
-        return gr.File(label=label, file_types=["image"], type="filepath", elem_id=elem_id)
-
-    def sampling(size: str | None, steps: int) -> tuple[Any, Any, Any]:
-        """The HxW (None: the tab takes the size from its input), steps and seed fields of a generating tab."""
-        hw = gr.Textbox(label="HxW", value=size) if size is not None else None
-        return hw, gr.Number(label="steps", value=steps, precision=0), gr.Number(label="seed", value=0, precision=0)
-
-    def action(label: str, prefix: str | None = None) -> tuple[Any, Any]:
-        """The run and stop buttons and the result image."""
+    with gr.Tab("Training monitor"):
+        folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
+        refresh = gr.Button("Refresh")
+        status = gr.Markdown()
         with gr.Row():
-            run = gr.Button(label, variant="primary", elem_id=f"{prefix}-run" if prefix else None)
-            stop = gr.Button(
-                "Stop", variant="stop", scale=0, min_width=160, elem_id=f"{prefix}-stop" if prefix else None
+            plot, grid = (
+                gr.Image(label="loss", type="pil", format="png"),
+                gr.Image(label="latest validation grid", type="pil", format="png"),
             )
-        return (run, stop), gr.Image(label="result", type="pil", format="png",
-                                     elem_id=f"{prefix}-result" if prefix else None)  # fmt: skip
+        refresh.click(monitor, folder, [plot, grid, status])
+        timer = gr.Timer(10.0, active=False)
+        live = gr.Checkbox(label="refresh every 10 s", value=False)
+        live.change(lambda on: gr.Timer(active=on), live, timer)
+        timer.tick(monitor, folder, [plot, grid, status])
 
-    def wire(buttons: tuple[Any, Any], fn: Callable[..., Any], inputs: list[Any], output: Any) -> None:
-        """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step.
-        Errors that name a command's flag name the input's label instead."""
-        run, stop = buttons
-        labels = {}
-        for component in inputs:
-            label = getattr(component, "label", None)
-            if label:
-                labels[FLAGS.get(label, "")] = label
-        labels.pop("", None)
-        event = run.click(guarded(fn, models, request, labels), inputs, output)
-        stop.click(request.cancel.set, None, None, queue=False, cancels=[event])
 
-    with gr.Blocks(title="diffbase") as app:
+TABS = (tryon_tab, dreamfit_tab, dreamo_tab, edit_tab, upscale_tab, monitor_tab)
+
+
+def build_app(defaults: Defaults, limits: Limits) -> Any:
+    import gradio as gr
+
+    from diffbase.runtime import resolve
+
+    rt = resolve(defaults.device, defaults.dtype, defaults.attention)  # once, for every tab
+    rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
+    app = App(defaults, limits, Models(), Request(limits), rt, gr.Progress(track_tqdm=True))
+    with gr.Blocks(title="diffbase") as blocks:
         gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
-        with gr.Tab("Try-on"):
-            with gr.Row():
-                person, garment, mask = (
-                    upload("person", "tryon-person"),
-                    upload("garment", "tryon-garment"),
-                    upload("mask (optional)", "tryon-mask"),
-                )
-            with gr.Row():
-                box = gr.Textbox(label="garment box x0,y0,x1,y1 (empty: the middle of the person)", value="")
-                method = gr.Radio(["catvton", "vton"], value="catvton", label="method")
-                model = gr.Textbox(label="SD1.5 model folder", value=defaults.sd15)
-                weights = gr.Textbox(
-                    label="trained attention weights (a run's vton/ folder)", value=defaults.tryon_weights
-                )
-            with gr.Row():
-                size, steps, seed = sampling("64x48", 20)
-            run, result = action("Try on", "tryon")
-            wire(run, tryon, [person, garment, mask, box, method, model, weights, size, steps, seed], result)
-        with gr.Tab("DreamFit"):
-            with gr.Row():
-                mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
-                f_garment, f_person, f_mask, f_pose = (upload("garment", "df-garment"), upload("person (try-on)", "df-person"),
-                                                       upload("mask (try-on)", "df-mask"), upload("pose image (pose, optional for try-on)", "df-pose"))  # fmt: skip
-            f_prompt = gr.Textbox(label="prompt", value="a person")
-            with gr.Row():
-                f_model, f_ckpt = (
-                    gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1),
-                    gr.Textbox(label="DreamFit checkpoint", value=""),
-                )
-                f_size, f_steps, f_seed = sampling("32x32", 20)
-            f_run, f_result = action("Generate")
-            wire(f_run, dreamfit,
-                 [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
-                 f_result)  # fmt: skip
-        with gr.Tab("DreamO"):
-            tasks = ["ip", "id", "style", "tryon"]
-            with gr.Row():
-                r1, t1 = upload("reference 1", "do-ref1"), gr.Radio(tasks, value="ip", label="task 1")
-                r2, t2 = upload("reference 2", "do-ref2"), gr.Radio(tasks, value="tryon", label="task 2")
-            d_prompt = gr.Textbox(
-                label="prompt ([ref#1], [ref#2] name the references)", value="[ref#1] wearing [ref#2]"
-            )
-            with gr.Row():
-                d_model, d_dir = (
-                    gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1),
-                    gr.Textbox(label="DreamO folder", value=""),
-                )
-                d_version = gr.Radio(["v1.1", "v1", "none"], value="v1.1", label="recipe")
-                d_size, d_steps, d_seed = sampling("1024x1024", 12)
-            d_run, d_result = action("Customize")
-            wire(d_run, customize, [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed],
-                 d_result)  # fmt: skip
-        with gr.Tab("Edit / Fill"):
-            with gr.Row():
-                kind = gr.Radio(["edit", "inpaint"], value="edit", label="Kontext edit or Fill inpaint")
-                e_image, e_mask = upload("image", "ed-image"), upload("mask (inpaint)", "ed-mask")
-            e_prompt = gr.Textbox(label="instruction / prompt", value="")
-            with gr.Row():
-                e_model = gr.Textbox(label="Kontext, FLUX.2 or Fill model folder", value="")
-                _, e_steps, e_seed = sampling(None, 28)  # the size comes from the image
-            e_run, e_result = action("Run")
-            wire(e_run, edit, [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result)
-        with gr.Tab("Upscale"):
-            u_image = upload("image", "up-image")
-            with gr.Row():
-                u_model = gr.Textbox(label="FLUX.1 model folder", value=defaults.flux1)
-                u_scale, u_strength = (
-                    gr.Number(label="scale", value=2.0),
-                    gr.Slider(0.05, 1.0, value=0.35, label="strength"),
-                )
-                _, u_steps, u_seed = sampling(None, 20)  # the size follows the scale
-            u_run, u_result = action("Upscale")
-            wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
-        with gr.Tab("Training monitor"):
-            folder = gr.Textbox(label="a `diffbase train` output folder", value="outputs/demo/run")
-            refresh = gr.Button("Refresh")
-            status = gr.Markdown()
-            with gr.Row():
-                plot, grid = (
-                    gr.Image(label="loss", type="pil", format="png"),
-                    gr.Image(label="latest validation grid", type="pil", format="png"),
-                )
-            refresh.click(monitor, folder, [plot, grid, status])
-            timer = gr.Timer(10.0, active=False)
-            live = gr.Checkbox(label="refresh every 10 s", value=False)
-            live.change(lambda on: gr.Timer(active=on), live, timer)
-            timer.tick(monitor, folder, [plot, grid, status])
-    app.queue(default_concurrency_limit=1, max_size=16)
-    return app
+        for tab in TABS:
+            tab(app)
+    blocks.queue(default_concurrency_limit=1, max_size=16)
+    return blocks
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, defaults: Defaults | None = None, limits: Limits | None = None,
