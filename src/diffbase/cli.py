@@ -7,8 +7,9 @@ import sys
 
 from diffbase.errors import Stopped, UserError
 
-# The command modules, in the order `diffbase --help` lists them; each adds its parsers with add_parsers(sub).
-COMMANDS = ("generate", "train", "tryon", "dreamfit", "customize", "upscale", "edit", "data", "zoo", "tools")
+# The modules of the commands, in the order `diffbase --help` lists them; each adds its parsers with add_parsers(sub).
+COMMANDS = tuple(f"diffbase.commands.{name}" for name in ("generate", "train", "tryon", "dreamfit", "customize",
+                 "upscale", "edit", "data", "zoo", "tools")) + ("diffbase.serve",)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        import_module(f"diffbase.commands.{name}").add_parsers(sub)
+        import_module(name).add_parsers(sub)
     return parser
 
 

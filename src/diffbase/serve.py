@@ -14,6 +14,7 @@ bad input shows as an error in the page and the server keeps serving.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -492,3 +493,28 @@ def serve(host: str = "127.0.0.1", port: int = 7860, defaults: Defaults | None =
     app.launch(server_name=host, server_port=port, max_file_size=limits.max_bytes, prevent_thread_lock=not block,
                show_error=True, quiet=True, ssr_mode=False)  # fmt: skip
     return app
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
+        raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
+    defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
+                        attention=args.attention)  # fmt: skip
+    limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
+    serve(args.host, args.port, defaults, limits)
+
+
+def add_parsers(sub: Any) -> None:
+    """`diffbase serve` and its flags."""
+    from diffbase.runtime import add_arguments
+
+    web = sub.add_parser("serve", help="the web UI (Gradio): try-on, DreamFit, DreamO, edit, upscale, training monitor")
+    web.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0 exposes it to your network)")
+    web.add_argument("--port", type=int, default=7860)
+    add_arguments(web, offload=False)
+    web.add_argument("--tryon-weights", help="the try-on tab's default weights (e.g. outputs/demo/run/vton)")
+    web.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this are refused")
+    web.add_argument("--max-pixels", type=int, default=4096 * 4096, help="images with more pixels are refused")
+    web.add_argument("--max-seconds", type=float, default=600.0, help="one request's time limit (it stops at a step)")
+    web.add_argument("--max-tiles", type=int, default=64, help="the upscale tab's limit on tiles per request")
+    web.set_defaults(func=run_serve)
