@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports  # layers point down, no import cycles (.importlinter)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+check: $(STAMP)  # the inner loop: lint and the unit tier (about 2 minutes on 2 cores)
+	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -n 2 --dist loadfile -m unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/generate.py
