@@ -4,8 +4,14 @@ golden_record.py), never from each other."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffbase.config import Config, configs_dir, load_config
@@ -151,3 +157,18 @@ def first_transformer_call(pipe, **kwargs) -> dict:
          generator=torch.Generator().manual_seed(0), **kwargs)  # fmt: skip
     handle.remove()
     return seen
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at `folder` with mount `options` (a small disk, a read-only one), unmounted after; the
+    test is skipped where this machine cannot mount one (mounting needs root)."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small or read-only filesystem needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +49,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def read_only(tmp_path_factory: pytest.TempPathFactory):
     """A folder nobody can write in: a read-only tmpfs where root runs the tests, else a mode-555 folder."""
     folder = tmp_path_factory.mktemp("read-only")
-    if os.geteuid() == 0:
-        if shutil.which("mount") is None:
-            pytest.skip("root cannot be refused a write without mounting a read-only filesystem")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a read-only filesystem here: {done.stderr.decode().strip()}")
-        yield folder
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+    if os.geteuid() == 0:  # root writes anywhere a mode allows nothing: only a read-only filesystem refuses it
+        with tmpfs(folder, "ro,size=1m"):
+            yield folder
     else:
         folder.chmod(0o555)
         yield folder
@@ -129,7 +122,7 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
         ),
         "edit size 0x0": ([*edit, "--size", "0x0"], "--size: expected each side at least"),
         "edit with a fill model": ([edit[0], "--model", str(m["fill"]), *edit[3:]], "does not edit"),
-        "tryon with a flux model": ([tryon[0], "--model", str(m["flux1"]), *tryon[3:]], "runs on an SD1.5 folder"),
+        "tryon with a flux model": ([tryon[0], "--model", str(m["flux1"]), *tryon[3:]], "try-on runs on SD1.5 models"),
         "generate missing model": (
             [generate[0], "--model", "/nothing/model", *generate[3:]],
             "--model: /nothing/model",

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import write_experiment
+from tests.helpers import tmpfs, write_experiment
 from tests.images import image_folder
 
 STEPS = ["training.max_steps=12", "training.checkpoint_every=4", "training.keep_checkpoints=0"]
@@ -282,13 +282,8 @@ def small_disk(tmp_path: Path):
     """A 4 MiB filesystem of its own (tmpfs), where this machine lets the tests mount one."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(mount, "size=4m"):
+        yield mount
 
 
 def test_a_full_disk_is_one_line_and_a_failed_start_leaves_nothing(

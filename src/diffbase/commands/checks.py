@@ -15,6 +15,7 @@ from typing import Any
 from diffbase.errors import UserError
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3.5", "flux1": "FLUX.1", "flux2": "FLUX.2"}
 MAX_ASPECT = 8.0  # longest side / shortest side a pipeline is given (a 5000x3 image has no latent rows)
 
 
@@ -178,8 +179,9 @@ def readable_tensors(f: Path, name: str) -> None:
         raise UserError(f"{name}: {f} is not a PyTorch weights file (expected safetensors or a torch.save archive)")
 
 
-def model_folder(path: str, name: str = "--model") -> Any:
-    """The family spec of a local diffusers folder, read from its model_index.json (no weights loaded)."""
+def model_folder(path: str, name: str = "--model", family: str | None = None, job: str = "") -> Any:
+    """The family spec of a local diffusers folder, read from its model_index.json (no weights loaded);
+    with `family`, a folder of another family is refused (`job`: what runs on it, for the message)."""
     from diffbase.models.folders import detect_family
 
     folder = Path(path)
@@ -187,7 +189,11 @@ def model_folder(path: str, name: str = "--model") -> Any:
         raise UserError(f"{name}: {folder} not found (expected a local diffusers folder)")
     if not folder.is_dir():
         return None  # a single file: checked when it loads
-    return detect_family(folder)
+    spec = detect_family(folder)
+    if family is not None and spec.family != family:
+        raise UserError(f"{name}: {job} runs on {FAMILY_NAMES.get(family, family)} models; {path} holds a "
+                        f"{spec.family} model")  # fmt: skip
+    return spec
 
 
 def size_multiple(spec: Any) -> int:

@@ -63,9 +63,7 @@ def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
 
 def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
     checks.runtime(args)
-    spec = checks.model_folder(args.model)
-    if spec is not None and spec.family != "flux1":
-        raise UserError(f"--model: DreamO runs on FLUX.1; {args.model} holds a {spec.family} model")
+    checks.model_folder(args.model, family="flux1", job="DreamO")
     if not (Path(args.dreamo) / "dreamo.safetensors").is_file():
         raise UserError(f"--dreamo: {Path(args.dreamo) / 'dreamo.safetensors'}: no such file (expected the folder "
                         "of the DreamO weights)")  # fmt: skip

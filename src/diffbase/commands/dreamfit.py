@@ -19,9 +19,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     from diffbase.pose import render_openpose
 
     checks.runtime(args)
-    spec = checks.model_folder(args.model)
-    if spec is not None and spec.family != "flux1":
-        raise UserError(f"--model: DreamFit runs on FLUX.1; {args.model} holds a {spec.family} model")
+    checks.model_folder(args.model, family="flux1", job="DreamFit")
     checks.weights_file(args.checkpoint, "--checkpoint")
     checks.count(args.steps, "--steps")
     checks.number(args.guidance, "--guidance", low=0)

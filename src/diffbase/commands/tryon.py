@@ -29,9 +29,7 @@ def settings_from(args: argparse.Namespace) -> Any:
 def check_sampling(args: argparse.Namespace) -> tuple[int, int]:
     """The model and sampling options `tryon` and `eval tryon` share, before the model loads."""
     checks.runtime(args)
-    spec = checks.model_folder(args.model)
-    if spec is not None and spec.family != "sd15":
-        raise UserError(f"--model: try-on runs on an SD1.5 folder; {args.model} holds a {spec.family} model")
+    spec = checks.model_folder(args.model, family="sd15", job="try-on")
     checks.weights_file(args.weights, "--weights")
     checks.count(args.steps, "--steps")
     checks.number(args.guidance, "--guidance", low=0)

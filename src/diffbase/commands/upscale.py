@@ -44,9 +44,7 @@ def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
     checks.count(args.max_tiles, "--max-tiles")
     if bool(args.dino) != bool(args.adapter):
         raise UserError("--dino and --adapter: give both (the adapter is trained for one DINO model) or neither")
-    spec = checks.model_folder(args.model)
-    if spec is not None and spec.family != "flux1":
-        raise UserError(f"--model: the upscaler runs on FLUX.1; {args.model} holds a {spec.family} model")
+    checks.model_folder(args.model, family="flux1", job="the upscaler")
     factor = vae_factor(args.model)
     native = 128 * factor  # FluxPipeline's default_sample_size (128 latents) in pixels
     unit = 2 * factor  # one packed token: 16 px on FLUX.1
