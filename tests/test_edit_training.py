@@ -51,7 +51,7 @@ def test_training_learns_exports_and_validates(tiny_model, tmp_path, family, met
     result = train(config, show_progress=False)
     assert result.finished and all(torch.isfinite(torch.tensor(result.losses)))
     bb, m = result.backbone, get(method)
-    batch = read_batch(m.dataset(config, False, bb), [0, 1, 2, 3], False)
+    batch = read_batch(m.dataset(config, False, bb), [0, 1, 2, 3])
 
     def fixed_noise_loss() -> float:  # the same noise and timesteps each time (steps 1000..1007)
         with torch.no_grad():
@@ -77,14 +77,14 @@ def test_the_source_reaches_the_loss_and_the_cache_changes_nothing(tiny_model, t
     bb = load_backbone(config)
     trained = method.prepare(bb, config)
     dataset = method.dataset(config, False, bb)
-    batch = read_batch(dataset, [0, 1], False)
+    batch = read_batch(dataset, [0, 1])
     with torch.no_grad():
         plain, _ = method.loss(config, bb, trained, batch, None, 5)
         swapped, _ = method.loss(config, bb, trained, dict(batch, source=batch["source"].flip(0)), None, 5)
         assert not torch.equal(plain, swapped)  # (the tiny random klein attends to it only weakly)
         config.data.cache_latents = config.data.cache_text = True
         cache = prepare_cache(config, bb, [dataset], show_progress=False, method=method)[0]
-        cached, _ = method.loss(config, bb, trained, read_batch(dataset, [0, 1], False), cache, 5)
+        cached, _ = method.loss(config, bb, trained, read_batch(dataset, [0, 1]), cache, 5)
     torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
 
 

@@ -102,20 +102,21 @@ def random_boxes(shape: tuple[int, ...], generators: list[torch.Generator]) -> t
     return masks
 
 
-def fill_conditioning(bb: Any, batch: dict[str, Any], seed: int, step: int) -> B.Conditioning:
+def fill_conditioning(bb: Any, batch: dict[str, Any], seed: int, step: int, masked_loss: bool) -> B.Conditioning:
     from diffbase.editing import prepare_fill_conditioning
 
     pixels = batch["pixels"].to(bb.device)
     return prepare_fill_conditioning(
-        pixels, inpaint_region(batch, seed, step).to(bb.device), bb, bb.device, torch.float32
+        pixels, inpaint_region(batch, seed, step, masked_loss).to(bb.device), bb, bb.device, torch.float32
     )
 
 
-def inpaint_region(batch: dict[str, Any], seed: int, step: int) -> torch.Tensor:
-    """The pair's mask (1 = repaint), or a random box when it has none."""
+def inpaint_region(batch: dict[str, Any], seed: int, step: int, masked_loss: bool) -> torch.Tensor:
+    """The pair's mask (1 = repaint), or a random box when it has none (or its mask weights the loss:
+    data.masked_loss)."""
     from diffbase.training.step import sample_generator
 
-    mask = batch.get("region")
+    mask = None if masked_loss else batch.get("mask")
     if mask is None:
         mask = random_boxes(tuple(batch["pixels"].shape), [sample_generator(seed + 7, step, i) for i in batch["index"]])
     return mask
@@ -136,15 +137,16 @@ def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str,
     from diffbase.training.loop import encode_batch
     from diffbase.training.step import diffusion_step_loss
 
-    encoded, cond = encode_batch(bb, batch, cache)
+    masked = config.data.masked_loss
+    encoded, cond = encode_batch(bb, batch, cache, masked)
     if kind == "kontext":
         conditioning = kontext_conditioning(bb, batch, cache)
     elif bb.spec.pipeline == KLEIN_INPAINT:  # the pipeline keeps the rest: the loss is the area's
-        region = inpaint_region(batch, config.experiment.seed, step)
+        region = inpaint_region(batch, config.experiment.seed, step, masked)
         conditioning = klein_inpaint_conditioning(bb, batch, cache, region)
         encoded["mask"] = region.to(bb.device)
     else:
-        conditioning = fill_conditioning(bb, batch, config.experiment.seed, step)
+        conditioning = fill_conditioning(bb, batch, config.experiment.seed, step, masked)
     value = diffusion_step_loss(
         bb, config.training.objective, encoded, cond, config.experiment.seed, step,
         weights=batch.get("weight"), conditioning=conditioning,
@@ -202,7 +204,7 @@ def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out
 
     values = []
     for indices in itertools.islice(held_out.sampler(1, shuffle=False), pairs):  # one item per batch
-        batch = read_batch(held_out, indices, config.data.masked_loss)
+        batch = read_batch(held_out, indices)
         if batch["index"]:
             with torch.no_grad():
                 values.append(float(_loss(kind, config, bb, trained, batch, None, 10**6)[0]))

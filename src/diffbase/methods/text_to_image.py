@@ -32,7 +32,7 @@ def loss(
     from diffbase.training.loop import encode_batch
     from diffbase.training.step import diffusion_step_loss
 
-    encoded, cond = encode_batch(bb, batch, cache)
+    encoded, cond = encode_batch(bb, batch, cache, config.data.masked_loss)
     value = diffusion_step_loss(
         bb,
         config.training.objective,

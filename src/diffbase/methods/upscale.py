@@ -119,7 +119,7 @@ def held_out_loss(config: Config, bb: Any, trained: Trained, held_out: Any, adap
 
     values = []
     for i in range(len(held_out)):
-        batch = read_batch(held_out, [i], False)
+        batch = read_batch(held_out, [i])
         if not batch["index"]:
             continue
         x0 = B.encode_images(bb, batch["pixels"].to(bb.device), sample=False)
@@ -148,7 +148,7 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
     rows = []
     adapter, dino = trained.modules["adapter"], trained.extras["dino"]
     for i in range(min(u.validation_images, len(held_out))):
-        batch = read_batch(held_out, [i], False)
+        batch = read_batch(held_out, [i])
         if not batch["index"]:
             continue
         hr = to_pil(batch["pixels"][0])

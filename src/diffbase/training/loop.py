@@ -116,9 +116,12 @@ def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.op
     return torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tuple[dict[str, Any], B.Cond]:
+def encode_batch(
+    bb: B.Backbone, batch: dict[str, Any], cache: Any | None, loss_mask: bool = False
+) -> tuple[dict[str, Any], B.Cond]:
     """Posterior (mean, std) and text conditioning of a batch: from the cache where it has them,
-    computed now otherwise."""
+    computed now otherwise. With `loss_mask` (data.masked_loss) the batch's mask weights the loss; otherwise
+    a mask is the method's own input (Fill's area to repaint) and stays in the batch."""
     mean, std, cond = cache.lookup(batch) if cache is not None else (None, None, None)
     if mean is None or cond is None:
         with encoders_on(bb):  # a no-op unless offload parked them on the CPU
@@ -127,18 +130,16 @@ def encode_batch(bb: B.Backbone, batch: dict[str, Any], cache: Any | None) -> tu
             if cond is None:
                 cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
     out = {"mean": mean.float().to(bb.device), "std": std.float().to(bb.device), "index": batch["index"]}
-    for key in ("mask", "control"):  # on the compute device too: CUDA autocast leaves CPU tensors alone
+    for key in ("mask", "control") if loss_mask else ("control",):  # on the compute device too: CUDA autocast
+        # leaves CPU tensors alone
         if batch.get(key) is not None:
             out[key] = batch[key].to(bb.device)
     return out, cond
 
 
-def read_batch(dataset: Any, indices: list[int], masked_loss: bool) -> dict[str, Any]:
-    """Items collated into a batch; a mask is the loss mask only when the loss is masked (else `region`)."""
-    batch = dataset.collate([dataset[i] for i in indices])
-    if not masked_loss and "mask" in batch:  # an input then (Fill's inpainting area), not a loss mask
-        batch["region"] = batch.pop("mask")
-    return batch
+def read_batch(dataset: Any, indices: list[int]) -> dict[str, Any]:
+    """Items collated into a batch."""
+    return dataset.collate([dataset[i] for i in indices])
 
 
 def on_cpu(config: Config) -> bool:
@@ -257,7 +258,7 @@ def batch_for(run: Run, dataset: Any, indices: list[int]) -> dict[str, Any]:
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
     per_rank = len(indices) // world
     local = indices[rank * per_rank : (rank + 1) * per_rank] if world > 1 else indices
-    return read_batch(dataset, local, run.config.data.masked_loss)
+    return read_batch(dataset, local)
 
 
 def step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:

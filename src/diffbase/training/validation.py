@@ -78,10 +78,10 @@ def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | N
     t = config.training
     total, count = 0.0, 0
     for indices in dataset.sampler(1, shuffle=False):
-        batch = read_batch(dataset, indices, config.data.masked_loss)
+        batch = read_batch(dataset, indices)
         if not batch["index"]:
             continue
-        encoded, cond = encode_batch(bb, batch, cache)
+        encoded, cond = encode_batch(bb, batch, cache, config.data.masked_loss)
         loss = fixed_time_loss(
             bb,
             t.objective,
