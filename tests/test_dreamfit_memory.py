@@ -60,6 +60,13 @@ def test_cached_loss_equals_uncached_and_the_encoders_are_freed(tiny_model, tmp_
     assert (stats.latents_computed, stats.prompts_computed) == (0, 0) and stats.latents_reused == len(dataset)
 
 
+def test_latents_alone_are_cached_without_a_text_cache(tiny_model, tmp_path) -> None:
+    config = dreamfit_config(tiny_model, tmp_path, "training.dreamfit.mode=tryon", "data.cache_latents=true")
+    method, bb, _, dataset = set_up(config)
+    cache, stats = method.cache(config, bb, dataset, False)
+    assert cache.text is None and stats.latents_computed == len(dataset) and stats.prompts_computed == 0
+
+
 @pytest.mark.parametrize("passes", ["[write]", "[write,read]"])
 def test_checkpointing_covers_both_passes_with_the_same_gradients(tiny_model, tmp_path, passes) -> None:
     config = dreamfit_config(

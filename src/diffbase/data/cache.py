@@ -407,7 +407,7 @@ def build_item_cache(
         cache = TrainingCache(latents, text, {"pair": keys}, text_identity(bb), bb)
         if text is not None:
             stats.note_damaged(text, {cache.prompt_key(p) for p in prompts})
-        stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
+            stats.prompts_computed, stats.prompts_reused = cache_prompts(cache, prompts, batch, show_progress)
     return cache, stats
 
 
