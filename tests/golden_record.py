@@ -10,9 +10,10 @@ all three kernel sets on one AMD EPYC (tests/golden/README.md has the table):
   timestep, weighting or learning rate moves these losses by 1e-3 to 1e-1.
 - exported weights differ by at most 0.61 of the learning rate after 3 steps: Adam moves a weight by about
   lr per step whatever the gradient's size, so where a gradient is near zero two CPUs can take steps of
-  different sign. So every sampled weight must lie within lr x steps (WEIGHT_STEPS_TOL), and at most 1% of
-  them may differ by more than lr/100 (measured: at most 0.04%). A change of behaviour moves most weights by
-  a sizeable part of lr, so it fails the second bound.
+  different sign. So every sampled weight must lie within lr x steps (WEIGHT_STEPS_TOL), and in each tensor
+  at most 2 samples (or 1%, where more are kept) may differ by more than lr/100 (measured: at most 1 sample in
+  any tensor, 0.04% of all weights). A change of behaviour, even in one tensor, moves most of that tensor's
+  weights by a sizeable part of lr, so it fails the second bound.
 - pictures differ by at most 1 level in at most 0.3% of channel values: PIXEL_LEVELS = 2 and PIXEL_FRACTION =
   0.01 give a margin of 2x and 3x.
 
@@ -24,6 +25,7 @@ from the tensor's name, the same on every machine) with every tensor's shape, so
 from __future__ import annotations
 
 import json
+import math
 import platform
 import zlib
 from pathlib import Path
@@ -37,6 +39,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 LOSS_RTOL = 1e-4
 WEIGHT_STEPS_TOL = 1.0  # in learning rates per step run
 WEIGHT_BULK_FRACTION = 0.01
+WEIGHT_BULK_MIN = 2  # samples per tensor that may differ by more than WEIGHT_BULK_TOL
 WEIGHT_BULK_TOL = 0.01  # in learning rates
 PIXEL_LEVELS = 2
 PIXEL_FRACTION = 0.01
@@ -76,16 +79,17 @@ def assert_pixels_close(got: Any, want: Any, what: str = "image") -> None:
 
 
 def assert_weights_close(got: torch.Tensor, want: torch.Tensor, lr: float, steps: int, what: str = "weights") -> None:
-    """Trained weights equal as far as Adam lets two reduction orders agree: every element within lr x steps,
-    and all but WEIGHT_BULK_FRACTION within lr/100 (the module's docstring says why)."""
-    diff = (got.float() - want.float()).abs().reshape(-1)
+    """One tensor's trained weights equal as far as Adam lets two reduction orders agree: every element within
+    lr x steps, and all but WEIGHT_BULK_MIN (or WEIGHT_BULK_FRACTION) within lr/100 (the docstring says why)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    diff = (got.float() - want.float()).abs().reshape(-1)
     if not diff.numel():
         return
     bound = WEIGHT_STEPS_TOL * lr * steps
     assert float(diff.max()) <= bound, f"{what}: a weight differs by {float(diff.max()):.3g} (> lr x steps)"
-    bulk = float((diff > WEIGHT_BULK_TOL * lr).float().mean())
-    assert bulk <= WEIGHT_BULK_FRACTION, f"{what}: {bulk:.2%} of the weights differ by more than lr/100"
+    off = int((diff > WEIGHT_BULK_TOL * lr).sum())
+    allowed = max(WEIGHT_BULK_MIN, math.ceil(WEIGHT_BULK_FRACTION * diff.numel()))
+    assert off <= allowed, f"{what}: {off} of {diff.numel()} weights differ by more than lr/100 (allowed {allowed})"
 
 
 def rgb(path: Path) -> np.ndarray:
@@ -150,13 +154,11 @@ class Record:
         shapes = {f: {n: list(t.shape) for n, t in ts.items()} for f, ts in self.weights.items()}
         assert shapes == want["weights"], f"{where}: the exported files, tensors or shapes differ"
         samples = load_file(str(GOLDEN / "weights.safetensors"))
-        got_all, rec_all = [], []
         for file, tensors in self.weights.items():
             for tensor_name, t in tensors.items():
-                got_all.append(sample(tensor_name, t))
-                rec_all.append(samples[f"{self.name}|{file}|{tensor_name}"])
-        if got_all:
-            assert_weights_close(torch.cat(got_all), torch.cat(rec_all), want["lr"], want["steps"], where)
+                recorded = samples[f"{self.name}|{file}|{tensor_name}"]
+                assert_weights_close(sample(tensor_name, t), recorded, want["lr"], want["steps"],
+                                     f"{where}, {file} {tensor_name}")  # fmt: skip
         assert sorted(self.images) == want["images"], f"{where}: pictures {sorted(self.images)}"
         for key, pixels in self.images.items():
             assert_pixels_close(pixels, rgb(GOLDEN / "images" / f"{self.slug}__{key}.png"), f"{where}, {key}")

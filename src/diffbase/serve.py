@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -71,6 +70,16 @@ class Models:
 FLAGS = {"SD1.5 model folder": "--model", "FLUX.1 model folder": "--model", "Kontext, FLUX.2 or Fill model folder":
          "--model", "trained attention weights (a run's vton/ folder)": "--weights", "DreamFit checkpoint":
          "--checkpoint", "DreamO folder": "--dreamo", "method": "--method", "mode": "--mode"}  # fmt: skip
+
+
+def checked_size(text: str, multiple: int, limits: Limits) -> tuple[int, int]:
+    """The HxW field: the family's multiple, and no more pixels than this server's limit."""
+    from diffbase.commands import checks
+
+    h, w = checks.size(text, "HxW", multiple)
+    if h * w > limits.max_pixels:
+        raise UserError(f"HxW: {h}x{w} is beyond this server's limit of {limits.max_pixels} pixels")
+    return h, w
 
 
 def checked_image(path: str | None, what: str, limits: Limits) -> Image.Image:
@@ -168,12 +177,13 @@ def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
 def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
     """(loss plot, latest validation grid or None, a status line) of a training output folder."""
     from diffbase.plot import line_plot
+    from diffbase.training.metrics import read_metrics
 
     out = Path(folder)
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{out}: no metrics.jsonl (a `diffbase train` output folder has one once training starts)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)  # a line a live run is still writing is left out
     names = sorted({k for r in rows for k in r if k == "loss" or k.startswith("val_")})
     series = {n: [(r["step"], r[n]) for r in rows if n in r] for n in names}
     plot = line_plot({k: v for k, v in series.items() if v}, title=f"{out.name}: loss by step")
@@ -185,13 +195,12 @@ def loss_view(folder: str) -> tuple[Image.Image, Image.Image | None, str]:
 
 @dataclass
 class App:
-    """What every tab shares: the defaults and limits, the loaded model and its lock, the running request,
-    the runtime (resolved once) and the helpers that lay out a tab's uploads, fields and buttons."""
+    """What every tab shares: the defaults and limits, the loaded model and its lock, the runtime (resolved
+    once) and the helpers that lay out a tab's uploads, fields and buttons."""
 
     defaults: Defaults
     limits: Limits
     models: Models
-    request: Request
     rt: Any
     tracked: Any  # gradio fills in a progress bar where a function takes one
 
@@ -224,8 +233,10 @@ class App:
         Errors that name a command's flag name the input's label instead."""
         run, stop = buttons
         labels = {FLAGS[c.label]: c.label for c in inputs if getattr(c, "label", None) in FLAGS}
-        event = run.click(guarded(fn, self.models, self.request, labels), inputs, output)
-        stop.click(self.request.cancel.set, None, None, queue=False, cancels=[event])
+        request = Request(self.limits)  # this tab's: its Stop stops its own work, not another tab's
+        event = run.click(guarded(fn, self.models, request, labels), inputs, output, concurrency_id="model",
+                          concurrency_limit=1)  # every tab in one queue: one request runs at a time  # fmt: skip
+        stop.click(request.cancel.set, None, None, queue=False, cancels=[event])
 
 
 def tryon_tab(app: App) -> None:
@@ -238,7 +249,7 @@ def tryon_tab(app: App) -> None:
         from diffbase.tryon.data import box_mask
         from diffbase.tryon.sampling import TryOnSettings
 
-        h, w = checks.size(size, "HxW", 8)
+        h, w = checked_size(size, 8, app.limits)
         checks.count(steps, "steps")
         person_img = checked_image(person, "person", app.limits)
         garment_img = checked_image(garment, "garment", app.limits)
@@ -285,7 +296,7 @@ def dreamfit_tab(app: App) -> None:
         if not checkpoint:
             raise UserError("DreamFit checkpoint: give a DreamFit checkpoint file (official .bin or one trained here)")
         checks.weights_file(checkpoint, "DreamFit checkpoint")
-        h, w = checks.size(size, "HxW", 16)
+        h, w = checked_size(size, 16, app.limits)
         checks.count(steps, "steps")
         inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", app.limits)}
         if pose:
@@ -329,7 +340,7 @@ def dreamo_tab(app: App) -> None:
         from diffbase.dreamo.generate import DreamOSettings
         from diffbase.methods.dreamo import DREAMO
 
-        h, w = checks.size(size, "HxW", 16)
+        h, w = checked_size(size, 16, app.limits)
         checks.count(steps, "steps")
         slots = [(checked_image(r, f"reference {k}", app.limits), t, None, None) if r else None
                  for k, (r, t) in enumerate(((ref1, task1), (ref2, task2)), start=1)]  # fmt: skip
@@ -469,7 +480,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
     rt = resolve(defaults.device, defaults.dtype, defaults.attention)  # once, for every tab
     rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
-    app = App(defaults, limits, Models(), Request(limits), rt, gr.Progress(track_tqdm=True))
+    app = App(defaults, limits, Models(), rt, gr.Progress(track_tqdm=True))
     with gr.Blocks(title="diffbase") as blocks:
         gr.Markdown("# diffbase\nLocal models only; the defaults are the shipped toy models (tiny, CPU-friendly).")
         for tab in TABS:

@@ -150,18 +150,23 @@ def output(path: str | None, name: str, inputs: list[str] = (), overwrite: bool 
     return out
 
 
+TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# The first bytes of a legacy (non-zip) torch.save file: protocol 2, then torch's magic number as a long.
+LEGACY_TORCH = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 def weights_file(path: str | None, name: str) -> None:
-    """A weights file is safetensors or a PyTorch pickle of tensors (loaded with weights_only=True); a
-    folder is checked for one of them."""
+    """A weights file is safetensors or a torch.save archive (zip, or the legacy format), which the loaders
+    read with weights_only=True; in a folder, every such file is checked (any other file is not the
+    loaders')."""
     if not path:
         return
     p = Path(path)
     if not p.exists():
         raise UserError(f"{name}: {p} not found")
-    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TENSOR_SUFFIXES) if p.is_dir() else [p]
     for f in files:
-        if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
-            readable_tensors(f, name)
+        readable_tensors(f, name)
 
 
 def readable_tensors(f: Path, name: str) -> None:
@@ -175,7 +180,9 @@ def readable_tensors(f: Path, name: str) -> None:
             raise UserError(f"{name}: {f} is not a safetensors file") from None
     import zipfile
 
-    if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; anything else is not a weights file
+    with open(f, "rb") as handle:
+        head = handle.read(len(LEGACY_TORCH))
+    if not (zipfile.is_zipfile(f) or head == LEGACY_TORCH):  # a plain pickle or anything else: not weights
         raise UserError(f"{name}: {f} is not a PyTorch weights file (expected safetensors or a torch.save archive)")
 
 

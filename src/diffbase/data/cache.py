@@ -135,14 +135,20 @@ def entry_digest(parts: Iterable[tuple[str, Any]]) -> str:
 def verified_entries(shard: Path) -> dict[str, tuple[list[str], bool]]:
     """The entries of one shard: key -> (tensor names, whether its bytes match the checksum written with
     it). Read straight from the safetensors layout (8-byte header length, JSON header, data) in one pass.
-    An unreadable shard, or one written without checksums, has no usable entries."""
+    An unreadable shard has no usable entries; one written before checksums is read unverified."""
     import mmap
 
     try:
         with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             n = int.from_bytes(data[:8], "little")
             header = json.loads(bytes(data[8 : 8 + n]))
-            sums = json.loads(header.pop("__metadata__", {}).get(CHECKSUMS, "{}"))
+            meta = header.pop("__metadata__", None) or {}
+            if CHECKSUMS not in meta:  # written before checksums: read as it is
+                names_only: dict[str, list[str]] = {}
+                for name in sorted(header):
+                    names_only.setdefault(name.rsplit("/", 1)[0], []).append(name)
+                return {key: (members, True) for key, members in names_only.items()}
+            sums = json.loads(meta[CHECKSUMS])
             base, names = 8 + n, {}
             for name in sorted(header):
                 names.setdefault(name.rsplit("/", 1)[0], []).append(name)

@@ -82,10 +82,13 @@ def write_manifest(folder: Path) -> None:
 
 def damage(folder: Path) -> str | None:
     """Why a checkpoint folder cannot be trusted (a file missing, cut short or changed), or None if intact."""
+    if not (folder / "state.json").is_file():
+        return "state.json is missing"
     try:
         entries = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"no {MANIFEST}"
+    except FileNotFoundError:  # written before manifests: nothing to verify it against
+        print(f"note: {folder} has no {MANIFEST} (written by an earlier diffbase); resuming it unverified")
+        return None
     except (OSError, ValueError):
         return f"{MANIFEST} is unreadable"
     for name, entry in entries.items():
@@ -197,7 +200,9 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
             problem = damage(path)
             if problem is None:
                 return path
-            print(f"note: checkpoint {path} is damaged ({problem}); trying the one before it")
+            aside = path.with_name(f"damaged-{path.name}")  # kept to look at, and never pruned instead of a good one
+            os.replace(path, aside)
+            print(f"note: checkpoint {path} is damaged ({problem}); moved to {aside.name}, trying the one before it")
         if found:
             raise UserError(f"--resume latest: every checkpoint in {root} is damaged; start over with --overwrite")
         return None

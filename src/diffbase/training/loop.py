@@ -230,6 +230,8 @@ def resume(run: Run, root: Path, resume_arg: str | None) -> None:
         if run.ema is not None and "ema" in tensors:
             run.ema.load_state_dict({"shadow_params": list(tensors["ema"].values()), **objects["ema_meta"]})
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:  # intact, but of another config
+        if isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate" in str(exc)):
+            raise  # memory, not the config: train() says so
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--resume: {found} does not fit this config ({reason[:200]})") from None
     run.accelerator.print(f"resumed from {found} at step {run.progress.step}")

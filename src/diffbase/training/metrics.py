@@ -7,6 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every row of a metrics.jsonl; a last line cut short (a killed run, or one still being written) is left out."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 class MetricsLog:
     """Scalars and images by step. Only the main process writes."""
 
@@ -45,16 +58,7 @@ class MetricsLog:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def history(self) -> list[dict[str, Any]]:
-        """Every row logged; a last line cut short by a killed process is left out."""
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
+        return read_metrics(self.path)
 
     def losses(self) -> list[float]:
         """The training loss of every step logged, across resumes."""

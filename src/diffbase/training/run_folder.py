@@ -24,9 +24,10 @@ LOCK_NAME = ".diffbase.lock"
 # they are keyed by content and reusable).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "validation", "loss.png", "losses.json", "exports.json",
              "config.yaml")  # fmt: skip
-# Temporary names of diffbase's atomic writes: `.NAME.XXXX.tmp` files (io.atomic_write), `.NAME.XXXX` folders
-# (io.atomic_folder), `.tmp-*` checkpoint folders, `.export-*` staging folders.
-TEMP_GLOBS = (".*.tmp", ".tmp-*", ".export-*")
+# Where a run writes through temporary names, and the names: `.NAME.XXXX.tmp` files (io.atomic_write),
+# `.tmp-*` checkpoint folders, `.export-*` staging folders and `.old-*` exports being replaced. Only these
+# places are cleaned: the cache may be shared with another command, and a folder may hold other runs.
+TEMP_PLACES = {".": (".*.tmp", ".export-*", ".old-*"), "checkpoints": (".tmp-*",), "validation": (".*.tmp",)}
 
 
 @dataclass
@@ -67,6 +68,8 @@ def lock(out_dir: Path) -> RunFolder:
             f"experiment.output_dir: {out_dir} is in use by another training run ({holder(out_dir / LOCK_NAME)}); "
             "wait for it to end, or give another experiment.output_dir"
         ) from None
+    except OSError as exc:  # a filesystem without locks (some network and FUSE mounts): run, and say so
+        print(f"note: {out_dir} cannot be locked ({exc.strerror}); make sure no other run uses it")
     stale = holder(out_dir / LOCK_NAME)
     if stale != "unknown":
         print(f"note: took over the lock of a run that ended without releasing it ({stale})")
@@ -87,16 +90,12 @@ def release(folder: RunFolder) -> None:
 
 
 def remove_temporary(out_dir: Path) -> list[Path]:
-    """The temporary files and folders of earlier runs that died mid-write, anywhere in the run folder
-    (the cache's shards and exports included)."""
-    found = sorted({p for pattern in TEMP_GLOBS for p in out_dir.rglob(pattern)})
-    removed = []
+    """The temporary files and folders that earlier runs in this folder left when they died mid-write."""
+    found = sorted({p for place, patterns in TEMP_PLACES.items() for pattern in patterns
+                    for p in (out_dir / place).glob(pattern)})  # fmt: skip
     for path in found:
-        if any(parent in found for parent in path.parents):  # inside a folder removed as a whole
-            continue
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+    return found
 
 
 def claim(folder: RunFolder, resume: str | None, overwrite: bool) -> None:
@@ -144,6 +143,6 @@ def locked(out_dir: Path, enabled: bool = True) -> Iterator[RunFolder | None]:
         remove_failed_start(folder)
         raise
     finally:
-        release(folder)
         if folder.created and {p.name for p in out_dir.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(out_dir, ignore_errors=True)  # before the lock is let go: no one can be in it
+        release(folder)

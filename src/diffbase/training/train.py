@@ -199,7 +199,7 @@ def _train(config: Config, method: Any, resume: str | None, stop_after: int | No
 def export_atomically(method: Any, config: Config, bb: Backbone, trained: Any, out_dir: Path) -> dict[str, str]:
     """The method writes its files into a staging folder; each top-level folder or file it wrote then
     replaces its namesake in the output folder by a rename, so a kill mid-export leaves the earlier
-    export (or none) whole, and only a `.export-*` folder that the next run removes."""
+    export (or none) whole, and only `.export-*` / `.old-*` folders that the next run removes."""
     import os
     import shutil
     import tempfile
@@ -210,9 +210,11 @@ def export_atomically(method: Any, config: Config, bb: Backbone, trained: Any, o
         hold_for_test("export", 0)
         for item in sorted(staging.iterdir()):
             target = out_dir / item.name
-            if target.is_dir() and item.is_dir():
-                shutil.rmtree(target)
+            old = out_dir / f".old-{item.name}-{os.getpid()}"
+            if target.exists():
+                os.replace(target, old)  # set aside, so a kill leaves the old export or the new one whole
             os.replace(item, target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {name: str(out_dir / Path(path).relative_to(staging)) for name, path in files.items()}
