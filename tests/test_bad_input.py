@@ -128,6 +128,12 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
             "--model: /nothing/model",
         ),
         "existing out without overwrite": ([*edit[:-1], str(f["garment"])], "exists; give another name"),
+        "steps not a number": (
+            [*edit, "--steps", "abc"],
+            "--steps: invalid int value: 'abc' (see diffbase edit --help)",
+        ),
+        "dtype not a choice": ([*edit, "--dtype", "float64"], "--dtype: invalid choice: 'float64'"),
+        "upscale without its input": ([upscale[0], *upscale[2:]], "the following arguments are required: input"),
     }
 
 

@@ -12,10 +12,18 @@ COMMANDS = tuple(f"diffbase.commands.{name}" for name in ("generate", "train", "
                  "upscale", "edit", "data", "zoo", "tools")) + ("diffbase.serve",)  # fmt: skip
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (`error: ...`, exit 2), as every other error is: a flag of the
+    wrong type, a value outside its choices, a missing argument."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib import import_module
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="diffbase",
         description="Train and run diffusion image-customization models from local weights.",
     )

@@ -6,13 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from diffbase.commands import checks
+
 
 def run_synth(args: argparse.Namespace) -> None:
     from diffbase.generate import parse_size
     from diffbase.toy.synthetic import write_dataset
 
     h, w = parse_size(args.size)
+    checks.count(args.n, "--n")
     n_test = args.n_test if args.n_test is not None else max(1, args.n // 4)
+    checks.count(n_test, "--n-test", least=0)
     write_dataset(Path(args.out), args.n, n_test, seed=args.seed, size=(w, h))
     print(f"wrote {args.n} training and {n_test} held-out try-on items to {args.out}")
 
@@ -22,6 +26,7 @@ def run_synth_edit(args: argparse.Namespace) -> None:
     from diffbase.toy.synthetic import write_edit_pairs
 
     h, w = parse_size(args.size)
+    checks.count(args.n, "--n")
     write_edit_pairs(Path(args.out), args.n, seed=args.seed, size=(w, h))
     print(f"wrote {args.n} edit pairs (source, target, mask, instruction) to {args.out}/metadata.jsonl")
 
@@ -31,6 +36,7 @@ def run_synth_dreamo(args: argparse.Namespace) -> None:
     from diffbase.toy.synthetic import write_multi_reference
 
     h, w = parse_size(args.size)
+    checks.count(args.n, "--n")
     write_multi_reference(Path(args.out), args.n, seed=args.seed, size=(w, h))
     print(
         f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl"
