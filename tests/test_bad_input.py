@@ -128,6 +128,10 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
             "--model: /nothing/model",
         ),
         "existing out without overwrite": ([*edit[:-1], str(f["garment"])], "exists; give another name"),
+        "prompts file not text": (
+            [generate[0], "--model", str(m["flux1"]), "--prompts", str(f["person"]), "--out", str(out)],
+            "--prompts: ",
+        ),
         "steps not a number": (
             [*edit, "--steps", "abc"],
             "--steps: invalid int value: 'abc' (see diffbase edit --help)",

@@ -17,7 +17,11 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{file}: prompts file not found")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts: {file} is not a text file (expected UTF-8, one prompt per line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{file}: no prompts (expected one prompt per line)")
     return prompts
