@@ -188,7 +188,7 @@ def test_a_batch_is_on_the_compute_device_before_the_loss(tiny_model) -> None:
             return torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), {"prompt_embeds": torch.zeros(1, 3, 8)}
 
     batch = {"index": [0], "mask": torch.ones(1, 1, 16, 16), "control": torch.zeros(1, 3, 16, 16), "size": (16, 16)}
-    encoded, _ = encode_batch(bb, batch, Cached(), loss_mask=True)
+    encoded, _ = encode_batch(bb, batch, Cached(), keep=("mask", "control"))
     assert {encoded[k].device.type for k in ("mean", "std", "mask", "control")} == {"meta"}
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from diffbase.config import Config, load_config
 from diffbase.data.datasets import TrainDataset, build_records
 from diffbase.methods import get, train
+from diffbase.methods.controlnet import guide as controlnet_guide
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
 from diffbase.training.loop import encode_batch
@@ -28,8 +29,9 @@ def batch_loss(config: Config, bb: Backbone, controlnet=None) -> float:
     """Loss on the whole (fixed) training batch at fixed noise and noise levels."""
     dataset = TrainDataset(build_records(config.data), config.data)
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
-    encoded, cond = encode_batch(bb, batch, None)
-    return fixed_time_loss(bb, config.training.objective, encoded, cond, [0.3, 0.6, 0.9], controlnet=controlnet)
+    encoded, cond = encode_batch(bb, batch, None, keep=("control",))
+    guide = None if controlnet is None else controlnet_guide(config, bb, controlnet)
+    return fixed_time_loss(bb, config.training.objective, encoded, cond, [0.3, 0.6, 0.9], guide=guide)
 
 
 CASES = (

@@ -13,7 +13,8 @@ import torch
 from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.methods import text_to_image
-from diffbase.methods.registry import Method, Trained, register
+from diffbase.methods.registry import Method, Trained, Validation, register
+from diffbase.models import backbone as B
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux1")
 CLASSES = {
@@ -71,7 +72,27 @@ def prepare(bb: Any, config: Config) -> Trained:
 def loss(
     config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return text_to_image.loss(config, bb, trained, batch, cache, step, controlnet=trained.call("controlnet"))
+    return text_to_image.loss(
+        config, bb, trained, batch, cache, step, guide=guide(config, bb, trained.call("controlnet"))
+    )
+
+
+def guide(config: Config, bb: B.Backbone, controlnet: torch.nn.Module) -> B.Guide:
+    """The ControlNet's residuals for the noisy latents of a batch, as diffusers' ControlNet pipelines
+    compute them (the batch's `control` image, training.controlnet.conditioning_scale)."""
+    scale, guidance = config.training.controlnet.conditioning_scale, config.training.objective.guidance
+
+    def residuals(noisy: torch.Tensor, timesteps: torch.Tensor, cond: B.Cond, batch: dict[str, Any]) -> Any:
+        return B.controlnet_residuals(bb, controlnet, noisy, timesteps, cond, batch["control"], scale, guidance)
+
+    return residuals
+
+
+def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+    """As text-to-image validation, with the ControlNet guiding the held-out loss."""
+    return text_to_image.validate(
+        config, bb, trained, data, validation, guide(config, bb, trained.modules["controlnet"])
+    )
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
@@ -86,7 +107,7 @@ CONTROLNET = register(
         loss=loss,
         export=export,
         dataset=text_to_image.dataset,
-        validate=text_to_image.validate,
+        validate=validate,
         section=("controlnet", ControlNetConfig),
         describe="a ControlNet beside the frozen denoiser",
     )

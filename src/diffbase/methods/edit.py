@@ -138,7 +138,7 @@ def _loss(kind: str, config: Config, bb: Any, trained: Trained, batch: dict[str,
     from diffbase.training.step import diffusion_step_loss
 
     masked = config.data.masked_loss
-    encoded, cond = encode_batch(bb, batch, cache, masked)
+    encoded, cond = encode_batch(bb, batch, cache, ("mask",) if masked else ())
     if kind == "kontext":
         conditioning = kontext_conditioning(bb, batch, cache)
     elif bb.spec.pipeline == KLEIN_INPAINT:  # the pipeline keeps the rest: the loss is the area's

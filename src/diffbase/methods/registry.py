@@ -1,70 +1,15 @@
-"""The method seam: what a training method is, as a record of plain functions, and the registry.
-
-A method says what it adds to a backbone and which parameters train (`prepare`), what a batch is
-(`dataset`), its loss with the terms to log (`loss`), what validation shows (`validate`), what it
-writes for users (`export`), and how its result is used (`load` / `run`, the inference API the CLI,
-the demo and the web UI call). The one training loop (diffbase.training) calls only these.
-Adding a method is one module that calls `register`; nothing else in the package changes.
+"""The registry of training methods: `register` makes `training.method: <name>` (and its config
+section) known; the record's type is diffbase.training.seam.Method. Adding a method is one package
+whose `method` module calls `register`; nothing else in the package changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from diffbase.config import Config, register_method_name, register_section
+from diffbase.config import register_method_name, register_section
 from diffbase.errors import UserError, closest
+from diffbase.training.seam import Loss, Method, Trained, Validation
 
-
-@dataclass
-class Trained:
-    """What a method trains on a backbone. Every module in `modules` goes through accelerate (DDP, FSDP,
-    DeepSpeed wrap it) and is checkpointed by `state_dict` / `load_state_dict`."""
-
-    modules: dict[str, torch.nn.Module]
-    trainable: list[torch.nn.Parameter]
-    state_dict: Callable[[Trained, dict[str, Any] | None], dict[str, dict[str, torch.Tensor]]] | None = None
-    load_state_dict: Callable[[Trained, dict[str, dict[str, torch.Tensor]]], None] | None = None
-    calls: dict[str, Any] = field(default_factory=dict)  # the prepared (wrapped) modules, set by the loop
-    extras: dict[str, Any] = field(default_factory=dict)  # the method's own state (DreamFit's banks, caches)
-    checkpointing: Callable[[], None] | None = None  # turns gradient checkpointing on (default: on `modules`)
-
-    def call(self, name: str) -> Any:
-        """A trained module as the step must call it: through its DDP/FSDP wrapper when there is one."""
-        wrapped = self.calls.get(name)
-        return wrapped if wrapped is not None else self.modules[name]  # a container module may be falsy
-
-
-@dataclass
-class Validation:
-    grid: Any = None  # a PIL image people look at, or None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-Loss = tuple[torch.Tensor, dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    prepare: Callable[[Any, Config], Trained]  # (backbone, config): freeze, add, unfreeze what trains
-    loss: Callable[[Config, Any, Trained, dict[str, Any], Any, int], Loss]  # (config, bb, trained, batch, cache, step)
-    export: Callable[[Config, Any, Trained, Path], dict[str, str]]  # -> {format: path}
-    dataset: Callable[[Config, bool, Any], Any]  # (config, held_out, bb) -> dataset or None
-    validate: Callable[[Config, Any, Trained, Any, tuple[Any, Any]], Validation]
-    section: tuple[str, type] | None = None  # ("lora", LoraConfig): the `training.<name>` keys it reads
-    multi_process: bool = True  # False: its modules are not called through DDP, so training is single-process
-    cacheable: bool = True  # data.cache_latents / cache_text apply to its batches
-    cache: Callable[[Config, Any, Any, bool], Any] | None = None  # its own cache: (config, bb, dataset, progress)
-    # -> (TrainingCache, CacheStats); default: the image slots' latents and the captions
-    load: Callable[..., Any] | None = None  # inference: load(model, weights, device=, dtype=, offload=)
-    run: Callable[..., Any] | None = None  # inference: run(loaded, inputs, settings) -> PIL image
-    describe: str = ""
-
+__all__ = ["METHODS", "Loss", "Method", "Trained", "Validation", "get", "register"]
 
 METHODS: dict[str, Method] = {}
 

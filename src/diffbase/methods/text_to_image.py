@@ -25,14 +25,14 @@ def loss(
     batch: dict[str, Any],
     cache: Any,
     step: int,
-    controlnet: Any = None,
+    guide: Any = None,
     reduce: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The standard diffusion loss (per sample with `reduce=False`), no extra terms."""
     from diffbase.training.loop import encode_batch
     from diffbase.training.step import diffusion_step_loss
 
-    encoded, cond = encode_batch(bb, batch, cache, config.data.masked_loss)
+    encoded, cond = encode_batch(bb, batch, cache, kept(config))
     value = diffusion_step_loss(
         bb,
         config.training.objective,
@@ -40,12 +40,17 @@ def loss(
         cond,
         config.experiment.seed,
         step,
-        controlnet=controlnet,
-        control_scale=config.training.controlnet.conditioning_scale if controlnet is not None else 1.0,
+        guide=guide,
         weights=batch.get("weight"),
         reduce=reduce,
     )
     return value, {}
+
+
+def kept(config: Config) -> tuple[str, ...]:
+    """The batch entries the loss reads besides the latents: the loss mask (data.masked_loss) and a
+    ControlNet's control image."""
+    return ("mask", "control") if config.data.masked_loss else ("control",)
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:
@@ -54,7 +59,9 @@ def dataset(config: Config, held_out: bool, bb: Any) -> Any:
     return image_dataset(config, held_out)
 
 
-def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+def validate(
+    config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any], guide: Any = None
+) -> Validation:
     """Images from the validation prompts (a grid) and the held-out loss at fixed noise levels."""
     from diffbase.training.validation import validation_images, validation_loss
 
@@ -63,7 +70,7 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
     if config.training.validation.prompts:
         out.grid = validation_images(config, bb, data)
     if held_out is not None:
-        out.metrics["val_loss"] = validation_loss(config, bb, held_out, cache)
+        out.metrics["val_loss"] = validation_loss(config, bb, held_out, cache, kept(config), guide)
     return out
 
 

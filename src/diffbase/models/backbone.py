@@ -11,6 +11,7 @@ handled unpacked, (B, C, H, W), in the normalised space the denoiser works in:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,6 +303,11 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_cast(v, dtype) for v in value)
     return value
+
+
+# What a method adds from the noisy latents at each denoiser call (a ControlNet's residuals as the
+# denoiser's keyword arguments): (noisy, timesteps, cond, batch) -> residuals.
+Guide = Callable[[torch.Tensor, torch.Tensor, Cond, dict[str, Any]], dict[str, Any]]
 
 
 def controlnet_residuals(

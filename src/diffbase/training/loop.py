@@ -29,6 +29,7 @@ from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
 from diffbase.training.schedule import make_scheduler
+from diffbase.training.seam import Method, Trained
 
 
 @dataclass
@@ -43,7 +44,7 @@ class TrainResult:
     output_dir: Path | None = None
     finished: bool = False  # reached the planned number of steps (not stopped early)
     backbone: Any = None
-    trained: Any = None  # the method's Trained (its modules, for export)
+    trained: Trained | None = None  # the method's modules, for export
 
 
 STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("SIGINT", 130)}
@@ -86,10 +87,10 @@ class Run:
     """Everything one training run holds while it loops."""
 
     config: Config
-    method: Any
+    method: Method
     bb: B.Backbone
     accelerator: Any
-    trained: Any
+    trained: Trained
     optimizer: Any
     lr_scheduler: Any
     ema: Any
@@ -117,11 +118,11 @@ def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.op
 
 
 def encode_batch(
-    bb: B.Backbone, batch: dict[str, Any], cache: Any | None, loss_mask: bool = False
+    bb: B.Backbone, batch: dict[str, Any], cache: Any | None, keep: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], B.Cond]:
     """Posterior (mean, std) and text conditioning of a batch: from the cache where it has them,
-    computed now otherwise. With `loss_mask` (data.masked_loss) the batch's mask weights the loss; otherwise
-    a mask is the method's own input (Fill's area to repaint) and stays in the batch."""
+    computed now otherwise. The batch entries named in `keep` (the method's: a loss mask, a control image)
+    come along on the compute device: CUDA autocast leaves CPU tensors alone."""
     mean, std, cond = cache.lookup(batch) if cache is not None else (None, None, None)
     if mean is None or cond is None:
         with encoders_on(bb):  # a no-op unless offload parked them on the CPU
@@ -130,8 +131,7 @@ def encode_batch(
             if cond is None:
                 cond = B.encode_prompts(bb, batch["caption"], image_hw=tuple(batch["size"]))
     out = {"mean": mean.float().to(bb.device), "std": std.float().to(bb.device), "index": batch["index"]}
-    for key in ("mask", "control") if loss_mask else ("control",):  # on the compute device too: CUDA autocast
-        # leaves CPU tensors alone
+    for key in keep:
         if batch.get(key) is not None:
             out[key] = batch[key].to(bb.device)
     return out, cond
@@ -176,7 +176,7 @@ def make_accelerator(config: Config) -> Any:
     )
 
 
-def set_up(config: Config, method: Any, bb: B.Backbone, batches_per_epoch: int, cache: Any) -> Run:
+def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: int, cache: Any) -> Run:
     """The method prepares the backbone; what trains gets an optimizer, schedule and EMA, and goes
     through accelerate (every trained module, so DDP/FSDP wrap each one)."""
     t, accelerator = config.training, make_accelerator(config)
@@ -237,7 +237,7 @@ def resume(run: Run, root: Path, resume_arg: str | None) -> None:
     run.accelerator.print(f"resumed from {found} at step {run.progress.step}")
 
 
-def trained_state_dict(trained: Any, full: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def trained_state_dict(trained: Trained, full: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """What a checkpoint keeps: the method's choice (LoRA layers, the parameters that train), else every
     trained module whole. `full`: the gathered state dicts of sharded modules (FSDP, DeepSpeed)."""
     if trained.state_dict is not None:
@@ -248,7 +248,7 @@ def trained_state_dict(trained: Any, full: dict[str, Any] | None = None) -> dict
     }
 
 
-def load_trained_state_dict(trained: Any, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_trained_state_dict(trained: Trained, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
     if trained.load_state_dict is not None:
         return trained.load_state_dict(trained, tensors)
     for name, module in trained.modules.items():
@@ -315,7 +315,7 @@ def log(
 
 def run_training(
     config: Config,
-    method: Any,
+    method: Method,
     bb: B.Backbone,
     dataset: Any,
     sampler: Any,

@@ -58,22 +58,18 @@ def diffusion_step_loss(
     cond: B.Cond,
     seed: int,
     step: int,
-    controlnet: torch.nn.Module | None = None,
-    control_scale: float = 1.0,
+    guide: B.Guide | None = None,
     weights: torch.Tensor | None = None,
     reduce: bool = True,
     conditioning: B.Conditioning | None = None,
 ) -> torch.Tensor:
-    """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, optional `mask`/`control`
-    (per sample with `reduce=False`); `conditioning`: what a method adds (reference tokens, channels)."""
+    """The diffusion loss of one batch: `batch` has posterior `mean`/`std`, `index`, an optional loss `mask`
+    (per sample with `reduce=False`); `conditioning`: what a method adds (reference tokens, channels);
+    `guide`: residuals a method computes from the noisy latents (a ControlNet's)."""
     x0, noise, t = draw(bb, cfg, batch["mean"], batch["std"], seed, step, batch["index"])
     noisy = B.add_noise(bb, x0, noise, t)
     timesteps = B.model_timesteps(bb, t).to(x0.device)
-    residuals = None
-    if controlnet is not None:
-        residuals = B.controlnet_residuals(
-            bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
-        )
+    residuals = guide(noisy, timesteps, cond, batch) if guide is not None else None
     extra = conditioning or B.Conditioning()
     if residuals is not None:
         extra = B.Conditioning(extra.tokens, extra.token_ids, extra.channels, residuals)
@@ -94,8 +90,7 @@ def fixed_time_loss(
     cond: B.Cond,
     times: list[float],
     seed: int = 0,
-    controlnet: torch.nn.Module | None = None,
-    control_scale: float = 1.0,
+    guide: B.Guide | None = None,
 ) -> float:
     """Loss at fixed noise levels (fractions of the schedule) and fixed noise: a comparable number
     across steps, for validation and for tests that training lowers the loss."""
@@ -110,11 +105,7 @@ def fixed_time_loss(
             t = torch.full((x0.shape[0],), round(frac * (bb.pipe.scheduler.config.num_train_timesteps - 1)))
         noisy = B.add_noise(bb, x0, noise.to(x0), t)
         timesteps = B.model_timesteps(bb, t).to(x0.device)
-        residuals = None
-        if controlnet is not None:
-            residuals = B.controlnet_residuals(
-                bb, controlnet, noisy, timesteps, cond, batch["control"], control_scale, cfg.guidance
-            )
+        residuals = guide(noisy, timesteps, cond, batch) if guide is not None else None
         pred = B.denoise(
             bb, noisy, timesteps, cond, guidance=cfg.guidance, conditioning=B.Conditioning(residuals=residuals)
         )

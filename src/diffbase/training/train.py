@@ -18,6 +18,7 @@ from diffbase.models.placement import place_for_training
 from diffbase.training import run_folder
 from diffbase.training.checkpoint import hold_for_test
 from diffbase.training.loop import TrainResult, process_state, run_training
+from diffbase.training.seam import Method
 
 
 def load_backbone(config: Config) -> Backbone:
@@ -72,7 +73,7 @@ def image_dataset(config: Config, held_out: bool = False, adjust: Any = None) ->
 
 
 def prepare_cache(
-    config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True, method: Any = None
+    config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True, method: Method | None = None
 ) -> list[Any]:
     """Fill the cache for each dataset (computing only what is missing), then free what training
     no longer needs. Returns a cache per dataset. A method with its own `cache` builds it instead
@@ -100,7 +101,7 @@ def prepare_cache(
     return caches
 
 
-def datasets(config: Config, method: Any, bb: Backbone, show_progress: bool) -> tuple[Any, Any, Any, list[Any]]:
+def datasets(config: Config, method: Method, bb: Backbone, show_progress: bool) -> tuple[Any, Any, Any, list[Any]]:
     """The training dataset, its sampler, the held-out dataset and their caches (None when off)."""
     d = config.data
     if (d.cache_latents or d.cache_text) and not method.cacheable:
@@ -123,7 +124,7 @@ def datasets(config: Config, method: Any, bb: Backbone, show_progress: bool) -> 
 
 def train(
     config: Config,
-    method: Any,
+    method: Method,
     resume: str | None = None,
     stop_after: int | None = None,
     show_progress: bool = True,
@@ -174,7 +175,9 @@ def out_of_memory_message(config: Config, exc: BaseException) -> str:
     )
 
 
-def _train(config: Config, method: Any, resume: str | None, stop_after: int | None, show_progress: bool) -> TrainResult:
+def _train(
+    config: Config, method: Method, resume: str | None, stop_after: int | None, show_progress: bool
+) -> TrainResult:
     from diffbase.io import default_modes, write_json_atomic
 
     out_dir = Path(config.experiment.output_dir)
@@ -196,7 +199,7 @@ def _train(config: Config, method: Any, resume: str | None, stop_after: int | No
     return result
 
 
-def export_atomically(method: Any, config: Config, bb: Backbone, trained: Any, out_dir: Path) -> dict[str, str]:
+def export_atomically(method: Method, config: Config, bb: Backbone, trained: Any, out_dir: Path) -> dict[str, str]:
     """The method writes its files into a staging folder; each top-level folder or file it wrote then
     replaces its namesake in the output folder by a rename, so a kill mid-export leaves the earlier
     export (or none) whole, and only `.export-*` / `.old-*` folders that the next run removes."""

@@ -70,8 +70,16 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
 
 
 @torch.no_grad()
-def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | None = None) -> float:
-    """Mean loss over the held-out split at the configured fixed noise levels and fixed noise."""
+def validation_loss(
+    config: Config,
+    bb: B.Backbone,
+    dataset: Any,
+    cache: Any | None = None,
+    keep: tuple[str, ...] = (),
+    guide: B.Guide | None = None,
+) -> float:
+    """Mean loss over the held-out split at the configured fixed noise levels and fixed noise (`keep`, `guide`:
+    as the method's loss has them)."""
     from diffbase.training.loop import encode_batch, read_batch
     from diffbase.training.step import fixed_time_loss
 
@@ -81,7 +89,7 @@ def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | N
         batch = read_batch(dataset, indices)
         if not batch["index"]:
             continue
-        encoded, cond = encode_batch(bb, batch, cache, config.data.masked_loss)
+        encoded, cond = encode_batch(bb, batch, cache, keep)
         loss = fixed_time_loss(
             bb,
             t.objective,
@@ -89,8 +97,7 @@ def validation_loss(config: Config, bb: B.Backbone, dataset: Any, cache: Any | N
             cond,
             t.validation.loss_timesteps,
             seed=config.experiment.seed,
-            controlnet=bb.controlnet,
-            control_scale=t.controlnet.conditioning_scale,
+            guide=guide,
         )
         total += loss * len(batch["index"])
         count += len(batch["index"])
