@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffbase.dreamfit.checkpoint import Dims, LoraPair, diffusers_name, random_official
-from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
-from diffbase.dreamfit.mechanism import install, write_banks
+from diffbase.methods.dreamfit.mechanism.checkpoint import Dims, LoraPair, diffusers_name, random_official
+from diffbase.methods.dreamfit.mechanism.generate import DreamFitSettings, dreamfit_generate, reference_image
+from diffbase.methods.dreamfit.mechanism.passes import install, write_banks
 from diffbase.models.loading import load_pipeline
 
 TOY = Path(__file__).resolve().parents[1] / "src" / "diffbase" / "zoo_weights" / "flux1-toy"
@@ -67,9 +67,9 @@ def memory_breakdown(
     from diffusers import FluxTransformer2DModel
 
     from diffbase.config import load_config
-    from diffbase.dreamfit.loras import DreamFitLoras
-    from diffbase.dreamfit.mechanism import bank_checkpointing
     from diffbase.info import component_counts
+    from diffbase.methods.dreamfit.mechanism.loras import DreamFitLoras
+    from diffbase.methods.dreamfit.mechanism.passes import bank_checkpointing
     from diffbase.training.memory import SavedBytes
 
     cfg = load_config(model_config).model

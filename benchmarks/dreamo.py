@@ -36,7 +36,7 @@ def timed(fn: Any, device: torch.device) -> float:
 
 
 def references(ref_px: int) -> list[Any]:
-    from diffbase.dreamo.generate import Reference
+    from diffbase.methods.dreamo.mechanism.generate import Reference
     from diffbase.toy.synthetic import Garment, product_shot
 
     shots = [product_shot(Garment("shirt", "stripes", "green", "white", 0.18), (ref_px, ref_px)),
@@ -48,7 +48,7 @@ def measure(pipe: Any, emb: Any, hw: tuple[int, int], ref_px: int, steps: int, r
     """Median seconds and median per-round ratios over plain generation (the bare FluxPipeline call, same
     steps, size and seed), rounds interleaved; and the cached mode's mean absolute error (0-1) and PSNR
     against the exact mode."""
-    from diffbase.dreamo.generate import DreamOSettings, dreamo_generate
+    from diffbase.methods.dreamo.mechanism.generate import DreamOSettings, dreamo_generate
     from diffbase.models.backbone import text_length
 
     device = pipe.transformer.device
@@ -94,7 +94,7 @@ def measure(pipe: Any, emb: Any, hw: tuple[int, int], ref_px: int, steps: int, r
 
 
 def main() -> None:
-    from diffbase.dreamo.conditions import DreamOEmbeddings
+    from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
     from diffbase.models.loading import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,7 +23,7 @@ def measure(config_path: Path, overrides: list[str], weights: Path | None) -> di
     """Held-out errors with the right references and with another item's (the control), at step 0
     (`weights` None: the LoRA and condition embeddings as training starts) or from a run's checkpoint."""
     from diffbase.config import load_config
-    from diffbase.methods.dreamo import dataset, held_out_errors, prepare
+    from diffbase.methods.dreamo.method import dataset, held_out_errors, prepare
     from diffbase.training.checkpoint import load_checkpoint
     from diffbase.training.train import load_backbone
 

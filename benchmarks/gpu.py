@@ -332,7 +332,9 @@ def train_config(ctx: Context, experiment: str, name: str, *extra: str) -> Confi
 
 def register_methods() -> None:
     """The methods' config sections (training.lora, ...) are known to `load_config` once imported."""
-    import diffbase.methods  # noqa: F401
+    import diffbase.methods
+
+    diffbase.methods.load_all()
 
 
 def train_entry() -> Callable[..., Any]:
@@ -705,7 +707,7 @@ def stage_generate(ctx: Context) -> None:
 
 def stage_dreamo(ctx: Context) -> None:
     """DreamO with 1 and 2 references over plain FLUX.1 (benchmarks/dreamo.py's measurement), exact and cached."""
-    from diffbase.dreamo.conditions import DreamOEmbeddings
+    from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dreamo import measure  # benchmarks/dreamo.py
@@ -729,9 +731,9 @@ def stage_upscale(ctx: Context) -> None:
     """The tiled upscaler, fused tiles, with and without a DINOv2 ViT-B/14 (random weights) and its adapter."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from diffbase.upscale.dino import DinoAdapter
-    from diffbase.upscale.sampling import UpscaleSettings, upscale
-    from diffbase.upscale.tiles import tile_grid
+    from diffbase.methods.upscale.mechanism.dino import DinoAdapter
+    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, upscale
+    from diffbase.methods.upscale.mechanism.tiles import tile_grid
 
     s = ctx.sizes
     pipe, _ = flux1_pipeline(ctx)
@@ -765,9 +767,15 @@ def stage_upscale(ctx: Context) -> None:
 
 
 def stage_dreamfit(ctx: Context) -> None:
-    from diffbase.dreamfit.checkpoint import NETWORK_ALPHA, Dims, LoraPair, diffusers_name, random_official
-    from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
-    from diffbase.dreamfit.mechanism import install
+    from diffbase.methods.dreamfit.mechanism.checkpoint import (
+        NETWORK_ALPHA,
+        Dims,
+        LoraPair,
+        diffusers_name,
+        random_official,
+    )
+    from diffbase.methods.dreamfit.mechanism.generate import DreamFitSettings, dreamfit_generate, reference_image
+    from diffbase.methods.dreamfit.mechanism.passes import install
     from diffbase.models.backbone import text_length
 
     s = ctx.sizes
@@ -827,11 +835,11 @@ def stage_dreamfit(ctx: Context) -> None:
 
 
 def stage_tryon(ctx: Context) -> None:
+    from diffbase.methods.tryon.mechanism.sampling import TryOnSettings, tryon
+    from diffbase.methods.tryon.mechanism.vton import prepare_unet
     from diffbase.models.backbone import Backbone
     from diffbase.models.build import build_pipeline
     from diffbase.models.specs import spec_for
-    from diffbase.tryon.sampling import TryOnSettings, tryon
-    from diffbase.tryon.vton import prepare_unet
 
     s = ctx.sizes
     config = load_config(

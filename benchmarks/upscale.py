@@ -35,7 +35,7 @@ def seam_ratio(image: Image.Image, borders_x: list[int], borders_y: list[int]) -
 
 
 def borders(pipe: object, size: tuple[int, int], tile_px: int, overlap_px: int) -> tuple[list[int], list[int]]:
-    from diffbase.upscale.tiles import tile_grid
+    from diffbase.methods.upscale.mechanism.tiles import tile_grid
 
     f = pipe.vae_scale_factor
     w, h = size
@@ -47,9 +47,9 @@ def borders(pipe: object, size: tuple[int, int], tile_px: int, overlap_px: int) 
 
 def main() -> None:
     from diffbase.grid import side_by_side
+    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, upscale
     from diffbase.models.loading import load_pipeline
     from diffbase.toy.synthetic import make_item
-    from diffbase.upscale.sampling import UpscaleSettings, upscale
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -100,7 +100,7 @@ def main() -> None:
         start = time.perf_counter()
         upscale(pipe, image, settings)
         seconds = time.perf_counter() - start
-        from diffbase.upscale.tiles import tile_grid
+        from diffbase.methods.upscale.mechanism.tiles import tile_grid
 
         f = pipe.vae_scale_factor
         tiles = len(tile_grid(2 * side // f, 2 * side // f, 32 // f, 8 // f))

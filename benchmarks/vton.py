@@ -1,7 +1,7 @@
 """Attention-only try-on training against full fine-tuning of the same UNet, in one process.
 
 Same model (the toy SD1.5 architecture, random weights), same canvases, same loss
-(`diffbase.methods.vton`), AdamW in both. Reports, as ratios attention-only / full:
+(`diffbase.methods.tryon.method`), AdamW in both. Reports, as ratios attention-only / full:
 optimizer-state memory (measured from the optimizer's tensors after a step) and step time
 (median of interleaved steps), plus the optimizer-state ratio for the real SD1.5 UNet from its
 config on the meta device (49.57M of 859.5M parameters train).
@@ -17,14 +17,16 @@ import time
 
 import torch
 
-import diffbase.methods  # noqa: F401  (registers the methods' config sections)
+import diffbase.methods
 from diffbase.config import configs_dir, load_config
 from diffbase.methods.registry import Trained
-from diffbase.methods.vton import VTON
+from diffbase.methods.tryon.mechanism.vton import attn1_count, expand_conv_in, prepare_unet
+from diffbase.methods.tryon.method import VTON
 from diffbase.models.backbone import Backbone
 from diffbase.models.build import build_pipeline
 from diffbase.models.specs import spec_for
-from diffbase.tryon.vton import attn1_count, expand_conv_in, prepare_unet
+
+diffbase.methods.load_all()  # registers the methods' config sections
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:

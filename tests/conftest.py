@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffbase.methods  # noqa: E402,F401  (registers the built-in methods and their config sections)
+import diffbase.methods
+
+diffbase.methods.load_all()  # registers the methods and their config sections
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
@@ -28,6 +30,7 @@ TIERS = {
         "test_dreamfit_memory.py",
         "test_file_modes.py",
         "test_method_seam.py",
+        "test_method_package.py",
         "test_slots.py",
         "test_gpu_benchmark.py",
     },

@@ -115,7 +115,7 @@ def transformer_inputs(transformer, seed: int, tokens: int = 16, text: int = 8) 
 
 
 def dreamfit_checkpoint(tiny_model, tmp_path):
-    from diffbase.dreamfit.checkpoint import Dims, random_official, save_official
+    from diffbase.methods.dreamfit.mechanism.checkpoint import Dims, random_official, save_official
     from diffbase.models.loading import load_pipeline
 
     pipe, _ = load_pipeline(tiny_model("flux1"))

@@ -197,7 +197,7 @@ def test_sizes_are_rounded_with_a_note_and_outputs_take_their_suffix(files, mode
 
 def test_help_says_each_default_once() -> None:
     from diffbase.cli import build_parser
-    from diffbase.commands.options import HelpFormatter
+    from diffbase.interface.options import HelpFormatter
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices

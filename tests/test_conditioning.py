@@ -87,7 +87,7 @@ def test_fill_channels_are_what_the_pipeline_feeds(folders: dict[str, Path]) -> 
 
 def test_unet_channels_join_the_latents(tiny_model) -> None:
     """An inpainting-style UNet (more input channels) takes the extra channels after the latents."""
-    from diffbase.tryon.vton import expand_conv_in
+    from diffbase.methods.tryon.mechanism.vton import expand_conv_in
 
     pipe, spec = load_pipeline(tiny_model("sd15"))
     bb = B.Backbone(spec, pipe)

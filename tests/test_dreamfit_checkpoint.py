@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffbase.dreamfit.checkpoint import Dims, load_dreamfit, random_official, save_official
 from diffbase.errors import UserError
+from diffbase.methods.dreamfit.mechanism.checkpoint import Dims, load_dreamfit, random_official, save_official
 from diffbase.models.loading import load_pipeline
 
 

@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from diffbase.dreamfit.checkpoint import Dims, LoraPair, diffusers_name, random_official
-from diffbase.dreamfit.mechanism import install, write_banks
+from diffbase.methods.dreamfit.mechanism.checkpoint import Dims, LoraPair, diffusers_name, random_official
+from diffbase.methods.dreamfit.mechanism.passes import install, write_banks
 from diffbase.models.loading import load_pipeline
 from tests.helpers import dreamfit_checkpoint, transformer_inputs
 
@@ -72,8 +72,8 @@ def test_banks_are_written_once_and_read_every_step_dropping_bank_queries_exactl
 def test_a_generation_writes_the_banks_once_and_frees_them(tiny_model, tmp_path) -> None:
     from PIL import Image
 
-    from diffbase.dreamfit.checkpoint import load_dreamfit
-    from diffbase.dreamfit.generate import DreamFitSettings, dreamfit_generate, reference_image
+    from diffbase.methods.dreamfit.mechanism.checkpoint import load_dreamfit
+    from diffbase.methods.dreamfit.mechanism.generate import DreamFitSettings, dreamfit_generate, reference_image
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     pipe.set_progress_bar_config(disable=True)
@@ -144,8 +144,8 @@ def test_all_three_modes_run_from_the_cli(tiny_model, tmp_path) -> None:
 
 
 def test_training_reaches_the_write_pass_loras_and_saves_the_official_layout(tiny_model, tmp_path) -> None:
-    from diffbase.dreamfit.checkpoint import load_dreamfit
     from diffbase.methods import train
+    from diffbase.methods.dreamfit.mechanism.checkpoint import load_dreamfit
     from tests.helpers import dreamfit_config
 
     config = dreamfit_config(tiny_model, tmp_path, "training.max_steps=3", "training.learning_rate=1e-2", pairs=6)

@@ -96,9 +96,9 @@ def test_checkpointing_covers_both_passes_with_the_same_gradients(tiny_model, tm
 
 
 def test_banks_are_kept_in_the_compute_dtype(tiny_model) -> None:
-    from diffbase.dreamfit.checkpoint import Dims
-    from diffbase.dreamfit.loras import DreamFitLoras
-    from diffbase.dreamfit.mechanism import install, write_banks
+    from diffbase.methods.dreamfit.mechanism.checkpoint import Dims
+    from diffbase.methods.dreamfit.mechanism.loras import DreamFitLoras
+    from diffbase.methods.dreamfit.mechanism.passes import install, write_banks
     from diffbase.models.loading import load_pipeline
     from tests.helpers import transformer_inputs as inputs
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from diffbase.dreamo.conditions import (
+from diffbase.errors import UserError
+from diffbase.methods.dreamo.mechanism.conditions import (
     DreamOEmbeddings,
     add_placeholder_tokens,
     added_after_x_embedder,
     pack_references,
     reference_ids,
 )
-from diffbase.dreamo.files import lora_modules, read_dreamo_file, write_dreamo_file
-from diffbase.dreamo.generate import DreamOSettings, Reference, dreamo_generate
-from diffbase.errors import UserError
+from diffbase.methods.dreamo.mechanism.files import lora_modules, read_dreamo_file, write_dreamo_file
+from diffbase.methods.dreamo.mechanism.generate import DreamOSettings, Reference, dreamo_generate
 from diffbase.models.backbone import text_length
 from diffbase.models.loading import load_pipeline
 from tests.golden_record import assert_pixels_close
@@ -133,7 +133,7 @@ def delta(state: dict, scales: dict, path: str) -> torch.Tensor:
 def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_official_code(
     tiny_model, tmp_path
 ) -> None:
-    from diffbase.dreamo.files import fuse_dreamo
+    from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     state, scales = peft_lora(pipe)
@@ -174,7 +174,7 @@ def test_recipe_weights_sum_the_deltas(tiny_model, tmp_path) -> None:
     """v1.1: dreamo 1, cfg-distill 1, SFT 1, DPO 1.25 (SFT and DPO in diffusers' own layout)."""
     from safetensors.torch import save_file
 
-    from diffbase.dreamo.files import fuse_dreamo
+    from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     emb = random_embeddings(pipe)
@@ -213,8 +213,8 @@ def test_bad_dreamo_files_are_one_line_errors(tiny_model, tmp_path) -> None:
 
 
 def test_probe_processor_computes_the_stock_attention(tiny_model) -> None:
-    from diffbase.dreamo.processor import install_probes
-    from diffbase.dreamo.routing import Layout
+    from diffbase.methods.dreamo.mechanism.processor import install_probes
+    from diffbase.methods.dreamo.mechanism.routing import Layout
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     stock, probed = pipe.transformer, copy.deepcopy(pipe.transformer)
@@ -249,7 +249,7 @@ def steered(n_refs: int, noisy: int, mask: torch.Tensor, strength: float) -> tup
 
 
 def test_routing_and_placeholder_losses_are_zero_when_attention_matches_and_positive_otherwise() -> None:
-    from diffbase.dreamo.routing import Layout, Probes, holder_loss, record, route_loss
+    from diffbase.methods.dreamo.mechanism.routing import Layout, Probes, holder_loss, record, route_loss
 
     mask = torch.tensor([1, 1, 0, 0, 0, 0, 1, 0])
     masks = torch.stack([mask, mask])[None]
@@ -272,7 +272,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
 
 @pytest.mark.parametrize("term", ["loss_route", "loss_holder"])
 def test_each_attention_loss_alone_reaches_the_lora_and_the_condition_embeddings(term: str, tmp_path) -> None:
-    from diffbase.methods.dreamo import dataset, loss, prepare
+    from diffbase.methods.dreamo.method import dataset, loss, prepare
     from diffbase.training.train import load_backbone
 
     other = "lambda_holder" if term == "loss_route" else "lambda_route"
@@ -296,7 +296,7 @@ def test_each_attention_loss_alone_reaches_the_lora_and_the_condition_embeddings
 
 
 def test_stages_follow_their_mix_and_must_add_up_to_max_steps(tmp_path) -> None:
-    from diffbase.methods.dreamo import dataset
+    from diffbase.methods.dreamo.method import dataset
     from diffbase.training.train import load_backbone
 
     data_path = EXAMPLES / "metadata.jsonl"
@@ -386,7 +386,7 @@ def test_cached_reference_mode_is_close_to_exact_and_equal_with_one_step(tiny_mo
 
 
 def test_bad_dreamo_metadata_is_a_one_line_error(tmp_path) -> None:
-    from diffbase.dreamo.data import read_items
+    from diffbase.methods.dreamo.mechanism.data import read_items
 
     cases = {
         '{"image": "t.png", "caption": "x"}': "a 'references' list",

@@ -116,7 +116,7 @@ def test_sources_of_another_shape_keep_it_and_train(tiny_model, tmp_path, cached
     from PIL import Image
 
     from diffbase.methods import get, train
-    from diffbase.methods.edit import _dataset
+    from diffbase.methods.edit.method import _dataset
     from diffbase.training.train import load_backbone
 
     extra = ("data.bucket_step=16", "data.min_bucket_side=16", "data.max_bucket_side=96", "training.max_steps=2",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffbase.data.datasets import to_tensor
-from diffbase.editing import prepare_fill_conditioning, prepare_kontext_conditioning
+from diffbase.methods.edit.mechanism import prepare_fill_conditioning, prepare_kontext_conditioning
 from diffbase.models import backbone as B
 from diffbase.models.loading import load_pipeline
 from tests.golden_record import assert_pixels_close

@@ -45,7 +45,7 @@ def test_splits_never_share_a_garment_combination_but_share_every_pattern_and_co
 
 
 def test_data_synth_writes_the_layouts_the_methods_read(tmp_path: Path) -> None:
-    from diffbase.tryon.data import read_tryon
+    from diffbase.methods.tryon.mechanism.data import read_tryon
 
     code, out, err = run_cli("data", "synth", str(tmp_path / "d"), "--n", "8", "--size", "32x32")
     assert code == 0, err

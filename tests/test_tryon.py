@@ -12,20 +12,20 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffbase.errors import UserError
-from diffbase.models.backbone import Backbone
-from diffbase.models.loading import load_pipeline
-from diffbase.toy.synthetic import write_dataset
-from diffbase.tryon import canvas as C
-from diffbase.tryon.data import TryOnDataset, read_tryon
-from diffbase.tryon.metrics import masked_l1, psnr, ssim
-from diffbase.tryon.sampling import TryOnSettings, tryon
-from diffbase.tryon.vton import (
+from diffbase.methods.tryon.mechanism import canvas as C
+from diffbase.methods.tryon.mechanism.data import TryOnDataset, read_tryon
+from diffbase.methods.tryon.mechanism.metrics import masked_l1, psnr, ssim
+from diffbase.methods.tryon.mechanism.sampling import TryOnSettings, tryon
+from diffbase.methods.tryon.mechanism.vton import (
     attn1_modules,
     catvton_state_dict,
     load_catvton_attention,
     prepare_unet,
     save_catvton_attention,
 )
+from diffbase.models.backbone import Backbone
+from diffbase.models.loading import load_pipeline
+from diffbase.toy.synthetic import write_dataset
 from tests.helpers import run_cli
 
 
@@ -300,7 +300,7 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
 
 def test_min_snr_weighting_reaches_the_tryon_loss(tiny_model, tmp_path: Path, monkeypatch) -> None:
     """`training.objective.snr_gamma` weights each sample by min(SNR, gamma) / SNR of its timestep."""
-    import diffbase.methods.vton as V
+    import diffbase.methods.tryon.method as V
     from diffbase.config import configs_dir, load_config
     from diffbase.methods import get
     from diffbase.models import backbone as B

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffbase.methods.vton import VTON
+from diffbase.methods.tryon.mechanism import canvas as C
+from diffbase.methods.tryon.mechanism import preprocess as P
+from diffbase.methods.tryon.mechanism import sampling
+from diffbase.methods.tryon.mechanism.sampling import TryOnSettings, tryon
+from diffbase.methods.tryon.method import VTON
 from diffbase.models import backbone as B
-from diffbase.tryon import canvas as C
-from diffbase.tryon import preprocess as P
-from diffbase.tryon import sampling
-from diffbase.tryon.sampling import TryOnSettings, tryon
 
 
 @pytest.fixture(scope="module")

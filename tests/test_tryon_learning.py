@@ -7,8 +7,8 @@ from pathlib import Path
 from diffbase.config import configs_dir, load_config
 from diffbase.demo import eval_set, run_tryon, score, toy_model
 from diffbase.methods import train
+from diffbase.methods.tryon.mechanism.sampling import TryOnSettings
 from diffbase.toy.synthetic import write_dataset
-from diffbase.tryon.sampling import TryOnSettings
 
 
 def test_training_lowers_the_masked_error_on_held_out_people_and_garments(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from diffbase.methods.upscale.mechanism.dino import DinoAdapter, context_with_dino, load_dino
+from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, prepare, upscale
+from diffbase.methods.upscale.mechanism.tiles import fuse, tile_grid, tile_weight
 from diffbase.models.backbone import text_length
 from diffbase.models.loading import load_pipeline
-from diffbase.upscale.dino import DinoAdapter, context_with_dino, load_dino
-from diffbase.upscale.sampling import UpscaleSettings, prepare, upscale
-from diffbase.upscale.tiles import fuse, tile_grid, tile_weight
 from tests.golden_record import assert_pixels_close
 from tests.helpers import run_cli
 

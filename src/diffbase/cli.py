@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffbase import methods
 from diffbase.errors import Stopped, UserError
 
-# The modules of the commands, in the order `diffbase --help` lists them; each adds its parsers with add_parsers(sub).
-COMMANDS = tuple(f"diffbase.commands.{name}" for name in ("generate", "train", "tryon", "dreamfit", "customize",
-                 "upscale", "edit", "data", "zoo", "tools")) + ("diffbase.serve",)  # fmt: skip
+# The modules of the commands that belong to no method; each adds its parsers with add_parsers(sub). `--help`
+# lists them around the methods' own commands (each method package's command.py).
+FIRST = ("diffbase.commands.generate", "diffbase.commands.train")
+LAST = ("diffbase.commands.data", "diffbase.commands.zoo", "diffbase.commands.tools", "diffbase.serve")
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,21 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and run diffusion image-customization models from local weights.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in FIRST:
+        import_module(name).add_parsers(sub)
+    for package in methods.packages():
+        command = methods.part(package, "command")
+        if command is not None:
+            command.add_parsers(sub)
+    for name in LAST:
         import_module(name).add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except UserError as exc:  # a method package named in DIFFBASE_METHODS that is not there
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow options such as --resume
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     try:
-        import diffbase.methods  # noqa: F401  (registers the methods and their config sections)
         from diffbase import progress
+
+        methods.load_all()  # registers the methods and their config sections
 
         progress.set_quiet(getattr(args, "quiet", False))
         args.func(args)

@@ -93,7 +93,7 @@ def eval_set(n: int, seed: int = SEED) -> EvalSet:
 def classify(results: torch.Tensor, data: EvalSet) -> list[tuple[str, str]]:
     """(pattern, colour) of each result's garment area: the nearest rendering of the same person in
     every pattern and colour (the garment kind and scale as the target's)."""
-    from diffbase.tryon.metrics import masked_l1
+    from diffbase.methods.tryon.mechanism.metrics import masked_l1
 
     n, out = len(CANDIDATES), []
     for k, renders in enumerate(data.renders()):
@@ -105,7 +105,7 @@ def classify(results: torch.Tensor, data: EvalSet) -> list[tuple[str, str]]:
 
 
 def score(results: torch.Tensor, data: EvalSet) -> dict[str, float]:
-    from diffbase.tryon.metrics import masked_l1
+    from diffbase.methods.tryon.mechanism.metrics import masked_l1
 
     predicted = classify(results, data)
     return {
@@ -126,8 +126,8 @@ def mean_colour_baseline(data: EvalSet) -> torch.Tensor:
 
 
 def run_tryon(model: Path, weights: Path | None, data: EvalSet, settings: Any) -> torch.Tensor:
-    from diffbase.methods.vton import VTON
-    from diffbase.tryon.sampling import tryon
+    from diffbase.methods.tryon.mechanism.sampling import tryon
+    from diffbase.methods.tryon.method import VTON
 
     bb = VTON.load(str(model), str(weights) if weights else None, "catvton")
     results = []
@@ -147,8 +147,8 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
     from diffbase.errors import UserError
     from diffbase.grid import image_grid
     from diffbase.methods import train
+    from diffbase.methods.tryon.mechanism.sampling import TryOnSettings
     from diffbase.toy.synthetic import write_dataset
-    from diffbase.tryon.sampling import TryOnSettings
 
     start = time.time()
     model = toy_model()

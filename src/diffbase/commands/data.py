@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from diffbase.commands import checks
+from diffbase.interface import checks
 
 
 def run_synth(args: argparse.Namespace) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from diffbase import progress
-from diffbase.commands import checks
-from diffbase.commands.options import HelpFormatter, add_runtime_arguments
 from diffbase.errors import UserError
+from diffbase.interface import checks
+from diffbase.interface.options import HelpFormatter, add_runtime_arguments
 
 
 def read_prompts(path: str) -> list[str]:

@@ -1,15 +1,79 @@
-"""Training methods, one module each, registered by name (see registry.py). Importing this package
-registers the built-in ones: lora, full_finetune, dreambooth, controlnet, vton, dreamfit, dreamo, kontext,
-fill, upscale_dino."""
+"""Training methods, each registered by name (registry.py; the record's type is training/seam.py).
 
-from diffbase.methods import controlnet, dreambooth, dreamfit, dreamo, edit, full_finetune, lora, upscale, vton  # noqa: F401
-from diffbase.methods.registry import METHODS, Method, Trained, Validation, get, register
+A method is a module (the trainers: lora, full_finetune, dreambooth, controlnet) or a package
+(the paper methods: tryon, dreamfit, dreamo, edit, upscale) whose parts are found by name:
 
-__all__ = ["METHODS", "Method", "Trained", "Validation", "get", "register", "train"]
+    method.py     the Method record; importing it registers the method
+    mechanism/    what the method computes (or mechanism.py), below the record
+    command.py    add_parsers(sub): its `diffbase` command(s)            (optional)
+    ui.py         tab(app): its web UI tab                               (optional)
+    bench.py      STAGES: its GPU benchmark stages                       (optional)
+
+The CLI, the web app and benchmarks/gpu.py loop over `packages()`; nothing else names a method.
+Importing this package is light (`diffbase --help` reads the command modules without torch);
+`load_all()` imports and registers every method. A user's own method package is added with
+DIFFBASE_METHODS=my_pkg.my_method (comma-separated module paths), no change to diffbase.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Any
+
+BUILT_IN = tuple(f"diffbase.methods.{name}" for name in (
+    "lora", "full_finetune", "dreambooth", "controlnet", "tryon", "dreamfit", "dreamo", "edit", "upscale"))  # fmt: skip
+REGISTERED = ("METHODS", "Method", "Trained", "Validation", "get", "register")
+
+__all__ = ["BUILT_IN", "load_all", "packages", "part", "train", *REGISTERED]
+
+
+def packages() -> list[str]:
+    """The built-in methods, then those named in DIFFBASE_METHODS."""
+    extra = [name.strip() for name in os.environ.get("DIFFBASE_METHODS", "").split(",") if name.strip()]
+    return list(BUILT_IN) + [name for name in extra if name not in BUILT_IN]
+
+
+def part(package: str, name: str) -> ModuleType | None:
+    """A method's part (`command`, `ui`, `bench`, `method`) imported, or None when it has none. A module
+    method (no package) is its own `method` and has no other part."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        from diffbase.errors import UserError
+
+        raise UserError(f"DIFFBASE_METHODS: no module {package!r} (expected an importable module path)")
+    if spec.submodule_search_locations is None:  # a plain module
+        return importlib.import_module(package) if name == "method" else None
+    if importlib.util.find_spec(f"{package}.{name}") is None:
+        return None
+    return importlib.import_module(f"{package}.{name}")
+
+
+def load_all() -> dict[str, Any]:
+    """Every method imported and registered: {name: Method}."""
+    for package in packages():
+        part(package, "method")
+    from diffbase.methods.registry import METHODS
+
+    return METHODS
+
+
+def __getattr__(name: str) -> Any:
+    """The registry's names load every method first, so `from diffbase.methods import get` finds them all."""
+    if name in REGISTERED:
+        load_all()
+        from diffbase.methods import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'diffbase.methods' has no attribute {name!r}")
 
 
 def train(config, resume=None, stop_after=None, show_progress=True, overwrite=False):  # noqa: ANN001, ANN201
     """`diffbase train`: the configured method trained by the one loop (diffbase.training)."""
+    from diffbase.methods.registry import get
     from diffbase.training.train import train as run
 
+    load_all()
     return run(config, get(config.training.method), resume, stop_after, show_progress, overwrite)

@@ -174,8 +174,8 @@ def train_inpainting(
 ) -> list[float]:
     from tqdm import tqdm
 
-    from diffbase.tryon import canvas as C
-    from diffbase.tryon.vton import prepare_unet
+    from diffbase.methods.tryon.mechanism import canvas as C
+    from diffbase.methods.tryon.mechanism.vton import prepare_unet
 
     people, garment_masks, shots = pool
     unet = pipe.unet

@@ -5,8 +5,8 @@ registry of methods (diffbase.methods.registry) sits above.
 A method says what it adds to a backbone and which parameters train (`prepare`), what a batch is
 (`dataset`), its loss with the terms to log (`loss`), what validation shows (`validate`), what it
 writes for users (`export`), and how its result is used (`load` / `run`, the inference API the CLI,
-the demo and the web UI call). A method package may also name its command and web tab modules
-(`command`, `ui`): the CLI and the web app import them by name, so a method never imports upward.
+the demo and the web UI call). A method package's command, web tab and benchmark stages are modules
+found by name beside its record (diffbase.methods.part), so a method never imports upward.
 """
 
 from __future__ import annotations
@@ -68,6 +68,3 @@ class Method:
     load: Callable[..., Any] | None = None  # inference: load(model, weights, device=, dtype=, offload=)
     run: Callable[..., Any] | None = None  # inference: run(loaded, inputs, settings) -> PIL image
     describe: str = ""
-    command: str | None = None  # module with add_parsers(sub): the method's own command(s)
-    ui: str | None = None  # module with tab(app): the method's web UI tab
-    bench: str | None = None  # module with the method's GPU benchmark stage

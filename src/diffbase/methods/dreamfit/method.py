@@ -1,0 +1,230 @@
+"""DreamFit on FLUX.1 (the official training code was never released): every DreamFit LoRA trains, the
+base stays frozen, flow matching on the person image, with the write pass inside the same step so the
+loss reaches the write-pass LoRAs through the banks. Saved in the official key layout.
+
+A batch is a try-on pair (diffbase.methods.tryon.mechanism.data): the reference is the garment alone (garment mode),
+[pose render | garment] (pose mode) or [keep image | garment] (try-on mode; the keep image is the
+person with the garment area blacked out), the target is the person, the caption the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.methods import text_to_image
+from diffbase.methods.registry import Method, Trained, Validation, register
+from diffbase.methods.tryon import method as vton
+from diffbase.models import backbone as B
+from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
+from diffbase.training.step import sample_generator
+
+
+@dataclass
+class DreamFitConfig:
+    """DreamFit training: LoRAs on every block, the write pass inside the step."""
+
+    mode: Literal["garment", "pose", "tryon"] = "tryon"
+    rank: int = 16
+    size: list[int] = field(default_factory=lambda: [1024, 768])  # person (and reference) height, width
+    prompt: str | None = None  # one prompt for every item instead of the captions
+    # with hardware.gradient_checkpointing on, the passes checkpointed. The write pass holds about 70% of
+    # the activations (FLUX.1-dev, 1024x768 try-on: 47 of 67 GiB) and recomputing it costs about a fifth
+    # of a step; [write, read] saves 19 GiB more for a second recompute (benchmarks/dreamfit.py)
+    checkpoint_passes: list[str] = field(default_factory=lambda: ["write"])
+
+
+def prepare(bb: Any, config: Config) -> Trained:
+    from diffbase.methods.dreamfit.mechanism.checkpoint import Dims
+    from diffbase.methods.dreamfit.mechanism.loras import DreamFitLoras
+    from diffbase.methods.dreamfit.mechanism.passes import bank_checkpointing, install
+
+    if bb.family != "flux1":
+        raise UserError(f"training.method: dreamfit trains on FLUX.1, not {bb.family}")
+    text_to_image.freeze(bb)
+    loras = DreamFitLoras(Dims.of(bb.denoiser), config.training.dreamfit.rank, seed=0)
+    state = install(bb.denoiser, loras.pairs())
+    bb.adapters["dreamfit"] = loras
+
+    passes = tuple(config.training.dreamfit.checkpoint_passes)
+    if not set(passes) <= {"write", "read"}:
+        raise UserError(f"training.dreamfit.checkpoint_passes: expected a list of write and read, got {list(passes)}")
+
+    def checkpointing() -> None:  # the DreamFit processors' state is replayed (see bank_checkpointing)
+        bb.denoiser.enable_gradient_checkpointing(bank_checkpointing(state, passes))
+
+    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state}, checkpointing=checkpointing)
+
+
+def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
+    """The write pass's pixels: the garment, [pose | garment] or [keep | garment]."""
+    garment = batch["garment"]
+    if mode == "garment":
+        return garment
+    if mode == "pose":
+        if "pose" not in batch:
+            raise UserError("training.dreamfit.mode: pose needs a 'pose' image for every pair in the metadata")
+        return torch.cat([batch["pose"], garment], dim=-1)
+    keep = batch["person"] * (1 - batch["person_mask"]) - batch["person_mask"]  # blacked out: -1 in [-1, 1]
+    return torch.cat([keep, garment], dim=-1)
+
+
+def write_pass(bb: Any, trained: Trained, ref: torch.Tensor, text: dict[str, Any], guidance: float) -> None:
+    """The reference latents through the transformer with the LoRAs on, at timestep 0, filling the banks
+    (with gradients: the banks carry them to the write-pass LoRAs)."""
+    state, transformer, n, device = trained.extras["banks"], bb.forward or bb.denoiser, ref.shape[0], bb.device
+    g = torch.full([n], guidance, device=device) if bb.denoiser.config.guidance_embeds else None
+    ids = B.image_ids(bb, ref)
+    state.clear()
+    state.mode = "write"
+    try:
+        transformer(
+            hidden_states=B.pack(bb, ref),
+            timestep=torch.zeros(n, device=device),
+            guidance=g,
+            pooled_projections=text["pooled_prompt_embeds"].expand(n, -1),
+            encoder_hidden_states=text["prompt_embeds"].expand(n, -1, -1),
+            txt_ids=text["text_ids"],
+            img_ids=ids[0] if ids.dim() == 3 else ids,
+            return_dict=False,
+        )
+    finally:
+        state.mode = "read"
+
+
+def step_inputs(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """(person latents, reference latents, read-pass text, write-pass text): from the cache where it has
+    them, else from the VAE (its mean, as the cache holds) and the text encoders."""
+    from diffbase.methods.dreamfit.mechanism.generate import GARMENT_TEXT
+
+    d, device = config.training.dreamfit, bb.device
+    prompts = [d.prompt] * len(batch["index"]) if d.prompt is not None else batch["caption"]
+    if cache is not None and cache.latents is not None:
+        latents = cache.tensors(batch, "pair")
+        person, ref = latents["person"], latents["reference"]
+    else:
+        with torch.no_grad():
+            person = B.encode_images(bb, batch["person"].to(device), sample=False)
+            ref = B.encode_images(bb, reference_pixels(batch, d.mode).to(device), sample=False)
+    if cache is not None and cache.text is not None:
+        return person, ref, cache.conditioning(prompts), cache.conditioning([GARMENT_TEXT[d.mode]])
+    if "garment_text" not in trained.extras:
+        trained.extras["garment_text"] = B.encode_prompts(bb, [GARMENT_TEXT[d.mode]])
+    return person, ref, B.encode_prompts(bb, prompts), trained.extras["garment_text"]
+
+
+def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Write pass on the reference, then flow matching on the person (the configured timestep sampling
+    and guidance value), reading the banks."""
+    objective = config.training.objective
+    state = trained.extras["banks"]
+    gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
+    x0, ref, cond, garment_text = step_inputs(config, bb, trained, batch, cache)
+    write_pass(bb, trained, ref, garment_text, objective.guidance)
+    seq_len = B.image_seq_len(bb, tuple(x0.shape[-2:]))
+    scheduler = dict(bb.pipe.scheduler.config)
+    sigma = torch.cat([sample_flow_sigmas(objective, 1, scheduler, seq_len, generator=g) for g in gens])
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
+    noisy = B.add_noise(bb, x0, noise, sigma)
+    pred = B.denoise(bb, noisy, B.model_timesteps(bb, sigma).to(bb.device), cond, guidance=objective.guidance)
+    state.clear()  # the banks live on in the graph only, until the backward pass
+    state.mode = "off"
+    return diffusion_loss(pred, B.target(bb, x0, noise, sigma)), {}
+
+
+def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[Any, Any]:
+    """DreamFit's cache. Per pair, the person's latent and the write pass's reference latent (the VAE
+    mean, as the step encodes them), keyed by the pair's files, the mode, the size and the VAE; the
+    read pass's prompts (the fixed prompt or the captions) and the mode's garment text."""
+    from diffbase.data.cache import build_item_cache
+    from diffbase.methods.dreamfit.mechanism.generate import GARMENT_TEXT
+
+    f = config.training.dreamfit
+
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = bb.device
+        return {
+            "person": B.encode_images(bb, batch["person"].to(device), sample=False),
+            "reference": B.encode_images(bb, reference_pixels(batch, f.mode).to(device), sample=False),
+        }
+
+    prompts = {f.prompt} if f.prompt is not None else {r.caption for r in dataset.records}
+    tag = ("dreamfit", f.mode, tuple(f.size))
+    return build_item_cache(config, bb, dataset, tag, encode, prompts | {GARMENT_TEXT[f.mode]}, show_progress)
+
+
+def dataset(config: Config, held_out: bool, bb: Any) -> Any:
+    return vton.pairs_dataset(config, held_out, config.training.dreamfit.size)
+
+
+def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+    return Validation()  # no validation images for DreamFit training yet
+
+
+def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
+    """The official key layout, so the official inference code can load it."""
+    return {"dreamfit": str(trained.modules["dreamfit"].save_official(out_dir / "dreamfit" / "dreamfit.bin"))}
+
+
+def load(
+    model: str, checkpoint: str, lora_weight: float = 1.0, lora_weight_mode: str = "official", **runtime: Any
+) -> tuple[Any, Any]:
+    """A FLUX.1 pipeline with an official DreamFit checkpoint installed: (pipe, bank state)."""
+    from diffbase.methods.dreamfit.mechanism.checkpoint import load_dreamfit
+    from diffbase.methods.dreamfit.mechanism.passes import install
+    from diffbase.models.loading import load_pipeline
+
+    pipe, spec = load_pipeline(model, **runtime)
+    if spec.family != "flux1":
+        raise UserError(f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
+    pipe.set_progress_bar_config(disable=True)
+    pairs = load_dreamfit(checkpoint, pipe.transformer, lora_weight, lora_weight_mode)
+    return pipe, install(pipe.transformer, pairs)
+
+
+def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any, repaint: bool = True) -> Any:
+    """One image: `inputs` has the garment and, by mode, a pose image or person and mask (PIL). Try-on
+    keeps the person's own pixels outside the mask (`repaint`), as `diffbase tryon` does."""
+    from PIL import Image
+
+    from diffbase.methods.dreamfit.mechanism.generate import dreamfit_generate, keep_image, reference_image
+
+    pipe, state = loaded
+    first = inputs.get("pose")
+    if settings.mode == "tryon":
+        if inputs.get("person") is None or inputs.get("mask") is None:
+            raise UserError("--mode tryon: needs --person and --mask (and optionally --pose)")
+        first = keep_image(inputs["person"], inputs["mask"], first)
+    size = (settings.width, settings.height)
+    image = dreamfit_generate(pipe, state, settings, reference_image(settings.mode, inputs["garment"], size, first))
+    if settings.mode == "tryon" and repaint:
+        person, mask = inputs["person"].convert("RGB").resize(size, Image.BICUBIC), inputs["mask"].convert("L")
+        image = Image.composite(image, person, mask.resize(size, Image.NEAREST).point(lambda v: 255 if v > 127 else 0))
+    return image
+
+
+DREAMFIT = register(
+    Method(
+        name="dreamfit",
+        prepare=prepare,
+        loss=loss,
+        export=export,
+        dataset=dataset,
+        validate=validate,
+        section=("dreamfit", DreamFitConfig),
+        multi_process=False,
+        cache=encode_pairs,
+        load=load,
+        run=run,
+        describe="DreamFit's LoRAs with the write pass inside the step",
+    )
+)

@@ -1,0 +1,363 @@
+"""DreamO on FLUX.1 (the paper's training; the official release has inference only): a LoRA on the
+attention projections and output layers (the layers the official file holds) plus the task and index
+condition embeddings, trained with
+
+    loss = lambda_diff * L_diff + lambda_route * L_route + lambda_holder * L_holder
+
+L_diff is flow matching on the target with the references as extra tokens (diagonal ids, condition
+embeddings after x_embedder); L_route and L_holder come from attention maps on `probe_blocks` only
+(diffbase.methods.dreamo.mechanism.routing). Half of the samples (`plain_text_probability`) drop the placeholders from
+the caption, and then have no placeholder loss. `stages` trains progressively: a list of stages, each
+with its steps and its mix over data.datasets. The new T5 rows are drawn once (seeded) and kept fixed.
+Exported in the official layout (`dreamo/dreamo.safetensors`), so `diffbase customize --version none`
+and the official loader read it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffbase.config import Config
+from diffbase.errors import UserError
+from diffbase.methods import text_to_image
+from diffbase.methods.lora import LoraConfig, add_lora
+from diffbase.methods.registry import Method, Trained, Validation, register
+from diffbase.models import backbone as B
+from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
+from diffbase.training.step import sample_generator
+
+
+@dataclass
+class DreamOStage:
+    name: str = "stage"
+    steps: int = 100
+    mix: list[float] | None = None  # weight per data.datasets entry; None: every dataset alike
+
+
+@dataclass
+class DreamOConfig:
+    """DreamO training (LoRA rank and alpha from `training.lora`)."""
+
+    size: list[int] = field(default_factory=lambda: [1024, 1024])  # target height, width
+    reference_resolution: int = 512  # references resized to about this squared, as at inference
+    lambda_diff: float = 1.0
+    lambda_route: float = 1.0
+    lambda_holder: float = 1.0
+    probe_blocks: list[str] = field(default_factory=lambda: ["transformer_blocks.0"])  # where the maps are taken
+    plain_text_probability: float = 0.5
+    stages: list[DreamOStage] = field(default_factory=list)
+    validation_items: int = 2
+
+
+def placeholder_rows(bb: Any, seed: int) -> torch.Tensor:
+    """The ten new T5 rows (seeded, with the vocabulary's spread), added to the tokenizer and T5 once."""
+    from diffbase.methods.dreamo.mechanism.conditions import PLACEHOLDERS, add_placeholder_tokens
+
+    if "dreamo_rows" not in bb.adapters:
+        weight = bb.pipe.text_encoder_2.get_input_embeddings().weight
+        g = torch.Generator().manual_seed(seed)
+        bb.adapters["dreamo_rows"] = torch.randn(len(PLACEHOLDERS), weight.shape[1], generator=g) * float(
+            weight.detach().float().std()
+        )
+        add_placeholder_tokens(bb.pipe.tokenizer_2, bb.pipe.text_encoder_2, bb.adapters["dreamo_rows"])
+    return bb.adapters["dreamo_rows"]
+
+
+def prepare(bb: Any, config: Config) -> Trained:
+    from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
+    from diffbase.methods.dreamo.mechanism.files import lora_modules
+    from diffbase.methods.dreamo.mechanism.processor import install_probes
+
+    if bb.family != "flux1":
+        raise UserError(f"training.method: dreamo trains on FLUX.1, not {bb.family}")
+    d, lc = config.training.dreamo, config.training.lora
+    text_to_image.freeze(bb)
+    emb = DreamOEmbeddings.for_pipe(bb.pipe)
+    emb.init_for_training(placeholder_rows(bb, config.experiment.seed))
+    emb.to(bb.device)
+    add_lora(
+        bb.denoiser, "flux1", LoraConfig(lc.rank, lc.alpha, lc.dropout, lc.target_modules or lora_modules(bb.denoiser))
+    )
+    probes = install_probes(bb.denoiser, list(d.probe_blocks)) if d.lambda_route or d.lambda_holder else None
+    params = [p for p in bb.denoiser.parameters() if p.requires_grad] + [emb.task.weight, emb.idx.weight]
+
+    def state_dict(trained: Trained, full: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        from diffbase.methods.lora import lora_state_dict
+
+        return lora_state_dict(trained, full) | {"dreamo": {k: v.detach() for k, v in emb.state_dict().items()}}
+
+    def load_state_dict(trained: Trained, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        from diffbase.methods.lora import load_lora_state_dict
+
+        load_lora_state_dict(trained, tensors)
+        emb.load_state_dict(tensors["dreamo"])
+
+    return Trained({"denoiser": bb.denoiser, "dreamo": emb}, params, state_dict, load_state_dict,
+                   extras={"probes": probes})  # fmt: skip
+
+
+def captions_and_marks(
+    config: Config, bb: Any, batch: dict[str, Any], step: int, plain_text: float | None = None
+) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Per sample: the caption (placeholders dropped with probability `plain_text`, default
+    `plain_text_probability`) and its placeholders' (T5 position, reference) marks."""
+    from diffbase.methods.dreamo.mechanism.data import placeholder_marks, strip_placeholders
+
+    d, tok = config.training.dreamo, bb.pipe.tokenizer_2
+    length = B.text_length(bb.pipe, "flux1").get("max_sequence_length", 512)
+    captions, marks = [], []
+    for i, caption in zip(batch["index"], batch["caption"], strict=True):
+        rng = random.Random(config.experiment.seed * 1_000_003 + step * 10_007 + i)
+        plain = rng.random() < (d.plain_text_probability if plain_text is None else plain_text)
+        captions.append(strip_placeholders(caption) if plain else caption)
+        refs = len(batch["references"])
+        marks.append([] if plain else [m for m in placeholder_marks(tok, caption, length) if m[1] < refs])
+    return captions, marks
+
+
+def packed_masks(masks: list[torch.Tensor], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subject masks (B, 1, H, W; NaN where a reference has none) on the packed grid: (B, refs, tokens)
+    and which are present (B, refs)."""
+    stacked = torch.cat(masks, dim=1)  # (B, refs, H, W)
+    present = ~torch.isnan(stacked).flatten(2).any(-1)
+    small = torch.nn.functional.adaptive_avg_pool2d(torch.nan_to_num(stacked, 0.0), grid)
+    return small.flatten(2), present
+
+
+def predict(
+    config: Config,
+    bb: Any,
+    trained: Trained,
+    batch: dict[str, Any],
+    cache: Any,
+    step: int,
+    sigma: torch.Tensor,
+    gens: list[torch.Generator],
+    plain_text: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
+    """One denoiser call on the batch's targets noised to `sigma` (noise drawn from `gens`, one per sample),
+    the references as tokens with the condition embeddings: (prediction, target latents, noise, placeholder
+    marks). Probes collect while it runs."""
+    from diffbase.methods.dreamo.mechanism.conditions import added_after_x_embedder, pack_references
+    from diffbase.methods.dreamo.mechanism.routing import Layout
+
+    emb, probes, device = trained.modules["dreamo"], trained.extras["probes"], bb.device
+    with torch.no_grad():
+        x0 = B.encode_images(bb, batch["pixels"].to(device), sample=False)
+        refs = [B.encode_images(bb, r.to(device), sample=False) for r in batch["references"]]
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
+    captions, marks = captions_and_marks(config, bb, batch, step, plain_text)
+    cond = (
+        cache.conditioning(captions) if cache is not None and cache.text is not None else B.encode_prompts(bb, captions)
+    )
+    grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
+    tokens = pack_references(bb.pipe, refs, list(range(1, len(refs) + 1)), grid)
+    noisy_count = grid[0] * grid[1]
+    added = emb.sequence(noisy_count, list(zip(tokens.counts, tokens.indices, strict=True)), bb.denoiser.dtype)
+    if probes is not None:
+        probes.clear()
+        probes.layout = Layout(cond["prompt_embeds"].shape[1], noisy_count, tokens.counts, marks)
+        probes.collecting = True
+    extra = B.Conditioning(tokens=tokens.tokens.expand(x0.shape[0], -1, -1), token_ids=tokens.ids)
+    try:
+        with added_after_x_embedder(bb.denoiser, added):
+            t = B.model_timesteps(bb, sigma).to(device)
+            pred = B.denoise(bb, B.add_noise(bb, x0, noise, sigma), t, cond,
+                             guidance=config.training.objective.guidance, conditioning=extra)  # fmt: skip
+    finally:
+        if probes is not None:
+            probes.collecting = False
+    return pred, x0, noise, marks
+
+
+def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from diffbase.methods.dreamo.mechanism.routing import holder_loss, route_loss
+
+    d, objective, probes = config.training.dreamo, config.training.objective, trained.extras["probes"]
+    gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
+    h, w = batch["pixels"].shape[-2:]
+    seq_len = B.image_seq_len(bb, (h // bb.pipe.vae_scale_factor, w // bb.pipe.vae_scale_factor))
+    sigma = torch.cat(
+        [sample_flow_sigmas(objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g) for g in gens]
+    )
+    pred, x0, noise, marks = predict(config, bb, trained, batch, cache, step, sigma, gens)
+    l_diff = diffusion_loss(pred, B.target(bb, x0, noise, sigma))
+    terms = {"loss_diff": l_diff.detach()}
+    total = d.lambda_diff * l_diff
+    if probes is not None and probes.route:
+        masks, present = packed_masks(batch["route_masks"], (x0.shape[-2] // 2, x0.shape[-1] // 2))
+        if d.lambda_route and bool(present.any()):
+            l_route = route_loss(probes, masks.to(bb.device), present.to(bb.device))
+            total, terms["loss_route"] = total + d.lambda_route * l_route, l_route.detach()
+        if d.lambda_holder and any(marks):
+            l_holder = holder_loss(probes)
+            total, terms["loss_holder"] = total + d.lambda_holder * l_holder, l_holder.detach()
+        probes.route.clear()
+        probes.holder.clear()
+    return total, terms
+
+
+def dataset(config: Config, held_out: bool, bb: Any) -> Any:
+    from diffbase.data.datasets import dataset_configs
+    from diffbase.methods.dreamo.mechanism.data import DreamODataset, read_items
+
+    d = config.training.dreamo
+    placeholder_rows(bb, config.experiment.seed)  # before any caption is tokenized or cached
+    items = [it for k, ds in enumerate(dataset_configs(config.data)) for it in read_items(Path(ds.path), k)]
+    if not items:
+        raise UserError("data.train_path: required, a DreamO metadata.jsonl (or data.datasets)")
+    rng = random.Random(config.experiment.seed)
+    fraction = config.training.validation.loss_split
+    held = set(rng.sample(range(len(items)), round(len(items) * fraction))) if fraction > 0 else set()
+    chosen = [it for i, it in enumerate(items) if (i in held) == held_out]
+    if not chosen:
+        return None
+    stages = [] if held_out else list(d.stages)
+    total = sum(s.steps for s in stages)
+    if stages and total != config.training.max_steps:
+        raise UserError(f"training.dreamo.stages: the stages' steps add up to {total}; "
+                        f"training.max_steps is {config.training.max_steps}")  # fmt: skip
+    data = DreamODataset(chosen, tuple(d.size), d.reference_resolution, config.experiment.seed,
+                         config.data.on_bad_file, stages)  # fmt: skip
+    data.accumulation = config.training.gradient_accumulation
+    return data
+
+
+@torch.no_grad()
+def held_out_errors(
+    config: Config, bb: Any, trained: Trained, held_out: Any, shift_references: int = 0
+) -> dict[str, float]:
+    """On held-out items at the fixed noise levels `training.validation.loss_timesteps` with fixed noise,
+    placeholders kept: `val_loss`, the flow-matching loss, and `val_subject_x0`, reference fidelity without
+    sampling: the mean absolute error of the predicted clean latent (x_t - sigma * v) inside the subjects'
+    masks (the whole target where none is given). `shift_references` > 0 gives each item the references of
+    the item that many places on (the control: how much of the fidelity comes from the references)."""
+    from diffbase.training.objectives import diffusion_loss as mse
+
+    losses, errors = [], []
+    n = len(held_out)
+    for i in range(n):
+        item = held_out[i]
+        if item is None:
+            continue
+        if shift_references:
+            other = held_out[(i + shift_references) % n]
+            item = item | {"references": other["references"]} if other is not None else item
+        batch = held_out.collate([item])
+        for j, s in enumerate(config.training.validation.loss_timesteps):
+            sigma = torch.tensor([float(s)])
+            gens = [torch.Generator().manual_seed(config.experiment.seed * 1000 + i * 10 + j)]
+            pred, x0, noise, _ = predict(config, bb, trained, batch, None, 0, sigma, gens, plain_text=0.0)
+            losses.append(float(mse(pred.float(), B.target(bb, x0, noise, sigma).float())))
+            x_t = B.add_noise(bb, x0, noise, sigma)
+            err = (x_t - sigma.to(x0) * pred.to(x0) - x0).abs().float().mean(1)  # (1, h, w)
+            masks, present = packed_masks(batch["route_masks"], tuple(x0.shape[-2:]))
+            region = (masks[present] > 0.5).any(0).reshape(err.shape) if bool(present.any()) else err >= 0
+            errors.append(float(err[region].mean()))
+    if trained.extras["probes"] is not None:
+        trained.extras["probes"].clear()
+    return {"val_loss": sum(losses) / max(len(losses), 1), "val_subject_x0": sum(errors) / max(len(errors), 1)}
+
+
+def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
+    """Held-out items generated with the weights being trained: a grid (references | result | target), the
+    L1 between result and target inside each reference's subject mask (`val_subject_l1`; the whole image
+    where no mask is given), the held-out loss and the denoising error in the subjects (held_out_errors)."""
+    from diffbase.methods.dreamo.mechanism.evaluate import held_out_fidelity
+
+    held_out, _ = validation
+    if held_out is None:
+        return Validation()
+    grid, error = held_out_fidelity(config, bb, trained.modules["dreamo"], held_out)
+    return Validation(grid, {"val_subject_l1": error} | held_out_errors(config, bb, trained, held_out))
+
+
+def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
+    from peft.utils import get_peft_model_state_dict
+
+    from diffbase.methods.dreamo.mechanism.files import write_dreamo_file
+    from diffbase.models.lora_formats import peft_scales
+    from diffbase.models.placement import cpu_state
+
+    denoiser, emb = bb.denoiser, trained.modules["dreamo"]
+    lora = cpu_state({f"transformer.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()})
+    tensors = cpu_state({"t5": emb.t5.weight, "task": emb.task.weight, "idx": emb.idx.weight})
+    dtype = denoiser.dtype
+    path = write_dreamo_file(out_dir / "dreamo" / "dreamo.safetensors", {k: v.to(dtype) for k, v in lora.items()},
+                             peft_scales(denoiser, "transformer"), {k: v.to(dtype) for k, v in tensors.items()})  # fmt: skip
+    return {"dreamo": str(path)}
+
+
+def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = None, **runtime: Any) -> tuple[Any, Any]:
+    """A FLUX.1 pipeline with the DreamO LoRAs fused and the placeholder tokens added: (pipe, embeddings)."""
+    from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
+    from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
+    from diffbase.models.loading import load_pipeline
+
+    pipe, spec = load_pipeline(model, **runtime)
+    if spec.family != "flux1" or spec.pipeline != "FluxPipeline":
+        raise UserError(f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}")
+    pipe.set_progress_bar_config(disable=True)
+    tensors = fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None)
+    emb = DreamOEmbeddings.for_pipe(pipe)
+    with torch.no_grad():
+        for name in ("t5", "task", "idx"):
+            getattr(emb, name).weight.copy_(tensors[name])
+    return pipe, emb.to(pipe.transformer.device, pipe.transformer.dtype)
+
+
+def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
+    """One image. `inputs["references"]`: (PIL image, task, optional mask, optional face box) per slot, None
+    for an empty slot (it still counts for the index); `inputs["resolution"]`: the reference resolution."""
+    from diffbase.methods.dreamo.mechanism.generate import Reference, dreamo_generate
+    from diffbase.methods.dreamo.mechanism.preprocess import prepare_reference, task_prompt
+
+    pipe, emb = loaded
+    slots = inputs["references"]
+    if len(slots) > 9:
+        raise UserError(f"--ref: {len(slots)} references; DreamO takes at most 9")
+    refs = [
+        Reference(prepare_reference(img, task, inputs.get("resolution", 512), mask, box), task, k + 1)
+        for k, slot in enumerate(slots) if slot is not None for img, task, mask, box in [slot]
+    ]  # fmt: skip
+    settings.prompt = task_prompt(settings.prompt, [r.task for r in refs])
+    return dreamo_generate(pipe, emb, refs, settings)
+
+
+DREAMO = register(
+    Method(
+        name="dreamo",
+        prepare=prepare,
+        loss=loss,
+        export=export,
+        dataset=dataset,
+        validate=validate,
+        section=("dreamo", DreamOConfig),
+        cacheable=False,
+        multi_process=False,
+        load=load,
+        run=run,
+        describe="DreamO: reference tokens, condition embeddings and a LoRA, with routing and placeholder losses",
+    )
+)
+
+
+def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
+    """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one)."""
+    import re
+
+    given = ", ".join(f"[ref#{k}]" for k, s in enumerate(slots, 1) if s is not None)
+    for n in sorted({int(m) for m in re.findall(r"\[ref#(\d+)\]", prompt)}):
+        if not 1 <= n <= len(slots):
+            raise UserError(f"{name}: [ref#{n}] names no reference (given: {given})")
+        if slots[n - 1] is None:
+            from diffbase.interface.checks import note
+
+            note(f"{name}: [ref#{n}] names an empty slot")
