@@ -51,10 +51,12 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--resume", help="'latest' or a checkpoint folder")
     tr.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
     add_arguments(tr, dtype_default=None, offload=False)
+    tr.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)")
     tr.set_defaults(func=run_train)
 
     cache = sub.add_parser("cache", help="precompute the latent and text cache of an experiment")
     cache.add_argument("config", help="experiment YAML")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
     add_arguments(cache, dtype_default=None, offload=False)
+    cache.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)")
     cache.set_defaults(func=run_cache)
