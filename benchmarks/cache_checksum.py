@@ -16,9 +16,9 @@ from pathlib import Path
 
 from diffbase.config import configs_dir, load_config
 from diffbase.data.cache import ShardStore, verified_entries
+from diffbase.data.synthetic import write_dataset
 from diffbase.demo import SEED, SIZE, toy_model
 from diffbase.methods import train
-from diffbase.toy.synthetic import write_dataset
 
 N_TRAIN = 600
 

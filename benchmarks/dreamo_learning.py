@@ -45,7 +45,7 @@ def measure(config_path: Path, overrides: list[str], weights: Path | None) -> di
 def main() -> None:
     import diffbase.methods as M
     from diffbase.config import load_config
-    from diffbase.toy.synthetic import write_multi_reference
+    from diffbase.data.synthetic import write_multi_reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)

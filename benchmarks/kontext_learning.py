@@ -60,9 +60,9 @@ def evaluate(pipe: object, pairs: list[dict], folder: Path, steps: int, guidance
 def main() -> None:
     import diffbase.methods as M
     from diffbase.config import configs_dir, load_config
+    from diffbase.data.synthetic import write_edit_pairs
     from diffbase.grid import image_grid
     from diffbase.models.loading import load_pipeline
-    from diffbase.toy.synthetic import write_edit_pairs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1500)

@@ -46,10 +46,10 @@ def borders(pipe: object, size: tuple[int, int], tile_px: int, overlap_px: int) 
 
 
 def main() -> None:
+    from diffbase.data.synthetic import make_item
     from diffbase.grid import side_by_side
     from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, upscale
     from diffbase.models.loading import load_pipeline
-    from diffbase.toy.synthetic import make_item
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)

@@ -124,7 +124,7 @@ def dreamfit_checkpoint(tiny_model, tmp_path):
 
 def dreamfit_config(tiny_model, tmp_path, *extra: str, pairs: int = 4):
     """DreamFit on the tiny FLUX.1 at 32x32, rank 4, batch 2, on `pairs` synthetic try-on pairs."""
-    from diffbase.toy.synthetic import write_dataset
+    from diffbase.data.synthetic import write_dataset
 
     root = write_dataset(tmp_path / "synth", pairs, 0, size=(32, 32))
     return load_config(

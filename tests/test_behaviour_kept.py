@@ -60,7 +60,7 @@ def test_tiny_experiment_unchanged(path: Path, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffbase.toy.synthetic import write_dataset
+    from diffbase.data.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synth"), 24, 6, seed=0, size=(32, 32))
 

@@ -32,7 +32,7 @@ def test_tiny_experiments_train_validate_and_export_in_bf16(path: Path, tmp_path
 
 
 def test_try_on_and_dreamfit_toys_train_in_bf16(tmp_path: Path) -> None:
-    from diffbase.toy.synthetic import write_dataset
+    from diffbase.data.synthetic import write_dataset
 
     data = tmp_path / "synth"
     write_dataset(data, 24, 6, seed=0, size=(32, 32))

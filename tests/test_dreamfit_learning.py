@@ -10,12 +10,12 @@ import torch
 
 from diffbase.config import configs_dir, load_config
 from diffbase.data.datasets import to_pil, to_tensor
+from diffbase.data.synthetic import write_dataset
 from diffbase.demo import eval_set
 from diffbase.methods import train
 from diffbase.methods.dreamfit.mechanism.generate import DreamFitSettings, dreamfit_generate
 from diffbase.methods.dreamfit.method import reference_pixels
 from diffbase.methods.tryon.mechanism.metrics import masked_l1
-from diffbase.toy.synthetic import write_dataset
 
 TOY = Path(__file__).resolve().parents[1] / "src" / "diffbase" / "zoo_weights" / "flux1-toy"
 

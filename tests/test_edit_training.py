@@ -12,7 +12,7 @@ from diffbase.errors import UserError
 
 def edit_config(tiny_model, tmp_path: Path, family: str, method: str, *extra: str):
     from diffbase.config import configs_dir, load_config
-    from diffbase.toy.synthetic import write_edit_pairs
+    from diffbase.data.synthetic import write_edit_pairs
 
     data = write_edit_pairs(tmp_path / "pairs", 8, size=(32, 32))
     model = {

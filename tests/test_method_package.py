@@ -76,3 +76,19 @@ def test_its_tab_appears_and_answers(tmp_path: Path, tiny_model, monkeypatch) ->
         assert Image.open(out).size == (32, 32)
     finally:
         app.close()
+
+
+def test_its_benchmark_stage_runs(tmp_path: Path) -> None:
+    """benchmarks/gpu.py --tiny finds the package's stage and reports it with a number."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DIFFBASE_METHODS": "tests.toy_method", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--tiny", "--stages", "bias_only",
+                           "--out", str(tmp_path / "r.md")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("| bias_only |")]
+    assert any("s/step" in row and row.split("|")[3].strip()[0].isdigit() for row in rows), rows

@@ -1,6 +1,6 @@
 """The method seam: a method defined here, outside the package, registers, trains through the one loop
 (its config section validated like every other key, its loss terms logged) and exports; and the
-training package stays readable (no function over 60 lines)."""
+training package, the method packages, cli.py and serve.py stay readable (no function over 60 lines)."""
 
 from __future__ import annotations
 
@@ -95,9 +95,12 @@ def test_an_unknown_method_names_the_closest() -> None:
     assert code == 2 and "training.method: expected one of" in err and "did you mean 'lora'" in err
 
 
-def test_no_function_in_training_is_over_60_lines() -> None:
+def test_no_function_in_the_loop_the_methods_or_the_front_ends_is_over_60_lines() -> None:
+    src = ROOT / "src" / "diffbase"
+    files = [src / "cli.py", src / "serve.py", *(src / "training").glob("*.py"), *(src / "methods").rglob("*.py"),
+             *(src / "interface").glob("*.py")]  # fmt: skip
     long = []
-    for file in sorted((ROOT / "src" / "diffbase" / "training").glob("*.py")):
+    for file in sorted(files):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60:
                 long.append(f"{file.name}:{node.name}")

@@ -73,8 +73,8 @@ def test_a_latent_key_per_slot_and_one_entry_per_file(tiny_model, tmp_path: Path
 
 
 def test_try_on_pairs_are_records_too(tmp_path: Path) -> None:
+    from diffbase.data.synthetic import write_dataset
     from diffbase.methods.tryon.mechanism.data import TryOnDataset, read_tryon
-    from diffbase.toy.synthetic import write_dataset
 
     write_dataset(tmp_path / "synth", 4, 1, seed=0, size=(32, 32))
     records = read_tryon(tmp_path / "synth", "train")

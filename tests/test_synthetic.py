@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffbase.data.synthetic import COLOURS, PATTERNS, combinations, make_item, write_dataset
 from diffbase.demo import classify, eval_set, mean_colour_baseline, score, table
-from diffbase.toy.synthetic import COLOURS, PATTERNS, combinations, make_item, write_dataset
 from tests.helpers import run_cli
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from diffbase.data.synthetic import write_dataset
 from diffbase.errors import UserError
 from diffbase.methods.tryon.mechanism import canvas as C
 from diffbase.methods.tryon.mechanism.data import TryOnDataset, read_tryon
@@ -25,7 +26,6 @@ from diffbase.methods.tryon.mechanism.vton import (
 )
 from diffbase.models.backbone import Backbone
 from diffbase.models.loading import load_pipeline
-from diffbase.toy.synthetic import write_dataset
 from tests.helpers import run_cli
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffbase.config import configs_dir, load_config
+from diffbase.data.synthetic import write_dataset
 from diffbase.demo import eval_set, run_tryon, score, toy_model
 from diffbase.methods import train
 from diffbase.methods.tryon.mechanism.sampling import TryOnSettings
-from diffbase.toy.synthetic import write_dataset
 
 
 def test_training_lowers_the_masked_error_on_held_out_people_and_garments(tmp_path: Path) -> None:

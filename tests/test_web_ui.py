@@ -91,7 +91,7 @@ def inputs(tmp: Path) -> tuple[Path, Path]:
     """A person and a garment: the photos in ../shared/examples, or synthetic ones where a clone has none."""
     if (SHARED / "person_woman1.png").is_file() and (SHARED / "garment_cloth_1.png").is_file():
         return SHARED / "person_woman1.png", SHARED / "garment_cloth_1.png"
-    from diffbase.toy.synthetic import make_item
+    from diffbase.data.synthetic import make_item
 
     item = make_item(0, "test", 0, (96, 128))
     item.person.save(tmp / "person.png")
@@ -186,7 +186,7 @@ def test_other_tabs_answer_through_the_api(server, tmp_path) -> None:
     the page calls)."""
     from gradio_client import Client, handle_file
 
-    from diffbase.toy.synthetic import make_item
+    from diffbase.data.synthetic import make_item
 
     client = Client(server, verbose=False)
     item = make_item(0, "test", 1, (32, 32))

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from diffbase.config import configs_dir, load_config
+from diffbase.data.synthetic import COLOURS, PATTERNS, Garment, make_item, second_colour
 from diffbase.io import save_png_atomic, write_json_atomic, write_text_atomic
-from diffbase.toy.synthetic import COLOURS, PATTERNS, Garment, make_item, second_colour
 
 SEED, SIZE = 0, 32
 
@@ -144,11 +144,11 @@ def toy_model() -> Path:
 
 def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: int = 48) -> dict[str, Any]:
     from diffbase.data.datasets import to_pil
+    from diffbase.data.synthetic import write_dataset
     from diffbase.errors import UserError
     from diffbase.grid import image_grid
     from diffbase.methods import train
     from diffbase.methods.tryon.mechanism.sampling import TryOnSettings
-    from diffbase.toy.synthetic import write_dataset
 
     start = time.time()
     model = toy_model()

@@ -55,6 +55,18 @@ def flux_timesteps(pipe: Any, steps: int, seq_len: int, device: Any) -> torch.Te
     return retrieve_timesteps(pipe.scheduler, steps, device, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)[0]
 
 
+def flux_guidance(transformer: Any, value: float, device: Any) -> torch.Tensor | None:
+    """The guidance input of a guidance-distilled FLUX transformer (dev), None for one without (schnell)."""
+    return torch.full([1], value, device=device, dtype=torch.float32) if transformer.config.guidance_embeds else None
+
+
+def decode_flux(pipe: Any, z: torch.Tensor) -> Any:
+    """Unpacked FLUX latents to a PIL image, as FluxPipeline decodes them."""
+    z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
 def seeded_kwargs(prompt: str, steps: int, seed: int, guidance: float | None) -> dict[str, Any]:
     """What every diffusers pipeline call takes: prompt, steps, the seeded CPU generator and the
     guidance scale when one is set (else the pipeline's own default)."""

@@ -10,8 +10,8 @@ from diffbase.interface import checks
 
 
 def run_synth(args: argparse.Namespace) -> None:
+    from diffbase.data.synthetic import write_dataset
     from diffbase.generate import parse_size
-    from diffbase.toy.synthetic import write_dataset
 
     h, w = parse_size(args.size)
     checks.count(args.n, "--n")
@@ -22,8 +22,8 @@ def run_synth(args: argparse.Namespace) -> None:
 
 
 def run_synth_edit(args: argparse.Namespace) -> None:
+    from diffbase.data.synthetic import write_edit_pairs
     from diffbase.generate import parse_size
-    from diffbase.toy.synthetic import write_edit_pairs
 
     h, w = parse_size(args.size)
     checks.count(args.n, "--n")
@@ -32,8 +32,8 @@ def run_synth_edit(args: argparse.Namespace) -> None:
 
 
 def run_synth_dreamo(args: argparse.Namespace) -> None:
+    from diffbase.data.synthetic import write_multi_reference
     from diffbase.generate import parse_size
-    from diffbase.toy.synthetic import write_multi_reference
 
     h, w = parse_size(args.size)
     checks.count(args.n, "--n")

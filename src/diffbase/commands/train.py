@@ -58,5 +58,7 @@ def add_parsers(sub: Any) -> None:
     cache.add_argument("config", help="experiment YAML")
     cache.add_argument("overrides", nargs="*", metavar="key=value")
     add_arguments(cache, dtype_default=None, offload=False)
-    cache.add_argument("--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)")
+    cache.add_argument(
+        "--quiet", action="store_true", help="no progress bars (they are off anyway when not a terminal)"
+    )
     cache.set_defaults(func=run_cache)

@@ -47,7 +47,7 @@ SIZE = 32
 def image_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n people, their garment masks, and n product shots, as tensors in [-1, 1] / {0, 1}."""
     from diffbase.data.datasets import to_tensor
-    from diffbase.toy.synthetic import make_item
+    from diffbase.data.synthetic import make_item
 
     people, masks, shots = [], [], []
     for i in range(n):
@@ -215,7 +215,7 @@ def train_inpainting(
 
 def captioned_folder(folder: Path, n: int, seed: int) -> Path:
     """Synthetic training-split people and product shots with captions, for text-to-image."""
-    from diffbase.toy.synthetic import make_item
+    from diffbase.data.synthetic import make_item
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

@@ -64,6 +64,18 @@ def reference_image(
 
 
 @torch.no_grad()
+def alternate_banks(transformer: Any, state: BankState) -> Any:
+    """True CFG: the pipeline calls the transformer for the prompt, then the negative, each step; the reads
+    alternate between the garment's banks and the negative's. Returns the hook (remove it after)."""
+    calls = [0]
+
+    def alternate(module: Any, args: Any) -> None:
+        state.reading_negative = calls[0] % 2 == 1
+        calls[0] += 1
+
+    return transformer.register_forward_pre_hook(alternate)
+
+
 def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, reference: Image.Image) -> Image.Image:
     """One image: the write pass on `reference` with the mode's text, then FLUX.1 sampling that reads."""
     from diffbase.data.datasets import to_tensor
@@ -101,13 +113,7 @@ def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, r
     hook = None
     if settings.true_cfg > 1:
         write("", Image.new("RGB", reference.size, (0, 0, 0)), negative=True)
-        calls = [0]
-
-        def alternate(module: Any, args: Any) -> None:  # the pipeline calls cond, then uncond, each step
-            state.reading_negative = calls[0] % 2 == 1
-            calls[0] += 1
-
-        hook = transformer.register_forward_pre_hook(alternate)
+        hook = alternate_banks(transformer, state)
         extra = {"true_cfg_scale": settings.true_cfg, "negative_prompt": ""}
     try:
         return pipe(

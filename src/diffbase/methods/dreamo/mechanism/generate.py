@@ -91,7 +91,7 @@ def reference_inputs(
 def dreamo_generate(
     pipe: Any, emb: DreamOEmbeddings, refs: list[Reference], settings: DreamOSettings, show_progress: bool | None = None
 ) -> Image.Image:
-    from diffbase.generate import flux_timesteps
+    from diffbase.generate import decode_flux, flux_guidance, flux_timesteps
     from diffbase.models.backbone import text_length
 
     s, transformer = settings, pipe.transformer
@@ -114,11 +114,6 @@ def dreamo_generate(
         neg_embeds, neg_pooled, _ = pipe.encode_prompt(s.negative_prompt, None, device=device, **length)
     timesteps = flux_timesteps(pipe, s.steps, noisy, device)
 
-    def guidance(value: float) -> torch.Tensor | None:
-        return (
-            torch.full([1], value, device=device, dtype=torch.float32) if transformer.config.guidance_embeds else None
-        )
-
     first = s.first_step_guidance if s.first_step_guidance > 0 else s.guidance
     cached = s.cache_references and tokens is not None
     context = reference_cache(transformer, hidden_refs.shape[1]) if cached else contextlib.nullcontext(ReferenceCache())
@@ -131,7 +126,7 @@ def dreamo_generate(
                 pred = transformer(
                     hidden_states=latents if reading else torch.cat([latents, hidden_refs.to(latents)], dim=1),
                     timestep=timestep,
-                    guidance=guidance(first if i == 0 else s.guidance),
+                    guidance=flux_guidance(transformer, first if i == 0 else s.guidance, device),
                     pooled_projections=pooled,
                     encoder_hidden_states=embeds,
                     txt_ids=text_ids,
@@ -143,7 +138,7 @@ def dreamo_generate(
                 neg = transformer(
                     hidden_states=latents,
                     timestep=timestep,
-                    guidance=guidance(s.neg_guidance),
+                    guidance=flux_guidance(transformer, s.neg_guidance, device),
                     pooled_projections=neg_pooled,
                     encoder_hidden_states=neg_embeds,
                     txt_ids=text_ids,
@@ -152,7 +147,4 @@ def dreamo_generate(
                 )[0]
                 pred = neg + s.true_cfg * (pred - neg)
             latents = pipe.scheduler.step(pred, t, latents, return_dict=False)[0]
-    z = pipe._unpack_latents(latents, s.height, s.width, pipe.vae_scale_factor)
-    z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]
+    return decode_flux(pipe, pipe._unpack_latents(latents, s.height, s.width, pipe.vae_scale_factor))

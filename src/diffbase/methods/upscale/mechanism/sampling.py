@@ -127,7 +127,7 @@ def upscale(
     from diffusers.utils.torch_utils import randn_tensor
 
     from diffbase.data.datasets import to_tensor
-    from diffbase.generate import flux_timesteps
+    from diffbase.generate import decode_flux, flux_guidance, flux_timesteps
     from diffbase.models.backbone import text_length
 
     check_strengths(s)
@@ -155,38 +155,46 @@ def upscale(
     latents = pipe.scheduler.scale_noise(z, timesteps[:1], noise)
 
     embeds, pooled, text_ids = pipe.encode_prompt(s.prompt, None, device=device, **text_length(pipe, "flux1"))
-    guidance = (
-        torch.full([1], s.guidance, device=device, dtype=torch.float32) if t_model.config.guidance_embeds else None
-    )
+    guidance = flux_guidance(t_model, s.guidance, device)
     contexts = [tile_context(pipe, t, pixels, embeds, text_ids, dino, adapter, s.dino_strength) for t in tiles]
 
     bar = progress.bar(desc=f"upscale ({len(tiles)} tiles)", unit="tile-step", total=remaining * len(tiles),
                        show=show_progress)  # fmt: skip
-    if paste:  # the baseline: every tile sampled on its own, then blended
-        finished = []
-        for t, context in zip(tiles, contexts, strict=True):
-            x = t.cut(latents)
-            schedule()
-            for step_t in timesteps:
-                v = velocity(pipe, x, step_t.expand(1).to(x.dtype), pooled, context, guidance)
-                x = pipe.scheduler.step(v, step_t, x, return_dict=False)[0]
-                bar.update(1)
-            finished.append((t, x))
-        latents = fuse(finished, tuple(latents.shape), overlap).to(latents.dtype)
-    else:
-        for step_t in timesteps:
-            timestep = step_t.expand(1).to(latents.dtype)
-            parts = []
-            for t, context in zip(tiles, contexts, strict=True):
-                parts.append((t, velocity(pipe, t.cut(latents), timestep, pooled, context, guidance)))
-                bar.update(1)
-            fused = fuse(parts, tuple(latents.shape), overlap).to(latents.dtype)
-            latents = pipe.scheduler.step(fused, step_t, latents, return_dict=False)[0]
+    run = pasted if paste else fused
+    latents = run(pipe, latents, tiles, contexts, overlap, timesteps, schedule, (pooled, guidance), bar)
     bar.close()
-    z = latents / vae.config.scaling_factor + vae.config.shift_factor
-    decoded = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-    result = pipe.image_processor.postprocess(decoded, output_type="pil")[0]
-    return result.crop((0, 0, w, h))
+    return decode_flux(pipe, latents).crop((0, 0, w, h))
+
+
+def fused(pipe: Any, latents: torch.Tensor, tiles: list[Any], contexts: list[Any], overlap: int,
+          timesteps: torch.Tensor, schedule: Any, cond: tuple[Any, Any], bar: Any) -> torch.Tensor:  # fmt: skip
+    """Every step: each tile's velocity, fused into one (feathered where tiles overlap), one scheduler step."""
+    pooled, guidance = cond
+    for step_t in timesteps:
+        timestep = step_t.expand(1).to(latents.dtype)
+        parts = []
+        for t, context in zip(tiles, contexts, strict=True):
+            parts.append((t, velocity(pipe, t.cut(latents), timestep, pooled, context, guidance)))
+            bar.update(1)
+        fused_v = fuse(parts, tuple(latents.shape), overlap).to(latents.dtype)
+        latents = pipe.scheduler.step(fused_v, step_t, latents, return_dict=False)[0]
+    return latents
+
+
+def pasted(pipe: Any, latents: torch.Tensor, tiles: list[Any], contexts: list[Any], overlap: int,
+           timesteps: torch.Tensor, schedule: Any, cond: tuple[Any, Any], bar: Any) -> torch.Tensor:  # fmt: skip
+    """The baseline: every tile sampled on its own (the schedule set again for each), then blended."""
+    pooled, guidance = cond
+    finished = []
+    for t, context in zip(tiles, contexts, strict=True):
+        x = t.cut(latents)
+        schedule()
+        for step_t in timesteps:
+            v = velocity(pipe, x, step_t.expand(1).to(x.dtype), pooled, context, guidance)
+            x = pipe.scheduler.step(v, step_t, x, return_dict=False)[0]
+            bar.update(1)
+        finished.append((t, x))
+    return fuse(finished, tuple(latents.shape), overlap).to(latents.dtype)
 
 
 def velocity(
