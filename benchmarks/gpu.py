@@ -109,7 +109,8 @@ def plain_lora(ctx: Context, config: Config) -> dict[str, Any]:
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffbase.methods.lora import LORA_TARGETS, lora_target_names
+    from diffbase.methods.lora import lora_target_names
+    from diffbase.models import families
     from diffbase.models.build import build_components
 
     device, s = ctx.device, ctx.sizes
@@ -128,7 +129,7 @@ def plain_lora(ctx: Context, config: Config) -> dict[str, Any]:
             lora_alpha=lora.alpha,
             lora_dropout=0.0,
             init_lora_weights="gaussian",
-            target_modules=lora_target_names(transformer, LORA_TARGETS["flux1"]),
+            target_modules=lora_target_names(transformer, list(families.get("flux1").lora_targets)),
         )
     )
     params = [p for p in transformer.parameters() if p.requires_grad]

@@ -78,7 +78,8 @@ def hand_written(config: Config) -> float:
     """What a diffusers training example does, with nothing else: read, encode, noise, predict, step."""
     from peft import LoraConfig
 
-    from diffbase.methods.lora import LORA_TARGETS, lora_target_names
+    from diffbase.methods.lora import lora_target_names
+    from diffbase.models import families
     from diffbase.training.train import load_backbone
 
     pipe = load_backbone(config).pipe
@@ -97,7 +98,7 @@ def hand_written(config: Config) -> float:
             r=8,
             lora_alpha=16,
             init_lora_weights="gaussian",
-            target_modules=lora_target_names(unet, LORA_TARGETS["sd15"]),
+            target_modules=lora_target_names(unet, list(families.get("sd15").lora_targets)),
         )
     )
     unet.train()

@@ -168,7 +168,7 @@ def test_controlnet_is_refused_for_flux2_with_the_reason(tiny_model, tmp_path: P
     data = image_folder(tmp_path / "data", 2, control=True)
     exp = write_experiment(tmp_path / "exp.yaml", "flux2", tiny_model("flux2"), data, tmp_path / "run")
     code, _, err = run_cli("train", str(exp), "training.method=controlnet")
-    assert code == 2 and "has no ControlNet model for flux2" in err
+    assert code == 2 and "FLUX.2 has no ControlNet model in diffusers (these do: SD1.5, SDXL, SD3.5, FLUX.1)" in err
 
 
 def test_validation_images_held_out_loss_and_metrics(tiny_model, tmp_path: Path) -> None:

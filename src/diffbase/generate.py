@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.models.families import FAMILIES, get
 from diffbase.models.specs import FamilySpec
-
-NEGATIVE_PROMPT_FAMILIES = {"sd15", "sdxl", "sd3", "flux1"}
 
 
 @dataclass
@@ -83,15 +82,17 @@ def seeded_kwargs(prompt: str, steps: int, seed: int, guidance: float | None) ->
 def pipeline_kwargs(spec: FamilySpec, s: GenerateSettings) -> dict[str, Any]:
     """The diffusers call arguments for these settings, with the seeded CPU generator."""
     kwargs = seeded_kwargs(s.prompt, s.steps, s.seed, s.guidance) | {"height": s.height, "width": s.width}
+    family = get(spec.family)
     if s.negative is not None:
-        if spec.family not in NEGATIVE_PROMPT_FAMILIES:
+        if not family.negative_prompt:
             raise UserError(f"--negative: the {spec.pipeline} takes no negative prompt")
-        if spec.family == "flux1" and not (s.true_cfg and s.true_cfg > 1):
-            raise UserError("--negative: FLUX.1 uses a negative prompt only with --true-cfg greater than 1")
+        if family.true_cfg and not (s.true_cfg and s.true_cfg > 1):
+            raise UserError(f"--negative: {family.title} uses a negative prompt only with --true-cfg greater than 1")
         kwargs["negative_prompt"] = s.negative
     if s.true_cfg is not None:
-        if spec.family != "flux1":
-            raise UserError(f"--true-cfg: only FLUX.1 has true CFG; use --guidance for {spec.family}")
+        if not family.true_cfg:
+            have = ", ".join(f.title for f in FAMILIES.values() if f.true_cfg)
+            raise UserError(f"--true-cfg: only {have} has true CFG; use --guidance for {family.title}")
         kwargs["true_cfg_scale"] = s.true_cfg
     return kwargs
 

@@ -26,7 +26,6 @@ from diffbase.io import file_digest
 
 PREPROCESS_VERSION = 1  # bump when resizing/cropping code changes what a cached latent holds
 SHARD_BYTES = 512 * 2**20
-SHARED = {("flux1", "text_ids")}  # conditioning without a batch dimension
 
 
 def module_fingerprint(module: torch.nn.Module | None) -> str:
@@ -234,8 +233,7 @@ class TrainingCache:
                 cond[name[len("shared.") :]] = parts[0][name]
             else:
                 cond[name] = torch.cat([p[name] for p in parts])
-        if self.backbone.family == "sdxl":
-            cond["add_time_ids"] = B.sdxl_time_ids(self.backbone, size, len(parts))
+        cond |= B.size_conditioning(self.backbone, size, len(parts))  # SDXL's time ids
         device = self.backbone.device
         return {k: v.to(device) for k, v in cond.items()}
 
@@ -432,7 +430,7 @@ def cache_prompts(cache: TrainingCache, prompts: Iterable[str], batch: int, show
         for j, prompt in enumerate(group):
             entry = {}
             for name, value in cond.items():
-                if (bb.family, name) in SHARED:
+                if name in bb.behaviour.batchless:  # conditioning without a batch dimension
                     entry[f"shared.{name}"] = value
                 else:
                     entry[name] = value[j : j + 1]

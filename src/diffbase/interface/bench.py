@@ -295,8 +295,7 @@ def report_diffbase(ctx: Context, stage: str, label: str, info: dict[str, Any], 
     )
     ctx.add(stage, f"{label}: peak memory in the training loop", gib(info["peak"]))
     ctx.add(stage, f"{label}: peak memory over the whole run (building the model included)", gib(info["run_peak"]))
-    if flops is not None or info["family"] == "flux1":
-        ctx.add(stage, f"{label}: MFU", mfu(ctx, flops, info["s_step"]))
+    ctx.add(stage, f"{label}: MFU", mfu(ctx, flops, info["s_step"]))
     ctx.add(
         stage,
         f"{label}: whole `train()` (setup {info['setup']:.0f} s: build and cache; {s.train_steps} steps; validation; export)",

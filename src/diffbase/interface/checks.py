@@ -15,7 +15,6 @@ from typing import Any
 from diffbase.errors import UserError
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3.5", "flux1": "FLUX.1", "flux2": "FLUX.2"}
 MAX_ASPECT = 8.0  # longest side / shortest side a pipeline is given (a 5000x3 image has no latent rows)
 
 
@@ -198,14 +197,22 @@ def model_folder(path: str, name: str = "--model", family: str | None = None, jo
         return None  # a single file: checked when it loads
     spec = detect_family(folder)
     if family is not None and spec.family != family:
-        raise UserError(f"{name}: {job} runs on {FAMILY_NAMES.get(family, family)} models; {path} holds a "
+        raise UserError(f"{name}: {job} runs on {family_title(family)} models; {path} holds a "
                         f"{spec.family} model")  # fmt: skip
     return spec
 
 
+def family_title(family: str) -> str:
+    from diffbase.models import families
+
+    return families.get(family).title
+
+
 def size_multiple(spec: Any) -> int:
     """What a family's sides must be a multiple of: the VAE's 8 px, times 2 for the transformers' 2x2 patches."""
-    return 8 if spec is None or spec.family in ("sd15", "sdxl") else 16
+    from diffbase.models import families
+
+    return 8 if spec is None else families.get(spec.family).size_multiple
 
 
 def runtime(args: Any) -> Any:

@@ -16,14 +16,6 @@ from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux1")
-CLASSES = {
-    "sd15": "ControlNetModel",
-    "sdxl": "ControlNetModel",
-    "sd3": "SD3ControlNetModel",
-    "flux1": "FluxControlNetModel",
-}
-
 
 @dataclass
 class ControlNetConfig:
@@ -34,31 +26,16 @@ class ControlNetConfig:
 
 
 def make_controlnet(denoiser: torch.nn.Module, family: str, c: ControlNetConfig) -> torch.nn.Module:
+    """A ControlNet made from the denoiser as the family's diffusers class does it (or loaded from a folder)."""
     import diffusers
 
-    if family not in FAMILIES:
-        raise UserError(
-            f"training.method: controlnet is available for {list(FAMILIES)}; diffusers "
-            f"0.42 has no ControlNet model for {family}"
-        )
+    try:
+        support = B.controlnet_support(family).controlnet
+    except ValueError as err:
+        raise UserError(f"training.method: controlnet: {err}") from None
     if c.pretrained_path:
-        return getattr(diffusers, CLASSES[family]).from_pretrained(c.pretrained_path, local_files_only=True)
-    if family in ("sd15", "sdxl"):
-        return diffusers.ControlNetModel.from_unet(denoiser)
-    if family == "sd3":
-        return diffusers.SD3ControlNetModel.from_transformer(
-            denoiser,
-            num_layers=c.num_layers or max(1, min(12, denoiser.config.num_layers - 1)),
-            num_extra_conditioning_channels=0,
-        )
-    config = denoiser.config
-    return diffusers.FluxControlNetModel.from_transformer(
-        denoiser,
-        num_layers=c.num_layers or min(4, config.num_layers),
-        num_single_layers=c.num_single_layers or min(10, config.num_single_layers),
-        attention_head_dim=config.attention_head_dim,
-        num_attention_heads=config.num_attention_heads,
-    )
+        return getattr(diffusers, support.model_class).from_pretrained(c.pretrained_path, local_files_only=True)
+    return support.make(denoiser, c.num_layers, c.num_single_layers)
 
 
 def prepare(bb: Any, config: Config) -> Trained:

@@ -12,29 +12,7 @@ from diffbase.config import Config
 from diffbase.errors import UserError
 from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, register
-
-# Attention projections that LoRA adapts by default, per family (diffusers module names).
-_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
-_JOINT = [*_ATTN, "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-# Layers LoRA adapts by default, per family: suffixes of diffusers module names, matched against
-# Linear layers only. SD1.5/SDXL/SD3 follow diffusers' DreamBooth LoRA scripts (attention only);
-# FLUX.1 adds the feed-forward layers as train_dreambooth_lora_flux.py does; FLUX.2 the same, plus
-# its fused single-block projections.
-LORA_TARGETS: dict[str, list[str]] = {
-    "sd15": _ATTN,
-    "sdxl": _ATTN,
-    "sd3": _JOINT,
-    "flux1": [*_JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
-    "flux2": [
-        *_JOINT,
-        "to_qkv_mlp_proj",
-        "attn.to_out",
-        "ff.linear_in",
-        "ff.linear_out",
-        "ff_context.linear_in",
-        "ff_context.linear_out",
-    ],
-}
+from diffbase.models import families
 
 
 @dataclass
@@ -42,7 +20,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the family default (LORA_TARGETS)
+    target_modules: list[str] | None = None  # None: the family's default (Family.lora_targets)
 
 
 def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -60,7 +38,7 @@ def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str
 def add_lora(denoiser: torch.nn.Module, family: str, cfg: LoraConfig) -> None:
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = lora_target_names(denoiser, cfg.target_modules or LORA_TARGETS[family])
+    targets = lora_target_names(denoiser, cfg.target_modules or list(families.get(family).lora_targets))
     denoiser.add_adapter(
         PeftLoraConfig(
             r=cfg.rank,

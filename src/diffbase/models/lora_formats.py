@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from diffbase.models import families
 from diffbase.models.bfl_flux import DOUBLE, GLOBAL, SINGLE
 
 KOHYA_FLUX_MARKERS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
@@ -95,7 +96,7 @@ def to_kohya(
     """
     layers = lora_layers(state)
     out: dict[str, torch.Tensor] = {}
-    if family != "flux1":
+    if not families.get(family).bfl_layout:
         for path, (a, b) in layers.items():
             name = _kohya(path.split(".", 1)[1])
             out[f"{name}.lora_down.weight"] = a

@@ -11,24 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
+from diffbase.models import families
 from diffbase.models.lora_formats import is_kohya_flux, kohya_flux_to_diffusers
 from diffbase.models.specs import FamilySpec
 
 # Key fragments that identify a LoRA's family; a LoRA of another family would load nothing.
-FAMILY_MARKERS = {
-    "unet": ("unet.", "lora_unet_down_blocks", "lora_unet_input_blocks", "lora_unet_up_blocks", "lora_te"),
-    "flux": (
-        "double_blocks",
-        "single_blocks",
-        "transformer.transformer_blocks",
-        "transformer.single_transformer_blocks",
-        "lora_unet_double_blocks",
-        "lora_unet_single_blocks",
-        "transformer_blocks.",
-        "single_transformer_blocks.",
-    ),
-    "sd3": ("transformer.transformer_blocks", "joint_blocks", "transformer_blocks."),
-}
 
 
 def parse_lora_arg(text: str) -> tuple[Path, float]:
@@ -86,10 +73,10 @@ def linear_widths(module: Any, prefix: str) -> dict[str, int]:
 def check_family(path: Path, keys: list[str], spec: FamilySpec) -> None:
     if not any("lora" in k or k.endswith((".down.weight", ".up.weight")) for k in keys):
         raise UserError(f"{path}: no LoRA weights found (expected lora_A/lora_B, lora_down/lora_up or down/up keys)")
-    group = "unet" if spec.denoiser == "unet" else ("sd3" if spec.family == "sd3" else "flux")
-    others = {g: m for g, m in FAMILY_MARKERS.items() if g != group}
-    if not any(marker in k for k in keys for marker in FAMILY_MARKERS[group]):
-        found = next((g for g, markers in others.items() if any(m in k for k in keys for m in markers)), "unknown")
+    own = families.get(spec.family).lora_markers
+    if not any(marker in k for k in keys for marker in own):
+        others = [f for f in families.FAMILIES.values() if f.lora_markers != own]
+        found = next((f.title for f in others if any(m in k for k in keys for m in f.lora_markers)), "unknown")
         raise UserError(f"{path}: a LoRA for a {found} model, expected one for {spec.pipeline}")
 
 
@@ -114,7 +101,7 @@ def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
         check_family(path, keys, spec)
         name = f"lora{i}"
         source: Any = str(path)
-        if spec.family == "flux1" and is_kohya_flux(keys):  # diffusers' own converter assumes width 3072
+        if families.get(spec.family).bfl_layout and is_kohya_flux(keys):  # diffusers' own converter assumes width 3072
             source = kohya_flux_to_diffusers(read_state(path), linear_widths(pipe.transformer, "transformer"))
         try:
             pipe.load_lora_weights(source, adapter_name=name)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.models import families
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, is_bfl_flux1
 from diffbase.models.folders import detect_family, load_pipeline, quiet_loading
 from diffbase.models.specs import FamilySpec
@@ -126,7 +127,7 @@ def load_single_file_pipeline(path: Path, config: Path, dtype: str = "float32") 
         raise UserError(f"{path}: no known checkpoint layout (BFL, ComfyUI, original SD or diffusers) in its keys")
     if found != spec.family:
         raise UserError(f"{path}: found a {found} checkpoint, expected {spec.family} (from {config})")
-    if spec.family == "flux1":
+    if families.get(spec.family).bfl_layout:
         transformer = _flux1_transformer(path, state, config, dtype)
         pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")
         pipe.transformer = transformer

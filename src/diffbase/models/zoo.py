@@ -8,20 +8,16 @@ from diffbase.config import configs_dir, load_config
 from diffbase.errors import UserError, closest
 from diffbase.io import atomic_folder
 
-TINY_CONFIGS = {
-    "sd15": "sd15_tiny.yaml",
-    "sdxl": "sdxl_tiny.yaml",
-    "sd3": "sd3_tiny.yaml",
-    "flux1": "flux1_tiny.yaml",
-    "flux2": "flux2_tiny.yaml",
-    "flux2-klein": "flux2_klein_tiny.yaml",
-    "flux1-kontext": "flux1_kontext_tiny.yaml",
-    "flux1-fill": "flux1_fill_tiny.yaml",
-    "flux2-klein-inpaint": "flux2_klein_inpaint_tiny.yaml",
-}
+
+def tiny_configs() -> dict[str, str]:
+    """Every spec row's tiny config: configs/models/<row name, - as _>_tiny.yaml."""
+    from diffbase.models.specs import FAMILIES
+
+    return {name: f"{name.replace('-', '_')}_tiny.yaml" for name in FAMILIES}
 
 
 def tiny_config_path(family: str) -> Path:
+    TINY_CONFIGS = tiny_configs()  # noqa: N806
     if family not in TINY_CONFIGS:
         raise UserError(
             f"zoo tiny: unknown family '{family}'{closest(family, TINY_CONFIGS)}; expected one of {list(TINY_CONFIGS)}"

@@ -21,14 +21,14 @@ from diffbase.training.loop import TrainResult, process_state, run_training
 from diffbase.training.seam import Method
 
 
-def load_backbone(config: Config) -> Backbone:
+def load_backbone(config: Config, state: Any = None) -> Backbone:
     """The model from `model.pretrained_path` (folder or single file), or built from config with random
     weights when no path is given (tiny models, and full-size speed tests)."""
     from diffbase.models.build import build_pipeline
     from diffbase.models.loading import load_model
     from diffbase.models.specs import spec_for
 
-    m = config.model
+    m, state = config.model, state or process_state(config)
     if m.pretrained_path:
         pipe, spec = load_model(
             m.single_file or m.pretrained_path, config=m.pretrained_path if m.single_file else None, dtype=m.dtype
@@ -36,7 +36,7 @@ def load_backbone(config: Config) -> Backbone:
     elif m.variant.startswith("tiny") or m.random_weights:
         spec = spec_for(m.family, m.variant)
         # Built where it will run: a 12B-parameter random model initialises in seconds on a GPU.
-        with torch.device(process_state(config).device):
+        with torch.device(state.device):
             pipe = build_pipeline(m, seed=config.experiment.seed)
     else:
         raise UserError(
@@ -47,7 +47,7 @@ def load_backbone(config: Config) -> Backbone:
         raise UserError(f"model.family: the config says {m.family} but {m.pretrained_path} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
     bb = Backbone(spec, pipe)
-    place_for_training(bb, process_state(config).device, config.hardware.offload)
+    place_for_training(bb, state.device, config.hardware.offload)
     return bb
 
 
@@ -73,7 +73,12 @@ def image_dataset(config: Config, held_out: bool = False, adjust: Any = None) ->
 
 
 def prepare_cache(
-    config: Config, bb: Backbone, datasets: list[Any], show_progress: bool = True, method: Method | None = None
+    config: Config,
+    bb: Backbone,
+    datasets: list[Any],
+    show_progress: bool = True,
+    method: Method | None = None,
+    state: Any = None,
 ) -> list[Any]:
     """Fill the cache for each dataset (computing only what is missing), then free what training
     no longer needs. Returns a cache per dataset. A method with its own `cache` builds it instead
@@ -82,7 +87,7 @@ def prepare_cache(
     from diffbase.data.cache import free_encoders
 
     build_cache = method.cache if method is not None and method.cache is not None else generic
-    state = process_state(config)
+    state = state or process_state(config)
     caches = []
     if state.is_main_process:  # one process computes; the others then read its shards
         for dataset in datasets:
@@ -101,13 +106,15 @@ def prepare_cache(
     return caches
 
 
-def datasets(config: Config, method: Method, bb: Backbone, show_progress: bool) -> tuple[Any, Any, Any, list[Any]]:
+def datasets(
+    config: Config, method: Method, bb: Backbone, show_progress: bool, state: Any
+) -> tuple[Any, Any, Any, list[Any]]:
     """The training dataset, its sampler, the held-out dataset and their caches (None when off)."""
     d = config.data
     if (d.cache_latents or d.cache_text) and not method.cacheable:
         raise UserError(f"data.cache_latents: not available for training.method {method.name}")
     dataset = method.dataset(config, False, bb)
-    world = process_state(config).num_processes
+    world = state.num_processes
     sampler = dataset.sampler(config.training.batch_size * world)
     if len(sampler) == 0:
         raise UserError(
@@ -117,7 +124,7 @@ def datasets(config: Config, method: Method, bb: Backbone, show_progress: bool) 
     held_out = method.dataset(config, True, bb)
     caches = [None, None]
     if d.cache_latents or d.cache_text:
-        caches = prepare_cache(config, bb, [dataset, held_out] if held_out else [dataset], show_progress, method)
+        caches = prepare_cache(config, bb, [dataset, held_out] if held_out else [dataset], show_progress, method, state)
         caches += [None]
     return dataset, sampler, held_out, caches
 
@@ -140,7 +147,7 @@ def train(
             if folder is not None:
                 run_folder.claim(folder, resume, overwrite)
             state.wait_for_everyone()
-            return _train(config, method, resume, stop_after, show_progress)
+            return _train(config, method, state, resume, stop_after, show_progress)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) or is_disk_full(exc):
             raise UserError(disk_full_message(exc, out_dir)) from None
@@ -176,20 +183,21 @@ def out_of_memory_message(config: Config, exc: BaseException) -> str:
 
 
 def _train(
-    config: Config, method: Method, resume: str | None, stop_after: int | None, show_progress: bool
+    config: Config, method: Method, state: Any, resume: str | None, stop_after: int | None, show_progress: bool
 ) -> TrainResult:
+    """The run itself, with accelerate's process state resolved once by `train`."""
     from diffbase.io import default_modes, write_json_atomic
 
     out_dir = Path(config.experiment.output_dir)
-    bb = load_backbone(config)
-    dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress)
+    bb = load_backbone(config, state)
+    dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress, state)
     result = run_training(
         config, method, bb, dataset, sampler, resume_arg=resume, cache=caches[0], stop_after=stop_after,
         show_progress=show_progress, validation=(held_out, caches[1]),
     )  # fmt: skip
     if dataset.report.files:
         print(dataset.report.summary())
-    if process_state(config).is_main_process and result.finished:
+    if state.is_main_process and result.finished:
         files = export_atomically(method, config, bb, result.trained, out_dir)
         for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
             default_modes(Path(path))

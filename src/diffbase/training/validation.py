@@ -13,13 +13,6 @@ from diffbase.errors import UserError
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on
 
-CONTROLNET_PIPELINES = {
-    "sd15": ("StableDiffusionControlNetPipeline", "image"),
-    "sdxl": ("StableDiffusionXLControlNetPipeline", "image"),
-    "sd3": ("StableDiffusion3ControlNetPipeline", "control_image"),
-    "flux1": ("FluxControlNetPipeline", "control_image"),
-}
-
 
 def control_images(config: Config, dataset: Any, count: int) -> list[Any]:
     """The control images for ControlNet validation: from the config, else the first training ones."""
@@ -48,9 +41,9 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
     if bb.controlnet is not None:
         import diffusers
 
-        name, arg = CONTROLNET_PIPELINES[bb.family]
-        pipe = getattr(diffusers, name).from_pipe(bb.pipe, controlnet=bb.controlnet)
-        extra = [{arg: img.resize((w, h))} for img in control_images(config, dataset, len(v.prompts))]
+        support = B.controlnet_support(bb.family).controlnet
+        pipe = getattr(diffusers, support.pipeline).from_pipe(bb.pipe, controlnet=bb.controlnet)
+        extra = [{support.image_arg: img.resize((w, h))} for img in control_images(config, dataset, len(v.prompts))]
     pipe.set_progress_bar_config(disable=True)
     denoiser = bb.denoiser
     was_training = denoiser.training

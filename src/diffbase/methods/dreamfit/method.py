@@ -21,6 +21,7 @@ from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.methods.tryon import method as vton
 from diffbase.models import backbone as B
+from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
 
@@ -44,8 +45,7 @@ def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.dreamfit.mechanism.loras import DreamFitLoras
     from diffbase.methods.dreamfit.mechanism.passes import bank_checkpointing, install
 
-    if bb.family != "flux1":
-        raise UserError(f"training.method: dreamfit trains on FLUX.1, not {bb.family}")
+    families.require(bb.family, "flux1", f"training.method: dreamfit trains on FLUX.1, not {bb.family}")
     text_to_image.freeze(bb)
     loras = DreamFitLoras(Dims.of(bb.denoiser), config.training.dreamfit.rank, seed=0)
     state = install(bb.denoiser, loras.pairs())
@@ -184,8 +184,7 @@ def load(
     from diffbase.models.loading import load_pipeline
 
     pipe, spec = load_pipeline(model, **runtime)
-    if spec.family != "flux1":
-        raise UserError(f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
+    families.require(spec.family, "flux1", f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
     pairs = load_dreamfit(checkpoint, pipe.transformer, lora_weight, lora_weight_mode)
     return pipe, install(pipe.transformer, pairs)

@@ -28,6 +28,7 @@ from diffbase.methods import text_to_image
 from diffbase.methods.lora import LoraConfig, add_lora
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
+from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
 
@@ -73,8 +74,7 @@ def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.dreamo.mechanism.files import lora_modules
     from diffbase.methods.dreamo.mechanism.processor import install_probes
 
-    if bb.family != "flux1":
-        raise UserError(f"training.method: dreamo trains on FLUX.1, not {bb.family}")
+    families.require(bb.family, "flux1", f"training.method: dreamo trains on FLUX.1, not {bb.family}")
     d, lc = config.training.dreamo, config.training.lora
     text_to_image.freeze(bb)
     emb = DreamOEmbeddings.for_pipe(bb.pipe)
@@ -302,8 +302,11 @@ def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = Non
     from diffbase.models.loading import load_pipeline
 
     pipe, spec = load_pipeline(model, **runtime)
-    if spec.family != "flux1" or spec.pipeline != "FluxPipeline":
-        raise UserError(f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}")
+    families.require(
+        spec.pipeline,
+        "FluxPipeline",
+        f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}",
+    )
     pipe.set_progress_bar_config(disable=True)
     tensors = fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None)
     emb = DreamOEmbeddings.for_pipe(pipe)

@@ -22,6 +22,7 @@ from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.methods.tryon.mechanism import canvas as C
 from diffbase.models import backbone as B
+from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, min_snr_weights, sample_ddpm_timesteps
 from diffbase.training.step import sample_generator
 
@@ -43,8 +44,7 @@ class VtonConfig:
 def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.tryon.mechanism.vton import prepare_unet
 
-    if bb.family != "sd15":
-        raise UserError(f"training.method: vton trains an SD1.5 UNet, not {bb.family}")
+    families.require(bb.family, "sd15", f"training.method: vton trains an SD1.5 UNet, not {bb.family}")
     text_to_image.freeze(bb)
     params = prepare_unet(bb.denoiser, config.training.vton.variant)
     return Trained({"denoiser": bb.denoiser}, params, attention_state_dict, load_attention_state_dict)
@@ -195,8 +195,9 @@ def load(
     from diffbase.models.placement import place_pipeline
 
     pipe, spec = load_pipeline(model, dtype=dtype)  # on the CPU until the weights are in
-    if spec.family != "sd15":
-        raise UserError(f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model")
+    families.require(
+        spec.family, "sd15", f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model"
+    )
     if weights:
         info = Path(weights) / "vton.json"
         if info.is_file():

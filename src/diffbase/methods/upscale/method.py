@@ -22,6 +22,7 @@ from diffbase.errors import UserError
 from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
+from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
 
@@ -50,8 +51,7 @@ def degradation(config: Config) -> Any:
 def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.upscale.mechanism.dino import DinoAdapter, load_dino
 
-    if bb.family != "flux1":
-        raise UserError(f"training.method: upscale_dino trains on FLUX.1, not {bb.family}")
+    families.require(bb.family, "flux1", f"training.method: upscale_dino trains on FLUX.1, not {bb.family}")
     u = config.training.upscale
     if not u.dino_path:
         raise UserError("training.upscale.dino_path: required, a local DINOv2 folder")
@@ -178,8 +178,11 @@ def load(model: str, dino: str | None = None, adapter: str | None = None, **runt
     if (dino is None) != (adapter is None):
         raise UserError("--dino and --adapter: give both (the adapter is trained for one DINO model) or neither")
     pipe, spec = load_pipeline(model, **runtime)
-    if spec.family != "flux1" or spec.pipeline != "FluxPipeline":
-        raise UserError(f"--model: the upscaler runs a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}")
+    families.require(
+        spec.pipeline,
+        "FluxPipeline",
+        f"--model: the upscaler runs a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}",
+    )
     pipe.set_progress_bar_config(disable=True)
     if dino is None:
         return pipe, None, None
