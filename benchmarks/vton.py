@@ -35,7 +35,7 @@ def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
 
 def setup(full: bool, batch: int) -> tuple[Backbone, torch.optim.Optimizer, dict, object]:
     """A toy SD1.5 set up for try-on, its optimizer, a random batch, and the vton method's loss."""
-    config = load_config(configs_dir() / "models" / "sd15_toy.yaml", ["training.vton.variant=catvton"])
+    config = load_config(configs_dir() / "models" / "sd15_toy.yaml", ["training.tryon.variant=catvton"])
     pipe = build_pipeline(config.model, seed=0)
     params = prepare_unet(pipe.unet, "catvton")
     if full:
@@ -73,7 +73,7 @@ def main(steps: int = 20, batch: int = 8) -> None:
         step(*run, 0)  # warm-up; creates the optimizer state
     memory = optimizer_bytes(attn[1]) / optimizer_bytes(full[1])
     ratios = [step(*attn, i) / step(*full, i) for i in range(1, steps + 1)]
-    real = load_config(configs_dir() / "experiments" / "vton_sd15.yaml")
+    real = load_config(configs_dir() / "experiments" / "tryon_vton_sd15.yaml")
     with torch.device("meta"):
         from diffbase.models.build import build_components
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffbase.models import families
-from diffbase.models.specs import FAMILIES as ROWS
+from diffbase.models.specs import rows
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "diffbase"
 
@@ -41,7 +41,7 @@ def test_no_family_name_is_compared_outside_the_families_package() -> None:
 def test_a_family_record_is_complete(name: str) -> None:
     family = families.get(name)
     assert family.specs and all(spec.family == name for spec in family.specs)
-    assert all(ROWS[spec.name] is spec for spec in family.specs)  # the spec table is the modules' rows
+    assert all(rows()[spec.name] is spec for spec in family.specs)  # the spec table is the modules' rows
     assert family.size_multiple in (8, 16) and family.lora_targets and family.lora_markers and family.title
     is_transformer = family.specs[0].denoiser == "transformer"
     assert (family.tokens is not None) <= is_transformer  # only transformers lay latents out as tokens
@@ -52,3 +52,35 @@ def test_an_unknown_family_names_the_closest() -> None:
 
     with pytest.raises(UserError, match="unknown family 'flux3'.*did you mean 'flux"):
         families.get("flux3")
+
+
+def test_a_family_from_the_test_directory_trains_and_draws_its_validation_images(tmp_path: Path) -> None:
+    """Registered from outside the package, the family's name is a valid `model.family`, its rows build a
+    model, and LoRA training runs through its behaviour to validation images (its pipeline drawing them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from diffbase.config import configs_dir
+    from tests.helpers import SHAPES, run_cli
+    from tests.toy_family import FAMILY
+
+    base = configs_dir() / "experiments" / "tiny" / "sd15_lora.yaml"
+    root = SRC.parents[1]
+    env = {**os.environ, "DIFFBASE_FAMILIES": "tests.toy_family", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "diffbase.cli", "config", "show", str(base), "model.family=toy_sd"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "family: toy_sd" in proc.stdout, proc.stderr
+    code, _, err = run_cli("config", "show", str(base), "model.family=toy_sdd")
+    assert code == 2 and "model.family: expected one of" in err
+    families.register(FAMILY)
+    try:
+        code, _, err = run_cli("train", str(base), "model.family=toy_sd", "training.max_steps=2",
+                               f"data.train_path={SHAPES}", f"experiment.output_dir={tmp_path}",
+                               "training.validation.steps=2", "--quiet")  # fmt: skip
+        assert code == 0, err
+        assert json.loads((tmp_path / "exports.json").read_text())  # the LoRA files
+        assert list((tmp_path / "validation").glob("step-*.png"))
+    finally:
+        families.FAMILIES.pop("toy_sd", None)

@@ -92,3 +92,18 @@ def test_its_benchmark_stage_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in (tmp_path / "r.md").read_text().splitlines() if line.startswith("| bias_only |")]
     assert any("s/step" in row and row.split("|")[3].strip()[0].isdigit() for row in rows), rows
+
+
+def test_old_and_method_names_are_one_method(tmp_path: Path) -> None:
+    """The try-on and upscale methods' old config names (and the try-on section's) read as the new ones; each
+    editing method's config name is also its command."""
+    from diffbase.config import load_config
+    from diffbase.methods import get
+
+    root = Path(__file__).resolve().parents[1]
+    old = load_config(root / "configs" / "experiments" / "tryon_vton_sd15.yaml",
+                      ["training.method=vton", "training.vton.variant=catvton"])  # fmt: skip
+    assert old.training.method == "tryon" and old.training.tryon.variant == "catvton"
+    assert get("vton") is get("tryon") and get("upscale_dino") is get("upscale")
+    code, out, _ = run_cli("--help")
+    assert code == 0 and "edit (kontext)" in out and "inpaint (fill)" in out and "dreamo (customize)" in out

@@ -63,7 +63,7 @@ def test_exactly_the_attn1_projections_train(tiny_model, variant: str, channels:
 
 
 def test_info_prints_the_real_sd15_attn1_count() -> None:
-    code, out, err = run_cli("info", "configs/experiments/vton_sd15.yaml")
+    code, out, err = run_cli("info", "configs/experiments/tryon_vton_sd15.yaml")
     assert code == 0, err
     assert "49.57M" in out and "49,574,080" in out  # as CatVTON reports
 

@@ -34,7 +34,7 @@ class ExperimentConfig:
 class ModelConfig:
     """A backbone: its family, where its weights are, and the sizes to build it from."""
 
-    family: Literal["sd15", "sdxl", "sd3", "flux1", "flux2"]
+    family: str  # a registered family (diffbase.models.families)
     variant: str = ""
     pretrained_path: str | None = None
     single_file: str | None = None
@@ -118,6 +118,23 @@ def register_method_name(name: str) -> None:
         METHOD_NAMES.append(name)
 
 
+# Old names of methods and their sections, still read: {"vton": "tryon", "upscale_dino": "upscale"}.
+ALIASES: dict[str, str] = {}
+
+
+def register_alias(old: str, name: str) -> None:
+    ALIASES[old] = name
+
+
+# Family names: each family module registers its own (diffbase.models.families), so a new family is one module.
+FAMILY_NAMES: list[str] = []
+
+
+def register_family_name(name: str) -> None:
+    if name not in FAMILY_NAMES:
+        FAMILY_NAMES.append(name)
+
+
 @dataclass
 class TrainingConfig:
     method: str = "lora"  # one of the registered methods (diffbase.methods)
@@ -137,7 +154,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
     sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the registered method sections
 
-    def __getattr__(self, name: str) -> Any:  # training.lora, training.vton, ... (registered sections)
+    def __getattr__(self, name: str) -> Any:  # training.lora, training.tryon, ... (registered sections)
         sections = self.__dict__.get("sections", {})
         if name in sections:
             return sections[name]
@@ -410,6 +427,8 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
     fields = {f.name: f for f in dataclasses.fields(cls)}
     open_sections = SECTIONS if cls is TrainingConfig else {}
     data = dict(data)
+    if cls is TrainingConfig:
+        data = renamed(data)
     sections = {}
     for key in list(data):
         if key in open_sections:
@@ -419,8 +438,10 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
             where = _origin(sources, f"{prefix}{key}", default_origin)
             known = [f for f in fields if f != "sections"] + list(open_sections)
             raise UserError(f"{where}: {prefix}{key}: unknown key{closest(str(key), known)}")
+    if cls is ModelConfig and "family" in data:
+        check_name(data["family"], FAMILY_NAMES, "family", sources, prefix, default_origin)
     if cls is TrainingConfig:
-        check_method_name(data.get("method", "lora"), sources, prefix, default_origin)
+        check_name(data.get("method", "lora"), METHOD_NAMES, "method", sources, prefix, default_origin)
         data["sections"] = {name: sections.get(name) or section() for name, section in SECTIONS.items()}
     kwargs = {}
     for name, f in fields.items():
@@ -433,13 +454,27 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
     return cls(**kwargs)
 
 
-def check_method_name(name: Any, sources: dict[str, str], prefix: str, default_origin: str) -> None:
-    if name not in METHOD_NAMES:
-        where = _origin(sources, f"{prefix}method", default_origin)
-        choices = ", ".join(repr(m) for m in METHOD_NAMES)
-        raise UserError(
-            f"{where}: {prefix}method: expected one of {choices}, got {name!r}{closest(str(name), METHOD_NAMES)}"
-        )
+def renamed(data: dict) -> dict:
+    """`training.method` and a section under an old name (ALIASES) read as the new one."""
+    if data.get("method") in ALIASES:
+        data["method"] = ALIASES[data["method"]]
+    for old, name in ALIASES.items():
+        if old not in data:
+            continue
+        value = data.pop(old)
+        both = isinstance(value, dict) and isinstance(data.get(name), dict)
+        data[name] = {**data[name], **value} if both else value  # an old-name override wins, as it came later
+    return data
+
+
+def check_name(
+    name: Any, known: list[str], key: str, sources: dict[str, str], prefix: str, default_origin: str
+) -> None:
+    """A registered name (a method, a family), or one line naming the file, the key and the closest."""
+    if name not in known:
+        where = _origin(sources, f"{prefix}{key}", default_origin)
+        choices = ", ".join(repr(m) for m in known)
+        raise UserError(f"{where}: {prefix}{key}: expected one of {choices}, got {name!r}{closest(str(name), known)}")
 
 
 def to_dict(config: Any) -> dict:

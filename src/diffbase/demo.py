@@ -166,7 +166,7 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
         overrides.append(f"training.max_steps={steps}")
     config = load_config(configs_dir() / "experiments" / "demo" / "tryon.yaml", overrides)
     data = eval_set(n_eval)
-    v = config.training.vton
+    v = config.training.tryon
     settings = TryOnSettings(steps=v.steps, guidance=v.guidance, eta=v.eta, seed=SEED)
 
     print("try-on before training (the pretrained toy base, its own attention)")

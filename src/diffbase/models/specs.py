@@ -6,19 +6,37 @@ from __future__ import annotations
 from diffbase.errors import UserError, closest
 from diffbase.models.families import FamilySpec, TextEncoderSpec, get, names
 
-__all__ = ["FAMILIES", "FamilySpec", "TextEncoderSpec", "spec_for", "spec_for_pipeline"]
+__all__ = ["FamilySpec", "TextEncoderSpec", "pipelines", "rows", "spec_for", "spec_for_pipeline"]
 
 
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for name in names() for spec in get(name).specs}
-PIPELINE_TO_SPEC = {spec.pipeline: spec for spec in FAMILIES.values()}
+def rows() -> dict[str, FamilySpec]:
+    """Every family's spec rows by name, read now (a family registered later has its rows too)."""
+    return {spec.name: spec for name in names() for spec in get(name).specs}
+
+
+def pipelines() -> dict[str, FamilySpec]:
+    """The spec row of each pipeline class; where two families name one class, the first registered keeps it."""
+    out: dict[str, FamilySpec] = {}
+    for spec in rows().values():
+        out.setdefault(spec.pipeline, spec)
+    return out
+
+
+def __getattr__(name: str) -> dict[str, FamilySpec]:
+    """FAMILIES (the spec rows by name) and PIPELINE_TO_SPEC, always as the families are now."""
+    if name == "FAMILIES":
+        return rows()
+    if name == "PIPELINE_TO_SPEC":
+        return pipelines()
+    raise AttributeError(f"module 'diffbase.models.specs' has no attribute {name!r}")
 
 
 def spec_for(family: str, variant: str = "") -> FamilySpec:
     """The spec for a config's `model.family` and `model.variant`."""
-    matches = [s for s in FAMILIES.values() if s.family == family]
+    matches = [s for s in rows().values() if s.family == family]
     if not matches:
-        names = sorted({s.family for s in FAMILIES.values()})
-        raise UserError(f"model.family: unknown family '{family}'{closest(family, names)}; expected one of {names}")
+        known = sorted({s.family for s in rows().values()})
+        raise UserError(f"model.family: unknown family '{family}'{closest(family, known)}; expected one of {known}")
     for spec in matches:
         if variant in spec.variants:
             return spec
@@ -32,7 +50,7 @@ def spec_for(family: str, variant: str = "") -> FamilySpec:
 
 def spec_for_pipeline(class_name: str, where: str) -> FamilySpec:
     """The spec for a diffusers folder whose model_index.json names `class_name`."""
-    if class_name not in PIPELINE_TO_SPEC:
-        known = sorted(PIPELINE_TO_SPEC)
-        raise UserError(f"{where}: pipeline '{class_name}' is not a supported family; expected one of {known}")
-    return PIPELINE_TO_SPEC[class_name]
+    table = pipelines()
+    if class_name not in table:
+        raise UserError(f"{where}: pipeline '{class_name}' is not a supported family; expected one of {sorted(table)}")
+    return table[class_name]

@@ -11,9 +11,9 @@ from diffbase.io import atomic_folder
 
 def tiny_configs() -> dict[str, str]:
     """Every spec row's tiny config: configs/models/<row name, - as _>_tiny.yaml."""
-    from diffbase.models.specs import FAMILIES
+    from diffbase.models.specs import rows
 
-    return {name: f"{name.replace('-', '_')}_tiny.yaml" for name in FAMILIES}
+    return {name: f"{name.replace('-', '_')}_tiny.yaml" for name in rows()}
 
 
 def tiny_config_path(family: str) -> Path:

@@ -68,3 +68,4 @@ class Method:
     load: Callable[..., Any] | None = None  # inference: load(model, weights, device=, dtype=, offload=)
     run: Callable[..., Any] | None = None  # inference: run(loaded, inputs, settings) -> PIL image
     describe: str = ""
+    aliases: tuple[str, ...] = ()  # old names still read in configs (and their section under that name)

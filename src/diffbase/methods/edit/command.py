@@ -98,6 +98,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: Any) -> None:
     e = sub.add_parser(
         "edit",
+        aliases=["kontext"],  # the training method's name
         help="reference editing: FLUX.1 Kontext, FLUX.2 dev / klein with reference images",
         formatter_class=HelpFormatter,
     )
@@ -108,6 +109,7 @@ def add_parsers(sub: Any) -> None:
 
     i = sub.add_parser(
         "inpaint",
+        aliases=["fill"],  # the training method's name
         help="inpainting: FLUX.1 Fill, FLUX.2 klein inpainting",
         formatter_class=HelpFormatter,
     )

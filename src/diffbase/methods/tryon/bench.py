@@ -19,8 +19,8 @@ class Sizes:
 
 
 SIZES = {
-    False: Sizes("experiments/catvton_sd15.yaml", (), (1024, 768), 50),
-    True: Sizes("models/sd15_tiny.yaml", ("model.unet.in_channels=9", "training.vton.variant=catvton"), (64, 48), 3),
+    False: Sizes("experiments/tryon_catvton_sd15.yaml", (), (1024, 768), 50),
+    True: Sizes("models/sd15_tiny.yaml", ("model.unet.in_channels=9", "training.tryon.variant=catvton"), (64, 48), 3),
 }
 
 
@@ -34,7 +34,7 @@ def stage_tryon(ctx: Context) -> None:
 
     s, common = SIZES[ctx.tiny], ctx.sizes
     config = load_config(configs_dir() / s.model, [*s.overrides, "model.dtype=bfloat16", "model.random_weights=true"])
-    v = config.training.vton
+    v = config.training.tryon
     ctx.log("tryon: building the SD1.5 UNet (9 input channels)")
     with torch.device(ctx.device):
         pipe = build_pipeline(config.model, seed=0)

@@ -28,7 +28,7 @@ from diffbase.training.step import sample_generator
 
 
 @dataclass
-class VtonConfig:
+class TryOnConfig:
     """Attention-only try-on on SD1.5 (diffbase.methods.tryon.mechanism): person over garment in one canvas."""
 
     variant: Literal["vton", "catvton"] = "vton"  # 8 input channels, or CatVTON's 9 (with the mask, no text)
@@ -44,9 +44,9 @@ class VtonConfig:
 def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.tryon.mechanism.vton import prepare_unet
 
-    families.require(bb.family, "sd15", f"training.method: vton trains an SD1.5 UNet, not {bb.family}")
+    families.require(bb.family, "sd15", f"training.method: tryon trains an SD1.5 UNet, not {bb.family}")
     text_to_image.freeze(bb)
-    params = prepare_unet(bb.denoiser, config.training.vton.variant)
+    params = prepare_unet(bb.denoiser, config.training.tryon.variant)
     return Trained({"denoiser": bb.denoiser}, params, attention_state_dict, load_attention_state_dict)
 
 
@@ -98,7 +98,7 @@ def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = Tr
     vton variant's fixed prompt goes to the text cache."""
     from diffbase.data.cache import build_item_cache
 
-    cfg = config.training.vton
+    cfg = config.training.tryon
 
     def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         device = bb.device
@@ -117,7 +117,7 @@ def encode_pairs(config: Config, bb: Any, dataset: Any, show_progress: bool = Tr
 def loss(
     config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cfg, seed = config.training.vton, config.experiment.seed
+    cfg, seed = config.training.tryon, config.experiment.seed
     unet = trained.call("denoiser")
     gens = [sample_generator(seed, step, i) for i in batch["index"]]
     c = canvas_batch(bb, batch, gens, cache)
@@ -161,7 +161,7 @@ def pairs_dataset(config: Config, held_out: bool, size: list[int]) -> Any:
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:
-    return pairs_dataset(config, held_out, config.training.vton.size)
+    return pairs_dataset(config, held_out, config.training.tryon.size)
 
 
 def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
@@ -180,7 +180,7 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
     from diffbase.methods.tryon.mechanism.vton import save_catvton_attention
 
     folder = save_catvton_attention(bb.denoiser, out_dir / "vton")
-    info = {"variant": config.training.vton.variant, "base": config.model.pretrained_path}
+    info = {"variant": config.training.tryon.variant, "base": config.model.pretrained_path}
     write_json_atomic(out_dir / "vton" / "vton.json", info)
     return {"vton": str(folder)}
 
@@ -239,13 +239,14 @@ def run(bb: B.Backbone, inputs: dict[str, Any], settings: Any, size: tuple[int, 
 
 VTON = register(
     Method(
-        name="vton",
+        name="tryon",
+        aliases=("vton",),
         prepare=prepare,
         loss=loss,
         export=export,
         dataset=dataset,
         validate=validate,
-        section=("vton", VtonConfig),
+        section=("tryon", TryOnConfig),
         cache=encode_pairs,
         load=load,
         run=run,

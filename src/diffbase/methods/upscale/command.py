@@ -88,7 +88,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     p.add_argument("--model", required=True, help="a local FLUX.1 (dev or schnell) diffusers folder")
     p.add_argument("--dino", help="a local DINOv2 folder (with --adapter)")
-    p.add_argument("--adapter", help="a DINO adapter trained by `diffbase train` (training.method: upscale_dino)")
+    p.add_argument("--adapter", help="a DINO adapter trained by `diffbase train` (training.method: upscale)")
     p.add_argument("--scale", type=float, default=2.0, help="the result's size over the input's")
     p.add_argument("--strength", type=float, default=0.35, help="img2img strength (0, 1]")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20 for dev, 4 for schnell)")

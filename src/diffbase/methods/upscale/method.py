@@ -1,4 +1,4 @@
-"""The DINO adapter of the tiled upscaler (`training.method: upscale_dino`): FLUX.1 frozen, only the adapter
+"""The DINO adapter of the tiled upscaler (`training.method: upscale`): FLUX.1 frozen, only the adapter
 trains. From any image folder, each crop (`data.resolution`, ideally the model's native size: a tile) is the
 high-res target and its degraded copy (diffbase.methods.upscale.mechanism.degrade) the low-res input; the DINOv2 features of
 the low-res copy enter the joint attention through the adapter, and the loss is flow matching on the
@@ -51,7 +51,7 @@ def degradation(config: Config) -> Any:
 def prepare(bb: Any, config: Config) -> Trained:
     from diffbase.methods.upscale.mechanism.dino import DinoAdapter, load_dino
 
-    families.require(bb.family, "flux1", f"training.method: upscale_dino trains on FLUX.1, not {bb.family}")
+    families.require(bb.family, "flux1", f"training.method: upscale trains on FLUX.1, not {bb.family}")
     u = config.training.upscale
     if not u.dino_path:
         raise UserError("training.upscale.dino_path: required, a local DINOv2 folder")
@@ -201,7 +201,8 @@ def run(loaded: tuple[Any, Any, Any], inputs: dict[str, Any], settings: Any) -> 
 
 UPSCALE = register(
     Method(
-        name="upscale_dino",
+        name="upscale",
+        aliases=("upscale_dino",),
         prepare=prepare,
         loss=loss,
         export=export,

@@ -44,7 +44,7 @@ def tryon_validation(config: Any, bb: Backbone, held_out: TryOnDataset) -> tuple
     """During training: a grid of up to 4 held-out pairs and their mean masked-region L1."""
     from diffbase.grid import image_grid
 
-    v = config.training.vton
+    v = config.training.tryon
     settings = TryOnSettings(
         steps=config.training.validation.steps,
         guidance=v.guidance,

@@ -69,7 +69,7 @@ def expand_conv_in(unet: torch.nn.Module, variant: str) -> None:
 def prepare_unet(unet: torch.nn.Module, variant: str) -> list[torch.nn.Parameter]:
     """Set up the UNet for the variant and freeze all but the `attn1` projections; returns those."""
     if variant not in VARIANTS:
-        raise UserError(f"training.vton.variant: expected one of {list(VARIANTS)}, got '{variant}'")
+        raise UserError(f"training.tryon.variant: expected one of {list(VARIANTS)}, got '{variant}'")
     expand_conv_in(unet, variant)
     if variant == "catvton":
         processors = {
