@@ -23,17 +23,27 @@ import os
 from types import ModuleType
 from typing import Any
 
-BUILT_IN = tuple(f"diffbase.methods.{name}" for name in (
-    "lora", "full_finetune", "dreambooth", "controlnet", "tryon", "dreamfit", "dreamo", "edit", "upscale"))  # fmt: skip
+HELPERS = {"registry", "text_to_image"}  # what methods share; no method in them
+ORDER = ("lora", "full_finetune", "dreambooth", "controlnet", "tryon", "dreamfit", "dreamo", "edit", "upscale")
 REGISTERED = ("METHODS", "Method", "Trained", "Validation", "get", "register")
 
-__all__ = ["BUILT_IN", "load_all", "packages", "part", "train", *REGISTERED]
+__all__ = ["built_in", "load_all", "packages", "part", "train", *REGISTERED]
+
+
+def built_in() -> list[str]:
+    """Every module and package of diffbase.methods but the helpers: in ORDER (how help lists them), then a new
+    one by name. Found by name, so a new method is its package alone."""
+    import pkgutil
+
+    found = {m.name for m in pkgutil.iter_modules(__path__)} - HELPERS
+    return [f"{__name__}.{name}" for name in [*[n for n in ORDER if n in found], *sorted(found - set(ORDER))]]
 
 
 def packages() -> list[str]:
     """The built-in methods, then those named in DIFFBASE_METHODS."""
     extra = [name.strip() for name in os.environ.get("DIFFBASE_METHODS", "").split(",") if name.strip()]
-    return list(BUILT_IN) + [name for name in extra if name not in BUILT_IN]
+    ours = built_in()
+    return ours + [name for name in extra if name not in ours]
 
 
 def part(package: str, name: str) -> ModuleType | None:
