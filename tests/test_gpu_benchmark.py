@@ -9,7 +9,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("train", "klein", "generate", "dreamo", "upscale", "dreamfit", "tryon", "dreamfit_train", "kontext", "auto")
+STAGES = (
+    "train",
+    "klein",
+    "generate",
+    "dreamo",
+    "upscale",
+    "dreamfit",
+    "tryon",
+    "dreamfit_train",
+    "kontext",
+    "auto",
+    "lowmem",
+)
 RATIOS = (
     "diffbase (cached) / plain diffusers+peft",
     "diffbase uncached / cached",

@@ -10,3 +10,15 @@ _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keeps optional-back
 _os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 __version__ = "0.1.0"
+
+
+def _quiet_optional_backends() -> None:
+    """torchao (installed for int8 bases) logs its optional CUDA kernels' load failures and torch's deprecation
+    notes when diffusers looks it up, at every model load: warnings about someone else's code, not the user's."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_quiet_optional_backends()

@@ -39,6 +39,9 @@ class ModelConfig:
     pretrained_path: str | None = None
     single_file: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # Frozen weights in fewer bits: none | fp8 | int8 | qint8 | nf4 for the denoiser, or per component
+    # ({denoiser: int8, t5: fp8}); see diffbase.models.quantize.
+    quantize: str | dict[str, str] = "none"
     text_max_length: int | None = None  # T5 tokens (FLUX.1, SD3.5); None: the family's (512, 256)
     word_tokenizer: bool = False  # tiny tokenizers with the synthetic captions' words as single tokens
     random_weights: bool = False  # build from the config with random weights (speed tests); tiny variants always may

@@ -1,6 +1,6 @@
 """Where and how models run: one `Runtime` (device, weight dtype, attention kernels, offload), parsed by one
 helper for every command, the web UI and training, and resolved once (the device checked, the attention
-name looked up) before any model loads. Quantization joins it next (issue 26)."""
+name looked up, the quantization backend found) before any model loads."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # torch loads with the first command that runs a model, so `-
 DTYPES = ("float32", "float16", "bfloat16")
 MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # training's accelerate setting
 OFFLOAD = ("none", "model", "sequential")
+QUANTIZE = ("none", "fp8", "int8", "qint8", "nf4")  # diffbase.models.quantize
+PACKAGES = {"int8": ("torchao", "torchao"), "qint8": ("optimum.quanto", "optimum-quanto"),
+            "nf4": ("bitsandbytes", "bitsandbytes")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,11 @@ class Runtime:
     dtype: str = "float32"
     attention: str = "auto"
     offload: str = "none"
+    quantize: str = "none"  # the denoiser's weights
 
     def loader(self) -> dict[str, Any]:
-        """What the loaders take: device, dtype and offload."""
-        return {"device": self.device, "dtype": self.dtype, "offload": self.offload}
+        """What the loaders take: device, dtype, offload and quantization."""
+        return {"device": self.device, "dtype": self.dtype, "offload": self.offload, "quantize": self.quantize}
 
     def use_attention(self, models: list[Any]) -> None:
         """The attention choice in force for these denoisers (and the process's SDPA settings)."""
@@ -62,8 +66,9 @@ def resolve_device(name: str | None = "auto", key: str = "--device") -> torch.de
 
 
 def resolve(device: str | None = "auto", dtype: str = "float32", attention: str = "auto", offload: str = "none",
-            names: tuple[str, str, str, str] = ("--device", "--dtype", "--attention", "--offload")) -> Runtime:  # fmt: skip
-    """A Runtime from its four settings, each checked (`names`: the flags or fields they came from)."""
+            names: tuple[str, ...] = ("--device", "--dtype", "--attention", "--offload", "--quantize"),
+            quantize: str = "none") -> Runtime:  # fmt: skip
+    """A Runtime from its settings, each checked (`names`: the flags or fields they came from)."""
     from diffbase.attention import choose
 
     resolved = resolve_device(device, names[0])
@@ -72,7 +77,23 @@ def resolve(device: str | None = "auto", dtype: str = "float32", attention: str 
     if offload not in OFFLOAD:
         raise UserError(f"{names[3]}: expected one of {', '.join(OFFLOAD)}, got '{offload}'")
     choose(attention, resolved, names[2])
-    return Runtime(resolved, dtype, attention, offload)
+    if quantize not in QUANTIZE:
+        raise UserError(f"{names[4]}: expected one of {', '.join(QUANTIZE)}, got '{quantize}'")
+    if quantize != "none":
+        check_available(quantize, resolved, names[4])
+    return Runtime(resolved, dtype, attention, offload, quantize)
+
+
+def check_available(kind: str, device: torch.device, where: str = "model.quantize") -> None:
+    """Before loading: the backend's package is installed and runs on this device."""
+    if kind == "nf4" and device.type != "cuda":
+        raise UserError(f"{where}: nf4 (bitsandbytes) runs on a CUDA GPU only; on {device.type} use int8, qint8 or fp8")
+    if kind in PACKAGES:
+        import importlib.util
+
+        module, package = PACKAGES[kind]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise UserError(f"{where}: {kind} needs {package}: pip install 'diffbase[quantize]'")
 
 
 def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float32", offload: bool = True) -> None:
@@ -87,11 +108,15 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
     if offload:
         p.add_argument("--offload", default="none", choices=list(OFFLOAD),
                        help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses")  # fmt: skip
+    if dtype_default:  # training and caching: model.quantize in the config
+        p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                       help="the denoiser's frozen weights: fp8 storage, int8 (torchao), qint8 (quanto), nf4 (CUDA)")  # fmt: skip
 
 
 def from_arguments(args: argparse.Namespace) -> Runtime:
     """The Runtime a command's flags describe, resolved and checked."""
-    return resolve(args.device, args.dtype, args.attention, getattr(args, "offload", "none"))
+    return resolve(args.device, args.dtype, args.attention, getattr(args, "offload", "none"),
+                   quantize=getattr(args, "quantize", "none"))  # fmt: skip
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -96,7 +96,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
     from diffbase.runtime import resolve
 
-    rt = resolve(defaults.device, defaults.dtype, defaults.attention)  # once, for every tab
+    rt = resolve(defaults.device, defaults.dtype, defaults.attention, quantize=defaults.quantize)  # once, every tab
     rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
     app = App(defaults, limits, Models(), rt, gr.Progress(track_tqdm=True))
     with gr.Blocks(title="diffbase") as blocks:
@@ -128,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> None:
     if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
         raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
     defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
-                        attention=args.attention)  # fmt: skip
+                        attention=args.attention, quantize=args.quantize)  # fmt: skip
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
     serve(args.host, args.port, defaults, limits)
 

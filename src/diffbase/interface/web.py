@@ -36,6 +36,7 @@ class Defaults:
     device: str = "auto"
     dtype: str = "float32"
     attention: str = "auto"
+    quantize: str = "none"  # every tab's denoiser
 
 
 class Models:

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.models.placement import place_pipeline
+from diffbase.models.quantize import quantize_pipeline
 from diffbase.models.specs import FamilySpec, spec_for_pipeline
 from diffbase.runtime import torch_dtype
 
@@ -50,9 +51,10 @@ def _check_components(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pipeline(
-    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none"
+    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none", quantize: Any = "none"
 ) -> tuple[Any, FamilySpec]:
-    """A diffusers pipeline from a local folder, with its family spec, placed by the device policy."""
+    """A diffusers pipeline from a local folder, with its family spec, quantized as `quantize` says (on the CPU,
+    before it moves), placed by the device policy."""
     import diffusers
 
     folder = Path(path)
@@ -67,4 +69,5 @@ def load_pipeline(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
+    quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")
     return place_pipeline(pipe, device, offload), spec

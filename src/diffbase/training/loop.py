@@ -176,6 +176,20 @@ def make_accelerator(config: Config) -> Any:
     )
 
 
+def check_trainable(config: Config, bb: B.Backbone, trained: Trained) -> None:
+    """What trains must be full precision: a method that trains the base's own weights needs an unquantized base.
+    (Adapters peft made beside fp8-stored layers start in fp8; they train in fp32, cast below.)"""
+    if config.model.quantize == "none":
+        return
+    from diffbase.models.quantize import frozen_in_fewer_bits
+
+    quantized = set().union(*(frozen_in_fewer_bits(m) for m in [*bb.pipe.components.values()]
+                              if isinstance(m, torch.nn.Module)))  # fmt: skip
+    if any(id(p) in quantized for p in trained.trainable):
+        raise UserError(f"model.quantize: training.method {config.training.method} trains the base's own weights, "
+                        "which would be quantized; set model.quantize: none, or train an adapter (lora)")  # fmt: skip
+
+
 def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: int, cache: Any) -> Run:
     """The method prepares the backbone; what trains gets an optimizer, schedule and EMA, and goes
     through accelerate (every trained module, so DDP/FSDP wrap each one)."""
@@ -185,8 +199,9 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type.value})")
     torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
     trained = method.prepare(bb, config)
-    if config.hardware.mixed_precision != "no":  # what trains is kept in fp32; autocast runs the rest in half
-        for p in trained.trainable:
+    check_trainable(config, bb, trained)
+    if config.hardware.mixed_precision != "no" or config.model.quantize != "none":  # what trains is kept in fp32;
+        for p in trained.trainable:  # autocast runs the rest in half (a quantized base computes in model.dtype)
             p.data = p.data.float()
     attention = choose(config.hardware.attention_backend, accelerator.device)
     apply_attention(attention, [bb.denoiser, *trained.modules.values()])

@@ -300,7 +300,9 @@ def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = Non
     from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
     from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
     from diffbase.models.loading import load_pipeline
+    from diffbase.models.quantize import quantize_pipeline
 
+    quantize = runtime.pop("quantize", "none")  # after the DreamO LoRAs are fused into the weights
     pipe, spec = load_pipeline(model, **runtime)
     families.require(
         spec.pipeline,
@@ -309,6 +311,7 @@ def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = Non
     )
     pipe.set_progress_bar_config(disable=True)
     tensors = fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None)
+    quantize_pipeline(pipe, spec, quantize, pipe.transformer.dtype, "--quantize")
     emb = DreamOEmbeddings.for_pipe(pipe)
     with torch.no_grad():
         for name in ("t5", "task", "idx"):

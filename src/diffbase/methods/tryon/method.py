@@ -187,12 +187,14 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
 
 def load(
     model: str, weights: str | None = None, variant: str = "vton", device: Any = "cpu", dtype: str = "float32",
-    offload: str = "none",
+    offload: str = "none", quantize: str = "none",
 ) -> B.Backbone:  # fmt: skip
     """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights."""
     from diffbase.methods.tryon.mechanism.vton import load_catvton_attention, prepare_unet
     from diffbase.models.loading import load_pipeline
     from diffbase.models.placement import place_pipeline
+    from diffbase.models.quantize import quantize_pipeline
+    from diffbase.runtime import torch_dtype
 
     pipe, spec = load_pipeline(model, dtype=dtype)  # on the CPU until the weights are in
     families.require(
@@ -209,6 +211,7 @@ def load(
         load_catvton_attention(pipe.unet, Path(weights))
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
+    quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")  # after the try-on weights are in
     bb = B.Backbone(spec, place_pipeline(pipe, device, offload))
     bb.adapters["variant"] = variant
     return bb

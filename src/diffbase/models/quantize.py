@@ -1,0 +1,120 @@
+"""Frozen weights in fewer bits, through the maintained backends (no kernels of our own):
+
+- `fp8`: fp8 (e4m3) storage, computed in the model's dtype: diffusers' layerwise casting (any device).
+- `int8`: int8 weight-only, torchao's `Int8WeightOnlyConfig` (any device).
+- `qint8`: int8 weights, optimum-quanto's `qint8` (any device).
+- `nf4`: 4-bit NormalFloat, bitsandbytes through diffusers (CUDA only).
+
+`model.quantize` names a backend for the denoiser (`int8`), or one per component
+(`{denoiser: int8, t5: fp8}`; the text encoders by their `model.text_encoders` key). peft trains LoRA on
+every one of these layers; what trains stays in full precision, so exports load on an unquantized base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffbase.errors import UserError
+from diffbase.runtime import check_available  # noqa: F401  (where training checks a backend)
+
+KINDS = ("none", "fp8", "int8", "qint8", "nf4")
+
+
+def plan(value: str | dict[str, str] | None, components: list[str], where: str = "model.quantize") -> dict[str, str]:
+    """{component: kind} for what is quantized, each name and kind checked (`components`: the denoiser and the
+    text encoders' keys)."""
+    if value in (None, "", "none"):
+        return {}
+    table = {"denoiser": value} if isinstance(value, str) else dict(value)
+    for component, kind in table.items():
+        if component not in components:
+            raise UserError(f"{where}: unknown component '{component}'; expected one of {components}")
+        if kind not in KINDS:
+            raise UserError(f"{where}.{component}: expected one of {', '.join(KINDS)}, got '{kind}'")
+    return {c: k for c, k in table.items() if k != "none"}
+
+
+def quantize(module: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """`module`'s Linear weights stored as `kind`, in place (computed in `compute_dtype`)."""
+    if kind == "fp8":  # a diffusers model skips the layers its class names; others diffusers' default ones
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                skip_modules_pattern=getattr(module, "_skip_layerwise_casting_patterns", None)
+                                or "auto", skip_modules_classes=(torch.nn.Conv2d,))  # fmt: skip
+    elif kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(module, Int8WeightOnlyConfig())
+    elif kind == "qint8":
+        from optimum.quanto import freeze, qint8
+        from optimum.quanto import quantize as quanto_quantize
+
+        quanto_quantize(module, weights=qint8)
+        freeze(module)
+    elif kind == "nf4":
+        nf4(module, compute_dtype)
+    module.requires_grad_(False)
+    return module
+
+
+def nf4(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """bitsandbytes 4-bit Linear layers in place of the module's Linear layers (CUDA)."""
+    import bitsandbytes as bnb
+
+    for child in list(module.modules()):
+        for attr, layer in list(child.named_children()):
+            if type(layer) is torch.nn.Linear:
+                q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
+                q.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4")
+                if layer.bias is not None:
+                    q.bias = layer.bias
+                setattr(child, attr, q.to(layer.weight.device))
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """The bytes a tensor holds, counting a quantized tensor's inner data and scales (not its logical size)."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):
+        names, _ = data.__tensor_flatten__()
+        return sum(storage_bytes(getattr(data, n)) for n in names)
+    return data.nbytes
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(storage_bytes(t) for t in [*module.parameters(), *module.buffers()])
+
+
+def frozen_in_fewer_bits(model: torch.nn.Module) -> set[int]:
+    """The ids of the parameters stored quantized: quantized tensors, and the weights of layers under fp8
+    layerwise casting (their hook casts them back to fp8 after every call, so they cannot train)."""
+    out = set()
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        cast = registry is not None and registry.get_hook("layerwise_casting") is not None
+        for p in module.parameters(recurse=False):
+            if cast or type(p.data) is not torch.Tensor:
+                out.add(id(p))
+    return out
+
+
+def components(spec: Any) -> dict[str, str]:
+    """What can be quantized: {name in model.quantize: pipeline attribute}: the denoiser and each text encoder."""
+    return {"denoiser": spec.denoiser} | {te.key: te.component for te in spec.text_encoders}
+
+
+def quantize_pipeline(pipe: Any, spec: Any, value: str | dict[str, str] | None, dtype: torch.dtype,
+                      where: str = "model.quantize") -> dict[str, str]:  # fmt: skip
+    """The pipeline's components quantized as `value` says (in place, before they are placed on the device);
+    returns {component: kind} of what was quantized."""
+    names = components(spec)
+    table = plan(value, list(names), where)
+    for component, kind in table.items():
+        module = getattr(pipe, names[component], None)
+        if module is None:
+            raise UserError(f"{where}: this {spec.pipeline} has no {component}")
+        quantize(module, kind, dtype)
+    return table
