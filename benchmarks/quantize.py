@@ -37,6 +37,7 @@ def held_out_loss(kind: str, steps: int, work: Path) -> tuple[float, float]:
         f"experiment.output_dir={out}", f"data.train_path={ROOT / 'examples' / 'shapes'}", "model.dtype=bfloat16",
         "hardware.mixed_precision=bf16", f"model.quantize={kind}", f"training.max_steps={steps}",
         "training.checkpoint_every=0", "training.validation.loss_split=0.25", "training.validation.prompts=[]",
+        "training.batch_size=6",  # 8 shapes, 2 held out
     ])  # fmt: skip
     start = time.perf_counter()
     train(config, show_progress=False, overwrite=True)

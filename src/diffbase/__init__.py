@@ -16,9 +16,12 @@ def _quiet_optional_backends() -> None:
     """torchao (installed for int8 bases) logs its optional CUDA kernels' load failures and torch's deprecation
     notes when diffusers looks it up, at every model load: warnings about someone else's code, not the user's."""
     import logging
+    import warnings
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # peft's LoRA on a torchao layer cannot merge; diffbase never merges into a quantized base
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
 
 
 _quiet_optional_backends()
