@@ -97,7 +97,8 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tensor = src[key]
             target_suffix = "weight" if how == "norm" else suffix
             if how == "split":
-                hidden = src[f"{bfl}.weight"].shape[1]
+                weight = src[f"{bfl}.weight"]
+                hidden = getattr(weight, "quant_shape", weight.shape)[1]  # a GGUF tensor: its logical shape
                 sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(names) == 4 else [])
                 for name, part in zip(names, torch.split(tensor, sizes, dim=0), strict=True):
                     out[f"{name}.{target_suffix}"] = part.clone()

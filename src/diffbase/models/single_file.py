@@ -16,6 +16,7 @@ from diffbase.errors import UserError
 from diffbase.models import families
 from diffbase.models.bfl_flux import COMFY_PREFIX, bfl_to_diffusers, is_bfl_flux1
 from diffbase.models.folders import detect_family, load_pipeline, quiet_loading
+from diffbase.models.gguf import is_quantized, quantized_model, read_gguf, shape
 from diffbase.models.specs import FamilySpec
 from diffbase.runtime import torch_dtype
 
@@ -37,6 +38,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, or of a pickle through `torch.load(weights_only=True)` only."""
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
+    if path.suffix == ".gguf":
+        return read_gguf(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -72,10 +75,9 @@ def check_against(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     """Missing, unexpected and mis-shaped keys as one clear line before anything is loaded."""
     expected = model.state_dict()
     for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+        if key in expected and shape(tensor) != tuple(expected[key].shape):
             raise UserError(
-                f"{path}: key {key} has shape {tuple(tensor.shape)}, the config folder expects "
-                f"{tuple(expected[key].shape)}"
+                f"{path}: key {key} has shape {shape(tensor)}, the config folder expects {tuple(expected[key].shape)}"
             )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -105,6 +107,8 @@ def _flux1_transformer(path: Path, state: dict[str, torch.Tensor], folder: Path,
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
     check_against(model, converted, path)
+    if any(is_quantized(v) for v in converted.values()):  # a GGUF file: its weights stay quantized
+        return quantized_model(FluxTransformer2DModel, config, converted, torch_dtype(dtype))
     model.load_state_dict(converted, assign=True, strict=True)
     return model.to(torch_dtype(dtype))
 
@@ -127,6 +131,8 @@ def load_single_file_pipeline(path: Path, config: Path, dtype: str = "float32") 
         raise UserError(f"{path}: no known checkpoint layout (BFL, ComfyUI, original SD or diffusers) in its keys")
     if found != spec.family:
         raise UserError(f"{path}: found a {found} checkpoint, expected {spec.family} (from {config})")
+    if path.suffix == ".gguf" and not families.get(spec.family).bfl_layout:
+        raise UserError(f"{path}: GGUF files load for FLUX.1 transformers here; {config} holds a {spec.family} model")
     if families.get(spec.family).bfl_layout:
         transformer = _flux1_transformer(path, state, config, dtype)
         pipe, spec = load_pipeline(config, dtype=dtype, device="cpu")

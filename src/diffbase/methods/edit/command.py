@@ -91,7 +91,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
     p.add_argument("--size", help="HxW of the result (default: from the image, as the pipeline chooses)")
-    add_runtime_arguments(p, offload=False)
+    add_runtime_arguments(p)
     add_output_arguments(p, "also the inputs and the result side by side")
 
 
