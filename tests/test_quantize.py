@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,16 @@ def test_bad_quantize_settings_are_one_line(args, expected, tmp_path: Path) -> N
     code, _, err = train_tiny(TINY / "flux1_lora.yaml", tmp_path, 1, *args)
     assert code == 2 and err.startswith("error: ") and expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "exports.json").exists()
+
+
+def test_each_component_takes_its_own_backend_and_the_text_cache_keys_it(tmp_path: Path) -> None:
+    """The text encoders quantized too (T5 with its `wo` kept, CLIP with its embeddings kept), their prompt
+    embeddings cached under the quantized encoders' identity (a full-precision run does not reuse them)."""
+    table = "model.quantize={denoiser: int8, t5: qint8, clip_l: fp8}"
+    cache = ["data.cache_latents=true", "data.cache_text=true", f"data.cache_dir={tmp_path / 'cache'}", "--quiet"]
+    code, out, err = train_tiny(TINY / "flux1_lora.yaml", tmp_path / "q", 2, table, *cache)
+    assert code == 0, err
+    code, out, err = train_tiny(TINY / "flux1_lora.yaml", tmp_path / "full", 2, *cache)
+    assert code == 0 and re.search(r"prompts: [1-9]\d* computed, 0 reused", out), (
+        out
+    )  # other encoders, other embeddings

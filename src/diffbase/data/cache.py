@@ -41,6 +41,8 @@ def module_fingerprint(module: torch.nn.Module | None) -> str:
         data = {k: v for k, v in data.items() if not k.startswith("_")}
         h.update(json.dumps(data, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
+        if type(tensor) is not torch.Tensor and hasattr(tensor, "dequantize"):  # a quantized base (model.quantize)
+            tensor = tensor.dequantize()
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
         sample = flat[::stride].float().cpu()

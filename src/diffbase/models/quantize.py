@@ -40,10 +40,19 @@ def quantize(module: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> 
     """`module`'s Linear weights stored as `kind`, in place (computed in `compute_dtype`)."""
     if kind == "fp8":  # a diffusers model skips the layers its class names; others diffusers' default ones
         from diffusers.hooks import apply_layerwise_casting
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+        skip = getattr(module, "_skip_layerwise_casting_patterns", None)  # a diffusers model names its own
+        if skip is None:  # a text encoder: also its embeddings (read by weight in places, not only called) and
+            # T5's `wo` (it casts its input to the layer's dtype)
+            skip = (
+                *DEFAULT_SKIP_MODULES_PATTERN,
+                "embed",
+                "shared",
+                *(getattr(module, "_keep_in_fp32_modules", None) or ()),
+            )
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                skip_modules_pattern=getattr(module, "_skip_layerwise_casting_patterns", None)
-                                or "auto", skip_modules_classes=(torch.nn.Conv2d,))  # fmt: skip
+                                skip_modules_pattern=skip, skip_modules_classes=(torch.nn.Conv2d,))  # fmt: skip
     elif kind == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
