@@ -31,6 +31,8 @@ TIERS = {
         "test_file_modes.py",
         "test_method_seam.py",
         "test_method_package.py",
+        "test_quantize.py",
+        "test_families.py",
         "test_slots.py",
         "test_gpu_benchmark.py",
     },
