@@ -33,6 +33,7 @@ TIERS = {
         "test_method_package.py",
         "test_quantize.py",
         "test_families.py",
+        "test_plan.py",
         "test_slots.py",
         "test_gpu_benchmark.py",
     },

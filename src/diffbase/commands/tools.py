@@ -1,4 +1,4 @@
-"""The small commands around the library: `config show`, `info`, `parity`, `doctor` and `demo`."""
+"""The small commands around the library: `config show`, `info`, `plan`, `parity`, `doctor` and `demo`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ def run_info(args: argparse.Namespace) -> None:
     from diffbase.info import describe
 
     print(describe(args.target, args.overrides))
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from diffbase.interface import checks
+    from diffbase.plan import describe
+
+    if args.gpu_memory is not None:
+        checks.number(args.gpu_memory, "--gpu-memory", low=0, low_open=True)
+    print(describe(args.config, args.overrides, args.gpu_memory))
 
 
 def run_parity(args: argparse.Namespace) -> None:
@@ -48,6 +57,12 @@ def add_parsers(sub: Any) -> None:
     info.add_argument("target", help="a model config YAML or a diffusers folder")
     info.add_argument("overrides", nargs="*", metavar="key=value")
     info.set_defaults(func=run_info)
+
+    plan = sub.add_parser("plan", help="the GPU memory a training run needs at its peak, and what makes it fit")
+    plan.add_argument("config", help="an experiment YAML")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="say whether it fits, else what makes it fit")
+    plan.set_defaults(func=run_plan)
 
     parity = sub.add_parser(
         "parity", help="every family's tiny model: our generation vs bare diffusers, pixel for pixel"

@@ -1,0 +1,134 @@
+"""`diffbase plan`: the GPU memory a training run as configured needs at its peak, from parameter counts on the
+meta device (no weights, no GPU), and which change makes it fit a given memory.
+
+peak = the weights resident while the loop runs + what trains (fp32 weights, gradients, optimizer state) +
+activations. The first two are counted exactly from the model and the method; activations are an estimate:
+bytes per image-and-text token per unit of (transformer width x blocks), calibrated on FLUX.1-dev LoRA at
+1024 px on an H200 (50.0 GiB measured, benchmarks/RESULTS.md), and a tenth of that with gradient
+checkpointing. FLUX.1-dev uncached (58.9 GiB measured) is predicted at 59.4 GiB; FLUX.2 klein-4b, measured at
+23.5 GiB, is predicted 16% low (19.7 GiB) by the same rule: treat the
+activations as a guide until each family is measured (benchmarks/gpu.py). UNet families (SD1.5, SDXL) have no
+activation estimate yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
+# Bytes per parameter of a quantized component, over its bf16 bytes, as measured on the toy FLUX.1 transformer
+# (tests/test_quantize.py); nf4: 4 bits and a scale per 64 values.
+QUANT_OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28}
+TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0}  # fp32 weight + gradient + optimizer state per parameter
+ACTIVATION_BYTES = 36.3  # per token per width x block, FLUX.1-dev LoRA 1024 px, checkpointing off (calibrated)
+CHECKPOINTED = 0.1  # activations kept with gradient checkpointing, of those without
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: float
+    how: str
+
+
+def weight_bytes(count: int, dtype: str, quantize: str) -> float:
+    if quantize in QUANT_OVER_BF16:
+        return count * 2.0 * QUANT_OVER_BF16[quantize]
+    return count * DTYPE_BYTES[dtype]
+
+
+def resident(config: Any, counts: dict[str, int], denoiser: str) -> list[Part]:
+    """The components on the GPU while the loop runs: the denoiser always; the text encoders unless the text is
+    cached (then they wait on the CPU for validation) or offloaded; the VAE (its decoder draws validation images)."""
+    from diffbase.models.quantize import plan as quantize_plan
+    from diffbase.models.specs import spec_for
+
+    m, d = config.model, config.data
+    spec = spec_for(m.family, m.variant)
+    keys = {te.component: te.key for te in spec.text_encoders}
+    table = quantize_plan(m.quantize, ["denoiser", *keys.values()])
+    parts = []
+    for name, count in counts.items():
+        is_text = name in keys
+        if is_text and (d.cache_text or config.hardware.offload == "model"):
+            continue
+        kind = table.get("denoiser" if name == denoiser else keys.get(name, ""), "none")
+        how = f"{count / 1e9:.2f}B parameters in {kind if kind != 'none' else m.dtype}"
+        parts.append(Part(f"weights: {name}", weight_bytes(count, m.dtype, kind), how))
+    return parts
+
+
+def activations(config: Any, denoiser_config: dict[str, Any]) -> Part | None:
+    """The estimate for a transformer family (None for a UNet: not calibrated)."""
+    if "num_layers" not in denoiser_config:
+        return None
+    width = denoiser_config.get("num_attention_heads", 0) * denoiser_config.get("attention_head_dim", 0)
+    blocks = denoiser_config["num_layers"] + denoiser_config.get("num_single_layers", 0)
+    side = config.data.resolution // 16  # latents /8, 2x2 patches
+    tokens = config.training.batch_size * (side * side + (config.model.text_max_length or 512))
+    checkpointed = config.hardware.gradient_checkpointing is True
+    value = tokens * width * blocks * ACTIVATION_BYTES * (CHECKPOINTED if checkpointed else 1.0)
+    how = f"{tokens} tokens x width {width} x {blocks} blocks, checkpointing {'on' if checkpointed else 'off'}"
+    return Part("activations (estimate)", value, how)
+
+
+def plan(path: str | Path, overrides: list[str] | None = None) -> list[Part]:
+    """The parts of the predicted peak of an experiment config."""
+    import torch
+
+    from diffbase.config import load_config
+    from diffbase.info import component_counts, trainable
+    from diffbase.models.build import build_components
+    from diffbase.models.specs import spec_for
+
+    config = load_config(Path(path), overrides)
+    spec = spec_for(config.model.family, config.model.variant)
+    counts = component_counts(path, overrides)
+    parts = resident(config, counts, spec.denoiser)
+    trains = trainable(path, overrides)
+    if trains is not None:
+        count = trains[0]
+        per = TRAINED_BYTES[config.training.optimizer.type]
+        parts.append(Part("what trains", count * per, f"{count / 1e6:.1f}M parameters x {per:g} bytes"))
+    with torch.device("meta"):
+        denoiser = build_components(config.model, text=False)[spec.denoiser]
+    act = activations(config, dict(denoiser.config))
+    if act is not None:
+        parts.append(act)
+    return parts
+
+
+def advice(path: str | Path, overrides: list[str], budget_gib: float) -> list[str]:
+    """The settings, one change at a time and then together, that bring the predicted peak within the budget, in
+    the order they cost speed (checkpointing, cached text, an int8 then nf4 base)."""
+    steps = [["hardware.gradient_checkpointing=true"], ["data.cache_text=true"], ["model.quantize=int8"],
+             ["model.quantize=nf4"]]  # fmt: skip
+    chosen: list[str] = []
+    out = []
+    for step in steps:
+        chosen = [*chosen, *step]
+        total = sum(p.bytes for p in plan(path, [*overrides, *chosen])) / GIB
+        out.append(f"{' '.join(chosen)}: {total:.1f} GiB")
+        if total <= budget_gib:
+            return out
+    raise UserError(f"--gpu-memory: {budget_gib:g} GiB is less than the smallest setting's predicted peak ({out[-1]})")
+
+
+def describe(path: str, overrides: list[str], budget_gib: float | None = None) -> str:
+    parts = plan(path, overrides)
+    total = sum(p.bytes for p in parts) / GIB
+    width = max(len(p.name) for p in parts)
+    lines = [f"{p.name:<{width}}  {p.bytes / GIB:7.2f} GiB  ({p.how})" for p in parts]
+    lines.append(f"{'predicted peak':<{width}}  {total:7.2f} GiB")
+    if budget_gib is not None:
+        if total <= budget_gib:
+            lines.append(f"fits in {budget_gib:g} GiB as configured")
+        else:
+            lines.append(f"does not fit in {budget_gib:g} GiB; the first settings that do (the last line fits):")
+            lines += [f"  {line}" for line in advice(path, overrides, budget_gib)]
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""`diffbase plan`: the weights and what trains are counted exactly (they match a built tiny model); the activation
+estimate reproduces the GPU measurements it was calibrated on (benchmarks/RESULTS.md, an H200: FLUX.1-dev LoRA
+at 1024 px, 50.0 GiB cached, 58.9 GiB uncached); advice names settings that fit; bad input is one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffbase.config import configs_dir, load_config
+from diffbase.plan import GIB, plan
+from tests.helpers import run_cli
+
+EXPERIMENTS = configs_dir() / "experiments"
+
+
+def test_the_weights_of_a_tiny_model_are_counted_exactly() -> None:
+    from diffbase.models.build import build_components
+
+    path = EXPERIMENTS / "tiny" / "flux1_lora.yaml"
+    parts = {p.name: p.bytes for p in plan(path, ["data.cache_text=false"])}
+    components = build_components(load_config(path).model)
+    for name in ("transformer", "vae"):  # (a tiny text encoder's vocabulary is its locally built tokenizer's)
+        actual = sum(t.numel() * t.element_size() for t in components[name].parameters())
+        assert parts[f"weights: {name}"] == actual, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "measured"), [(["data.cache_text=true"], 50.0), (["data.cache_text=false"], 58.9)]
+)
+def test_flux1_dev_lora_is_predicted_within_10_percent_of_the_h200_measurement(overrides, measured) -> None:
+    total = sum(p.bytes for p in plan(EXPERIMENTS / "flux1_dev_lora.yaml", overrides)) / GIB
+    assert abs(total - measured) / measured < 0.10, total  # 50.3 and 59.4 GiB
+
+
+def test_advice_reaches_a_setting_that_fits_or_says_none_does() -> None:
+    code, out, err = run_cli("plan", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "--gpu-memory", "24")
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert "does not fit in 24 GiB" in out and "model.quantize=int8" in last and float(last.split()[-2]) <= 24
+    code, out, _ = run_cli("plan", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "--gpu-memory", "80")
+    assert code == 0 and "fits in 80 GiB as configured" in out
+    code, _, err = run_cli("plan", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "--gpu-memory", "1")
+    assert code == 2 and err.startswith("error: --gpu-memory: 1 GiB is less than") and err.count("\n") == 1
+    code, _, err = run_cli("plan", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "--gpu-memory", "0")
+    assert code == 2 and "--gpu-memory" in err
