@@ -43,3 +43,16 @@ def test_advice_reaches_a_setting_that_fits_or_says_none_does() -> None:
     assert code == 2 and err.startswith("error: --gpu-memory: 1 GiB is less than") and err.count("\n") == 1
     code, _, err = run_cli("plan", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "--gpu-memory", "0")
     assert code == 2 and "--gpu-memory" in err
+
+
+def test_train_refuses_a_run_whose_weights_cannot_fit_the_gpu_before_loading(monkeypatch, tmp_path) -> None:
+    """With a (pretended) 16 GiB GPU: FLUX.1-dev in bf16 does not fit by its weights alone, so `train` stops with
+    the settings that fit before reading any weights (there are none here: the path does not exist)."""
+    import diffbase.plan as P
+
+    monkeypatch.setattr(P, "gpu_memory", lambda device: 16.0 * GIB)
+    code, _, err = run_cli("train", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "model.pretrained_path=/no/such/folder",
+                           f"experiment.output_dir={tmp_path}", "data.cache_text=false")  # fmt: skip
+    assert code == 2 and err.startswith("error: model: the weights and what trains take") and "16.0 GiB" in err, err
+    assert "it fits with" in err and "model.quantize=" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())

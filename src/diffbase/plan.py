@@ -132,3 +132,39 @@ def describe(path: str, overrides: list[str], budget_gib: float | None = None) -
             lines.append(f"does not fit in {budget_gib:g} GiB; the first settings that do (the last line fits):")
             lines += [f"  {line}" for line in advice(path, overrides, budget_gib)]
     return "\n".join(lines)
+
+
+def gpu_memory(device: Any) -> float | None:
+    """The GPU's total memory in bytes (None on a CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.mem_get_info(device)[1])
+
+
+def check_fits(path: str | Path, overrides: list[str], device: Any) -> None:
+    """Before anything loads: a run whose exactly counted part (weights and what trains) cannot fit the GPU is
+    refused with the settings that would fit; one whose estimate with activations does not fit gets a note."""
+    import sys
+
+    total = gpu_memory(device)
+    if total is None:
+        return
+    parts = plan(path, overrides)
+    exact = sum(p.bytes for p in parts if p.name != "activations (estimate)")
+    estimate = sum(p.bytes for p in parts)
+    if exact > total:
+        tried = advice_or_none(path, overrides, total / GIB)
+        raise UserError(f"model: the weights and what trains take {exact / GIB:.1f} GiB, more than this GPU's "
+                        f"{total / GIB:.1f} GiB; {tried} (diffbase plan {path} --gpu-memory {total / GIB:.0f})")  # fmt: skip
+    if estimate > total:
+        print(f"note: diffbase plan estimates a {estimate / GIB:.1f} GiB peak against this GPU's {total / GIB:.1f} GiB;"
+              " if it runs out of memory, see diffbase plan --gpu-memory", file=sys.stderr)  # fmt: skip
+
+
+def advice_or_none(path: str | Path, overrides: list[str], budget_gib: float) -> str:
+    try:
+        return "it fits with " + advice(path, overrides, budget_gib)[-1].rsplit(":", 1)[0]
+    except UserError:
+        return "no setting diffbase has fits it"
