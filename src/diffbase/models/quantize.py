@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
-from diffbase.runtime import check_available  # noqa: F401  (where training checks a backend)
-
-KINDS = ("none", "fp8", "int8", "qint8", "nf4")
+from diffbase.runtime import QUANTIZE as KINDS
 
 
 def plan(value: str | dict[str, str] | None, components: list[str], where: str = "model.quantize") -> dict[str, str]:
