@@ -48,11 +48,36 @@ def test_advice_reaches_a_setting_that_fits_or_says_none_does() -> None:
 def test_train_refuses_a_run_whose_weights_cannot_fit_the_gpu_before_loading(monkeypatch, tmp_path) -> None:
     """With a (pretended) 16 GiB GPU: FLUX.1-dev in bf16 does not fit by its weights alone, so `train` stops with
     the settings that fit before reading any weights (there are none here: the path does not exist)."""
-    import diffbase.plan as P
+    import diffbase.runtime as R
 
-    monkeypatch.setattr(P, "gpu_memory", lambda device: 16.0 * GIB)
+    monkeypatch.setattr(R, "gpu_memory", lambda device: 16.0 * GIB)
     code, _, err = run_cli("train", str(EXPERIMENTS / "flux1_dev_lora.yaml"), "model.pretrained_path=/no/such/folder",
                            f"experiment.output_dir={tmp_path}", "data.cache_text=false")  # fmt: skip
     assert code == 2 and err.startswith("error: model: the weights and what trains take") and "16.0 GiB" in err, err
     assert "it fits with" in err and "model.quantize=" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_folder_too_large_for_the_gpu_is_refused_before_loading(tiny_model, monkeypatch) -> None:
+    """The folder's weights are read from its safetensors headers (exactly the loaded pipeline's bytes); on a GPU
+    too small for them at once, the loader stops before reading a weight and names a setting that fits."""
+    import torch
+
+    import diffbase.runtime as R
+    from diffbase.errors import UserError
+    from diffbase.models.folders import load_pipeline
+    from diffbase.models.footprint import check_fits, resident_bytes
+
+    folder = tiny_model("flux1")
+    pipe, spec = load_pipeline(folder)
+    loaded = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                 for t in m.parameters())  # fmt: skip
+    assert resident_bytes(folder, spec.denoiser, "float32", "none", "none") == loaded
+    largest = resident_bytes(folder, spec.denoiser, "float32", "none", "model")
+    monkeypatch.setattr(R, "gpu_memory", lambda device: largest * 1.01)  # room for one component at a time
+    with pytest.raises(UserError, match=r"weights take .* GiB in float32 at once, more than this GPU's .*; try --"):
+        check_fits(folder, spec, "float32", "none", "none", torch.device("cuda"))
+    check_fits(folder, spec, "float32", "none", "model", torch.device("cuda"))  # fits offloaded: no error
+    monkeypatch.setattr(R, "gpu_memory", lambda device: loaded * 0.5)
+    with pytest.raises(UserError, match="--model: .*try --"):
+        load_pipeline(folder, device=torch.device("cuda"))  # stops before from_pretrained (no CUDA here)

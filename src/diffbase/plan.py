@@ -20,10 +20,6 @@ from typing import Any
 from diffbase.errors import UserError
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
-# Bytes per parameter of a quantized component, over its bf16 bytes, as measured on the toy FLUX.1 transformer
-# (tests/test_quantize.py); nf4: 4 bits and a scale per 64 values.
-QUANT_OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28}
 TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0}  # fp32 weight + gradient + optimizer state per parameter
 ACTIVATION_BYTES = 36.3  # per token per width x block, FLUX.1-dev LoRA 1024 px, checkpointing off (calibrated)
 CHECKPOINTED = 0.1  # activations kept with gradient checkpointing, of those without
@@ -37,9 +33,9 @@ class Part:
 
 
 def weight_bytes(count: int, dtype: str, quantize: str) -> float:
-    if quantize in QUANT_OVER_BF16:
-        return count * 2.0 * QUANT_OVER_BF16[quantize]
-    return count * DTYPE_BYTES[dtype]
+    from diffbase.models.quantize import weight_bytes as quantized
+
+    return quantized(count, dtype, quantize)
 
 
 def resident(config: Any, counts: dict[str, int], denoiser: str) -> list[Part]:
@@ -134,21 +130,14 @@ def describe(path: str, overrides: list[str], budget_gib: float | None = None) -
     return "\n".join(lines)
 
 
-def gpu_memory(device: Any) -> float | None:
-    """The GPU's total memory in bytes (None on a CPU)."""
-    import torch
-
-    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
-        return None
-    return float(torch.cuda.mem_get_info(device)[1])
-
-
 def check_fits(path: str | Path, overrides: list[str], device: Any) -> None:
     """Before anything loads: a run whose exactly counted part (weights and what trains) cannot fit the GPU is
     refused with the settings that would fit; one whose estimate with activations does not fit gets a note."""
     import sys
 
-    total = gpu_memory(device)
+    from diffbase import runtime
+
+    total = runtime.gpu_memory(device)
     if total is None:
         return
     parts = plan(path, overrides)

@@ -40,6 +40,15 @@ class Runtime:
         apply_attention(choose(self.attention, self.device, "--attention"), models)
 
 
+def gpu_memory(device: Any) -> float | None:
+    """The GPU's total memory in bytes (None on a CPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.mem_get_info(device)[1])
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype a dtype name stands for."""
     import torch

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
+from diffbase.models.footprint import check_fits
 from diffbase.models.placement import place_pipeline
 from diffbase.models.quantize import quantize_pipeline
 from diffbase.models.specs import FamilySpec, spec_for_pipeline
@@ -61,6 +62,7 @@ def load_pipeline(
     index = read_model_index(folder)
     spec = spec_for_pipeline(str(index.get("_class_name")), str(folder / "model_index.json"))
     _check_components(folder, index)
+    check_fits(folder, spec, dtype, quantize, offload, device)  # before anything loads
     cls = getattr(diffusers, spec.pipeline)
     quiet_loading()
     try:

@@ -19,6 +19,11 @@ import torch
 from diffbase.errors import UserError
 from diffbase.runtime import QUANTIZE as KINDS
 
+DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
+# Bytes of a quantized component over its bf16 bytes, as measured on the toy FLUX.1 transformer
+# (tests/test_quantize.py); nf4: 4 bits and a scale per 64 values.
+OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28}
+
 
 def plan(value: str | dict[str, str] | None, components: list[str], where: str = "model.quantize") -> dict[str, str]:
     """{component: kind} for what is quantized, each name and kind checked (`components`: the denoiser and the
@@ -125,3 +130,8 @@ def quantize_pipeline(pipe: Any, spec: Any, value: str | dict[str, str] | None, 
             raise UserError(f"{where}: this {spec.pipeline} has no {component}")
         quantize(module, kind, dtype)
     return table
+
+
+def weight_bytes(count: int, dtype: str, kind: str = "none") -> float:
+    """The bytes `count` parameters take in `dtype`, or quantized as `kind`."""
+    return count * 2.0 * OVER_BF16[kind] if kind in OVER_BF16 else count * DTYPE_BYTES[dtype]

@@ -1,0 +1,62 @@
+"""What a diffusers folder's weights take on the GPU, read from its safetensors headers (no tensor is loaded), so a
+command refuses a model that cannot fit before loading it, with the settings that would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+
+GIB = 2**30
+
+
+def component_params(folder: Path) -> dict[str, int]:
+    """Parameters per component subfolder, from the shapes in its safetensors headers."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        total = 0
+        for file in sub.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safetensors handle is not iterable)
+                    n = 1
+                    for d in f.get_slice(key).get_shape():
+                        n *= d
+                    total += n
+        if total:
+            counts[sub.name] = total
+    return counts
+
+
+def resident_bytes(folder: Path, denoiser: str, dtype: str, quantize: str, offload: str) -> float:
+    """The bytes on the GPU at once: every component (model offload: the largest one; sequential: about none)."""
+    from diffbase.models.quantize import weight_bytes
+
+    kind = quantize if isinstance(quantize, str) else "none"
+    sizes = [
+        weight_bytes(n, dtype, kind if name == denoiser else "none") for name, n in component_params(folder).items()
+    ]
+    if offload == "sequential" or not sizes:
+        return 0.0
+    return max(sizes) if offload == "model" else sum(sizes)
+
+
+def check_fits(folder: Path, spec: Any, dtype: str, quantize: Any, offload: str, device: Any) -> None:
+    """On a GPU: a model whose weights cannot be resident at once is refused before loading, naming what fits."""
+    from diffbase import runtime
+
+    total = runtime.gpu_memory(device)
+    if total is None:
+        return
+    need = resident_bytes(folder, spec.denoiser, dtype, quantize, offload)
+    if need <= total:
+        return
+    options = [("--quantize int8", resident_bytes(folder, spec.denoiser, dtype, "int8", offload)),
+               ("--quantize nf4", resident_bytes(folder, spec.denoiser, dtype, "nf4", offload)),
+               ("--offload model", resident_bytes(folder, spec.denoiser, dtype, quantize, "model")),
+               ("--offload sequential", 0.0)]  # fmt: skip
+    fit = next(name for name, size in options if size <= total)
+    raise UserError(f"--model: {folder}'s weights take {need / GIB:.1f} GiB in {dtype} at once, more than this GPU's "
+                    f"{total / GIB:.1f} GiB; try {fit}")  # fmt: skip
