@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from types import ModuleType
 from typing import Any
 
@@ -27,23 +26,15 @@ HELPERS = {"registry", "text_to_image"}  # what methods share; no method in them
 ORDER = ("lora", "full_finetune", "dreambooth", "controlnet", "tryon", "dreamfit", "dreamo", "edit", "upscale")
 REGISTERED = ("METHODS", "Method", "Trained", "Validation", "get", "register")
 
-__all__ = ["built_in", "load_all", "packages", "part", "train", *REGISTERED]
-
-
-def built_in() -> list[str]:
-    """Every module and package of diffbase.methods but the helpers: in ORDER (how help lists them), then a new
-    one by name. Found by name, so a new method is its package alone."""
-    import pkgutil
-
-    found = {m.name for m in pkgutil.iter_modules(__path__)} - HELPERS
-    return [f"{__name__}.{name}" for name in [*[n for n in ORDER if n in found], *sorted(found - set(ORDER))]]
+__all__ = ["load_all", "packages", "part", "train", *REGISTERED]
 
 
 def packages() -> list[str]:
-    """The built-in methods, then those named in DIFFBASE_METHODS."""
-    extra = [name.strip() for name in os.environ.get("DIFFBASE_METHODS", "").split(",") if name.strip()]
-    ours = built_in()
-    return ours + [name for name in extra if name not in ours]
+    """Every module and package of diffbase.methods but the helpers, in ORDER (how help lists them) then a new one
+    by name, so a new method is its package alone; then those named in DIFFBASE_METHODS."""
+    from diffbase.discovery import module_paths
+
+    return module_paths(__name__, __path__, ORDER, HELPERS, "DIFFBASE_METHODS")
 
 
 def part(package: str, name: str) -> ModuleType | None:

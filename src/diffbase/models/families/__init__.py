@@ -9,8 +9,6 @@ DIFFBASE_FAMILIES=my_pkg.my_family (comma-separated module paths), or `register(
 
 from __future__ import annotations
 
-import os
-import pkgutil
 from importlib import import_module
 
 from diffbase.config import register_family_name
@@ -18,6 +16,7 @@ from diffbase.errors import UserError, closest
 from diffbase.models.families.record import Family, FamilySpec, TextEncoderSpec
 
 HELPERS = {"record", "types", "unet", "flux"}  # what families share; no FAMILY in them
+ORDER = ("sd15", "sdxl", "sd3", "flux1", "flux2")  # the order lists show; a new module comes after these
 FAMILIES: dict[str, Family] = {}
 
 __all__ = ["FAMILIES", "Family", "FamilySpec", "TextEncoderSpec", "get", "names", "register", "require"]
@@ -32,13 +31,9 @@ def register(family: Family) -> Family:
 
 def modules() -> list[str]:
     """The built-in family modules (every module of this package but the helpers), then DIFFBASE_FAMILIES."""
-    built_in = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in HELPERS)
-    extra = [name.strip() for name in os.environ.get("DIFFBASE_FAMILIES", "").split(",") if name.strip()]
-    return [f"{__name__}.{name}" for name in ORDER if name in built_in] + [
-        f"{__name__}.{name}" for name in built_in if name not in ORDER] + extra  # fmt: skip
+    from diffbase.discovery import module_paths
 
-
-ORDER = ("sd15", "sdxl", "sd3", "flux1", "flux2")  # the order lists show; a new module comes after these
+    return module_paths(__name__, __path__, ORDER, HELPERS, "DIFFBASE_FAMILIES")
 
 
 def _load() -> dict[str, Family]:
