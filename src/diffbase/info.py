@@ -38,24 +38,28 @@ def _folder_modules(folder: Path) -> dict[str, Any]:
     return modules
 
 
-def component_counts(target: str | Path, overrides: list[str] | None = None) -> dict[str, int]:
-    """Parameters per component of a model config YAML or a diffusers folder."""
+def meta_components(target: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The modules of a model config YAML or a diffusers folder, built on the meta device."""
     import torch
 
     path = Path(target)
     with torch.device("meta"):
         if path.is_dir():
-            modules = _folder_modules(path)
-        elif path.suffix in (".yaml", ".yml"):
+            return _folder_modules(path)
+        if path.suffix in (".yaml", ".yml"):
             from diffbase.config import load_config
             from diffbase.models.build import build_components
 
             cfg = load_config(path, overrides).model
-            modules = {
-                k: v for k, v in build_components(cfg, tiny_tokenizers=False).items() if isinstance(v, torch.nn.Module)
-            }
-        else:
-            raise UserError(f"{path}: expected a model config .yaml or a diffusers folder")
+            components = build_components(cfg, tiny_tokenizers=False)
+            return {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
+    raise UserError(f"{path}: expected a model config .yaml or a diffusers folder")
+
+
+def component_counts(target: str | Path, overrides: list[str] | None = None,
+                     components: dict[str, Any] | None = None) -> dict[str, int]:  # fmt: skip
+    """Parameters per component of a model config YAML or a diffusers folder (or of `components` built already)."""
+    modules = components if components is not None else meta_components(target, overrides)
     return {name: _count(m) for name, m in modules.items()}
 
 
@@ -66,9 +70,11 @@ def human(n: int) -> str:
     return str(n)
 
 
-def trainable(target: str | Path, overrides: list[str] | None = None) -> tuple[int, str] | None:
+def trainable(target: str | Path, overrides: list[str] | None = None,
+              components: dict[str, Any] | None = None) -> tuple[int, str] | None:  # fmt: skip
     """For an experiment config: what its method trains (count and the method's words), found by letting
-    the method prepare the backbone built on the meta device. None for a bare model config."""
+    the method prepare the backbone built on the meta device (`components`: built already; the method adds to
+    them). None for a bare model config."""
     import torch
 
     path = Path(target)
@@ -77,15 +83,14 @@ def trainable(target: str | Path, overrides: list[str] | None = None) -> tuple[i
     from diffbase.config import load_config
     from diffbase.methods import get
     from diffbase.models.backbone import Backbone
-    from diffbase.models.build import build_components
     from diffbase.models.specs import spec_for
 
     config = load_config(path, overrides)
     if "method" not in load_raw_training(path):
         return None
     method = get(config.training.method)
+    components = components if components is not None else meta_components(path, overrides)
     with torch.device("meta"):
-        components = build_components(config.model, tiny_tokenizers=False)
         bb = Backbone(spec_for(config.model.family, config.model.variant), _Components(components))
         trained = method.prepare(bb, config)
     return sum(p.numel() for p in trained.trainable), method.describe
@@ -106,12 +111,13 @@ def load_raw_training(path: Path) -> dict[str, Any]:
 
 
 def describe(target: str, overrides: list[str] | None = None) -> str:
-    counts = component_counts(target, overrides)
+    components = meta_components(target, overrides)
+    counts = component_counts(target, components=components)  # before the method adds to the model
     width = max(len(k) for k in counts) if counts else 10
     lines = [f"{name:<{width}}  {human(n):>9}  ({n:,})" for name, n in counts.items()]
     total = sum(counts.values())
     lines.append(f"{'total':<{width}}  {human(total):>9}  ({total:,})")
-    trains = trainable(target, overrides)
+    trains = trainable(target, overrides, components)
     if trains is not None:
         count, words = trains
         lines.append(f"{'trains':<{width}}  {human(count):>9}  ({count:,}; {words})")

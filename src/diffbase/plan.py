@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
+from diffbase.models.footprint import GIB
 
-GIB = 2**30
 TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0}  # fp32 weight + gradient + optimizer state per parameter
 ACTIVATION_BYTES = 36.3  # per token per width x block, FLUX.1-dev LoRA 1024 px, checkpointing off (calibrated)
 CHECKPOINTED = 0.1  # activations kept with gradient checkpointing, of those without
@@ -32,16 +32,11 @@ class Part:
     how: str
 
 
-def weight_bytes(count: int, dtype: str, quantize: str) -> float:
-    from diffbase.models.quantize import weight_bytes as quantized
-
-    return quantized(count, dtype, quantize)
-
-
 def resident(config: Any, counts: dict[str, int], denoiser: str) -> list[Part]:
     """The components on the GPU while the loop runs: the denoiser always; the text encoders unless the text is
     cached (then they wait on the CPU for validation) or offloaded; the VAE (its decoder draws validation images)."""
     from diffbase.models.quantize import plan as quantize_plan
+    from diffbase.models.quantize import weight_bytes
     from diffbase.models.specs import spec_for
 
     m, d = config.model, config.data
@@ -74,26 +69,22 @@ def activations(config: Any, denoiser_config: dict[str, Any]) -> Part | None:
 
 
 def plan(path: str | Path, overrides: list[str] | None = None) -> list[Part]:
-    """The parts of the predicted peak of an experiment config."""
-    import torch
-
+    """The parts of the predicted peak of an experiment config (the model built once, on the meta device)."""
     from diffbase.config import load_config
-    from diffbase.info import component_counts, trainable
-    from diffbase.models.build import build_components
+    from diffbase.info import component_counts, meta_components, trainable
     from diffbase.models.specs import spec_for
 
     config = load_config(Path(path), overrides)
     spec = spec_for(config.model.family, config.model.variant)
-    counts = component_counts(path, overrides)
-    parts = resident(config, counts, spec.denoiser)
-    trains = trainable(path, overrides)
+    components = meta_components(path, overrides)
+    parts = resident(config, component_counts(path, components=components), spec.denoiser)
+    denoiser_config = dict(components[spec.denoiser].config)  # read before the method adds to the model
+    trains = trainable(path, overrides, components)
     if trains is not None:
         count = trains[0]
         per = TRAINED_BYTES[config.training.optimizer.type]
         parts.append(Part("what trains", count * per, f"{count / 1e6:.1f}M parameters x {per:g} bytes"))
-    with torch.device("meta"):
-        denoiser = build_components(config.model, text=False)[spec.denoiser]
-    act = activations(config, dict(denoiser.config))
+    act = activations(config, denoiser_config)
     if act is not None:
         parts.append(act)
     return parts
