@@ -66,14 +66,15 @@ def test_a_model_folder_too_large_for_the_gpu_is_refused_before_loading(tiny_mod
     import diffbase.runtime as R
     from diffbase.errors import UserError
     from diffbase.models.folders import load_pipeline
-    from diffbase.models.footprint import check_fits, resident_bytes
+    from diffbase.models.footprint import check_fits, component_params, resident_bytes
 
     folder = tiny_model("flux1")
     pipe, spec = load_pipeline(folder)
     loaded = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                  for t in m.parameters())  # fmt: skip
-    assert resident_bytes(folder, spec.denoiser, "float32", "none", "none") == loaded
-    largest = resident_bytes(folder, spec.denoiser, "float32", "none", "model")
+    counts = component_params(folder)
+    assert resident_bytes(counts, spec.denoiser, "float32", "none", "none") == loaded
+    largest = resident_bytes(counts, spec.denoiser, "float32", "none", "model")
     monkeypatch.setattr(R, "gpu_memory", lambda device: largest * 1.01)  # room for one component at a time
     with pytest.raises(UserError, match=r"weights take .* GiB in float32 at once, more than this GPU's .*; try --"):
         check_fits(folder, spec, "float32", "none", "none", torch.device("cuda"))

@@ -30,14 +30,13 @@ def component_params(folder: Path) -> dict[str, int]:
     return counts
 
 
-def resident_bytes(folder: Path, denoiser: str, dtype: str, quantize: str, offload: str) -> float:
-    """The bytes on the GPU at once: every component (model offload: the largest one; sequential: about none)."""
+def resident_bytes(counts: dict[str, int], denoiser: str, dtype: str, quantize: Any, offload: str) -> float:
+    """The bytes on the GPU at once of components with these parameter counts: every component (model offload:
+    the largest one; sequential: about none)."""
     from diffbase.models.quantize import weight_bytes
 
     kind = quantize if isinstance(quantize, str) else "none"
-    sizes = [
-        weight_bytes(n, dtype, kind if name == denoiser else "none") for name, n in component_params(folder).items()
-    ]
+    sizes = [weight_bytes(n, dtype, kind if name == denoiser else "none") for name, n in counts.items()]
     if offload == "sequential" or not sizes:
         return 0.0
     return max(sizes) if offload == "model" else sum(sizes)
@@ -50,13 +49,16 @@ def check_fits(folder: Path, spec: Any, dtype: str, quantize: Any, offload: str,
     total = runtime.gpu_memory(device)
     if total is None:
         return
-    need = resident_bytes(folder, spec.denoiser, dtype, quantize, offload)
-    if need <= total:
+    counts = component_params(folder)  # the headers, read once
+
+    def need(kind: Any, how: str) -> float:
+        return resident_bytes(counts, spec.denoiser, dtype, kind, how)
+
+    needed = need(quantize, offload)
+    if needed <= total:
         return
-    options = [("--quantize int8", resident_bytes(folder, spec.denoiser, dtype, "int8", offload)),
-               ("--quantize nf4", resident_bytes(folder, spec.denoiser, dtype, "nf4", offload)),
-               ("--offload model", resident_bytes(folder, spec.denoiser, dtype, quantize, "model")),
-               ("--offload sequential", 0.0)]  # fmt: skip
+    options = [("--quantize int8", need("int8", offload)), ("--quantize nf4", need("nf4", offload)),
+               ("--offload model", need(quantize, "model")), ("--offload sequential", 0.0)]  # fmt: skip
     fit = next(name for name, size in options if size <= total)
-    raise UserError(f"--model: {folder}'s weights take {need / GIB:.1f} GiB in {dtype} at once, more than this GPU's "
-                    f"{total / GIB:.1f} GiB; try {fit}")  # fmt: skip
+    raise UserError(f"--model: {folder}'s weights take {needed / GIB:.1f} GiB in {dtype} at once, "
+                    f"more than this GPU's {total / GIB:.1f} GiB; try {fit}")  # fmt: skip
