@@ -18,6 +18,7 @@ import torch
 
 from diffbase.errors import UserError
 from diffbase.runtime import QUANTIZE as KINDS
+from diffbase.runtime import check_available
 
 DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 # Bytes of a quantized component over its bf16 bytes, as measured on the toy FLUX.1 transformer
@@ -119,11 +120,14 @@ def components(spec: Any) -> dict[str, str]:
 
 
 def quantize_pipeline(pipe: Any, spec: Any, value: str | dict[str, str] | None, dtype: torch.dtype,
-                      where: str = "model.quantize") -> dict[str, str]:  # fmt: skip
-    """The pipeline's components quantized as `value` says (in place, before they are placed on the device);
-    returns {component: kind} of what was quantized."""
+                      where: str = "model.quantize", device: Any = None) -> dict[str, str]:  # fmt: skip
+    """The pipeline's components quantized as `value` says (in place, before they are placed on the device; with
+    `device`, each backend checked first to run there); returns {component: kind} of what was quantized."""
     names = components(spec)
     table = plan(value, list(names), where)
+    if device is not None:
+        for kind in set(table.values()):
+            check_available(kind, device, where)
     for component, kind in table.items():
         module = getattr(pipe, names[component], None)
         if module is None:

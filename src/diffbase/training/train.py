@@ -47,12 +47,10 @@ def load_backbone(config: Config, state: Any = None) -> Backbone:
         raise UserError(f"model.family: the config says {m.family} but {m.pretrained_path} holds a {spec.family} model")
     pipe.set_progress_bar_config(disable=True)
     if m.quantize not in ("none", None):  # the frozen base in fewer bits, before it moves (what trains stays full)
-        from diffbase.models.quantize import plan, quantize_pipeline
-        from diffbase.runtime import check_available, torch_dtype
+        from diffbase.models.quantize import quantize_pipeline
+        from diffbase.runtime import torch_dtype
 
-        for kind in set(plan(m.quantize, ["denoiser", *[te.key for te in spec.text_encoders]]).values()):
-            check_available(kind, state.device)
-        quantize_pipeline(pipe, spec, m.quantize, torch_dtype(m.dtype))
+        quantize_pipeline(pipe, spec, m.quantize, torch_dtype(m.dtype), device=state.device)
     bb = Backbone(spec, pipe)
     place_for_training(bb, state.device, config.hardware.offload)
     return bb
