@@ -172,3 +172,47 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def dreamo_embeddings(pipe, seed: int = 0):
+    """DreamO embeddings for a pipeline, filled with a seed's noise."""
+    from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
+
+    emb = DreamOEmbeddings.for_pipe(pipe)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return emb
+
+
+def peft_lora(pipe, seed: int = 0) -> tuple[dict, dict]:
+    """A random LoRA over the official layers on a copy of the transformer: (peft state with the
+    `transformer.` prefix, scales)."""
+    import copy
+
+    from peft.utils import get_peft_model_state_dict
+
+    from diffbase.methods.dreamo.mechanism.files import lora_modules
+    from diffbase.methods.lora import LoraConfig, add_lora
+    from diffbase.models.lora_formats import peft_scales
+
+    t = copy.deepcopy(pipe.transformer)
+    add_lora(t, "flux1", LoraConfig(rank=2, alpha=4, target_modules=lora_modules(t)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in t.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    state = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(t).items()}
+    return state, peft_scales(t, "transformer")
+
+
+def write_dreamo_folder(pipe, folder: Path) -> None:
+    """A DreamO folder (dreamo.safetensors) with a random LoRA and embeddings for this pipeline."""
+    from diffbase.methods.dreamo.mechanism.files import write_dreamo_file
+
+    state, scales = peft_lora(pipe)
+    emb = dreamo_embeddings(pipe)
+    write_dreamo_file(folder / "dreamo.safetensors", state, scales,
+                      {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach(), "idx": emb.idx.weight.detach()})  # fmt: skip

@@ -20,23 +20,14 @@ from diffbase.methods.dreamo.mechanism.conditions import (
     pack_references,
     reference_ids,
 )
-from diffbase.methods.dreamo.mechanism.files import lora_modules, read_dreamo_file, write_dreamo_file
+from diffbase.methods.dreamo.mechanism.files import read_dreamo_file, write_dreamo_file
 from diffbase.methods.dreamo.mechanism.generate import DreamOSettings, Reference, dreamo_generate
 from diffbase.models.backbone import text_length
 from diffbase.models.loading import load_pipeline
 from tests.golden_record import assert_pixels_close
-from tests.helpers import run_cli
+from tests.helpers import dreamo_embeddings, peft_lora, run_cli, write_dreamo_folder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "dreamo"
-
-
-def random_embeddings(pipe, seed: int = 0) -> DreamOEmbeddings:
-    emb = DreamOEmbeddings.for_pipe(pipe)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in emb.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return emb
 
 
 def test_without_references_and_embeddings_it_is_flux_pipeline(tiny_model) -> None:
@@ -84,7 +75,7 @@ def official_forward(t, hidden, added, **kw):
 def test_reference_tokens_through_the_transformer_as_the_official_forward(tiny_model) -> None:
     pipe, _ = load_pipeline(tiny_model("flux1"))
     t, g = pipe.transformer, torch.Generator().manual_seed(0)
-    emb = random_embeddings(pipe)
+    emb = dreamo_embeddings(pipe)
     latents = pipe._pack_latents(torch.randn(1, 16, 8, 8, generator=g), 1, 16, 8, 8)
     ids = pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
     refs = [torch.randn(1, 16, 4, 6, generator=g), torch.randn(1, 16, 4, 4, generator=g)]
@@ -106,25 +97,6 @@ def test_reference_tokens_through_the_transformer_as_the_official_forward(tiny_m
     assert not torch.allclose(plain, ours)
 
 
-def peft_lora(pipe, seed: int = 0) -> tuple[dict, dict]:
-    """A random LoRA over the official layers on a copy of the transformer: (peft state with the
-    `transformer.` prefix, scales)."""
-    from peft.utils import get_peft_model_state_dict
-
-    from diffbase.methods.lora import LoraConfig, add_lora
-    from diffbase.models.lora_formats import peft_scales
-
-    t = copy.deepcopy(pipe.transformer)
-    add_lora(t, "flux1", LoraConfig(rank=2, alpha=4, target_modules=lora_modules(t)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in t.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    state = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(t).items()}
-    return state, peft_scales(t, "transformer")
-
-
 def delta(state: dict, scales: dict, path: str) -> torch.Tensor:
     a, b = state[f"transformer.{path}.lora_A.weight"], state[f"transformer.{path}.lora_B.weight"]
     return scales[f"transformer.{path}"] * b @ a
@@ -137,7 +109,7 @@ def test_official_file_loads_with_no_missing_or_unused_keys_and_fuses_as_the_off
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
     state, scales = peft_lora(pipe)
-    emb = random_embeddings(pipe)
+    emb = dreamo_embeddings(pipe)
     tensors = {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach(), "idx": emb.idx.weight.detach()}
     path = write_dreamo_file(tmp_path / "dreamo.safetensors", state, scales, tensors)
     from safetensors.torch import load_file
@@ -177,7 +149,7 @@ def test_recipe_weights_sum_the_deltas(tiny_model, tmp_path) -> None:
     from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
 
     pipe, _ = load_pipeline(tiny_model("flux1"))
-    emb = random_embeddings(pipe)
+    emb = dreamo_embeddings(pipe)
     tensors = {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach(), "idx": emb.idx.weight.detach()}
     loras = [peft_lora(pipe, seed) for seed in range(4)]
     write_dreamo_file(tmp_path / "dreamo.safetensors", *loras[0], tensors)
@@ -203,7 +175,7 @@ def test_bad_dreamo_files_are_one_line_errors(tiny_model, tmp_path) -> None:
     with pytest.raises(UserError, match="missing dreamo_t5_embedding.weight"):
         read_dreamo_file(tmp_path / "a.safetensors", pipe.transformer)
     state, scales = peft_lora(pipe)
-    emb = random_embeddings(pipe)
+    emb = dreamo_embeddings(pipe)
     tensors = {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach()[:, :8], "idx": emb.idx.weight.detach()}
     write_dreamo_file(tmp_path / "b.safetensors", state, scales, tensors)
     with pytest.raises(UserError, match=r"condition embeddings of shape \(2, 8\)"):
@@ -314,19 +286,12 @@ def test_stages_follow_their_mix_and_must_add_up_to_max_steps(tmp_path) -> None:
         dataset(bad, False, bb)
 
 
-def write_trained_folder(pipe, folder: Path) -> None:
-    state, scales = peft_lora(pipe)
-    emb = random_embeddings(pipe)
-    write_dreamo_file(folder / "dreamo.safetensors", state, scales,
-                      {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach(), "idx": emb.idx.weight.detach()})  # fmt: skip
-
-
 def test_customize_command_writes_the_image_and_refuses_bad_input(tiny_model, tmp_path) -> None:
     model = tiny_model("flux1")
     pipe, _ = load_pipeline(model)
     folder = tmp_path / "dreamo"
     folder.mkdir()
-    write_trained_folder(pipe, folder)
+    write_dreamo_folder(pipe, folder)
     ref1, ref2 = EXAMPLES / "references" / "00000_1.png", EXAMPLES / "references" / "00000_2.png"
     out = tmp_path / "r.png"
     common = ["customize", "--model", str(model), "--dreamo", str(folder), "--version", "none",
@@ -367,7 +332,7 @@ def test_synthetic_two_reference_data_places_each_garment_where_the_caption_says
 
 def test_cached_reference_mode_is_close_to_exact_and_equal_with_one_step(tiny_model) -> None:
     pipe, _ = load_pipeline(tiny_model("flux1"))
-    emb = random_embeddings(pipe)
+    emb = dreamo_embeddings(pipe)
     refs = [Reference(Image.open(EXAMPLES / "references" / "00000_1.png"), "ip", 1),
             Reference(Image.open(EXAMPLES / "references" / "00000_2.png"), "ip", 2)]  # fmt: skip
     processors = dict(pipe.transformer.attn_processors)

@@ -45,6 +45,20 @@ def test_advice_reaches_a_setting_that_fits_or_says_none_does() -> None:
     assert code == 2 and "--gpu-memory" in err
 
 
+def test_block_swap_counts_the_blocks_on_the_gpu_and_is_the_last_advice_for_a_transformer() -> None:
+    flux = EXPERIMENTS / "flux1_dev_lora.yaml"
+    base = {p.name: p.bytes for p in plan(flux, ["model.quantize=nf4"])}
+    swapped = {p.name: p.bytes for p in plan(flux, ["model.quantize=nf4", "hardware.offload=blocks"])}
+    kept = {p.name: p.bytes for p in plan(flux, ["model.quantize=nf4", "hardware.offload=blocks",
+                                                  "hardware.keep_blocks=19"])}  # fmt: skip
+    t = "weights: transformer"
+    assert swapped[t] < 0.1 * base[t] < kept[t] < base[t]  # 3 of 57 blocks at once; the 19 double blocks kept
+    code, out, err = run_cli("plan", str(flux), "--gpu-memory", "6")
+    assert code == 0 and out.strip().splitlines()[-1].split(":")[0].endswith("hardware.offload=blocks"), err
+    code, _, err = run_cli("plan", str(EXPERIMENTS / "sdxl_lora.yaml"), "--gpu-memory", "1")
+    assert code == 2 and "model.quantize=nf4: " in err and "blocks" not in err, err  # a UNet is not swapped
+
+
 def test_train_refuses_a_run_whose_weights_cannot_fit_the_gpu_before_loading(monkeypatch, tmp_path) -> None:
     """With a (pretended) 16 GiB GPU: FLUX.1-dev in bf16 does not fit by its weights alone, so `train` stops with
     the settings that fit before reading any weights (there are none here: the path does not exist)."""

@@ -199,7 +199,10 @@ class HardwareConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: on only when one step without it runs out of memory
     attention_backend: str = "auto"  # auto, flash, efficient, cudnn, math, or a diffusers attention backend name
-    offload: Literal["none", "model"] = "none"  # model: text encoders and VAE wait on the CPU between uses
+    # model: text encoders and VAE wait on the CPU between uses; blocks: also the frozen weights of the
+    # denoiser's blocks after the first `keep_blocks`, each brought over as it runs (needs checkpointing)
+    offload: Literal["none", "model", "blocks"] = "none"
+    keep_blocks: int = 0  # offload blocks: blocks that stay on the GPU
 
 
 @dataclass

@@ -32,6 +32,16 @@ class Part:
     how: str
 
 
+def swapped_count(config: Any, module: Any) -> int:
+    """With `hardware.offload: blocks`, the denoiser parameters on the GPU at once: all but the swapped blocks,
+    plus the three a pass holds (the block running and its neighbours)."""
+    from diffbase.models.block_swap import transformer_blocks
+
+    sizes = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(module)]
+    swapped = sorted(sizes[config.hardware.keep_blocks :], reverse=True)
+    return sum(p.numel() for p in module.parameters()) - sum(swapped) + sum(swapped[:3])
+
+
 def resident(config: Any, counts: dict[str, int], denoiser: str) -> list[Part]:
     """The components on the GPU while the loop runs: the denoiser always; the text encoders unless the text is
     cached (then they wait on the CPU for validation) or offloaded; the VAE (its decoder draws validation images)."""
@@ -46,10 +56,12 @@ def resident(config: Any, counts: dict[str, int], denoiser: str) -> list[Part]:
     parts = []
     for name, count in counts.items():
         is_text = name in keys
-        if is_text and (d.cache_text or config.hardware.offload == "model"):
+        if is_text and (d.cache_text or config.hardware.offload in ("model", "blocks")):
             continue
         kind = table.get("denoiser" if name == denoiser else keys.get(name, ""), "none")
         how = f"{count / 1e9:.2f}B parameters in {kind if kind != 'none' else m.dtype}"
+        if name == denoiser and config.hardware.offload == "blocks":
+            how += f"; blocks after the first {config.hardware.keep_blocks} swapped in, 3 at a time"
         parts.append(Part(f"weights: {name}", weight_bytes(count, m.dtype, kind), how))
     return parts
 
@@ -62,7 +74,7 @@ def activations(config: Any, denoiser_config: dict[str, Any]) -> Part | None:
     blocks = denoiser_config["num_layers"] + denoiser_config.get("num_single_layers", 0)
     side = config.data.resolution // 16  # latents /8, 2x2 patches
     tokens = config.training.batch_size * (side * side + (config.model.text_max_length or 512))
-    checkpointed = config.hardware.gradient_checkpointing is True
+    checkpointed = config.hardware.gradient_checkpointing is True or config.hardware.offload == "blocks"
     value = tokens * width * blocks * ACTIVATION_BYTES * (CHECKPOINTED if checkpointed else 1.0)
     how = f"{tokens} tokens x width {width} x {blocks} blocks, checkpointing {'on' if checkpointed else 'off'}"
     return Part("activations (estimate)", value, how)
@@ -77,7 +89,10 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[Part]:
     config = load_config(Path(path), overrides)
     spec = spec_for(config.model.family, config.model.variant)
     components = meta_components(path, overrides)
-    parts = resident(config, component_counts(path, components=components), spec.denoiser)
+    counts = component_counts(path, components=components)
+    if config.hardware.offload == "blocks":
+        counts[spec.denoiser] = swapped_count(config, components[spec.denoiser])
+    parts = resident(config, counts, spec.denoiser)
     denoiser_config = dict(components[spec.denoiser].config)  # read before the method adds to the model
     trains = trainable(path, overrides, components)
     if trains is not None:
@@ -90,11 +105,21 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[Part]:
     return parts
 
 
+def spec_of(path: str | Path, overrides: list[str]) -> Any:
+    from diffbase.config import load_config
+    from diffbase.models.specs import spec_for
+
+    m = load_config(Path(path), overrides).model
+    return spec_for(m.family, m.variant)
+
+
 def advice(path: str | Path, overrides: list[str], budget_gib: float) -> list[str]:
     """The settings, one change at a time and then together, that bring the predicted peak within the budget, in
     the order they cost speed (checkpointing, cached text, an int8 then nf4 base)."""
     steps = [["hardware.gradient_checkpointing=true"], ["data.cache_text=true"], ["model.quantize=int8"],
-             ["model.quantize=nf4"]]  # fmt: skip
+             ["model.quantize=nf4"], ["hardware.offload=blocks"]]  # fmt: skip
+    if spec_of(path, overrides).denoiser != "transformer":  # block swap is for transformer blocks
+        steps = steps[:-1]
     chosen: list[str] = []
     out = []
     for step in steps:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch loads with the first command that runs a model, so `-
 
 DTYPES = ("float32", "float16", "bfloat16")
 MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # training's accelerate setting
-OFFLOAD = ("none", "model", "sequential")
+OFFLOAD = ("none", "model", "sequential", "blocks")
 QUANTIZE = ("none", "fp8", "int8", "qint8", "nf4")  # diffbase.models.quantize
 PACKAGES = {"int8": ("torchao", "torchao"), "qint8": ("optimum.quanto", "optimum-quanto"),
             "nf4": ("bitsandbytes", "bitsandbytes")}  # fmt: skip
@@ -28,10 +28,12 @@ class Runtime:
     attention: str = "auto"
     offload: str = "none"
     quantize: str = "none"  # the denoiser's weights
+    offload_blocks: int = 1  # offload blocks: transformer blocks per group moved at once
 
     def loader(self) -> dict[str, Any]:
         """What the loaders take: device, dtype, offload and quantization."""
-        return {"device": self.device, "dtype": self.dtype, "offload": self.offload, "quantize": self.quantize}
+        return {"device": self.device, "dtype": self.dtype, "offload": self.offload, "quantize": self.quantize,
+                "offload_blocks": self.offload_blocks}  # fmt: skip
 
     def use_attention(self, models: list[Any]) -> None:
         """The attention choice in force for these denoisers (and the process's SDPA settings)."""
@@ -76,7 +78,7 @@ def resolve_device(name: str | None = "auto", key: str = "--device") -> torch.de
 
 def resolve(device: str | None = "auto", dtype: str = "float32", attention: str = "auto", offload: str = "none",
             names: tuple[str, ...] = ("--device", "--dtype", "--attention", "--offload", "--quantize"),
-            quantize: str = "none") -> Runtime:  # fmt: skip
+            quantize: str = "none", offload_blocks: int = 1) -> Runtime:  # fmt: skip
     """A Runtime from its settings, each checked (`names`: the flags or fields they came from)."""
     from diffbase.attention import choose
 
@@ -85,12 +87,14 @@ def resolve(device: str | None = "auto", dtype: str = "float32", attention: str 
         raise UserError(f"{names[1]}: expected one of {', '.join(DTYPES)}, got '{dtype}'")
     if offload not in OFFLOAD:
         raise UserError(f"{names[3]}: expected one of {', '.join(OFFLOAD)}, got '{offload}'")
+    if offload_blocks < 1:
+        raise UserError(f"{names[3]}-blocks: expected a whole number of blocks >= 1, got {offload_blocks}")
     choose(attention, resolved, names[2])
     if quantize not in QUANTIZE:
         raise UserError(f"{names[4]}: expected one of {', '.join(QUANTIZE)}, got '{quantize}'")
     if quantize != "none":
         check_available(quantize, resolved, names[4])
-    return Runtime(resolved, dtype, attention, offload, quantize)
+    return Runtime(resolved, dtype, attention, offload, quantize, offload_blocks)
 
 
 def check_available(kind: str, device: torch.device, where: str = "model.quantize") -> None:
@@ -116,7 +120,10 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
                    help="auto, flash, efficient, cudnn, math or a diffusers backend")  # fmt: skip
     if offload:
         p.add_argument("--offload", default="none", choices=list(OFFLOAD),
-                       help="small GPUs: components (model) or layers (sequential) wait on the CPU between uses")  # fmt: skip
+                       help="small GPUs: whole components (model), groups of transformer blocks (blocks) or "
+                            "layers (sequential) wait on the CPU between uses")  # fmt: skip
+        p.add_argument("--offload-blocks", type=int, default=1, metavar="N",
+                       help="--offload blocks: blocks moved at once (1: the next block is prefetched on CUDA)")  # fmt: skip
     if dtype_default:  # training and caching: model.quantize in the config
         p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
                        help="the denoiser's frozen weights: fp8 storage, int8 (torchao), qint8 (quanto), nf4 (CUDA)")  # fmt: skip
@@ -125,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
 def from_arguments(args: argparse.Namespace) -> Runtime:
     """The Runtime a command's flags describe, resolved and checked."""
     return resolve(args.device, args.dtype, args.attention, getattr(args, "offload", "none"),
-                   quantize=getattr(args, "quantize", "none"))  # fmt: skip
+                   quantize=getattr(args, "quantize", "none"), offload_blocks=getattr(args, "offload_blocks", 1))  # fmt: skip
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -96,7 +96,8 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
 
     from diffbase.runtime import resolve
 
-    rt = resolve(defaults.device, defaults.dtype, defaults.attention, quantize=defaults.quantize)  # once, every tab
+    rt = resolve(defaults.device, defaults.dtype, defaults.attention, defaults.offload, quantize=defaults.quantize,
+                 offload_blocks=defaults.offload_blocks)  # once, every tab  # fmt: skip
     rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
     app = App(defaults, limits, Models(), rt, gr.Progress(track_tqdm=True))
     with gr.Blocks(title="diffbase") as blocks:
@@ -128,7 +129,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
         raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
     defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
-                        attention=args.attention, quantize=args.quantize)  # fmt: skip
+                        attention=args.attention, quantize=args.quantize, offload=args.offload,
+                        offload_blocks=args.offload_blocks)  # fmt: skip
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
     serve(args.host, args.port, defaults, limits)
 
@@ -140,7 +142,7 @@ def add_parsers(sub: Any) -> None:
     web = sub.add_parser("serve", help="the web UI (Gradio): try-on, DreamFit, DreamO, edit, upscale, training monitor")
     web.add_argument("--host", default="127.0.0.1", help="the address to bind (0.0.0.0 exposes it to your network)")
     web.add_argument("--port", type=int, default=7860)
-    add_arguments(web, offload=False)
+    add_arguments(web)
     web.add_argument("--tryon-weights", help="the try-on tab's default weights (e.g. outputs/demo/run/vton)")
     web.add_argument("--max-upload-mb", type=float, default=20.0, help="uploads larger than this are refused")
     web.add_argument("--max-pixels", type=int, default=4096 * 4096, help="images with more pixels are refused")

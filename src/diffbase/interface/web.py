@@ -37,6 +37,8 @@ class Defaults:
     dtype: str = "float32"
     attention: str = "auto"
     quantize: str = "none"  # every tab's denoiser
+    offload: str = "none"  # every tab's pipeline (none, model, blocks, sequential)
+    offload_blocks: int = 1
 
 
 class Models:

@@ -21,6 +21,7 @@ import torch
 from diffbase.models.families import get
 from diffbase.models.families.record import Family, TokenLayout
 from diffbase.models.families.types import Backbone, Cond, Conditioning
+from diffbase.models.placement import compute_device
 
 __all__ = ["Backbone", "Cond", "Conditioning", "Guide"]
 
@@ -61,7 +62,7 @@ def encode_distribution(bb: Backbone, pixels: torch.Tensor) -> tuple[torch.Tenso
     """Pixels in [-1, 1] -> the VAE posterior's (mean, std): what a latent cache stores, so training
     can still draw a fresh latent sample every step."""
     vae = bb.vae
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    dist = vae.encode(pixels.to(compute_device(bb.pipe, vae), vae.dtype)).latent_dist
     return dist.mean, dist.std
 
 
@@ -84,7 +85,7 @@ def encode_images(
 def decode_latents(bb: Backbone, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents -> pixels in [-1, 1]: the inverse path each pipeline takes after denoising."""
     vae = bb.vae
-    z = bb.behaviour.denormalize(bb, latents.to(vae.device, vae.dtype))
+    z = bb.behaviour.denormalize(bb, latents.to(compute_device(bb.pipe, vae), vae.dtype))
     return vae.decode(z, return_dict=False)[0].clamp(-1, 1)
 
 

@@ -4,6 +4,7 @@ nothing is fetched from a hub."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ def _check_components(folder: Path, index: dict[str, Any]) -> None:
 
 
 def load_pipeline(
-    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none", quantize: Any = "none"
-) -> tuple[Any, FamilySpec]:
-    """A diffusers pipeline from a local folder, with its family spec, quantized as `quantize` says (on the CPU,
-    before it moves), placed by the device policy."""
+    path: str | Path, dtype: str = "float32", device: Any = "cpu", offload: str = "none", quantize: Any = "none",
+    offload_blocks: int = 1, prepare: Callable[[Any, FamilySpec], None] | None = None,
+) -> tuple[Any, FamilySpec]:  # fmt: skip
+    """A diffusers pipeline from a local folder, with its family spec; `prepare` (a method's weights going in:
+    fused LoRAs, its attention processors) runs on the CPU, then the pipeline is quantized as `quantize` says
+    and placed by the device policy, offload hooks last, so they see the finished model."""
     import diffusers
 
     folder = Path(path)
@@ -71,5 +74,7 @@ def load_pipeline(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {spec.pipeline}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(pipe, spec)
     quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")
-    return place_pipeline(pipe, device, offload), spec
+    return place_pipeline(pipe, device, offload, offload_blocks), spec

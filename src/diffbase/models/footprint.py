@@ -32,12 +32,12 @@ def component_params(folder: Path) -> dict[str, int]:
 
 def resident_bytes(counts: dict[str, int], denoiser: str, dtype: str, quantize: Any, offload: str) -> float:
     """The bytes on the GPU at once of components with these parameter counts: every component (model offload:
-    the largest one; sequential: about none)."""
+    the largest one; blocks and sequential: about none, a block or a layer at a time)."""
     from diffbase.models.quantize import weight_bytes
 
     kind = quantize if isinstance(quantize, str) else "none"
     sizes = [weight_bytes(n, dtype, kind if name == denoiser else "none") for name, n in counts.items()]
-    if offload == "sequential" or not sizes:
+    if offload in ("blocks", "sequential") or not sizes:
         return 0.0
     return max(sizes) if offload == "model" else sum(sizes)
 
@@ -58,7 +58,7 @@ def check_fits(folder: Path, spec: Any, dtype: str, quantize: Any, offload: str,
     if needed <= total:
         return
     options = [("--quantize int8", need("int8", offload)), ("--quantize nf4", need("nf4", offload)),
-               ("--offload model", need(quantize, "model")), ("--offload sequential", 0.0)]  # fmt: skip
+               ("--offload model", need(quantize, "model")), ("--offload blocks", 0.0)]  # fmt: skip
     fit = next(name for name, size in options if size <= total)
     raise UserError(f"--model: {folder}'s weights take {needed / GIB:.1f} GiB in {dtype} at once, "
                     f"more than this GPU's {total / GIB:.1f} GiB; try {fit}")  # fmt: skip

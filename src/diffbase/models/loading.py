@@ -24,17 +24,18 @@ def load_model(
     device: Any = "cpu",
     offload: str = "none",
     quantize: Any = "none",
+    offload_blocks: int = 1,
 ) -> tuple[Any, FamilySpec]:
     """A pipeline from a diffusers folder, or from a single-file checkpoint plus a local config folder."""
     path = Path(model)
     if path.is_dir():
         if config is not None:
             raise UserError(f"--config: only for single-file checkpoints; {path} is a folder")
-        return load_pipeline(path, dtype=dtype, device=device, offload=offload, quantize=quantize)
+        return load_pipeline(path, dtype, device, offload, quantize, offload_blocks)
     if not path.exists():
         raise UserError(f"{path}: model path not found")
     if config is None:
         raise UserError(f"{path}: a single-file checkpoint needs --config, a local diffusers folder of the same family")
     pipe, spec = load_single_file_pipeline(path, Path(config), dtype=dtype)
     quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")
-    return place_pipeline(pipe, device, offload), spec
+    return place_pipeline(pipe, device, offload, offload_blocks), spec

@@ -6,7 +6,9 @@ generating, so nothing runs on the CPU of a GPU machine by accident.
   validation and inference all run there.
 - With `offload: model` (training) the denoiser lives on the device and the text encoders and VAE
   are parked on the CPU, brought over only while they encode or decode (`encoders_on`). Inference
-  offload is diffusers' own (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`).
+  offload is diffusers' own (`enable_model_cpu_offload`, `enable_sequential_cpu_offload`, and block-level
+  group offloading for `blocks`); sampling loops put their tensors on `execution_device(pipe)`, never on a
+  component's own device (with offload that is the CPU until the component runs).
 - Exports are written from CPU copies, whatever device the trained weights are on.
 """
 
@@ -21,8 +23,8 @@ import torch
 from diffbase.errors import UserError
 from diffbase.runtime import resolve_device  # noqa: F401  (where the loaders' callers found it)
 
-TRAINING_OFFLOAD = ("none", "model")
-INFERENCE_OFFLOAD = ("none", "model", "sequential")
+TRAINING_OFFLOAD = ("none", "model", "blocks")
+INFERENCE_OFFLOAD = ("none", "model", "sequential", "blocks")
 
 
 def encoder_modules(bb: Any) -> list[torch.nn.Module]:
@@ -46,14 +48,16 @@ def component_devices(pipe: Any) -> dict[str, str]:
 
 def place_for_training(bb: Any, device: torch.device | str, offload: str = "none") -> None:
     """The denoiser (and a ControlNet) on `device`; text encoders and VAE there too, or parked on the
-    CPU with `offload: model`."""
+    CPU with `offload: model` or `blocks`. With `blocks` the denoiser waits on the CPU until the method has
+    added what trains; then `models.block_swap` sends all but the swapped weights over."""
     if offload not in TRAINING_OFFLOAD:
         raise UserError(f"hardware.offload: expected one of {', '.join(TRAINING_OFFLOAD)}, got '{offload}'")
     device = torch.device(device)
-    bb.denoiser.to(device)
+    if offload != "blocks":
+        bb.denoiser.to(device)
     if bb.controlnet is not None:
         bb.controlnet.to(device)
-    home = torch.device("cpu") if offload == "model" else device
+    home = torch.device("cpu") if offload in ("model", "blocks") else device
     for module in encoder_modules(bb):
         module.to(home)
 
@@ -78,21 +82,45 @@ def _device_of(module: torch.nn.Module) -> torch.device | None:
     return first.device if first is not None else None
 
 
-def place_pipeline(pipe: Any, device: torch.device | str, offload: str = "none") -> Any:
+def place_pipeline(pipe: Any, device: torch.device | str, offload: str = "none", blocks: int = 1) -> Any:
     """An inference pipeline on `device`, or offloaded with diffusers' hooks (model: whole components
-    move in turn; sequential: layer by layer, slowest, least memory)."""
+    move in turn; blocks: groups of `blocks` transformer blocks stream in and out, prefetched on CUDA
+    streams when a group is one block; sequential: layer by layer, slowest, least memory)."""
     if offload not in INFERENCE_OFFLOAD:
         raise UserError(f"--offload: expected one of {', '.join(INFERENCE_OFFLOAD)}, got '{offload}'")
     device = torch.device(device)
+    if offload != "none" and device.type == "cpu":
+        raise UserError(f"--offload {offload}: offloading moves weights to an accelerator in turn; the device is cpu")
+    return offload_hooks(pipe, device, offload, blocks)
+
+
+def offload_hooks(pipe: Any, device: torch.device, offload: str, blocks: int = 1) -> Any:
+    """The hooks themselves, for any device (tests install them with the CPU as the compute device)."""
     if offload == "none":
         return pipe.to(device)
-    if device.type == "cpu":
-        raise UserError(f"--offload {offload}: offloading moves weights to an accelerator in turn; the device is cpu")
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
-    else:
+    elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        streams = device.type == "cuda" and blocks == 1  # diffusers prefetches with streams one block at a time
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=blocks, use_stream=streams)  # fmt: skip
     return pipe
+
+
+def execution_device(pipe: Any) -> torch.device:
+    """Where a pipeline computes: its components' device, or the device offload hooks bring them to."""
+    return torch.device(pipe._execution_device)
+
+
+def compute_device(pipe: Any, module: torch.nn.Module) -> torch.device:
+    """Where one component computes: where its weights are, or, when accelerate's (model, sequential) or
+    diffusers' (group) offload hooks manage it, the device they bring it to (its weights wait on the CPU,
+    or on `meta` with sequential offload)."""
+    if hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook"):
+        return execution_device(pipe)
+    return next(module.parameters()).device
 
 
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -203,6 +203,10 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
     if config.hardware.mixed_precision != "no" or config.model.quantize != "none":  # what trains is kept in fp32;
         for p in trained.trainable:  # autocast runs the rest in half (a quantized base computes in model.dtype)
             p.data = p.data.float()
+    if config.hardware.offload == "blocks":  # after the method froze the base and added what trains
+        from diffbase.models.block_swap import attach_block_swap
+
+        bb.adapters["block_swap"] = attach_block_swap(bb.denoiser, accelerator.device, config.hardware.keep_blocks)
     attention = choose(config.hardware.attention_backend, accelerator.device)
     apply_attention(attention, [bb.denoiser, *trained.modules.values()])
     if world > 1 and not method.multi_process:
@@ -462,6 +466,13 @@ def set_checkpointing(run: Run, probe: Any) -> None:
 
     acc, setting = run.accelerator, run.config.hardware.gradient_checkpointing
     on = setting is True
+    if run.config.hardware.offload == "blocks":  # a block's weights come back for its recompute only
+        from diffbase.models.block_swap import check_settings
+
+        check_settings(run.config)
+        on, setting = True, True
+        if run.trained.checkpointing is None and hasattr(run.bb.denoiser, "enable_gradient_checkpointing"):
+            run.bb.denoiser.enable_gradient_checkpointing()
     if setting == "auto":
         on, why = probe_needs_checkpointing(probe, acc.device)
         if acc.num_processes > 1:  # every process makes the same choice

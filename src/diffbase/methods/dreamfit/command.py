@@ -100,6 +100,6 @@ def add_parsers(sub: Any) -> None:
         help="official: the processor LoRAs scale by lora_weight squared, as the official loader does",
     )
     p.add_argument("--no-repaint", action="store_true", help="try-on: keep the model's pixels outside the mask too")
-    add_runtime_arguments(p, offload=False)
+    add_runtime_arguments(p)
     add_output_arguments(p, "also the inputs and the result side by side")
     p.set_defaults(func=run_dreamfit)

@@ -178,15 +178,23 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
 def load(
     model: str, checkpoint: str, lora_weight: float = 1.0, lora_weight_mode: str = "official", **runtime: Any
 ) -> tuple[Any, Any]:
-    """A FLUX.1 pipeline with an official DreamFit checkpoint installed: (pipe, bank state)."""
+    """A FLUX.1 pipeline with an official DreamFit checkpoint installed: (pipe, bank state). The LoRA pairs are
+    not modules of the transformer: they wait where it computes, under any offload."""
     from diffbase.methods.dreamfit.mechanism.checkpoint import load_dreamfit
     from diffbase.methods.dreamfit.mechanism.passes import install
     from diffbase.models.loading import load_pipeline
+    from diffbase.models.placement import execution_device
 
-    pipe, spec = load_pipeline(model, **runtime)
-    families.require(spec.family, "flux1", f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
-    pipe.set_progress_bar_config(disable=True)
-    pairs = load_dreamfit(checkpoint, pipe.transformer, lora_weight, lora_weight_mode)
+    pairs: dict[str, Any] = {}
+
+    def prepare(pipe: Any, spec: Any) -> None:  # read and checked before quantizing (the shapes are the model's)
+        families.require(spec.family, "flux1", f"--model: DreamFit runs on FLUX.1; {model} holds a {spec.family} model")
+        pairs.update(load_dreamfit(checkpoint, pipe.transformer, lora_weight, lora_weight_mode))
+
+    pipe, _ = load_pipeline(model, **runtime, prepare=prepare)
+    device = execution_device(pipe)
+    for pair in pairs.values():  # small (rank 16-32): on the compute device, whatever the offload
+        pair.down, pair.up = pair.down.to(device), pair.up.to(device)
     return pipe, install(pipe.transformer, pairs)
 
 

@@ -123,6 +123,6 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--true-cfg-end", type=int, default=0, help="the step true CFG ends before")
     p.add_argument("--negative-prompt", default="", help="true CFG's negative prompt")
     p.add_argument("--neg-guidance", type=float, default=3.5, help="the negative branch's guidance value")
-    add_runtime_arguments(p, offload=False)
+    add_runtime_arguments(p)
     add_output_arguments(p, "also the references and the result side by side")
     p.set_defaults(func=run_customize)

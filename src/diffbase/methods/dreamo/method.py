@@ -296,27 +296,29 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
 
 
 def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = None, **runtime: Any) -> tuple[Any, Any]:
-    """A FLUX.1 pipeline with the DreamO LoRAs fused and the placeholder tokens added: (pipe, embeddings)."""
+    """A FLUX.1 pipeline with the DreamO LoRAs fused (before quantizing and offload hooks) and the placeholder
+    tokens added: (pipe, embeddings)."""
     from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
     from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
     from diffbase.models.loading import load_pipeline
-    from diffbase.models.quantize import quantize_pipeline
+    from diffbase.models.placement import execution_device
 
-    quantize = runtime.pop("quantize", "none")  # after the DreamO LoRAs are fused into the weights
-    pipe, spec = load_pipeline(model, **runtime)
-    families.require(
-        spec.pipeline,
-        "FluxPipeline",
-        f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}",
-    )
-    pipe.set_progress_bar_config(disable=True)
-    tensors = fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None)
-    quantize_pipeline(pipe, spec, quantize, pipe.transformer.dtype, "--quantize")
+    tensors: dict[str, torch.Tensor] = {}
+
+    def prepare(pipe: Any, spec: Any) -> None:
+        families.require(
+            spec.pipeline,
+            "FluxPipeline",
+            f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}",
+        )
+        tensors.update(fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None))
+
+    pipe, _ = load_pipeline(model, **runtime, prepare=prepare)
     emb = DreamOEmbeddings.for_pipe(pipe)
     with torch.no_grad():
         for name in ("t5", "task", "idx"):
             getattr(emb, name).weight.copy_(tensors[name])
-    return pipe, emb.to(pipe.transformer.device, pipe.transformer.dtype)
+    return pipe, emb.to(execution_device(pipe), pipe.transformer.dtype)
 
 
 def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:

@@ -130,7 +130,7 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
         default="diffbase",
         help="catvton: VAE samples from the global generator seeded as CatVTON's scripts do (its numbers)",
     )
-    add_runtime_arguments(p, offload=False)
+    add_runtime_arguments(p)
 
 
 def add_parsers(sub: Any) -> None:

@@ -185,34 +185,30 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
     return {"vton": str(folder)}
 
 
-def load(
-    model: str, weights: str | None = None, variant: str = "vton", device: Any = "cpu", dtype: str = "float32",
-    offload: str = "none", quantize: str = "none",
-) -> B.Backbone:  # fmt: skip
-    """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights."""
+def load(model: str, weights: str | None = None, variant: str = "vton", **runtime: Any) -> B.Backbone:
+    """An SD1.5 folder set up for the variant, with trained (or CatVTON's released) attention weights (put in
+    on the CPU, before quantizing and placing)."""
     from diffbase.methods.tryon.mechanism.vton import load_catvton_attention, prepare_unet
     from diffbase.models.loading import load_pipeline
-    from diffbase.models.placement import place_pipeline
-    from diffbase.models.quantize import quantize_pipeline
-    from diffbase.runtime import torch_dtype
 
-    pipe, spec = load_pipeline(model, dtype=dtype)  # on the CPU until the weights are in
-    families.require(
-        spec.family, "sd15", f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model"
-    )
     if weights:
         info = Path(weights) / "vton.json"
         if info.is_file():
             trained = json.loads(info.read_text()).get("variant")
             if trained != variant:
                 raise UserError(f"--weights: {weights} was trained as the {trained} variant; use --method {trained}")
-    prepare_unet(pipe.unet, variant)
-    if weights:
-        load_catvton_attention(pipe.unet, Path(weights))
-    pipe.unet.eval()
-    pipe.set_progress_bar_config(disable=True)
-    quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")  # after the try-on weights are in
-    bb = B.Backbone(spec, place_pipeline(pipe, device, offload))
+
+    def prepare(pipe: Any, spec: Any) -> None:
+        families.require(
+            spec.family, "sd15", f"--model: try-on runs on an SD1.5 folder; {model} holds a {spec.family} model"
+        )
+        prepare_unet(pipe.unet, variant)
+        if weights:
+            load_catvton_attention(pipe.unet, Path(weights))
+        pipe.unet.eval()
+
+    pipe, spec = load_pipeline(model, **runtime, prepare=prepare)
+    bb = B.Backbone(spec, pipe)
     bb.adapters["variant"] = variant
     return bb
 

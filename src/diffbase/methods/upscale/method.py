@@ -174,6 +174,7 @@ def load(model: str, dino: str | None = None, adapter: str | None = None, **runt
     """(FLUX.1 pipeline, DINOv2 model or None, adapter or None) for `run`."""
     from diffbase.methods.upscale.mechanism.dino import DinoAdapter, load_dino
     from diffbase.models.loading import load_pipeline
+    from diffbase.models.placement import execution_device
 
     if (dino is None) != (adapter is None):
         raise UserError("--dino and --adapter: give both (the adapter is trained for one DINO model) or neither")
@@ -186,7 +187,7 @@ def load(model: str, dino: str | None = None, adapter: str | None = None, **runt
     pipe.set_progress_bar_config(disable=True)
     if dino is None:
         return pipe, None, None
-    device, dtype = pipe.transformer.device, pipe.transformer.dtype
+    device, dtype = execution_device(pipe), pipe.transformer.dtype
     model_d = load_dino(dino, device, dtype)
     ada = DinoAdapter.load(adapter, pipe.transformer.config.joint_attention_dim, model_d.config.hidden_size)
     return pipe, model_d, ada.to(device, dtype)

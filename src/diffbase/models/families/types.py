@@ -61,4 +61,7 @@ class Backbone:
 
     @property
     def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
+        """Where the denoiser computes: its weights' device, or with offload hooks the device they bring it to."""
+        from diffbase.models.placement import compute_device
+
+        return compute_device(self.pipe, self.denoiser)

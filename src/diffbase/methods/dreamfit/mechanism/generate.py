@@ -18,6 +18,7 @@ from PIL import Image
 
 from diffbase.errors import UserError
 from diffbase.methods.dreamfit.mechanism.passes import BankState, write_banks
+from diffbase.models.placement import execution_device
 
 GARMENT_TEXT = {
     "garment": "cloth",
@@ -84,7 +85,7 @@ def dreamfit_generate(pipe: Any, state: BankState, settings: DreamFitSettings, r
 
     if settings.mode not in GARMENT_TEXT:
         raise UserError(f"--mode: expected one of {sorted(GARMENT_TEXT)}, got '{settings.mode}'")
-    transformer, device = pipe.transformer, pipe.transformer.device
+    transformer, device = pipe.transformer, execution_device(pipe)
     bb = Backbone(spec_for("flux1"), pipe)
     length = text_length(pipe, "flux1")
     guidance = torch.full([1], settings.guidance, device=device) if transformer.config.guidance_embeds else None

@@ -30,6 +30,7 @@ from diffbase.methods.dreamo.mechanism.conditions import (
     pack_references,
 )
 from diffbase.methods.dreamo.mechanism.processor import ReferenceCache, reference_cache
+from diffbase.models.placement import execution_device
 
 
 @dataclass
@@ -60,7 +61,7 @@ def encode_references(pipe: Any, refs: list[Reference], generator: torch.Generat
     """Each reference's VAE sample, normalised as FLUX.1's latents, (1, 16, h/8, w/8)."""
     from diffbase.data.datasets import to_tensor
 
-    vae, device = pipe.vae, pipe.transformer.device
+    vae, device = pipe.vae, execution_device(pipe)
     out = []
     for ref in refs:
         pixels = to_tensor(ref.image.convert("RGB"))[None].to(device, vae.dtype)
@@ -95,7 +96,7 @@ def dreamo_generate(
     from diffbase.models.backbone import text_length
 
     s, transformer = settings, pipe.transformer
-    device = transformer.device
+    device = execution_device(pipe)
     length = text_length(pipe, "flux1")
     embeds, pooled, text_ids = pipe.encode_prompt(s.prompt, None, device=device, **length)
     latents, ids = pipe.prepare_latents(

@@ -29,6 +29,7 @@ from diffbase import progress
 from diffbase.errors import UserError
 from diffbase.methods.upscale.mechanism.dino import context_with_dino, dino_features
 from diffbase.methods.upscale.mechanism.tiles import Tile, fuse, tile_grid
+from diffbase.models.placement import execution_device
 
 MAX_OUTPUT_PIXELS = 64 * 2**20  # 8192 x 8192
 
@@ -131,7 +132,7 @@ def upscale(
     from diffbase.models.backbone import text_length
 
     check_strengths(s)
-    t_model, vae, device = pipe.transformer, pipe.vae, pipe.transformer.device
+    t_model, vae, device = pipe.transformer, pipe.vae, execution_device(pipe)
     padded, (w, h) = prepare(pipe, image, s)
     use_vae_tiling(pipe, s.vae_tiling, padded.size)
     generator = torch.Generator("cpu").manual_seed(s.seed)
