@@ -86,8 +86,12 @@ class ObjectiveConfig:
 
 @dataclass
 class EmaConfig:
+    """An exponential moving average of what trains; when on, validation and every export use it."""
+
     enabled: bool = False
     decay: float = 0.9999
+    update_every: int = 1  # optimizer steps between EMA updates
+    start_step: int = 0  # until this step the average is the weights themselves
 
 
 @dataclass

@@ -45,6 +45,7 @@ class TrainResult:
     finished: bool = False  # reached the planned number of steps (not stopped early)
     backbone: Any = None
     trained: Trained | None = None  # the method's modules, for export
+    ema: Any = None  # diffusers' EMAModel when training.ema is on: validation and export use its weights
 
 
 STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("SIGINT", 130)}
@@ -220,17 +221,42 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation)
         schedule = replace(schedule, warmup_steps=max(1, round(schedule.warmup_epochs * per_epoch)))
     lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, schedule)
-    ema = None
-    if t.ema.enabled:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(trained.trainable, decay=t.ema.decay)
+    ema = make_ema(config, trained.trainable)
     names = list(trained.modules)
     *prepared, optimizer = accelerator.prepare(*trained.modules.values(), optimizer)
     trained.calls = dict(zip(names, prepared, strict=True))
     if "denoiser" in trained.calls:  # the backbone's own denoiser is called through its wrapper
         bb.forward = trained.calls["denoiser"]
     return Run(config, method, bb, accelerator, trained, optimizer, lr_scheduler, ema, steps, cache)
+
+
+def make_ema(config: Config, params: list[torch.nn.Parameter]) -> Any:
+    """diffusers' EMAModel over what trains (None when off), its warm-up counted in EMA updates: until
+    `start_step` the average is a copy of the weights."""
+    e = config.training.ema
+    if not e.enabled:
+        return None
+    if e.update_every < 1 or e.start_step < 0 or not 0.0 < e.decay < 1.0:
+        raise UserError(f"training.ema: expected decay in (0, 1), update_every >= 1 and start_step >= 0, got "
+                        f"{e.decay}, {e.update_every}, {e.start_step}")  # fmt: skip
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=e.decay, update_after_step=e.start_step // e.update_every)
+
+
+@contextlib.contextmanager
+def ema_weights(ema: Any, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The EMA's weights in the trained modules for the duration (validation, export), the trained ones back
+    after; a no-op without EMA."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def resume(run: Run, root: Path, resume_arg: str | None) -> None:
@@ -320,9 +346,9 @@ def log(
     acc = run.accelerator
     lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
     run.lr_scheduler.step()
-    if run.ema is not None:
-        run.ema.step(run.trained.trainable)
     run.progress.step += 1
+    if run.ema is not None and run.progress.step % run.config.training.ema.update_every == 0:
+        run.ema.step(run.trained.trainable)
     value = acc.reduce(loss.detach(), reduction="mean").item()
     terms = {k: acc.reduce(v.detach().float(), reduction="mean").item() for k, v in logs.items()}
     result.losses.append(value)
@@ -360,7 +386,11 @@ def run_training(
     acc, progress = run.accelerator, run.progress
     if acc.is_main_process:  # the run's record, once its set-up succeeded (a config error leaves nothing)
         write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
-    result = TrainResult(steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained)
+    result = TrainResult(steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained, ema=run.ema)
+    if run.ema is not None:
+        e = config.training.ema
+        run.accelerator.print(f"EMA on (decay {e.decay:g}, every {e.update_every} step(s) from step {e.start_step}): "
+                              "validation and the exports use the EMA weights")  # fmt: skip
     metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step)
     bar = tqdm(total=run.steps, initial=progress.step, desc=f"train {config.training.method}", unit="step",
                disable=not (show_progress and acc.is_main_process), dynamic_ncols=True)  # fmt: skip
@@ -497,7 +527,7 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
         if config.training.validation.prompts or validation[0] is not None:
             acc.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
     elif acc.is_main_process:
-        with acc.autocast():
+        with acc.autocast(), ema_weights(run.ema, run.trained.trainable):
             out = run.method.validate(config, run.bb, run.trained, dataset, validation)
         if out.grid is not None:
             save_png_atomic(out.grid, Path(config.experiment.output_dir) / "validation" / f"step-{step_no:06d}.png")

@@ -17,7 +17,7 @@ from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
 from diffbase.training import run_folder
 from diffbase.training.checkpoint import hold_for_test
-from diffbase.training.loop import TrainResult, process_state, run_training
+from diffbase.training.loop import TrainResult, ema_weights, process_state, run_training
 from diffbase.training.seam import Method
 
 
@@ -203,7 +203,8 @@ def _train(
     if dataset.report.files:
         print(dataset.report.summary())
     if state.is_main_process and result.finished:
-        files = export_atomically(method, config, bb, result.trained, out_dir)
+        with ema_weights(result.ema, result.trained.trainable):  # the average, when EMA is on
+            files = export_atomically(method, config, bb, result.trained, out_dir)
         for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
             default_modes(Path(path))
         write_json_atomic(out_dir / "exports.json", files)
