@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw", "adamw8bit"] = "adamw"
+    type: Literal["adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"] = "adamw"
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -64,9 +64,14 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up from `warmup_start` x lr, then cosine (or constant) down to `floor` (absolute lr)."""
+    """Linear warm-up from `warmup_start` x lr, then cosine (or constant) down to `floor` (absolute lr); or
+    one of diffusers' schedules by name (`get_scheduler`: warm-up from 0, no floor)."""
 
-    type: Literal["cosine", "constant"] = "cosine"
+    type: Literal["cosine", "constant", "linear", "cosine_with_restarts", "polynomial", "constant_with_warmup",
+                  "piecewise_constant"] = "cosine"  # fmt: skip
+    num_cycles: int = 1  # cosine_with_restarts
+    power: float = 1.0  # polynomial
+    step_rules: str | None = None  # piecewise_constant, e.g. "1:10,0.1:20,0.01" (diffusers' syntax)
     warmup_steps: int = 0
     warmup_epochs: float = 0.0  # alternative to warmup_steps, in epochs of the training data
     warmup_start: float = 0.1
@@ -82,6 +87,9 @@ class ObjectiveConfig:
     shift: float | None = None  # None: resolution-dependent shift from the scheduler config (flow)
     snr_gamma: float | None = None  # min-SNR weighting (epsilon / v-prediction)
     guidance: float = 1.0  # FLUX dev guidance-embedding value during training
+    noise_offset: float = (
+        0.0  # adds offset x N(0, 1) per sample and channel to the noise (darker darks, brighter brights)
+    )
 
 
 @dataclass

@@ -20,7 +20,9 @@ from typing import Any
 from diffbase.errors import UserError
 from diffbase.models.footprint import GIB
 
-TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0}  # fp32 weight + gradient + optimizer state per parameter
+# fp32 weight + gradient + optimizer state per parameter: AdamW two moments; Lion one; Prodigy AdamW's plus its
+# initial weights and a running sum; Adafactor factored second moments (about nothing for a matrix)
+TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "lion": 12.0, "lion8bit": 9.0, "prodigy": 24.0, "adafactor": 8.0}
 ACTIVATION_BYTES = 36.3  # per token per width x block, FLUX.1-dev LoRA 1024 px, checkpointing off (calibrated)
 CHECKPOINTED = 0.1  # activations kept with gradient checkpointing, of those without
 

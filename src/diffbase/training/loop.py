@@ -28,6 +28,7 @@ from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
+from diffbase.training.optimizers import make_optimizer
 from diffbase.training.schedule import make_scheduler
 from diffbase.training.seam import Method, Trained
 
@@ -100,22 +101,6 @@ class Run:
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     stop: StopRequest = field(default_factory=StopRequest)
-
-
-def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
-    t = config.training
-    o = t.optimizer
-    if o.type == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(
-                "training.optimizer.type: adamw8bit needs bitsandbytes (pip install bitsandbytes)"
-            ) from None
-        return bnb.optim.AdamW8bit(
-            params, lr=t.learning_rate, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
-        )
-    return torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def encode_batch(

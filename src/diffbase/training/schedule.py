@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warm-up from a fraction of the lr, then cosine to a floor."""
+"""Learning-rate schedule: linear warm-up from a fraction of the lr, then cosine to a floor (ours), or any of
+diffusers' schedules by name."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ def lr_factor(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+OWN = ("cosine", "constant")
+
+
 def make_scheduler(optimizer, total_steps: int, base_lr: float, cfg: ScheduleConfig):
     import torch
 
+    if cfg.type not in OWN:
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(cfg.type, optimizer, step_rules=cfg.step_rules, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=total_steps, num_cycles=cfg.num_cycles, power=cfg.power)  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, base_lr, cfg))

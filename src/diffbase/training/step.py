@@ -42,7 +42,10 @@ def draw(
         g = sample_generator(seed, step, index)
         z = mean[j] + std[j] * torch.randn(mean[j].shape, generator=g).to(mean)
         latents.append(B.normalize(bb, z[None])[0])
-        noises.append(torch.randn(latents[-1].shape, generator=g).to(mean))
+        noise = torch.randn(latents[-1].shape, generator=g)
+        if cfg.noise_offset:  # per channel, the same over the image (crosslabs' noise offset)
+            noise = noise + cfg.noise_offset * torch.randn((noise.shape[0], *[1] * (noise.dim() - 1)), generator=g)
+        noises.append(noise.to(mean))
         if kind == "flow":
             config = dict(bb.pipe.scheduler.config)
             times.append(sample_flow_sigmas(cfg, 1, config, seq_len, generator=g)[0])

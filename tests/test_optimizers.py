@@ -1,0 +1,99 @@
+"""Optimizers and schedules from the packages that maintain them, and the noise offset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from diffbase.config import load_config
+from diffbase.errors import UserError
+from tests.helpers import SHAPES, TINY_EXPERIMENTS, run_cli
+
+FLUX_LORA = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+ON_A_CPU = ("adamw", "lion", "prodigy", "adafactor")  # the 8-bit ones are bitsandbytes' (CUDA): the GPU stage
+
+
+@pytest.mark.parametrize("kind", ON_A_CPU)
+def test_each_optimizer_trains_a_tiny_lora_in_bf16(kind, tmp_path) -> None:
+    lr = "1.0" if kind == "prodigy" else "0.01"
+    code, _, err = run_cli(
+        "train", str(FLUX_LORA), "training.max_steps=3", "training.checkpoint_every=0", "training.validation.steps=2",
+        f"data.train_path={SHAPES}", f"experiment.output_dir={tmp_path}", f"training.optimizer.type={kind}",
+        f"training.learning_rate={lr}", "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert len(norms) == 3 and all(torch.isfinite(torch.tensor(norms)))
+    assert (tmp_path / "lora" / "lora_kohya.safetensors").exists()
+
+
+def test_the_optimizer_is_the_packages_own_with_the_configs_settings(tmp_path) -> None:
+    from lion_pytorch import Lion
+    from prodigyopt import Prodigy
+    from transformers.optimization import Adafactor
+
+    from diffbase.training.optimizers import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for kind, cls in (("lion", Lion), ("prodigy", Prodigy), ("adafactor", Adafactor), ("adamw", torch.optim.AdamW)):
+        config = load_config(FLUX_LORA, [f"training.optimizer.type={kind}", "training.learning_rate=0.003",
+                                         "training.optimizer.weight_decay=0.1"])  # fmt: skip
+        opt = make_optimizer(params, config)
+        assert type(opt) is cls and opt.defaults["lr"] == 0.003 and opt.defaults["weight_decay"] == 0.1
+
+
+def test_a_missing_package_is_a_one_line_error(monkeypatch) -> None:
+    import sys
+
+    from diffbase.training.optimizers import optimizer_class
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # what an import finds when the package is absent
+    with pytest.raises(
+        UserError, match=r"training.optimizer.type: prodigy needs prodigyopt \(pip install prodigyopt\)"
+    ):
+        optimizer_class("prodigy")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine_with_restarts", "polynomial", "constant_with_warmup"])
+def test_diffusers_schedules_are_diffusers_own(name) -> None:
+    from diffusers.optimization import get_scheduler
+
+    from diffbase.config import ScheduleConfig
+    from diffbase.training.schedule import make_scheduler
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched, out = make(opt), []
+        for _ in range(10):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = ScheduleConfig(type=name, warmup_steps=2, num_cycles=2, power=2.0)
+    ours = lrs(lambda o: make_scheduler(o, 10, 0.1, cfg))
+    theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=2, num_training_steps=10, num_cycles=2, power=2.0))
+    assert ours == theirs and len(set(ours)) > 1
+
+
+def test_noise_offset_shifts_each_channel_by_one_draw_and_is_off_by_default(tiny_model) -> None:
+    from dataclasses import replace
+
+    from diffbase.config import ObjectiveConfig
+    from diffbase.models.families.types import Backbone
+    from diffbase.models.loading import load_pipeline
+    from diffbase.training.step import draw
+
+    pipe, spec = load_pipeline(tiny_model("sd15"))
+    bb = Backbone(spec, pipe)
+    mean, std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    plain = draw(bb, ObjectiveConfig(), mean, std, 0, 1, [0, 1])[1]
+    again = draw(bb, ObjectiveConfig(noise_offset=0.0), mean, std, 0, 1, [0, 1])[1]
+    offset = draw(bb, replace(ObjectiveConfig(), noise_offset=0.5), mean, std, 0, 1, [0, 1])[1]
+    assert torch.equal(plain, again)
+    shift = offset - plain
+    assert shift.abs().sum() > 0
+    torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))  # constant over each channel's pixels
