@@ -197,6 +197,9 @@ class DataConfig:
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     caption_dropout: float = 0.0
+    trigger: str | None = None  # replaces [trigger] in every caption; put first where a caption lacks it
+    shuffle_captions: bool = False  # comma-separated tags in a new order each time (not with cache_text)
+    keep_tags: int = 0  # shuffle_captions: the first tags stay in place
     on_bad_file: Literal["skip", "fail"] = "skip"
     masked_loss: bool = False
     cache_latents: bool = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from diffbase.data.buckets import (
     resize_and_crop,
     same_crop,
 )
+from diffbase.data.captions import shuffled, with_trigger
 from diffbase.data.images import IMAGE_SUFFIXES, BadFile, image_size, load_image, load_mask
 from diffbase.errors import UserError, closest
 
@@ -199,6 +200,11 @@ def build_records(cfg: DataConfig, seed: int = 0) -> list[Record]:
         share = ds.repeats * ds.weight
         whole, fraction = int(share), share - int(share)
         records += own * whole + rng.sample(own, round(len(own) * fraction))
+    if cfg.shuffle_captions and cfg.cache_text:
+        raise UserError("data.shuffle_captions: each draw has its own tag order, so the text cannot be cached; "
+                        "set data.cache_text=false")  # fmt: skip
+    if cfg.trigger:
+        records = [replace(r, caption=with_trigger(r.caption, cfg.trigger)) for r in records]
     return records
 
 
@@ -336,6 +342,8 @@ class TrainDataset:
         try:
             size, box = crop_geometry(*self.size_of[i], bucket, self.cfg.crop, rng)
             flip = self.cfg.random_flip and rng.random() < 0.5
+            if self.cfg.shuffle_captions:
+                item["caption"] = shuffled(item["caption"], self.cfg.keep_tags, rng)
             if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
                 item["caption"] = ""
             images = {"pixels": same_crop(load_image(rec.image), size, box)} if pixels else {}
