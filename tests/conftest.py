@@ -36,6 +36,11 @@ TIERS = {
         "test_plan.py",
         "test_slots.py",
         "test_gpu_benchmark.py",
+        "test_offload.py",
+        "test_block_swap.py",
+        "test_ema.py",
+        "test_optimizers.py",
+        "test_captions.py",
     },
     "learning": {  # something learns, or the whole program runs end to end (processes, a browser, faults)
         "test_faults.py",
