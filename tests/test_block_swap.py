@@ -115,6 +115,19 @@ def test_a_lora_run_with_block_swap_trains_validates_exports_as_without(family, 
     assert losses["blocks"] == pytest.approx(losses["none"], rel=1e-5)
 
 
+def test_block_swap_and_ema_in_bf16_as_users_run_them(tmp_path) -> None:
+    code, _, err = run_cli(
+        "train", "configs/experiments/tiny/flux1_lora.yaml", "training.max_steps=2", "training.checkpoint_every=0",
+        "training.validation.steps=2", f"data.train_path={SHAPES}", f"experiment.output_dir={tmp_path}",
+        "hardware.offload=blocks", "hardware.gradient_checkpointing=true", "training.ema.enabled=true",
+        "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "validation" / "step-000002.png").exists() and (
+        tmp_path / "lora" / "lora_kohya.safetensors"
+    ).exists()
+
+
 def test_a_unet_is_refused_before_loading(tmp_path) -> None:
     code, _, err = run_cli(
         "train", "configs/experiments/tiny/sdxl_lora.yaml", "training.max_steps=1", f"data.train_path={SHAPES}",
