@@ -87,9 +87,7 @@ class ObjectiveConfig:
     shift: float | None = None  # None: resolution-dependent shift from the scheduler config (flow)
     snr_gamma: float | None = None  # min-SNR weighting (epsilon / v-prediction)
     guidance: float = 1.0  # FLUX dev guidance-embedding value during training
-    noise_offset: float = (
-        0.0  # adds offset x N(0, 1) per sample and channel to the noise (darker darks, brighter brights)
-    )
+    noise_offset: float = 0.0  # adds offset x N(0, 1) per sample and channel to the noise
 
 
 @dataclass

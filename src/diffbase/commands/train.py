@@ -12,14 +12,12 @@ from diffbase.runtime import add_arguments, config_overrides
 def run_train(args: argparse.Namespace) -> None:
     from diffbase.config import load_config
     from diffbase.methods import train
-    from diffbase.models.block_swap import check_settings
     from diffbase.plan import check_fits
     from diffbase.runtime import resolve_device
     from diffbase.training.loop import process_state
 
     overrides = args.overrides + config_overrides(args)
     config = load_config(args.config, overrides)
-    check_settings(config)
     check_fits(args.config, overrides, resolve_device(config.hardware.device, "hardware.device"))
     result = train(config, resume=args.resume, overwrite=args.overwrite)
     if process_state(config).is_main_process:

@@ -21,6 +21,9 @@ import torch
 
 from diffbase.errors import UserError
 
+UNET = ("hardware.offload: blocks swaps transformer blocks (FLUX.1, FLUX.2, SD3); a UNet checkpoints inside its "
+        "blocks: use offload: model with model.quantize instead")  # fmt: skip
+
 
 def check_settings(config: Any) -> None:
     """Before loading: block swap needs checkpointing (a block's weights come back for its recompute) and a
@@ -37,10 +40,6 @@ def check_settings(config: Any) -> None:
         raise UserError(f"hardware.keep_blocks: expected 0 or more blocks kept on the GPU, got {h.keep_blocks}")
     if spec_for(config.model.family, config.model.variant).denoiser != "transformer":
         raise UserError(UNET)
-
-
-UNET = ("hardware.offload: blocks swaps transformer blocks (FLUX.1, FLUX.2, SD3); a UNet checkpoints inside its "
-        "blocks: use offload: model with model.quantize instead")  # fmt: skip
 
 
 def transformer_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
@@ -62,8 +61,6 @@ class BlockSwap:
     """The swapped blocks of one denoiser and where their frozen tensors wait."""
 
     device: torch.device
-    blocks: list[torch.nn.Module]
-    keep: int
     stored: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # block -> (t, cpu)
     resident: set[int] = field(default_factory=set)
     fetches: int = 0  # blocks brought over (tests, the benchmark's transfer count)
@@ -86,12 +83,8 @@ class BlockSwap:
             tensor.data = torch.empty(0, dtype=cpu.dtype, device=self.device)
         self.resident.discard(index)
 
-    def park_all(self) -> None:
-        for index in list(self.resident):
-            self.park(index)
-
     def remove(self) -> None:
-        """Every weight back on the device and the hooks gone (before an export that reads the base)."""
+        """Every weight back on the device and the hooks gone (the denoiser as it was before the swap)."""
         for index in self.stored:
             if index not in self.resident:
                 for tensor, cpu in self.stored[index]:
@@ -109,7 +102,7 @@ def attach_block_swap(denoiser: torch.nn.Module, device: torch.device | str, kee
     blocks = transformer_blocks(denoiser)
     if keep < 0 or keep >= len(blocks):
         raise UserError(f"hardware.keep_blocks: expected 0 to {len(blocks) - 1} blocks kept on the GPU, got {keep}")
-    swap = BlockSwap(device, blocks, keep)
+    swap = BlockSwap(device)
     pin = device.type == "cuda"
     for index, block in enumerate(blocks[keep:], start=keep):
         frozen = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())

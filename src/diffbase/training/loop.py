@@ -480,14 +480,10 @@ def set_checkpointing(run: Run, probe: Any) -> None:
     from diffbase.training.memory import probe_needs_checkpointing
 
     acc, setting = run.accelerator, run.config.hardware.gradient_checkpointing
+    swap = run.config.hardware.offload == "blocks"
+    if swap:  # a swapped block's weights come back for its recompute: always on (train() refused `false`)
+        setting = True
     on = setting is True
-    if run.config.hardware.offload == "blocks":  # a block's weights come back for its recompute only
-        from diffbase.models.block_swap import check_settings
-
-        check_settings(run.config)
-        on, setting = True, True
-        if run.trained.checkpointing is None and hasattr(run.bb.denoiser, "enable_gradient_checkpointing"):
-            run.bb.denoiser.enable_gradient_checkpointing()
     if setting == "auto":
         on, why = probe_needs_checkpointing(probe, acc.device)
         if acc.num_processes > 1:  # every process makes the same choice
@@ -495,8 +491,8 @@ def set_checkpointing(run: Run, probe: Any) -> None:
         acc.print(f"gradient checkpointing: {why}")
     if on and run.trained.checkpointing is not None:
         run.trained.checkpointing()
-    elif on:
-        for module in run.trained.modules.values():
+    elif on:  # with block swap the denoiser too, whether it trains or only carries the method's adapters
+        for module in [*run.trained.modules.values(), *([run.bb.denoiser] if swap else [])]:
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
 

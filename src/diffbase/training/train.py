@@ -145,6 +145,9 @@ def train(
     """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end.
     The output folder is locked for the run; a start that fails with nothing to resume removes what it
     wrote, and a full disk or memory is one line saying what to change."""
+    from diffbase.models.block_swap import check_settings
+
+    check_settings(config)  # before the folder is claimed or anything loads
     out_dir = Path(config.experiment.output_dir)
     state = process_state(config)
     try:
