@@ -41,6 +41,9 @@ TIERS = {
         "test_ema.py",
         "test_optimizers.py",
         "test_captions.py",
+        "test_adapters.py",
+        "test_control_types.py",
+        "test_trackers.py",
     },
     "learning": {  # something learns, or the whole program runs end to end (processes, a browser, faults)
         "test_faults.py",

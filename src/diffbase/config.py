@@ -206,6 +206,21 @@ class DataConfig:
     num_workers: int = 0
 
 
+# The design document's spellings, read as diffbase's names (`config show` prints the canonical ones).
+KEY_ALIASES: dict[type, dict[str, str]] = {
+    DataConfig: {
+        "bucket_resolution_steps": "bucket_step",
+        "min_bucket_resolution": "min_bucket_side",
+        "max_bucket_resolution": "max_bucket_side",
+    },
+}
+
+
+def register_key_alias(cls: type, old: str, name: str) -> None:
+    """`old` under a `cls` section reads as `name` (a method section's own spellings)."""
+    KEY_ALIASES.setdefault(cls, {})[old] = name
+
+
 @dataclass
 class HardwareConfig:
     device: str = "auto"  # auto: cuda when torch sees one, else cpu (one process per GPU under accelerate/torchrun)
@@ -218,6 +233,24 @@ class HardwareConfig:
     keep_blocks: int = 0  # offload blocks: blocks that stay on the GPU
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
+
+
+@dataclass
+class LoggingConfig:
+    """Where the training metrics go besides metrics.jsonl (always written): accelerate's trackers."""
+
+    report_to: list[Tracker] | Tracker = field(default_factory=lambda: ["tensorboard"])  # [] for metrics.jsonl only
+    project: str | None = None  # W&B project / MLflow experiment; None: experiment.name
+    run_name: str | None = None  # None: the tracker names the run
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store at OUTPUT_DIR/mlruns
+
+    def __post_init__(self) -> None:  # `report_to: wandb` reads as [wandb]; each tracker once
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        self.report_to = list(dict.fromkeys(names))
+
+
 @dataclass
 class Config:
     model: ModelConfig
@@ -225,6 +258,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -445,9 +479,10 @@ def validate(cls: type, data: dict, sources: dict[str, str], prefix: str = "", d
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     open_sections = SECTIONS if cls is TrainingConfig else {}
-    data = dict(data)
+    data = aliased(cls, dict(data), sources, prefix, default_origin)
     if cls is TrainingConfig:
         data = renamed(data)
+        data = lifted_learning_rate(data, sources, prefix, default_origin)
     sections = {}
     for key in list(data):
         if key in open_sections:
@@ -484,6 +519,37 @@ def renamed(data: dict) -> dict:
         both = isinstance(value, dict) and isinstance(data.get(name), dict)
         data[name] = {**data[name], **value} if both else value  # an old-name override wins, as it came later
     return data
+
+
+def aliased(cls: type, data: dict, sources: dict[str, str], prefix: str, default_origin: str) -> dict:
+    """Keys spelled as the design document spells them (KEY_ALIASES) read under diffbase's names."""
+    for old, name in KEY_ALIASES.get(cls, {}).items():
+        if old in data:
+            take(data, old, data.pop(old), name, sources, prefix, default_origin)
+    return data
+
+
+def lifted_learning_rate(data: dict, sources: dict[str, str], prefix: str, default_origin: str) -> dict:
+    """`training.optimizer.lr` (the design document's full fine-tuning example) is training.learning_rate."""
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict) and "lr" in optimizer:
+        optimizer = data["optimizer"] = dict(optimizer)
+        take(data, "optimizer.lr", optimizer.pop("lr"), "learning_rate", sources, prefix, default_origin)
+    return data
+
+
+def take(data: dict, old: str, value: Any, name: str, sources: dict[str, str], prefix: str, origin: str) -> None:
+    """`old`'s value as `name`'s. With both set differently, the one set on the command line wins, else the
+    design document's spelling (shipped base configs use diffbase's); both in one file is an error."""
+    old_from, name_from = _origin(sources, prefix + old, origin), sources.get(prefix + name)
+    if name in data and data[name] != value:
+        if old_from == name_from:
+            raise UserError(f"{old_from}: {prefix}{old}: the same setting as {prefix}{name}, which is also set "
+                            f"({data[name]!r} and {value!r}); keep one")  # fmt: skip
+        if name_from == COMMAND_LINE:
+            return
+    data[name] = value
+    sources[prefix + name] = old_from
 
 
 def check_name(

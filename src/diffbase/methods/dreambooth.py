@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffbase.config import Config
+from diffbase.config import Config, register_key_alias
 from diffbase.errors import UserError
 from diffbase.methods import lora, text_to_image
 from diffbase.methods.registry import Method, Trained, register
@@ -24,6 +24,8 @@ class DreamBoothConfig:
     prior_loss_weight: float = 1.0
     with_prior_preservation: bool = True
 
+
+register_key_alias(DreamBoothConfig, "prior_preservation_weight", "prior_loss_weight")  # the design document's name
 
 CLASS_DATASET = -1  # the `dataset` index class-image records carry
 
@@ -108,5 +110,6 @@ DREAMBOOTH = register(
         load=text_to_image.load,
         run=text_to_image.run,
         describe="a LoRA on instance images with prior preservation",
+        check=lora.check,
     )
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,9 +21,20 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the family's default (Family.lora_targets)
+    # lora; dora (weight-decomposed); rslora (scale alpha / sqrt(rank)); lokr, loha (LyCORIS, exported for ComfyUI)
+    type: Literal["lora", "dora", "rslora", "lokr", "loha"] = "lora"
+    factor: int = -1  # lokr: the Kronecker factor; -1 splits each layer as evenly as its size allows
+    train_text_encoder: bool = False  # a LoRA on the CLIP text encoder(s) too
+    text_encoder_lr: float | None = None  # None: training.learning_rate
+    init_from: str | None = None  # a LoRA file (diffusers, kohya, LyCORIS) to continue from
 
 
-def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str]:
+LYCORIS = ("lokr", "loha")
+
+
+def lora_target_names(
+    denoiser: torch.nn.Module, targets: list[str], key: str = "training.lora.target_modules"
+) -> list[str]:
     """Full names of the Linear layers whose names end with one of `targets` (a `.`-boundary suffix)."""
     linears = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
     found, missing = [], []
@@ -31,62 +42,167 @@ def lora_target_names(denoiser: torch.nn.Module, targets: list[str]) -> list[str
         hits = [n for n in linears if n == target or n.endswith("." + target)]
         (found if hits else missing).extend(hits or [target])
     if missing:
-        raise UserError(f"training.lora.target_modules: {missing} match no Linear layer of the denoiser")
+        raise UserError(f"{key}: {missing} match no Linear layer of the model")
     return sorted(set(found))
 
 
-def add_lora(denoiser: torch.nn.Module, family: str, cfg: LoraConfig) -> None:
-    from peft import LoraConfig as PeftLoraConfig
+def adapter_config(cfg: LoraConfig, targets: list[str]) -> Any:
+    """peft's config for the adapter type: LoRA (with DoRA or rsLoRA), LoKr or LoHa."""
+    import peft
 
+    if cfg.type == "lokr":
+        return peft.LoKrConfig(r=cfg.rank, alpha=cfg.alpha, module_dropout=cfg.dropout, decompose_factor=cfg.factor,
+                               target_modules=targets, init_weights=True)  # fmt: skip
+    if cfg.type == "loha":
+        return peft.LoHaConfig(r=cfg.rank, alpha=cfg.alpha, module_dropout=cfg.dropout, target_modules=targets,
+                               init_weights=True)  # fmt: skip
+    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                           target_modules=targets, use_dora=cfg.type == "dora", use_rslora=cfg.type == "rslora")  # fmt: skip
+
+
+def add_lora(denoiser: torch.nn.Module, family: str, cfg: LoraConfig) -> None:
     targets = lora_target_names(denoiser, cfg.target_modules or list(families.get(family).lora_targets))
-    denoiser.add_adapter(
-        PeftLoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            init_lora_weights="gaussian",
-            target_modules=targets,
-        )
-    )
+    denoiser.add_adapter(adapter_config(cfg, targets))
+
+
+# The text encoders' attention projections (CLIP), as diffusers' DreamBooth LoRA scripts adapt them.
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def text_encoder_names(pipeline_cls: type, spec: Any) -> list[str]:
+    """The CLIP text encoders the pipeline's LoRA files carry (diffusers' `save_lora_weights` arguments):
+    SD1.5, SDXL, SD3 and FLUX.1 have them; T5, Mistral and Qwen encoders are in no LoRA format loaders read."""
+    import inspect
+
+    saved = inspect.signature(pipeline_cls.save_lora_weights).parameters
+    return [
+        t.component for t in spec.text_encoders if t.tokenizer_kind == "clip" and f"{t.component}_lora_layers" in saved
+    ]
+
+
+def check(config: Config) -> None:
+    """What the LoRA settings need, checked before anything loads."""
+    cfg, t = config.training.lora, config.training
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise UserError(f"training.lora.init_from: {cfg.init_from}: file not found (expected a LoRA .safetensors)")
+    if not cfg.train_text_encoder:
+        return
+    if cfg.type in LYCORIS:
+        raise UserError(f"training.lora.train_text_encoder: not with type {cfg.type} (its files carry the denoiser "
+                        "only); use type lora, dora or rslora")  # fmt: skip
+    if config.data.cache_text:
+        raise UserError("data.cache_text: the text encoder trains (training.lora.train_text_encoder), so captions "
+                        "are encoded at each step; set data.cache_text: false")  # fmt: skip
+    if config.hardware.offload != "none":
+        raise UserError(f"hardware.offload: {config.hardware.offload} parks the text encoders on the CPU, but they "
+                        "train here (training.lora.train_text_encoder); set hardware.offload: none")  # fmt: skip
+    if t.method not in ("lora", "dreambooth"):
+        raise UserError(f"training.lora.train_text_encoder: for methods lora and dreambooth, not {t.method}")
+
+
+def add_text_encoder_lora(bb: Any, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
+    """A plain LoRA on each CLIP text encoder's attention (rank and alpha as the denoiser's)."""
+    import peft
+
+    names = text_encoder_names(bb.pipe.__class__, bb.spec)
+    if not names:
+        raise UserError(f"training.lora.train_text_encoder: {bb.spec.pipeline} LoRA files carry no text encoder "
+                        "(diffusers reads the denoiser only); set it to false")  # fmt: skip
+    encoders = {}
+    for name in names:
+        encoder = getattr(bb.pipe, name)
+        targets = lora_target_names(encoder, list(TEXT_TARGETS), "training.lora.train_text_encoder")
+        encoder.add_adapter(peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                            init_lora_weights="gaussian", target_modules=targets))  # fmt: skip
+        encoders[name] = encoder
+    bb.adapters["text_encoder_lora"] = list(encoders)  # encode_prompts keeps gradients for them
+    return encoders
 
 
 def lora_state_dict(trained: Trained, full: dict[str, Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Only the LoRA layers (`full`: the gathered state dicts of sharded modules)."""
+    """Only the adapter layers of each module with adapters (`full`: the gathered state dicts of sharded modules);
+    a method's other modules (DreamO's embeddings) are its own to save."""
     from peft.utils import get_peft_model_state_dict
 
-    module, gathered = trained.modules["denoiser"], (full or {}).get("denoiser")
-    return {"denoiser": {k: v.detach() for k, v in get_peft_model_state_dict(module, state_dict=gathered).items()}}
+    return {
+        name: {k: v.detach() for k, v in get_peft_model_state_dict(module, state_dict=(full or {}).get(name)).items()}
+        for name, module in trained.modules.items()
+        if hasattr(module, "peft_config")
+    }
 
 
 def load_lora_state_dict(trained: Trained, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(trained.modules["denoiser"], tensors["denoiser"])
-    if getattr(result, "unexpected_keys", None):
-        raise UserError(f"checkpoint: unexpected LoRA keys for denoiser: {result.unexpected_keys[:3]}")
+    for name, module in trained.modules.items():
+        if not hasattr(module, "peft_config"):
+            continue
+        result = set_peft_model_state_dict(module, tensors[name])
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"checkpoint: unexpected LoRA keys for {name}: {result.unexpected_keys[:3]}")
 
 
 def prepare(bb: Any, config: Config) -> Trained:
+    cfg = config.training.lora
     text_to_image.freeze(bb)
-    add_lora(bb.denoiser, bb.family, config.training.lora)
-    params = [p for p in bb.denoiser.parameters() if p.requires_grad]
-    return Trained({"denoiser": bb.denoiser}, params, lora_state_dict, load_lora_state_dict)
+    add_lora(bb.denoiser, bb.family, cfg)
+    if cfg.init_from:
+        from diffbase.methods.lora_init import init_from
+
+        init_from(bb, cfg, Path(cfg.init_from))
+    modules: dict[str, torch.nn.Module] = {"denoiser": bb.denoiser}
+    groups = None
+    if cfg.train_text_encoder:
+        encoders = add_text_encoder_lora(bb, cfg)
+        modules.update(encoders)
+        lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else config.training.learning_rate
+        groups = [{"params": trainable(bb.denoiser)},
+                  {"params": [p for e in encoders.values() for p in trainable(e)], "lr": lr}]  # fmt: skip
+    params = [p for m in modules.values() for p in trainable(m)]
+    return Trained(modules, params, lora_state_dict, load_lora_state_dict, param_groups=groups)
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
-    """The LoRA as diffusers and kohya/ComfyUI files, written from CPU copies."""
+    """The adapter as users load it, written from CPU copies: LoRA and rsLoRA as diffusers and kohya/ComfyUI files;
+    DoRA as a diffusers file (ComfyUI's DoRA normalises over the other axis, so a kohya file would differ);
+    LoKr and LoHa as a LyCORIS file (diffusers loads none)."""
     from peft.utils import get_peft_model_state_dict
 
-    from diffbase.models.lora_formats import peft_scales, save_diffusers_lora, save_lora, to_kohya
+    from diffbase.models.lora_formats import peft_scales, save_diffusers_lora, save_lora, to_lycoris
+    from diffbase.models.placement import cpu_state
+
+    spec, denoiser, folder, kind = bb.spec, bb.denoiser, out_dir / "lora", config.training.lora.type
+    if kind in LYCORIS:
+        state = cpu_state({f"{spec.denoiser}.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()})
+        lycoris = to_lycoris(state, peft_scales(denoiser, spec.denoiser), spec.denoiser == "unet")
+        return {"lycoris": str(save_lora(lycoris, folder / "lora_lycoris.safetensors"))}
+    encoders = {name: m for name, m in trained.modules.items() if name != "denoiser"}
+    files = {"diffusers": str(save_diffusers_lora(bb.pipe.__class__, folder, spec.denoiser, denoiser, encoders))}
+    if kind != "dora":
+        files["kohya"] = str(save_lora(kohya_state(bb, encoders), folder / "lora_kohya.safetensors"))
+    return files
+
+
+def kohya_state(bb: Any, encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The LoRA in kohya/ComfyUI names; text encoders as `lora_te_` (SD1.5) or `lora_te1_` / `lora_te2_`."""
+    from peft.utils import get_peft_model_state_dict
+
+    from diffbase.models.lora_formats import peft_scales, text_encoder_kohya, to_kohya
     from diffbase.models.lora_loading import linear_widths
     from diffbase.models.placement import cpu_state
 
-    spec, denoiser, folder = bb.spec, bb.denoiser, out_dir / "lora"
-    files = {"diffusers": str(save_diffusers_lora(bb.pipe.__class__, folder, spec.denoiser, denoiser))}
+    spec, denoiser = bb.spec, bb.denoiser
     state = cpu_state({f"{spec.denoiser}.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()})
-    kohya = to_kohya(state, peft_scales(denoiser, spec.denoiser), spec.family, linear_widths(denoiser, spec.denoiser))
-    files["kohya"] = str(save_lora(kohya, folder / "lora_kohya.safetensors"))
-    return files
+    out = to_kohya(state, peft_scales(denoiser, spec.denoiser), spec.family, linear_widths(denoiser, spec.denoiser))
+    for name, encoder in encoders.items():
+        prefix = "lora_te" if len(spec.text_encoders) == 1 else f"lora_te{1 if name == 'text_encoder' else 2}"
+        layers = cpu_state({f"{name}.{k}": v for k, v in get_peft_model_state_dict(encoder).items()})
+        out.update(text_encoder_kohya(layers, peft_scales(encoder, name), prefix))
+    return out
 
 
 LORA = register(
@@ -101,5 +217,6 @@ LORA = register(
         load=text_to_image.load,
         run=text_to_image.run,
         describe="LoRA on the denoiser",
+        check=check,
     )
 )

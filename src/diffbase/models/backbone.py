@@ -36,10 +36,11 @@ def prediction_kind(bb: Backbone) -> str:
 # --------------------------------------------------------------------------- prompts
 
 
-@torch.no_grad()
 def encode_prompts(bb: Backbone, prompts: list[str], image_hw: tuple[int, int] | None = None) -> Cond:
-    """The text conditioning the denoiser needs, computed by the pipeline's own `encode_prompt`."""
-    return bb.behaviour.encode_prompts(bb, prompts, image_hw)
+    """The text conditioning the denoiser needs, computed by the pipeline's own `encode_prompt`; with gradients
+    only while a text encoder trains (a LoRA on it: bb.adapters["text_encoder_lora"])."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder_lora" in bb.adapters):
+        return bb.behaviour.encode_prompts(bb, prompts, image_hw)
 
 
 def text_length(pipe: Any, family: str) -> dict[str, int]:

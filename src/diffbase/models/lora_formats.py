@@ -145,11 +145,43 @@ def kohya_flux_to_diffusers(state: dict[str, torch.Tensor], widths: dict[str, in
             ups = torch.split(up * scale, dims, dim=0)
             for p, u in zip(paths, ups, strict=True):  # dense: each slice keeps the whole down
                 out[f"{p}.lora_A.weight"], out[f"{p}.lora_B.weight"] = down, u.contiguous()
+    return out | kohya_clip_to_diffusers(state)
+
+
+def kohya_clip_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP text encoder's layers of a kohya FLUX.1 LoRA (`lora_te1_text_model_encoder_layers_N_...`) as peft
+    keys under `text_encoder.`, scale baked in."""
+    import re
+
+    pattern = re.compile(r"lora_te1_text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)\.lora_down\.weight")
+    out: dict[str, torch.Tensor] = {}
+    for key, down in state.items():
+        found = pattern.fullmatch(key)
+        if found is None:
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        scale = float(state.get(f"{name}.alpha", torch.tensor(float(down.shape[0])))) / down.shape[0]
+        path = "text_encoder.text_model.encoder.layers.{}.{}.{}".format(*found.groups())
+        out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = down, state[f"{name}.lora_up.weight"] * scale
     return out
 
 
 def is_kohya_flux(keys: list[str]) -> bool:
     return any(k.startswith(KOHYA_FLUX_MARKERS) for k in keys)
+
+
+def text_encoder_kohya(
+    state: dict[str, torch.Tensor], scales: dict[str, float], prefix: str
+) -> dict[str, torch.Tensor]:
+    """A text encoder's peft LoRA (keys `<component>.<path>.lora_A.weight`) in kohya names:
+    `<prefix>_text_model_<path>` (transformers 5's CLIP has no `text_model` level; kohya's names do)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, (a, b) in lora_layers(state).items():
+        inner = path.split(".", 1)[1]
+        name = f"{prefix}_" + ("" if inner.startswith("text_model.") else "text_model_") + inner.replace(".", "_")
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = a, b
+        out[f"{name}.alpha"] = torch.tensor(scales[path] * a.shape[0])
+    return out
 
 
 # --------------------------------------------------------------------------- XLabs (FLUX.1)
@@ -184,6 +216,73 @@ def to_xlabs(state: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[s
     return out
 
 
+# --------------------------------------------------------------------------- LyCORIS (LoKr, LoHa)
+
+# peft's LoKr and LoHa tensors keep LyCORIS's names and shapes; only the layer names and the scale differ.
+LYCORIS_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # fmt: skip
+
+
+def is_lycoris(keys: list[str]) -> bool:
+    return any(k.rpartition(".")[2] in LYCORIS_PARTS for k in keys)
+
+
+def lycoris_name(path: str, unet: bool) -> str:
+    """The layer's name in a LyCORIS file as ComfyUI maps it: kohya's `lora_unet_` for UNets, SimpleTuner's
+    `lycoris_` (diffusers module names) for transformers."""
+    return ("lora_unet_" if unet else "lycoris_") + path.replace(".", "_")
+
+
+def lycoris_layers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {part: tensor}} (parts: LYCORIS_PARTS and `alpha`)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        layer, _, part = key.rpartition(".")
+        layers.setdefault(layer, {})[part] = value
+    return layers
+
+
+def lycoris_rank(parts: dict[str, torch.Tensor]) -> int | None:
+    """The rank `alpha` is divided by, as ComfyUI reads it (None: a LoKr of full factors, whose alpha is unused)."""
+    if "hada_w1_b" in parts:
+        return parts["hada_w1_b"].shape[0]
+    for name in ("lokr_w2_b", "lokr_w1_b"):
+        if name in parts:
+            return parts[name].shape[0]
+    return None
+
+
+def lycoris_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weight change of one LoKr or LoHa layer, times alpha / rank (unshaped: the caller reshapes)."""
+
+    def factor(name: str) -> torch.Tensor:
+        return parts[name].float() if name in parts else parts[f"{name}_a"].float() @ parts[f"{name}_b"].float()
+
+    if "hada_w1_a" in parts:
+        delta = factor("hada_w1") * factor("hada_w2")
+    else:
+        delta = torch.kron(factor("lokr_w1"), factor("lokr_w2"))
+    rank = lycoris_rank(parts)
+    scale = float(parts["alpha"]) / rank if "alpha" in parts and rank is not None else 1.0
+    return delta * scale
+
+
+def to_lycoris(state: dict[str, torch.Tensor], scales: dict[str, float], unet: bool) -> dict[str, torch.Tensor]:
+    """A peft LoKr or LoHa (keys `<path>.lokr_w1`, ...) as a LyCORIS file: peft's alpha / rank is baked into the
+    first factor and `alpha` is written equal to the rank, so every reader applies scale 1."""
+    out: dict[str, torch.Tensor] = {}
+    for path, parts in lycoris_layers(state).items():
+        parts = dict(parts)
+        first = next(p for p in ("lokr_w1", "lokr_w1_a", "hada_w1_a") if p in parts)
+        parts[first] = parts[first] * scales[path]
+        name = lycoris_name(path.split(".", 1)[1], unet)
+        out.update({f"{name}.{part}": tensor for part, tensor in parts.items()})
+        rank = lycoris_rank(parts)
+        if rank is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
 def save_lora(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write a LoRA safetensors file atomically."""
     from safetensors.torch import save_file
@@ -195,15 +294,20 @@ def save_lora(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[s
 
 
 def save_diffusers_lora(
-    pipeline_cls: type, folder: str | Path, denoiser_name: str, denoiser: torch.nn.Module, adapter: str = "default"
+    pipeline_cls: type,
+    folder: str | Path,
+    denoiser_name: str,
+    denoiser: torch.nn.Module,
+    encoders: dict[str, torch.nn.Module] | None = None,
+    adapter: str = "default",
 ) -> Path:
-    """The denoiser's LoRA in diffusers format, with its peft config (alpha, rank) stored in the file's
-    metadata so that `load_lora_weights` restores the same scale."""
+    """The denoiser's (and text encoders') LoRA in diffusers format, with each peft config (alpha, rank, DoRA,
+    rsLoRA) in the file's metadata so that `load_lora_weights` restores the same layers and scale."""
     from peft.utils import get_peft_model_state_dict
 
-    layers = get_peft_model_state_dict(denoiser, adapter_name=adapter)
-    metadata = denoiser.peft_config[adapter].to_dict()
-    pipeline_cls.save_lora_weights(
-        folder, **{f"{denoiser_name}_lora_layers": layers, f"{denoiser_name}_lora_adapter_metadata": metadata}
-    )
+    args = {}
+    for name, module in {denoiser_name: denoiser, **(encoders or {})}.items():
+        args[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name=adapter)
+        args[f"{name}_lora_adapter_metadata"] = module.peft_config[adapter].to_dict()
+    pipeline_cls.save_lora_weights(folder, **args)
     return Path(folder) / "pytorch_lora_weights.safetensors"

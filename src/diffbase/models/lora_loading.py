@@ -12,7 +12,14 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.models import families
-from diffbase.models.lora_formats import is_kohya_flux, kohya_flux_to_diffusers
+from diffbase.models.lora_formats import (
+    is_kohya_flux,
+    is_lycoris,
+    kohya_flux_to_diffusers,
+    lycoris_delta,
+    lycoris_layers,
+    lycoris_name,
+)
 from diffbase.models.specs import FamilySpec
 
 # Key fragments that identify a LoRA's family; a LoRA of another family would load nothing.
@@ -71,6 +78,8 @@ def linear_widths(module: Any, prefix: str) -> dict[str, int]:
 
 
 def check_family(path: Path, keys: list[str], spec: FamilySpec) -> None:
+    if is_lycoris(keys):
+        return  # its layer names are checked against the model as it merges (merge_lycoris)
     if not any("lora" in k or k.endswith((".down.weight", ".up.weight")) for k in keys):
         raise UserError(f"{path}: no LoRA weights found (expected lora_A/lora_B, lora_down/lora_up or down/up keys)")
     own = families.get(spec.family).lora_markers
@@ -99,6 +108,9 @@ def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
         path, scale = parse_lora_arg(arg)
         keys = read_lora_keys(path)
         check_family(path, keys, spec)
+        if is_lycoris(keys):  # LoKr / LoHa: merged into the weights, as ComfyUI applies them
+            merge_lycoris(pipe, spec, path, scale)
+            continue
         name = f"lora{i}"
         source: Any = str(path)
         if families.get(spec.family).bfl_layout and is_kohya_flux(keys):  # diffusers' own converter assumes width 3072
@@ -114,3 +126,26 @@ def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
         weights.append(scale)
     if names:
         pipe.set_adapters(names, adapter_weights=weights)
+
+
+def merge_lycoris(pipe: Any, spec: FamilySpec, path: Path, scale: float) -> int:
+    """Add `scale` x each LoKr / LoHa layer's weight change to the denoiser's weights (diffusers loads no
+    LyCORIS file); returns the number of layers changed. Every layer of the file must be in the model."""
+    import torch
+
+    denoiser = getattr(pipe, spec.denoiser)
+    unet = spec.denoiser == "unet"
+    linears = {lycoris_name(n, unet): m for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = lycoris_layers(read_state(path))
+    missing = [name for name in layers if name not in linears]
+    if missing:
+        raise UserError(f"{path}: layer {missing[0]} (and {len(missing) - 1} more) is not in this {spec.pipeline}")
+    with torch.no_grad():
+        for name, parts in layers.items():
+            weight = linears[name].weight
+            if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+                raise UserError(f"{path}: LoKr / LoHa files are merged into the weights, which are quantized here; "
+                                "load the model without --quantize")  # fmt: skip
+            delta = lycoris_delta(parts).reshape(weight.shape)
+            weight.add_((scale * delta).to(weight.device, weight.dtype))
+    return len(layers)

@@ -199,7 +199,7 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
     for module in trained.modules.values():
         module.train()  # modules load in eval mode; LoRA dropout acts only in train mode
-    optimizer = make_optimizer(trained.trainable, config)
+    optimizer = make_optimizer(trained.trainable, config, trained.param_groups)
     steps = total_steps(config, batches_per_epoch)
     schedule = t.schedule
     if schedule.warmup_epochs > 0:  # in optimizer steps of this data and batch size
@@ -327,7 +327,7 @@ def log(
     run: Run, loss: torch.Tensor, logs: dict[str, torch.Tensor], metrics: Any, result: TrainResult
 ) -> tuple[float, float]:
     """After an optimizer step: schedule and EMA advance; loss, lr, grad norm and the method's own loss
-    terms (averaged over processes) go to metrics.jsonl and TensorBoard."""
+    terms (averaged over processes) go to metrics.jsonl and the trackers of logging.report_to."""
     acc = run.accelerator
     lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
     run.lr_scheduler.step()
@@ -376,22 +376,25 @@ def run_training(
         e = config.training.ema
         run.accelerator.print(f"EMA on (decay {e.decay:g}, every {e.update_every} step(s) from step {e.start_step}): "
                               "validation and the exports use the EMA weights")  # fmt: skip
-    metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step)
+    metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step, config=config)
     bar = tqdm(total=run.steps, initial=progress.step, desc=f"train {config.training.method}", unit="step",
                disable=not (show_progress and acc.is_main_process), dynamic_ncols=True)  # fmt: skip
     start, first_step = time.perf_counter(), progress.step
+    outcome = "failed"  # what the trackers' runs are marked, unless the loop ends
     try:
         with stop_on_signals() as run.stop:
             while progress.step < run.steps:
                 if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
                     break
         metrics.plot()
+        outcome = "finished"
     except Stopped:
+        outcome = "killed"
         metrics.plot()
         raise
     finally:
         bar.close()  # a stopping message goes on a line of its own
-        metrics.close()
+        metrics.close(outcome)
     result.all_losses = metrics.losses() if acc.is_main_process else result.losses
     bb.forward = None
     result.steps = progress.step

@@ -1,10 +1,16 @@
-"""Training metrics: metrics.jsonl always, TensorBoard when it is installed, and a loss plot PNG."""
+"""Training metrics: metrics.jsonl always, the trackers of `logging.report_to` (TensorBoard, W&B, MLflow),
+and a loss plot PNG."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from diffbase.training.trackers import Outcome, finish_all, log_image, start_trackers
+
+if TYPE_CHECKING:
+    from diffbase.config import Config
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -21,12 +27,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Scalars and images by step. Only the main process writes."""
+    """Scalars and images by step. Only the main process writes, and only it starts the trackers (`config`'s
+    logging.report_to; without a config, TensorBoard where installed). `close` ends their runs."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int = 0) -> None:
+    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int = 0, config: Config | None = None) -> None:
         self.out_dir, self.enabled = out_dir, enabled
         self.path = out_dir / "metrics.jsonl"
-        self.writer: Any = None
+        self.trackers: list[Any] = []
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -35,27 +42,19 @@ class MetricsLog:
 
             kept = [json.dumps(row) for row in self.history() if row["step"] <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1 or None)
-        except ImportError:  # tensorboard is optional; metrics.jsonl has the same numbers
-            self.writer = None
+        self.trackers = start_trackers(config, out_dir, resume_step)
 
     def scalars(self, step: int, **values: float) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def image(self, step: int, tag: str, image: Any) -> None:
-        if self.enabled and self.writer is not None:
-            import numpy as np
-
-            self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        for tracker in self.trackers:
+            log_image(tracker, tag, image, step)
 
     def history(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
@@ -78,6 +77,7 @@ class MetricsLog:
         image = line_plot({k: v for k, v in series.items() if v}, title="loss by step")
         return save_png_atomic(image, self.out_dir / "loss.png")
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, outcome: Outcome = "finished") -> None:
+        """End the trackers' runs (marked failed or killed where the run did not finish); once."""
+        trackers, self.trackers = self.trackers, []
+        finish_all(trackers, outcome)

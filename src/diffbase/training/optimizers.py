@@ -47,7 +47,10 @@ def optimizer_class(kind: str) -> Callable[..., torch.optim.Optimizer]:
         raise UserError(f"training.optimizer.type: {kind} needs {package} (pip install {package})") from None
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], config: Config, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
+    """`groups`: parameter groups with their own lr (a text encoder's), else one group of `params`."""
     t = config.training
     kind = t.optimizer.type
-    return optimizer_class(kind)(params, **arguments(kind, t.learning_rate, t.optimizer))
+    return optimizer_class(kind)(groups or params, **arguments(kind, t.learning_rate, t.optimizer))

@@ -34,6 +34,7 @@ class Trained:
     calls: dict[str, Any] = field(default_factory=dict)  # the prepared (wrapped) modules, set by the loop
     extras: dict[str, Any] = field(default_factory=dict)  # the method's own state (DreamFit's banks, caches)
     checkpointing: Callable[[], None] | None = None  # turns gradient checkpointing on (default: on `modules`)
+    param_groups: list[dict[str, Any]] | None = None  # optimizer groups with their own lr (default: one, `trainable`)
 
     def call(self, name: str) -> Any:
         """A trained module as the step must call it: through its DDP/FSDP wrapper when there is one."""
@@ -69,3 +70,4 @@ class Method:
     run: Callable[..., Any] | None = None  # inference: run(loaded, inputs, settings) -> PIL image
     describe: str = ""
     aliases: tuple[str, ...] = ()  # old names still read in configs (and their section under that name)
+    check: Callable[[Config], None] | None = None  # its settings, checked before anything loads

@@ -146,8 +146,12 @@ def train(
     The output folder is locked for the run; a start that fails with nothing to resume removes what it
     wrote, and a full disk or memory is one line saying what to change."""
     from diffbase.models.block_swap import check_settings
+    from diffbase.training.trackers import check_trackers
 
     check_settings(config)  # before the folder is claimed or anything loads
+    if method.check is not None:
+        method.check(config)
+    check_trackers(config)
     out_dir = Path(config.experiment.output_dir)
     state = process_state(config)
     try:
