@@ -42,6 +42,7 @@ TIERS = {
         "test_optimizers.py",
         "test_captions.py",
         "test_adapters.py",
+        "test_trainer_runs.py",
         "test_control_types.py",
         "test_trackers.py",
     },

@@ -163,6 +163,7 @@ class TrainingConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint_every: int = 500
+    export_every: int = 0  # steps between exports to OUTPUT_DIR/exports/step-N, each with its validation grid
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
     sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the registered method sections
@@ -188,7 +189,7 @@ class DatasetConfig:
 class DataConfig:
     train_path: str | None = None  # shorthand for one dataset
     datasets: list[DatasetConfig] = field(default_factory=list)
-    resolution: int = 512
+    resolution: int | list[int] = 512  # pixels per side (area about resolution^2); a list trains at each size
     bucket_step: int = 64  # 0 turns bucketing off: every image is cropped square
     min_bucket_side: int = 256
     max_bucket_side: int = 2048
@@ -204,6 +205,22 @@ class DataConfig:
     cache_text: bool = False
     cache_dir: str | None = None
     num_workers: int = 0
+
+    def __post_init__(self) -> None:  # a bad size stops the run at load, before the model loads
+        check_resolution(self.resolution, self.bucket_step)
+
+
+def check_resolution(value: int | list[int], step: int) -> None:
+    """data.resolution: one size or a non-empty list, each at least 8 pixels and, with buckets, at least
+    data.bucket_step (the smallest side a bucket can have)."""
+    sizes = [value] if isinstance(value, int) else list(value)
+    if not sizes:
+        raise UserError("data.resolution: expected a size or a non-empty list of sizes, got []")
+    for size in sizes:
+        if size < 8:
+            raise UserError(f"data.resolution: {size} is too small (expected at least 8 pixels)")
+        if step > 0 and size < step:
+            raise UserError(f"data.resolution: {size} is smaller than data.bucket_step ({step})")
 
 
 # The design document's spellings, read as diffbase's names (`config show` prints the canonical ones).

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffbase.data.buckets import largest_resolution
 from diffbase.errors import UserError
 from diffbase.models.footprint import GIB
 
@@ -74,7 +75,7 @@ def activations(config: Any, denoiser_config: dict[str, Any]) -> Part | None:
         return None
     width = denoiser_config.get("num_attention_heads", 0) * denoiser_config.get("attention_head_dim", 0)
     blocks = denoiser_config["num_layers"] + denoiser_config.get("num_single_layers", 0)
-    side = config.data.resolution // 16  # latents /8, 2x2 patches
+    side = largest_resolution(config.data) // 16  # latents /8, 2x2 patches; the largest size is the peak
     tokens = config.training.batch_size * (side * side + (config.model.text_max_length or 512))
     checkpointed = config.hardware.gradient_checkpointing is True or config.hardware.offload == "blocks"
     value = tokens * width * blocks * ACTIVATION_BYTES * (CHECKPOINTED if checkpointed else 1.0)

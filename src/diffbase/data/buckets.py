@@ -6,8 +6,23 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from diffbase.config import DataConfig
+
+
+def resolutions(data: DataConfig) -> list[int]:
+    """`data.resolution` as sorted distinct sizes: a single size is a list of one, so readers need no other case."""
+    value = data.resolution
+    return sorted({value} if isinstance(value, int) else set(value))
+
+
+def largest_resolution(data: DataConfig) -> int:
+    """The size where one is needed (validation and class images, the memory plan): the largest is the peak."""
+    return resolutions(data)[-1]
 
 
 def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:

@@ -24,6 +24,7 @@ from diffbase.data.buckets import (
     crop_geometry,
     make_buckets,
     resize_and_crop,
+    resolutions,
     same_crop,
 )
 from diffbase.data.captions import shuffled, with_trigger
@@ -257,31 +258,44 @@ def collate_items(
 
 
 class TrainDataset:
-    """Records -> bucketed, cropped tensors. Item i is the same every time for a given seed and epoch."""
+    """Records -> bucketed, cropped tensors. Item i is the same every time for a given seed and epoch. With
+    several sizes in data.resolution each record is an item once per size, in that size's buckets, so an
+    epoch sees every image at every size and a batch (one bucket) holds one size."""
 
     def __init__(self, records: list[Record], cfg: DataConfig, seed: int = 0) -> None:
         self.cfg, self.seed, self.epoch = cfg, seed, 0
         self.report = BadFileReport()
-        self.buckets_list = make_buckets(cfg.resolution, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side)
+        self.bucket_sets = {
+            r: make_buckets(r, cfg.bucket_step, cfg.min_bucket_side, cfg.max_bucket_side) for r in resolutions(cfg)
+        }  # each resolution's own buckets
         self.records: list[Record] = []
         self.bucket_of: list[tuple[int, int]] = []
         self.size_of: list[tuple[int, int]] = []  # (width, height) as stored
+        self.resolution_of: list[int] = []
         self.load_pixels = True  # False when latents come from the cache
-        sizes: dict[tuple[Path | None, ...], tuple[int, int] | None] = {}
-        for rec in records:  # checked once per entry's set of files (image and companions)
-            files = tuple(sorted(rec.slots.items()))
-            if files not in sizes:
-                sizes[files] = self._checked_size(rec)
-            size = sizes[files]
-            if size is None:
-                continue
-            w, h = size
-            self.records.append(rec)
-            self.size_of.append(size)
-            self.bucket_of.append(assign_bucket(h, w, self.buckets_list))
+        usable = self._usable(records)
+        for resolution, buckets in self.bucket_sets.items():  # every record once per resolution, in its buckets
+            for rec, (w, h) in usable:
+                self.records.append(rec)
+                self.size_of.append((w, h))
+                self.bucket_of.append(assign_bucket(h, w, buckets))
+                self.resolution_of.append(resolution)
         if not self.records:
             raise UserError(f"data: every image was unusable; {self.report.summary()}")
         self.own_buckets: dict[str, list[tuple[int, int] | None]] = {}  # slot -> its own bucket per item
+
+    def _usable(self, records: list[Record]) -> list[tuple[Record, tuple[int, int]]]:
+        """The records whose files can be read, with the image's (width, height); each entry's set of files
+        (image and companions) is checked once, however often it repeats."""
+        sizes: dict[tuple[Path | None, ...], tuple[int, int] | None] = {}
+        usable = []
+        for rec in records:
+            files = tuple(sorted(rec.slots.items()))
+            if files not in sizes:
+                sizes[files] = self._checked_size(rec)
+            if sizes[files] is not None:
+                usable.append((rec, sizes[files]))
+        return usable
 
     def bucket_slots_separately(self, slots: tuple[str, ...]) -> None:
         """Give these companion slots (an edit's source and references) buckets of their own where their size
@@ -294,7 +308,8 @@ class TrainDataset:
                 path = rec.slots.get(slot)
                 size = image_size(path) if path is not None else None  # checked when the records were read
                 same = size is None or size == self.size_of[i]
-                buckets.append(None if same else assign_bucket(size[1], size[0], self.buckets_list))
+                own = self.bucket_sets[self.resolution_of[i]]  # the item's resolution's buckets
+                buckets.append(None if same else assign_bucket(size[1], size[0], own))
             self.own_buckets[slot] = buckets
 
     def bucket_for(self, i: int, slot: str) -> tuple[int, int]:
@@ -320,7 +335,8 @@ class TrainDataset:
     def sampler(self, batch_size: int, shuffle: bool = True) -> BucketBatchSampler:
         groups: dict[Any, list[int]] = {}
         for i, bucket in enumerate(self.bucket_of):
-            key = (bucket, *(self.bucket_for(i, slot) for slot in sorted(self.own_buckets)))
+            # the resolution too: a batch holds one resolution's items even where two share a bucket
+            key = (bucket, *(self.bucket_for(i, slot) for slot in sorted(self.own_buckets)), self.resolution_of[i])
             groups.setdefault(key, []).append(i)
         return BucketBatchSampler(groups, batch_size, self.seed, shuffle)
 

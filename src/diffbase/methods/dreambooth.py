@@ -1,11 +1,12 @@
-"""DreamBooth: a LoRA trained on the instance images with the instance prompt, and prior preservation on
-class images the base model generates (weighted by `prior_loss_weight`). Logs the two loss terms."""
+"""DreamBooth: a LoRA (or every denoiser weight: `train: full`) trained on the instance images with the instance
+prompt, and prior preservation on class images the base model generates (weighted by `prior_loss_weight`), with
+or without the CLIP text encoder(s) training too. Logs the two loss terms."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +24,8 @@ class DreamBoothConfig:
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
     with_prior_preservation: bool = True
+    train: Literal["lora", "full"] = "lora"  # full: every denoiser weight (diffusers' train_dreambooth.py)
+    train_text_encoder: bool = False  # the CLIP text encoder(s) too: a LoRA on them, or (full) all their weights
 
 
 register_key_alias(DreamBoothConfig, "prior_preservation_weight", "prior_loss_weight")  # the design document's name
@@ -70,10 +73,11 @@ def class_records(config: Config, bb: Any) -> list[Any]:
 def generate_class_images(config: Config, folder: Path, count: int, start: int, bb: Any) -> None:
     from tqdm import tqdm
 
+    from diffbase.data.buckets import largest_resolution
     from diffbase.generate import GenerateSettings, generate
     from diffbase.io import save_png_atomic
 
-    size = config.data.resolution
+    size = largest_resolution(config.data)
     for i in tqdm(range(count), desc="class images", unit="img"):
         settings = GenerateSettings(
             prompt=config.training.dreambooth.class_prompt,
@@ -83,6 +87,48 @@ def generate_class_images(config: Config, folder: Path, count: int, start: int, 
             width=size,
         )
         save_png_atomic(generate(bb.pipe, bb.spec, settings), folder / f"class_{start + i:05d}.png")
+
+
+def check(config: Config) -> None:
+    db = config.training.dreambooth
+    if db.train == "full" and config.model.quantize not in ("none", None):
+        raise UserError("model.quantize: training.dreambooth.train full trains the base's own weights; set "
+                        "model.quantize: none, or train: lora")  # fmt: skip
+    lora.check(config)
+    if db.train_text_encoder:
+        lora.check_text_encoder_trains(config, "training.dreambooth.train_text_encoder")
+
+
+def prepare(bb: Any, config: Config) -> Trained:
+    db = config.training.dreambooth
+    if db.train == "lora":
+        cfg = config.training.lora
+        return lora.prepare(
+            bb, config, replace(cfg, train_text_encoder=cfg.train_text_encoder or db.train_text_encoder)
+        )
+    text_to_image.freeze(bb)
+    bb.denoiser.requires_grad_(True)
+    modules: dict[str, torch.nn.Module] = {"denoiser": bb.denoiser}
+    groups = None
+    if db.train_text_encoder:
+        encoders = lora.trained_text_encoders(bb, "training.dreambooth.train_text_encoder")
+        for encoder in encoders.values():
+            encoder.requires_grad_(True)
+        modules.update(encoders)
+        groups = lora.text_encoder_groups(config, list(bb.denoiser.parameters()), encoders)
+    return Trained(modules, [p for m in modules.values() for p in m.parameters()], param_groups=groups)
+
+
+def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
+    """A LoRA as the lora method writes it, or (full) each trained component as a diffusers folder."""
+    if config.training.dreambooth.train == "lora":
+        return lora.export(config, bb, trained, out_dir)
+    files = {}
+    for name, module in trained.modules.items():
+        component = bb.spec.denoiser if name == "denoiser" else name
+        module.save_pretrained(out_dir / component)
+        files[name] = str(out_dir / component)
+    return files
 
 
 def loss(
@@ -101,15 +147,15 @@ def loss(
 DREAMBOOTH = register(
     Method(
         name="dreambooth",
-        prepare=lora.prepare,
+        prepare=prepare,
         loss=loss,
-        export=lora.export,
+        export=export,
         dataset=dataset,
         validate=text_to_image.validate,
         section=("dreambooth", DreamBoothConfig),
         load=text_to_image.load,
         run=text_to_image.run,
         describe="a LoRA on instance images with prior preservation",
-        check=lora.check,
+        check=check,
     )
 )

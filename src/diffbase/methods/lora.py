@@ -90,32 +90,49 @@ def check(config: Config) -> None:
     if cfg.type in LYCORIS:
         raise UserError(f"training.lora.train_text_encoder: not with type {cfg.type} (its files carry the denoiser "
                         "only); use type lora, dora or rslora")  # fmt: skip
-    if config.data.cache_text:
-        raise UserError("data.cache_text: the text encoder trains (training.lora.train_text_encoder), so captions "
-                        "are encoded at each step; set data.cache_text: false")  # fmt: skip
-    if config.hardware.offload != "none":
-        raise UserError(f"hardware.offload: {config.hardware.offload} parks the text encoders on the CPU, but they "
-                        "train here (training.lora.train_text_encoder); set hardware.offload: none")  # fmt: skip
     if t.method not in ("lora", "dreambooth"):
         raise UserError(f"training.lora.train_text_encoder: for methods lora and dreambooth, not {t.method}")
+    check_text_encoder_trains(config, "training.lora.train_text_encoder")
+
+
+def check_text_encoder_trains(config: Config, key: str) -> None:
+    """A text encoder that trains is called at every step on the training device."""
+    if config.data.cache_text:
+        raise UserError(f"data.cache_text: the text encoder trains ({key}), so captions are encoded at each step; "
+                        "set data.cache_text: false")  # fmt: skip
+    if config.hardware.offload != "none":
+        raise UserError(f"hardware.offload: {config.hardware.offload} parks the text encoders on the CPU, but they "
+                        f"train here ({key}); set hardware.offload: none")  # fmt: skip
+
+
+def trained_text_encoders(bb: Any, key: str) -> dict[str, torch.nn.Module]:
+    """The CLIP text encoders that train (`key` says which setting asked), marked so that encode_prompts keeps
+    their gradients."""
+    names = text_encoder_names(bb.pipe.__class__, bb.spec)
+    if not names:
+        raise UserError(f"{key}: {bb.spec.pipeline} LoRA files carry no text encoder (diffusers reads the denoiser "
+                        "only), so diffbase trains none for it; set it to false")  # fmt: skip
+    bb.adapters["text_encoder_trains"] = names
+    return {name: getattr(bb.pipe, name) for name in names}
+
+
+def text_encoder_groups(config: Config, denoiser: list[Any], encoders: dict[str, torch.nn.Module]) -> list[dict]:
+    """Two optimizer groups: the denoiser's parameters at training.learning_rate, the text encoders' at
+    training.lora.text_encoder_lr (when set)."""
+    lr = config.training.lora.text_encoder_lr
+    text = {"params": [p for e in encoders.values() for p in trainable(e)]}
+    return [{"params": denoiser}, text | ({"lr": lr} if lr is not None else {})]
 
 
 def add_text_encoder_lora(bb: Any, cfg: LoraConfig) -> dict[str, torch.nn.Module]:
     """A plain LoRA on each CLIP text encoder's attention (rank and alpha as the denoiser's)."""
     import peft
 
-    names = text_encoder_names(bb.pipe.__class__, bb.spec)
-    if not names:
-        raise UserError(f"training.lora.train_text_encoder: {bb.spec.pipeline} LoRA files carry no text encoder "
-                        "(diffusers reads the denoiser only); set it to false")  # fmt: skip
-    encoders = {}
-    for name in names:
-        encoder = getattr(bb.pipe, name)
+    encoders = trained_text_encoders(bb, "training.lora.train_text_encoder")
+    for encoder in encoders.values():
         targets = lora_target_names(encoder, list(TEXT_TARGETS), "training.lora.train_text_encoder")
         encoder.add_adapter(peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                             init_lora_weights="gaussian", target_modules=targets))  # fmt: skip
-        encoders[name] = encoder
-    bb.adapters["text_encoder_lora"] = list(encoders)  # encode_prompts keeps gradients for them
     return encoders
 
 
@@ -142,8 +159,9 @@ def load_lora_state_dict(trained: Trained, tensors: dict[str, dict[str, torch.Te
             raise UserError(f"checkpoint: unexpected LoRA keys for {name}: {result.unexpected_keys[:3]}")
 
 
-def prepare(bb: Any, config: Config) -> Trained:
-    cfg = config.training.lora
+def prepare(bb: Any, config: Config, cfg: LoraConfig | None = None) -> Trained:
+    """`cfg`: the LoRA settings when a method changes them (DreamBooth's train_text_encoder); else training.lora."""
+    cfg = cfg or config.training.lora
     text_to_image.freeze(bb)
     add_lora(bb.denoiser, bb.family, cfg)
     if cfg.init_from:
@@ -155,9 +173,7 @@ def prepare(bb: Any, config: Config) -> Trained:
     if cfg.train_text_encoder:
         encoders = add_text_encoder_lora(bb, cfg)
         modules.update(encoders)
-        lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else config.training.learning_rate
-        groups = [{"params": trainable(bb.denoiser)},
-                  {"params": [p for e in encoders.values() for p in trainable(e)], "lr": lr}]  # fmt: skip
+        groups = text_encoder_groups(config, trainable(bb.denoiser), encoders)
     params = [p for m in modules.values() for p in trainable(m)]
     return Trained(modules, params, lora_state_dict, load_lora_state_dict, param_groups=groups)
 

@@ -38,8 +38,8 @@ def prediction_kind(bb: Backbone) -> str:
 
 def encode_prompts(bb: Backbone, prompts: list[str], image_hw: tuple[int, int] | None = None) -> Cond:
     """The text conditioning the denoiser needs, computed by the pipeline's own `encode_prompt`; with gradients
-    only while a text encoder trains (a LoRA on it: bb.adapters["text_encoder_lora"])."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder_lora" in bb.adapters):
+    only while a text encoder trains (bb.adapters["text_encoder_trains"])."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and "text_encoder_trains" in bb.adapters):
         return bb.behaviour.encode_prompts(bb, prompts, image_hw)
 
 

@@ -98,6 +98,7 @@ class Run:
     ema: Any
     steps: int
     cache: Any = None
+    export: Any = None  # export(trained, ema, step): the method's files for users, written during the run
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     stop: StopRequest = field(default_factory=StopRequest)
@@ -354,11 +355,13 @@ def run_training(
     stop_after: int | None = None,
     show_progress: bool = True,
     validation: tuple[Any, Any] = (None, None),
+    export: Any = None,
 ) -> TrainResult:
     """Train `bb` with `method` on `dataset` batched by `sampler` (index lists of one global batch each).
 
-    `validation` is the held-out dataset (or None) and its cache. `stop_after` ends the run early
-    after that many optimizer steps (as if it crashed), for tests.
+    `validation` is the held-out dataset (or None) and its cache. `export(trained, ema, step)` writes the method's
+    files every `training.export_every` steps. `stop_after` ends the run early after that many optimizer steps (as
+    if it crashed), for tests.
     """
     from tqdm import tqdm
 
@@ -366,6 +369,7 @@ def run_training(
 
     out_dir = Path(config.experiment.output_dir)
     run = set_up(config, method, bb, len(sampler), cache)
+    run.export = export
     set_checkpointing(run, lambda: probe_step(run, batch_for(run, dataset, next(iter(sampler)))))
     resume(run, out_dir / "checkpoints", resume_arg)
     acc, progress = run.accelerator, run.progress
@@ -435,8 +439,11 @@ def epoch(
         t, saved = run.config.training, None
         if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
             result.checkpoint = saved = save(run, Path(run.config.experiment.output_dir) / "checkpoints")
-        if done or (t.validation.every and progress.step % t.validation.every == 0):
+        exporting = not done and run.export is not None and t.export_every and progress.step % t.export_every == 0
+        if done or exporting or (t.validation.every and progress.step % t.validation.every == 0):
             validate(run, dataset, validation, metrics, result)
+        if exporting:
+            export_now(run)
         if done:
             return True
         if stop_requested(run):
@@ -519,6 +526,17 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
         for name, value in out.metrics.items():
             result.val_losses.append((step_no, value))
             metrics.scalars(step_no, **{name: value})
+    acc.wait_for_everyone()
+
+
+def export_now(run: Run) -> None:
+    """The method's files at this step (training.export_every), written by the main process while the others wait."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process and is_sharded(acc):
+        acc.print("export: skipped during the run, the model is sharded across processes (FSDP/DeepSpeed)")
+    elif acc.is_main_process:
+        run.export(run.trained, run.ema, run.progress.step)
     acc.wait_for_everyone()
 
 

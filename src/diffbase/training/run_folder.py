@@ -23,11 +23,13 @@ LOCK_NAME = ".diffbase.lock"
 # What a run leaves in its output folder (the cache and DreamBooth's class images are kept by --overwrite:
 # they are keyed by content and reusable).
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "validation", "loss.png", "losses.json", "exports.json",
-             "config.yaml")  # fmt: skip
+             "config.yaml", "exports", "wandb", "mlruns")  # fmt: skip
 # Where a run writes through temporary names, and the names: `.NAME.XXXX.tmp` files (io.atomic_write),
-# `.tmp-*` checkpoint folders, `.export-*` staging folders and `.old-*` exports being replaced. Only these
+# `.tmp-*` checkpoint folders, `.export-*` staging folders and `.old-*` exports being replaced (also in each
+# exports/step-N), computed ControlNet controls (controls/<type>/). Only these
 # places are cleaned: the cache may be shared with another command, and a folder may hold other runs.
-TEMP_PLACES = {".": (".*.tmp", ".export-*", ".old-*"), "checkpoints": (".tmp-*",), "validation": (".*.tmp",)}
+TEMP_PLACES = {".": (".*.tmp", ".export-*", ".old-*"), "checkpoints": (".tmp-*",), "validation": (".*.tmp",),
+               "exports": ("*/.*.tmp", "*/.export-*", "*/.old-*"), "controls": ("*/.*.tmp",)}  # fmt: skip
 
 
 @dataclass

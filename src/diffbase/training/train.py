@@ -205,7 +205,7 @@ def _train(
     dataset, sampler, held_out, caches = datasets(config, method, bb, show_progress, state)
     result = run_training(
         config, method, bb, dataset, sampler, resume_arg=resume, cache=caches[0], stop_after=stop_after,
-        show_progress=show_progress, validation=(held_out, caches[1]),
+        show_progress=show_progress, validation=(held_out, caches[1]), export=exporter(config, method, bb),
     )  # fmt: skip
     if dataset.report.files:
         print(dataset.report.summary())
@@ -218,6 +218,31 @@ def _train(
         write_json_atomic(out_dir / "losses.json", result.all_losses)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
+
+
+def exporter(config: Config, method: Method, bb: Backbone) -> Any:
+    """export(trained, ema, step): the method's files in OUTPUT_DIR/exports/step-N with that step's validation grid
+    and an exports.json, each file whole the moment it appears (a later export never touches an earlier one)."""
+    import shutil
+
+    from diffbase.io import default_modes, write_json_atomic
+
+    out_dir = Path(config.experiment.output_dir)
+
+    def export(trained: Any, ema: Any, step: int) -> None:
+        folder = out_dir / "exports" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with ema_weights(ema, trained.trainable):
+            files = export_atomically(method, config, bb, trained, folder)
+        for path in files.values():
+            default_modes(Path(path))
+        grid = out_dir / "validation" / f"step-{step:06d}.png"
+        if grid.is_file():
+            shutil.copyfile(grid, folder / "validation.png")
+        write_json_atomic(folder / "exports.json", files)
+        print(f"export: step {step} in {folder}")
+
+    return export
 
 
 def export_atomically(method: Method, config: Config, bb: Backbone, trained: Any, out_dir: Path) -> dict[str, str]:

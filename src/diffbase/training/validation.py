@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from diffbase.config import Config
+from diffbase.data.buckets import largest_resolution
 from diffbase.errors import UserError
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on
@@ -36,7 +37,8 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
     from diffbase.grid import image_grid
 
     v = config.training.validation
-    h, w = v.size or (config.data.resolution, config.data.resolution)
+    side = largest_resolution(config.data)
+    h, w = v.size or (side, side)
     pipe, extra = bb.pipe, [{} for _ in v.prompts]
     if bb.controlnet is not None:
         import diffusers
