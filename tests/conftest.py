@@ -45,6 +45,7 @@ TIERS = {
         "test_trainer_runs.py",
         "test_control_types.py",
         "test_trackers.py",
+        "test_resolutions.py",
     },
     "learning": {  # something learns, or the whole program runs end to end (processes, a browser, faults)
         "test_faults.py",

@@ -19,7 +19,7 @@ def test_there_is_an_experiment_for_each_family_and_method() -> None:
             if method == "controlnet" and family.startswith("flux2"):
                 continue  # diffusers has no FLUX.2 ControlNet model
             assert f"{family}_{method}" in names
-    assert len(TINY_EXPERIMENTS) == 27
+    assert len(TINY_EXPERIMENTS) == 28  # with seed_example: the design document's own example experiment
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])

@@ -12,7 +12,13 @@ from diffbase.errors import UserError
 from tests.helpers import SHAPES, TINY_EXPERIMENTS, run_cli
 
 FLUX_LORA = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
-ON_A_CPU = ("adamw", "lion", "prodigy", "adafactor")  # the 8-bit ones are bitsandbytes' (CUDA): the GPU stage
+ON_A_CPU = (
+    "adamw",
+    "lion",
+    "prodigy",
+    "adafactor",
+    "adamw_schedulefree",
+)  # the 8-bit ones are bitsandbytes' (CUDA): the GPU stage
 
 
 @pytest.mark.parametrize("kind", ON_A_CPU)
@@ -97,3 +103,29 @@ def test_noise_offset_shifts_each_channel_by_one_draw_and_is_off_by_default(tiny
     shift = offset - plain
     assert shift.abs().sum() > 0
     torch.testing.assert_close(shift, shift[..., :1, :1].expand_as(shift))  # constant over each channel's pixels
+
+
+def test_schedule_free_adamw_exports_and_validates_its_averaged_weights(tmp_path) -> None:
+    """Schedule-free AdamW steps one sequence of weights (y) and is evaluated on their average (x): the export is
+    x, and the run keeps training on y between validations."""
+    from safetensors.torch import load_file
+
+    from diffbase.methods import train
+
+    config = load_config(FLUX_LORA, ["training.max_steps=4", "training.checkpoint_every=0", "training.validation.every=2",
+                                     "training.validation.steps=2", f"data.train_path={SHAPES}",
+                                     f"experiment.output_dir={tmp_path}", "training.optimizer.type=adamw_schedulefree",
+                                     "training.schedule.warmup_steps=2"])  # fmt: skip
+    result = train(config, show_progress=False)
+    optimizer = result.optimizer
+    assert optimizer.param_groups[0]["train_mode"] is False  # switched to the average for the export
+    exported = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    names = {id(p): "transformer." + n.replace(".default", "") for n, p in result.trained.modules["denoiser"]
+             .named_parameters() if p.requires_grad}  # fmt: skip
+    for p in result.trained.trainable:
+        torch.testing.assert_close(exported[names[id(p)]], p.detach().cpu(), rtol=0, atol=0)  # x is exported
+    x = [p.detach().clone() for p in result.trained.trainable]
+    optimizer.train()  # back to the training sequence: y differs from x once the weights moved
+    moved = sum(int(not torch.allclose(p.detach(), a)) for p, a in zip(result.trained.trainable, x, strict=True))
+    assert moved > 0
+    assert optimizer.param_groups[0]["warmup_steps"] == 2 and optimizer.param_groups[0]["lr"] == 0.01

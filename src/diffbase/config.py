@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor"] = "adamw"
+    type: Literal["adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "adamw_schedulefree"] = "adamw"
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from diffbase.attention import apply_attention, choose
-from diffbase.config import Config, dump_yaml
+from diffbase.config import Config, ScheduleConfig, dump_yaml
 from diffbase.errors import Stopped, UserError
 from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
-from diffbase.training.optimizers import make_optimizer
+from diffbase.training.optimizers import averaged_weights, make_optimizer, schedule_free, set_mode
 from diffbase.training.schedule import make_scheduler
 from diffbase.training.seam import Method, Trained
 
@@ -47,6 +47,7 @@ class TrainResult:
     backbone: Any = None
     trained: Trained | None = None  # the method's modules, for export
     ema: Any = None  # diffusers' EMAModel when training.ema is on: validation and export use its weights
+    optimizer: Any = None  # the (accelerate-wrapped) optimizer, left in eval mode at the end (schedule-free)
 
 
 STOP_SIGNALS = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGINT: ("SIGINT", 130)}
@@ -200,12 +201,16 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
     for module in trained.modules.values():
         module.train()  # modules load in eval mode; LoRA dropout acts only in train mode
-    optimizer = make_optimizer(trained.trainable, config, trained.param_groups)
     steps = total_steps(config, batches_per_epoch)
     schedule = t.schedule
     if schedule.warmup_epochs > 0:  # in optimizer steps of this data and batch size
         per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation)
         schedule = replace(schedule, warmup_steps=max(1, round(schedule.warmup_epochs * per_epoch)))
+    optimizer = make_optimizer(trained.trainable, config, trained.param_groups, schedule.warmup_steps)
+    if schedule_free(config):  # its own schedule: the warm-up went to the optimizer, the lr stays constant
+        accelerator.print(f"adamw_schedulefree: its own schedule (warm-up {schedule.warmup_steps} steps, then "
+                          f"constant); training.schedule.type {schedule.type} is not used")  # fmt: skip
+        schedule = ScheduleConfig(type="constant", warmup_steps=0)
     lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, schedule)
     ema = make_ema(config, trained.trainable)
     names = list(trained.modules)
@@ -375,7 +380,9 @@ def run_training(
     acc, progress = run.accelerator, run.progress
     if acc.is_main_process:  # the run's record, once its set-up succeeded (a config error leaves nothing)
         write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
-    result = TrainResult(steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained, ema=run.ema)
+    result = TrainResult(
+        steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained, ema=run.ema, optimizer=run.optimizer
+    )
     if run.ema is not None:
         e = config.training.ema
         run.accelerator.print(f"EMA on (decay {e.decay:g}, every {e.update_every} step(s) from step {e.start_step}): "
@@ -399,6 +406,8 @@ def run_training(
     finally:
         bar.close()  # a stopping message goes on a line of its own
         metrics.close(outcome)
+    if progress.step >= run.steps:
+        set_mode(run.optimizer, "eval")  # a schedule-free optimizer's averaged weights are the result to export
     result.all_losses = metrics.losses() if acc.is_main_process else result.losses
     bb.forward = None
     result.steps = progress.step
@@ -518,7 +527,7 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
         if config.training.validation.prompts or validation[0] is not None:
             acc.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
     elif acc.is_main_process:
-        with acc.autocast(), ema_weights(run.ema, run.trained.trainable):
+        with acc.autocast(), averaged_weights(run.optimizer), ema_weights(run.ema, run.trained.trainable):
             out = run.method.validate(config, run.bb, run.trained, dataset, validation)
         if out.grid is not None:
             save_png_atomic(out.grid, Path(config.experiment.output_dir) / "validation" / f"step-{step_no:06d}.png")
@@ -536,7 +545,8 @@ def export_now(run: Run) -> None:
     if acc.is_main_process and is_sharded(acc):
         acc.print("export: skipped during the run, the model is sharded across processes (FSDP/DeepSpeed)")
     elif acc.is_main_process:
-        run.export(run.trained, run.ema, run.progress.step)
+        with averaged_weights(run.optimizer):
+            run.export(run.trained, run.ema, run.progress.step)
     acc.wait_for_everyone()
 
 

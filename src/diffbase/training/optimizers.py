@@ -1,11 +1,13 @@
 """The optimizer a config names, from the package that maintains it: AdamW (torch), 8-bit AdamW and Lion
-(bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt), Adafactor (transformers). A package that is not
-installed is a one-line error naming what to install."""
+(bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt), Adafactor (transformers), schedule-free AdamW
+(schedulefree: validation and exports use its averaged weights). A package that is not installed is a one-line
+error naming what to install."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,16 +23,20 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes"),
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "adafactor": ("transformers.optimization", "Adafactor", "transformers"),
+    "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
 }
 
 
-def arguments(kind: str, lr: float, o: Any) -> dict[str, Any]:
+def arguments(kind: str, lr: float, o: Any, warmup_steps: int = 0) -> dict[str, Any]:
     """Each optimizer's own spelling of the config's settings (Lion's betas default to (0.9, 0.99); Prodigy
     expects lr near 1.0, a multiplier of the step size it finds; Adafactor here takes the given lr, not its own
     relative step)."""
     betas = tuple(o.betas)
     if kind in ("lion", "lion8bit"):
         return {"lr": lr, "betas": betas, "weight_decay": o.weight_decay}
+    if kind == "adamw_schedulefree":  # its own schedule: the warm-up is its, the lr constant (see make_scheduler)
+        return {"lr": lr, "betas": betas, "eps": o.eps, "weight_decay": o.weight_decay,
+                "warmup_steps": warmup_steps}  # fmt: skip
     if kind == "adafactor":
         return {"lr": lr, "weight_decay": o.weight_decay, "relative_step": False, "scale_parameter": False,
                 "warmup_init": False}  # fmt: skip
@@ -48,9 +54,35 @@ def optimizer_class(kind: str) -> Callable[..., torch.optim.Optimizer]:
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], config: Config, groups: list[dict[str, Any]] | None = None
+    params: list[torch.nn.Parameter], config: Config, groups: list[dict[str, Any]] | None = None, warmup: int = 0
 ) -> torch.optim.Optimizer:
-    """`groups`: parameter groups with their own lr (a text encoder's), else one group of `params`."""
+    """`groups`: parameter groups with their own lr (a text encoder's), else one group of `params`. `warmup`:
+    the warm-up steps an optimizer with its own schedule takes over."""
     t = config.training
     kind = t.optimizer.type
-    return optimizer_class(kind)(groups or params, **arguments(kind, t.learning_rate, t.optimizer))
+    optimizer = optimizer_class(kind)(groups or params, **arguments(kind, t.learning_rate, t.optimizer, warmup))
+    set_mode(optimizer, "train")
+    return optimizer
+
+
+def schedule_free(config: Config) -> bool:
+    return config.training.optimizer.type == "adamw_schedulefree"
+
+
+def set_mode(optimizer: Any, mode: str) -> None:
+    """A schedule-free optimizer trains on one sequence of weights and is evaluated on another (their average):
+    `train` / `eval` switch the parameters between them. A no-op for every other optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds it
+    switch = getattr(inner, mode, None)
+    if callable(switch) and "train_mode" in inner.param_groups[0]:
+        switch()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: Any) -> Iterator[None]:
+    """The parameters a schedule-free optimizer is evaluated on, for the duration (validation, a mid-run export)."""
+    set_mode(optimizer, "eval")
+    try:
+        yield
+    finally:
+        set_mode(optimizer, "train")
