@@ -378,15 +378,7 @@ def run_training(
     set_checkpointing(run, lambda: probe_step(run, batch_for(run, dataset, next(iter(sampler)))))
     resume(run, out_dir / "checkpoints", resume_arg)
     acc, progress = run.accelerator, run.progress
-    if acc.is_main_process:  # the run's record, once its set-up succeeded (a config error leaves nothing)
-        write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
-    result = TrainResult(
-        steps=progress.step, output_dir=out_dir, backbone=bb, trained=run.trained, ema=run.ema, optimizer=run.optimizer
-    )
-    if run.ema is not None:
-        e = config.training.ema
-        run.accelerator.print(f"EMA on (decay {e.decay:g}, every {e.update_every} step(s) from step {e.start_step}): "
-                              "validation and the exports use the EMA weights")  # fmt: skip
+    result = begin(run, out_dir)
     metrics = MetricsLog(out_dir, enabled=acc.is_main_process, resume_step=progress.step, config=config)
     bar = tqdm(total=run.steps, initial=progress.step, desc=f"train {config.training.method}", unit="step",
                disable=not (show_progress and acc.is_main_process), dynamic_ncols=True)  # fmt: skip
@@ -413,6 +405,20 @@ def run_training(
     result.steps = progress.step
     result.finished = progress.step >= run.steps
     return result
+
+
+def begin(run: Run, out_dir: Path) -> TrainResult:
+    """The run's record once its set-up succeeded (a config error leaves nothing): config.yaml, and the result
+    that collects what the loop does; says when EMA weights are what validation and export use."""
+    config = run.config
+    if run.accelerator.is_main_process:
+        write_text_atomic(out_dir / "config.yaml", dump_yaml(config))
+    if run.ema is not None:
+        e = config.training.ema
+        run.accelerator.print(f"EMA on (decay {e.decay:g}, every {e.update_every} step(s) from step {e.start_step}): "
+                              "validation and the exports use the EMA weights")  # fmt: skip
+    return TrainResult(steps=run.progress.step, output_dir=out_dir, backbone=run.bb, trained=run.trained, ema=run.ema,
+                       optimizer=run.optimizer)  # fmt: skip
 
 
 def epoch(
