@@ -43,6 +43,7 @@ TIERS = {
         "test_captions.py",
         "test_adapters.py",
         "test_trainer_runs.py",
+        "test_metrics.py",
         "test_control_types.py",
         "test_trackers.py",
         "test_resolutions.py",

@@ -216,3 +216,35 @@ def write_dreamo_folder(pipe, folder: Path) -> None:
     emb = dreamo_embeddings(pipe)
     write_dreamo_file(folder / "dreamo.safetensors", state, scales,
                       {"t5": emb.t5.weight.detach(), "task": emb.task.weight.detach(), "idx": emb.idx.weight.detach()})  # fmt: skip
+
+
+def tiny_dino(folder: Path) -> Path:
+    """A random-weight DINOv2 folder (model and image processor), built locally: the feature network's plumbing."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                          image_size=28, patch_size=14)  # fmt: skip
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_normalize=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A random-weight CLIP folder (model, image processor, tiny tokenizer), built locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffbase.models.tokenizers import clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tok),
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(folder)
+    return folder

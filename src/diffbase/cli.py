@@ -10,7 +10,7 @@ from diffbase.errors import Stopped, UserError
 
 # The modules of the commands that belong to no method; each adds its parsers with add_parsers(sub). `--help`
 # lists them around the methods' own commands (each method package's command.py).
-FIRST = ("diffbase.commands.generate", "diffbase.commands.train")
+FIRST = ("diffbase.commands.generate", "diffbase.commands.train", "diffbase.commands.evaluate")
 LAST = ("diffbase.commands.data", "diffbase.commands.zoo", "diffbase.commands.tools", "diffbase.serve")
 
 

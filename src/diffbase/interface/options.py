@@ -48,3 +48,13 @@ def save_result(image: Any, out: str, meta: dict[str, Any], grid: str | None = N
 
         save_image_atomic(side_by_side((shown or {}) | {"result": image}), Path(grid))
         print(f"wrote {grid}")
+
+
+def eval_subparsers(sub: Any) -> Any:
+    """The subcommands of `diffbase eval`, made by whichever command module comes first (the generic ones in
+    diffbase.commands.evaluate, a method's own such as `eval tryon`)."""
+    holder = sub.choices.get("eval")
+    if holder is None:
+        holder = sub.add_parser("eval", help="metrics a paper would print (SSIM, PSNR, FID, KID, CLIP, DINO)")
+        holder.set_defaults(eval_sub=holder.add_subparsers(dest="what", required=True, metavar="WHAT"))
+    return holder.get_default("eval_sub")

@@ -9,7 +9,7 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.interface import checks
-from diffbase.interface.options import HelpFormatter, add_output_arguments, add_runtime_arguments
+from diffbase.interface.options import HelpFormatter, add_output_arguments, add_runtime_arguments, eval_subparsers
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -88,23 +88,26 @@ def run_eval(args: argparse.Namespace) -> None:
     folder = Path(args.out)
     header = ["person", "garment", "result", "ground truth"]
     save_png_atomic(image_grid(out["rows"][:16], header=header), folder / "grid.png")
-    report = {
-        "pairs": out["count"],
-        "paired": not args.unpaired,
-        **out["metrics"],
-        "not_computed": {"lpips": NOT_COMPUTED, "fid": NOT_COMPUTED, "kid": NOT_COMPUTED},
-    }
+    if args.features:  # CatVTON's protocol: the results against the test set's real photos, paired or not
+        from diffbase.metrics import features, scores
+
+        net = features.load(args.features, "--features")
+        out["metrics"] |= scores.distribution(net, out["reals"], out["results"], "--features")
+    report = {"pairs": out["count"], "paired": not args.unpaired, **out["metrics"], "not_computed": {"lpips": LPIPS}}
+    report |= {"features": args.features} if args.features else {}
     write_json_atomic(folder / "metrics.json", report)
     print(f"{out['count']} pairs ({'unpaired' if args.unpaired else 'paired'})")
     for key, value in out["metrics"].items():
         print(f"  {key:<10} {value:.4f}")
     if args.unpaired:
         print("  unpaired pairs have no ground truth: SSIM, PSNR and masked error need paired data")
-    print(f"  LPIPS, FID, KID: not computed ({NOT_COMPUTED})")
+    if not args.features:
+        print("  FID, KID: give --features (dino:DIR, clip:DIR or inception:FILE) to compute them")
+    print(f"  LPIPS: not computed ({LPIPS})")
     print(f"wrote {folder / 'grid.png'} and {folder / 'metrics.json'}")
 
 
-NOT_COMPUTED = "they need pretrained VGG/Inception weights, which diffbase does not ship or download"
+LPIPS = "torchmetrics' and lpips' LPIPS need torchvision's VGG / AlexNet, which this project's CPU torch cannot import"
 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,18 +150,20 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")
     add_output_arguments(t, "also person | garment | result side by side")
     t.set_defaults(func=run_tryon)
-    ev = sub.add_parser("eval", help="evaluate a trained method on a dataset").add_subparsers(
-        dest="what", required=True
-    )
-    add_eval_parser(ev)
+    add_eval_parser(eval_subparsers(sub))
 
 
 def add_eval_parser(sub: Any) -> None:
-    e = sub.add_parser("tryon", help="try-on metrics on a dataset (SSIM, PSNR, masked-region L1) and a grid")
+    e = sub.add_parser("tryon", help="try-on metrics on a dataset (SSIM, PSNR, masked L1; FID, KID) and a grid")
     model_arguments(e)
     e.add_argument("--data", required=True, help="VITON-HD or DressCode root, or a metadata.json")
     e.add_argument("--split", default="test")
     e.add_argument("--unpaired", action="store_true", help="garments other than the worn one (no ground truth)")
     e.add_argument("--limit", type=int, help="only the first N pairs")
+    e.add_argument(
+        "--features",
+        help="KIND:PATH for FID and KID: dino:DIR, clip:DIR (transformers folders) or "
+        "inception:FILE (FID's Inception weights; needs torch-fidelity and torchvision)",
+    )
     e.add_argument("--out", default="outputs/eval_tryon")
     e.set_defaults(func=run_eval)

@@ -1,0 +1,171 @@
+"""`diffbase eval images | customize | generate`: the metrics of diffbase.metrics over folders of images, printed
+as a table and written to a metrics.json. Feature networks come from local paths; nothing is downloaded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from diffbase.errors import UserError
+from diffbase.interface.options import HelpFormatter, eval_subparsers
+
+FEATURES_HELP = "KIND:PATH, the network of FID and KID: dino:DIR or clip:DIR (transformers folders), inception:FILE"
+
+
+def add_parsers(sub: Any) -> None:
+    ev = eval_subparsers(sub)
+    i = ev.add_parser("images", help="generated images against real ones: SSIM, PSNR (same names), FID, KID",
+                      formatter_class=HelpFormatter)  # fmt: skip
+    i.add_argument("--real", required=True, help="folder of real images (ground truth where names match)")
+    i.add_argument("--fake", required=True, help="folder of generated images")
+    i.add_argument("--features", help=FEATURES_HELP)
+    i.add_argument("--out", default="outputs/eval_images")
+    i.set_defaults(func=run_images)
+    c = ev.add_parser("customize", help="DreamO-style results: CLIP-I and DINO against references, CLIP-T against "
+                      "prompts; per task when the results folder has a subfolder per task",
+                      formatter_class=HelpFormatter)  # fmt: skip
+    c.add_argument("--results", required=True, help="generated images (or a subfolder per task: ip, id, style, ...)")
+    c.add_argument("--references", required=True, help="reference images, named as the results (or one for all)")
+    c.add_argument("--prompts", help="a text file, one prompt per result in name order (or <name>.txt beside each)")
+    c.add_argument("--clip", required=True, help="a local CLIP folder (model, processor, tokenizer)")
+    c.add_argument("--dino", help="a local DINO / DINOv2 folder (model and image processor)")
+    c.add_argument("--out", default="outputs/eval_customize")
+    c.set_defaults(func=run_customize)
+    g = ev.add_parser("generate", help="text-to-image results: CLIP score against prompts; FID / KID given real "
+                      "images", formatter_class=HelpFormatter)  # fmt: skip
+    g.add_argument("--results", required=True, help="generated images")
+    g.add_argument("--prompts", required=True, help="a text file, one prompt per result in name order")
+    g.add_argument("--clip", required=True, help="a local CLIP folder (model, processor, tokenizer)")
+    g.add_argument("--real", help="a reference set of real images for FID / KID (with --features)")
+    g.add_argument("--features", help=FEATURES_HELP)
+    g.add_argument("--out", default="outputs/eval_generate")
+    g.set_defaults(func=run_generate)
+
+
+def run_images(args: argparse.Namespace) -> None:
+    from diffbase.metrics import images
+
+    real, fake = images.image_files(args.real, "--real"), images.image_files(args.fake, "--fake")
+    report: dict[str, Any] = {"real": len(real), "fake": len(fake)}
+    if {p.stem for p in real} <= {p.stem for p in fake} or not args.features:  # without features: paired or nothing
+        report |= paired_scores(images.paired(real, fake, "--real", "--fake"))
+    if args.features:
+        report |= distribution_scores(args.features, real, fake)
+    finish(report, Path(args.out))
+
+
+def paired_scores(pairs: list[tuple[Path, Path]]) -> dict[str, float]:
+    """Mean SSIM and PSNR of each generated image against the real one of its name."""
+    from diffbase.metrics import images, scores
+
+    ssim, psnr = [], []
+    for real_file, fake_file in pairs:
+        real, fake = images.read([real_file])[0], images.read([fake_file])[0]
+        images.same_size(real, fake, (real_file, fake_file))
+        ssim.append(float(scores.ssim(fake[None], real[None])[0]))
+        psnr.append(float(scores.psnr(fake[None], real[None])[0]))
+    return {"ssim": sum(ssim) / len(ssim), "psnr": sum(psnr) / len(psnr)}
+
+
+def distribution_scores(spec: str, real: list[Path], fake: list[Path], key: str = "--features") -> dict[str, Any]:
+    """FID and KID of the two sets in the named network's features."""
+    from diffbase.metrics import features, images, scores
+
+    scores.check_counts(len(real), len(fake), key)
+    return {
+        "features": spec,
+        **scores.distribution(features.load(spec, key), images.read(real), images.read(fake), key),
+    }
+
+
+def prompts_for(files: list[Path], prompts: str | None, key: str = "--prompts") -> list[str] | None:
+    """One prompt per image: the lines of a text file in name order, or `<name>.txt` beside each image."""
+    if prompts:
+        path = Path(prompts)
+        if not path.is_file():
+            raise UserError(f"{key}: {path}: file not found (one prompt per line)")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(lines) != len(files):
+            raise UserError(f"{key}: {path}: {len(lines)} prompts for {len(files)} images; give one per image")
+        return lines
+    beside = [f.with_suffix(".txt") for f in files]
+    return [p.read_text(encoding="utf-8").strip() for p in beside] if all(p.is_file() for p in beside) else None
+
+
+def references_for(results: list[Path], folder: Path) -> list[Path]:
+    """The reference of each result: the one of its name, or the folder's only image for all."""
+    from diffbase.metrics import images
+
+    refs = images.image_files(folder, "--references")
+    if len(refs) == 1:
+        return refs * len(results)
+    return [ref for _, ref in images.paired(results, refs, "--results", "--references")]
+
+
+def run_customize(args: argparse.Namespace) -> None:
+    from diffbase.metrics import features, images
+
+    root = Path(args.results)
+    tasks = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    clip = features.clip_for_scores(args.clip)
+    dino = features.load(f"dino:{args.dino}", "--dino") if args.dino else None
+    report: dict[str, Any] = {}
+    for task in tasks or [root]:
+        refs = Path(args.references) / task.name if tasks else Path(args.references)
+        results = images.image_files(task, "--results")
+        prompt_file = None if tasks or not args.prompts else args.prompts
+        report[task.name if tasks else "all"] = similarity(results, references_for(results, refs),
+                                                           prompts_for(results, prompt_file), clip, dino)  # fmt: skip
+    finish(report, Path(args.out))
+
+
+def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None, clip: Any, dino: Any) -> dict:
+    """CLIP-I and DINO of each result against its reference, CLIP-T against its prompt (means)."""
+    from diffbase.metrics import images, scores
+
+    fakes, real = images.read(results), images.read(refs)
+    out = {"images": len(fakes), "clip_i": mean(scores.clip_scores(*clip, fakes, real))}
+    if dino is not None:
+        out["dino"] = float(scores.cosine(scores.features_of(dino, fakes), scores.features_of(dino, real)).mean())
+    if prompts is not None:
+        out["clip_t"] = mean(scores.clip_scores(*clip, fakes, prompts))
+    return out
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from diffbase.metrics import features, images, scores
+
+    results = images.image_files(args.results, "--results")
+    prompts = prompts_for(results, args.prompts)
+    report: dict[str, Any] = {"images": len(results)}
+    report["clip_t"] = mean(scores.clip_scores(*features.clip_for_scores(args.clip), images.read(results), prompts))
+    if args.real or args.features:
+        if not (args.real and args.features):
+            raise UserError("--real and --features: FID and KID need both (the real set and the network)")
+        report |= distribution_scores(args.features, images.image_files(args.real, "--real"), results)
+    finish(report, Path(args.out))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def finish(report: dict[str, Any], folder: Path) -> None:
+    """The numbers as a table on stdout and in metrics.json."""
+    from diffbase.io import write_json_atomic
+
+    write_json_atomic(folder / "metrics.json", report)
+    for key, value in flat(report).items():
+        print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
+    print(f"wrote {folder / 'metrics.json'}")
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
