@@ -180,3 +180,42 @@ def test_sets_of_other_sizes_counts_or_too_few_images_are_one_line(tmp_path, net
     assert code == 2 and "at least 2 images" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("eval", "images", "--real", str(tmp_path / "nothing"), "--fake", str(tmp_path / "one"))
     assert code == 2 and "--real" in err and "not a folder" in err
+
+
+def test_validation_metrics_are_logged_and_plotted_during_training(tmp_path, nets) -> None:
+    from diffbase.config import load_config
+    from diffbase.methods import train
+    from tests.helpers import SHAPES, TINY_EXPERIMENTS
+
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    config = load_config(path, ["training.max_steps=2", "training.checkpoint_every=0", "training.validation.every=1",
+                                "training.validation.steps=2", f"data.train_path={SHAPES}",
+                                f"experiment.output_dir={tmp_path}", "training.validation.metrics=[clip_t, fid, kid]",
+                                f"training.validation.clip={nets['clip']}", f"training.validation.features=dino:{nets['dino']}",
+                                "training.validation.prompts=[a red square on white, a blue circle on black]"])  # fmt: skip
+    train(config, show_progress=False)
+    by_step: dict[int, dict] = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], {}).update(row)
+    logged = [r for r in by_step.values() if "val_fid" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(np.isfinite(r["val_fid"]) and np.isfinite(r["val_kid"]) and 0 <= r["val_clip_t"] <= 1 for r in logged)
+    assert (tmp_path / "validation_metrics.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["training.validation.metrics=[clip_t]", "training.validation.clip=/nowhere"], "training.validation.clip"),
+        (["training.validation.metrics=[fid]"], "training.validation.features"),
+        (["training.validation.metrics=[psnr]"], "training.validation.metrics"),
+    ],
+)
+def test_validation_metrics_settings_are_checked_before_loading(tmp_path, overrides, key) -> None:
+    from tests.helpers import TINY_EXPERIMENTS
+
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", str(path), f"experiment.output_dir={out}", *overrides)
+    assert code == 2 and key in err and len(err.strip().splitlines()) == 1 and not out.exists()

@@ -111,6 +111,11 @@ class ValidationConfig:
     size: list[int] | None = None  # [height, width]; default data.resolution square
     loss_split: float = 0.0  # held-out fraction of the images for the validation loss
     loss_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Metrics of the validation images (text-to-image methods): clip_t (against their prompts; needs `clip`), fid and
+    # kid (against up to 64 training images, in the features of `features`: dino:DIR, clip:DIR or inception:FILE)
+    metrics: list[Literal["clip_t", "fid", "kid"]] = field(default_factory=list)
+    clip: str | None = None  # a local CLIP folder (model, processor, tokenizer)
+    features: str | None = None  # KIND:PATH, the network of fid / kid
 
 
 # Method sections: each method module registers the dataclass of its `training.<section>` keys, and

@@ -57,6 +57,12 @@ def render_openpose(path: Path, size: tuple[int, int]) -> Image.Image:
         flat = data["people"][0]["pose_keypoints_2d"]
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         raise UserError(f"--pose: {path}: expected OpenPose JSON with people[0].pose_keypoints_2d") from None
+    return draw_openpose(flat, size)
+
+
+def draw_openpose(flat: list[float], size: tuple[int, int]) -> Image.Image:
+    """Flat COCO-18 keypoints (x, y, confidence per point, as pose_keypoints_2d) drawn as a skeleton on black;
+    points of confidence 0 are left out, as OpenPose writes undetected ones."""
     points = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, min(len(flat), 54), 3)]
     img = Image.new("RGB", size, (0, 0, 0))
     d = ImageDraw.Draw(img)

@@ -62,13 +62,15 @@ def dataset(config: Config, held_out: bool, bb: Any) -> Any:
 def validate(
     config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any], guide: Any = None
 ) -> Validation:
-    """Images from the validation prompts (a grid) and the held-out loss at fixed noise levels."""
-    from diffbase.training.validation import validation_images, validation_loss
+    """Images from the validation prompts (a grid, and training.validation.metrics of them) and the held-out loss at
+    fixed noise levels."""
+    from diffbase.training.validation import image_metrics, validation_images, validation_loss
 
     held_out, cache = validation
     out = Validation()
     if config.training.validation.prompts:
-        out.grid = validation_images(config, bb, data)
+        out.grid, images = validation_images(config, bb, data)
+        out.metrics |= image_metrics(config, images, list(config.training.validation.prompts), data)
     if held_out is not None:
         out.metrics["val_loss"] = validation_loss(config, bb, held_out, cache, kept(config), guide)
     return out

@@ -75,7 +75,25 @@ class MetricsLog:
             name: [(r["step"], r[name]) for r in rows if name in r] for name in ("loss", "val_loss", "val_masked_l1")
         }
         image = line_plot({k: v for k, v in series.items() if v}, title="loss by step")
+        self.plot_image_metrics(rows)
         return save_png_atomic(image, self.out_dir / "loss.png")
+
+    def plot_image_metrics(self, rows: list[dict[str, Any]]) -> Path | None:
+        """validation_metrics.png: each metric of training.validation.metrics by step, one panel each (their scales
+        differ)."""
+        from PIL import Image
+
+        from diffbase.io import save_png_atomic
+        from diffbase.plot import line_plot
+
+        names = [n for n in ("val_clip_t", "val_fid", "val_kid") if any(n in r for r in rows)]
+        if not names:
+            return None
+        panels = [line_plot({n: [(r["step"], r[n]) for r in rows if n in r]}, title=n) for n in names]
+        sheet = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+        for i, panel in enumerate(panels):
+            sheet.paste(panel, (0, i * panels[0].height))
+        return save_png_atomic(sheet, self.out_dir / "validation_metrics.png")
 
     def close(self, outcome: Outcome = "finished") -> None:
         """End the trackers' runs (marked failed or killed where the run did not finish); once."""

@@ -147,10 +147,12 @@ def train(
     wrote, and a full disk or memory is one line saying what to change."""
     from diffbase.models.block_swap import check_settings
     from diffbase.training.trackers import check_trackers
+    from diffbase.training.validation import check_metrics
 
     check_settings(config)  # before the folder is claimed or anything loads
     if method.check is not None:
         method.check(config)
+    check_metrics(config)
     check_trackers(config)
     out_dir = Path(config.experiment.output_dir)
     state = process_state(config)

@@ -31,8 +31,8 @@ def control_images(config: Config, dataset: Any, count: int) -> list[Any]:
 
 
 @torch.no_grad()
-def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
-    """One row: an image per validation prompt, each with its own fixed seed."""
+def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> tuple[Any, list[Any]]:
+    """One row (the grid, and its images): an image per validation prompt, each with its own fixed seed."""
     from diffbase.generate import GenerateSettings, pipeline_kwargs
     from diffbase.grid import image_grid
 
@@ -61,7 +61,9 @@ def validation_images(config: Config, bb: B.Backbone, dataset: Any) -> Any:
     denoiser.train(was_training)
     if bb.controlnet is not None:
         bb.controlnet.train(was_training)
-    return image_grid([images], header=list(v.prompts), cell=max(128, min(256, max(h, w))))  # captions need room
+    return image_grid(
+        [images], header=list(v.prompts), cell=max(128, min(256, max(h, w)))
+    ), images  # captions need room
 
 
 @torch.no_grad()
@@ -97,3 +99,62 @@ def validation_loss(
         total += loss * len(batch["index"])
         count += len(batch["index"])
     return total / max(count, 1)
+
+
+REFERENCE_IMAGES = 64  # training images FID / KID compare the validation images with
+
+
+def check_metrics(config: Config) -> None:
+    """training.validation.metrics' networks exist and there are images to compare, before anything loads."""
+    from diffbase.metrics.features import parse
+
+    v = config.training.validation
+    if not v.metrics:
+        return
+    if not v.prompts:
+        raise UserError(
+            "training.validation.metrics: computed on the validation images; set training.validation.prompts"
+        )
+    if "clip_t" in v.metrics and not (v.clip and Path(v.clip).is_dir()):
+        raise UserError(f"training.validation.clip: {v.clip}: not a folder (a local CLIP model for clip_t)")
+    if {"fid", "kid"} & set(v.metrics):
+        if not v.features:
+            raise UserError("training.validation.features: needed for fid / kid (dino:DIR, clip:DIR or inception:FILE)")
+        kind, path = parse(v.features, "training.validation.features")
+        if not Path(path).exists():
+            raise UserError(f"training.validation.features: {path}: not found (the {kind} network for fid / kid)")
+        if len(v.prompts) < 2:
+            raise UserError("training.validation.prompts: fid / kid need at least 2 validation images (prompts)")
+
+
+def image_metrics(config: Config, images: list[Any], prompts: list[str], dataset: Any) -> dict[str, float]:
+    """training.validation.metrics of the validation images: val_clip_t against their prompts, val_fid / val_kid
+    against the first training images (few images: a trend from check to check, not a paper's number)."""
+    from diffbase.metrics import features, scores
+    from diffbase.metrics.images import read, to_tensor
+
+    v = config.training.validation
+    if not v.metrics or not images:
+        return {}
+    fakes = [to_tensor(image) for image in images]
+    out: dict[str, float] = {}
+    if "clip_t" in v.metrics:
+        values = scores.clip_scores(*cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip)),
+                                    fakes, prompts)  # fmt: skip
+        out["val_clip_t"] = sum(values) / len(values)
+    if {"fid", "kid"} & set(v.metrics):
+        net = cached(v.features, lambda: features.load(v.features, "training.validation.features"))
+        reals = read([r.image for r in dataset.records[:REFERENCE_IMAGES]])
+        found = scores.distribution(net, reals, fakes, "training.validation.metrics")
+        out |= {f"val_{k}": found[k] for k in ("fid", "kid") if k in v.metrics}
+    return out
+
+
+_NETS: dict[str, Any] = {}
+
+
+def cached(key: str, make: Any) -> Any:
+    """A feature network loaded once per process (validation runs many times)."""
+    if key not in _NETS:
+        _NETS[key] = make()
+    return _NETS[key]
