@@ -219,3 +219,28 @@ def test_validation_metrics_settings_are_checked_before_loading(tmp_path, overri
     out = tmp_path / "run"
     code, _, err = run_cli("train", str(path), f"experiment.output_dir={out}", *overrides)
     assert code == 2 and key in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_path, tiny_model) -> None:
+    from pathlib import Path
+
+    from diffbase.metrics import images, scores
+
+    originals = Path(__file__).resolve().parents[1] / "examples" / "dreamo" / "target"
+    folder = tmp_path / "originals"
+    folder.mkdir()
+    for f in sorted(originals.glob("*.png"))[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    code, out, err = run_cli("eval", "upscale", "--originals", str(folder), "--model", str(tiny_model("flux1")),
+                             "--steps", "2", "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["images"] == 2 and (tmp_path / "eval" / "grid.png").is_file()
+    psnrs = []
+    for file in sorted(folder.glob("*.png")):
+        original = Image.open(file).convert("RGB")
+        w, h = original.size
+        bicubic = original.resize((round(w / 2), round(h / 2)), Image.BICUBIC).resize((w, h), Image.BICUBIC)
+        psnrs.append(float(scores.psnr(images.to_tensor(bicubic)[None], images.to_tensor(original)[None])[0]))
+    assert report["bicubic_psnr"] == pytest.approx(sum(psnrs) / len(psnrs), rel=1e-6)  # the baseline row
+    assert np.isfinite(report["upscaler_psnr"]) and 0 < report["upscaler_ssim"] <= 1

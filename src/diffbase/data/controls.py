@@ -1,5 +1,6 @@
 """ControlNet control images computed from the training data, for entries that have no `control` image:
-Canny edges or a depth map of the image, or an OpenPose skeleton drawn from the image's keypoints file.
+Canny edges or a depth map of the image, or an OpenPose skeleton drawn from the image's keypoints file (or,
+without one and with a pose model given, from keypoints a local ViTPose model estimates on the image).
 
 Each is computed once and kept as a PNG keyed by what went into it (the source file's content, the size,
 the detector's settings), so later runs, resumes and the other processes of a run read it back. Canny and
@@ -37,6 +38,7 @@ class ControlSettings:
     canny_low: int = 100
     canny_high: int = 200
     depth_model: str | None = None
+    pose_model: str | None = None  # pose: a local ViTPose folder, for images without a keypoints file
 
     def identity(self) -> list[Any]:
         """What changes the result besides the source file and size: part of every cache key."""
@@ -44,6 +46,8 @@ class ControlSettings:
             return ["canny", self.canny_low, self.canny_high]
         if self.kind == "depth":
             return ["depth", *folder_identity(Path(self.depth_model or ""))]
+        if self.kind == "pose" and self.pose_model:  # skeletons drawn from files are redrawn too: cheap
+            return ["pose", *folder_identity(Path(self.pose_model))]
         return [self.kind]
 
 
@@ -82,6 +86,8 @@ def check_settings(s: ControlSettings, key: str = "training.controlnet") -> None
         )
     if s.kind == "depth" and not Path(str(s.depth_model)).is_dir():
         raise UserError(f"{key}.depth_model: {s.depth_model} is not a folder (expected a local depth-estimation model)")
+    if s.kind == "pose" and s.pose_model and not Path(str(s.pose_model)).is_dir():
+        raise UserError(f"{key}.pose_model: {s.pose_model} is not a folder (expected a local ViTPose model)")
 
 
 def scaled_size(dataset: Any, i: int) -> tuple[int, int]:
@@ -91,7 +97,8 @@ def scaled_size(dataset: Any, i: int) -> tuple[int, int]:
 
 def plan(dataset: Any, settings: ControlSettings, root: Path) -> dict[int, Job]:
     """The control of every record without one, by record index; a pose entry without keypoints is an error
-    naming its image. Only file digests are read here, nothing is computed."""
+    naming its image, unless a pose model estimates them (from the image). Only file digests are read here,
+    nothing is computed."""
     from diffbase.io import file_digest
 
     identity, digests, jobs = settings.identity(), {}, {}
@@ -100,10 +107,13 @@ def plan(dataset: Any, settings: ControlSettings, root: Path) -> dict[int, Job]:
             continue
         if settings.kind == "pose":
             source, size = keypoints_file(rec.image), dataset.size_of[i]
-            if not source.is_file():
+            if not source.is_file() and settings.pose_model:
+                source = rec.image  # drawn from what the pose model finds, at the image's own size
+            elif not source.is_file():
                 raise UserError(
                     f"{rec.image}: no keypoints file {source.name} beside it (training.controlnet.conditioning_type "
-                    "'pose' draws the control from OpenPose keypoints JSON); add it, or give the entry a 'control'"
+                    "'pose' draws the control from OpenPose keypoints JSON); add it, give the entry a 'control', "
+                    "or set training.controlnet.pose_model to a local ViTPose folder to estimate them"
                 )
         else:
             source, size = rec.image, scaled_size(dataset, i)
@@ -159,7 +169,7 @@ def detector(settings: ControlSettings, device: Any = "cpu") -> Detector:
         estimate = depth_estimator(str(settings.depth_model), device)
         return lambda source, size: estimate(scaled(source, size))
     if settings.kind == "pose":
-        return pose
+        return pose_detector(settings, device)
     raise ValueError(f"no detector for conditioning_type {settings.kind!r}")  # 'given' computes nothing
 
 
@@ -214,6 +224,23 @@ def depth_map(model: Any, processor: Any, image: Image.Image) -> Image.Image:
     scaled = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
     arr = (scaled * 255).round().astype(np.uint8)
     return Image.fromarray(np.stack([arr] * 3, axis=-1))
+
+
+def pose_detector(settings: ControlSettings, device: Any = "cpu") -> Detector:
+    """Keypoints files drawn; images (entries without one) through the pose model, loaded at the first image."""
+    loaded: dict[str, Any] = {}
+
+    def detect(source: Path, size: tuple[int, int]) -> Image.Image:
+        if source.suffix == ".json":
+            return pose(source, size)
+        from diffbase.data.preprocess_models import load_pose_model, skeleton
+
+        if "model" not in loaded:
+            loaded["model"] = load_pose_model(settings.pose_model, "training.controlnet.pose_model", device)
+        image = scaled(source, size)
+        return skeleton(loaded["model"](image), image.size)
+
+    return detect
 
 
 def pose(keypoints: Path, size: tuple[int, int]) -> Image.Image:

@@ -1,7 +1,8 @@
 """ControlNet training: a ControlNet initialised from the denoiser (as diffusers' examples do), the
 denoiser frozen; exported as a diffusers folder. Validation images go through the family's
 ControlNet pipeline. Control images come from the data (`control` per entry), or are computed for the
-entries without one (training.controlnet.conditioning_type: canny, depth, pose; diffbase.data.controls)."""
+entries without one (training.controlnet.conditioning_type: canny, depth, pose; pose from keypoints files,
+or from a local ViTPose model given as training.controlnet.pose_model; diffbase.data.controls)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class ControlNetConfig:
     canny_low: int = 100  # cv2.Canny thresholds, as diffusers' ControlNet training examples use
     canny_high: int = 200
     depth_model: str | None = None  # depth: a local transformers depth-estimation folder (DPT, Depth Anything)
+    pose_model: str | None = None  # pose: a local ViTPose folder, estimating keypoints where no JSON file is given
 
     def __post_init__(self) -> None:
         """Checked when the config is read, so a bad setting stops the run before any model loads."""
@@ -38,7 +40,9 @@ class ControlNetConfig:
             controls.check_settings(self.settings())
 
     def settings(self) -> ControlSettings:
-        return ControlSettings(self.conditioning_type, self.canny_low, self.canny_high, self.depth_model)
+        return ControlSettings(
+            self.conditioning_type, self.canny_low, self.canny_high, self.depth_model, pose_model=self.pose_model
+        )
 
 
 def make_controlnet(denoiser: torch.nn.Module, family: str, c: ControlNetConfig) -> torch.nn.Module:

@@ -46,12 +46,16 @@ def run_tryon(args: argparse.Namespace) -> None:
         raise UserError("--mask / --box: give exactly one (the garment area on the person)")
     h, w = check_sampling(args)
     person, garment = checks.image(args.person, "--person"), checks.image(args.garment, "--garment")
-    if args.mask:
+    if args.mask == "auto":
+        mask = None  # computed once everything else is checked
+    elif args.mask:
         mask = checks.mask(args.mask, "--mask", person.size)
     else:
         mask = box_mask(person.size, checks.box(args.box, "--box", person.size))
     checks.output(args.out, "--out", [args.person, args.garment, args.mask], args.overwrite)
     checks.output(args.grid, "--grid", [args.person, args.garment, args.mask, args.out], args.overwrite)
+    if mask is None:
+        mask = auto_mask(args, person)
     bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
     settings = settings_from(args)
     inputs = {"person": person, "garment": garment, "mask": mask}
@@ -69,6 +73,20 @@ def run_tryon(args: argparse.Namespace) -> None:
         "size": [h, w],
     }
     save_result(result, args.out, meta, args.grid, {"person": person, "garment": garment})
+
+
+def auto_mask(args: argparse.Namespace, person: Any) -> Any:
+    """`--mask auto`: the garment area from the human parser (CatVTON's cloth types), saved beside --out."""
+    from diffbase.data import preprocess_models as pm
+    from diffbase.io import save_png_atomic
+
+    path = pm.beside(args.out, "_mask.png", "--mask auto", args.overwrite)
+    parser = pm.load_parser(args.parser, "--parser", args.runtime.device)
+    mask = pm.auto_garment_mask(parser, person, args.cloth_type)
+    del parser
+    save_png_atomic(mask, path)
+    print(f"wrote {path} (--mask auto, {args.cloth_type})")
+    return mask
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -144,7 +162,10 @@ def add_parsers(sub: Any) -> None:
     )
     model_arguments(t)
     t.add_argument("--person", required=True, help="the person photo")
-    t.add_argument("--mask", help="the garment area on the person (white)")
+    t.add_argument("--mask", help="the garment area on the person (white), or 'auto' (from --parser)")
+    t.add_argument("--parser", help="--mask auto: a local human-parsing model folder (SegFormer, ATR / LIP labels)")
+    t.add_argument("--cloth-type", choices=["upper", "lower", "overall"], default="upper",
+                   help="--mask auto: the garment to replace (as CatVTON's cloth types)")  # fmt: skip
     t.add_argument("--box", help="or a box x0,y0,x1,y1 in the person's pixels")
     t.add_argument("--garment", required=True, help="the garment photo")
     t.add_argument("--soften-mask", action="store_true", help="blur the mask and binarise it again (CatVTON's app)")

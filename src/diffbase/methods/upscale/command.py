@@ -8,20 +8,37 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.interface import checks
-from diffbase.interface.options import HelpFormatter, add_runtime_arguments
+from diffbase.interface.options import HelpFormatter, add_runtime_arguments, eval_subparsers
 
 
 def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
     """Every number, the input, the output path and the tiles it will take, before the model loads."""
-    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, plan
-    from diffbase.methods.upscale.method import vae_factor
+    from diffbase.methods.upscale.mechanism.sampling import plan
 
-    checks.runtime(args)
     out = args.out or args.output
     if out is None:
         raise UserError("--out: give the file to write the result to")
     if args.out and args.output:
         raise UserError("--out: given twice (as --out and as the second argument)")
+    settings, factor, native, tile = sampling_settings(args)
+    image = checks.image(args.input, "input", max_pixels=args.max_pixels, max_aspect=None)
+    checks.output(out, "--out", [args.input], args.overwrite)
+    (w, h), tiles = plan(image.size, settings, factor, native)
+    if tiles > args.max_tiles:
+        raise UserError(f"--max-tiles: a {w}x{h} result takes {tiles} tiles of {tile} px, more than {args.max_tiles}; "
+                        "lower --scale, raise --tile, or raise --max-tiles")  # fmt: skip
+    steps = args.steps if args.steps is not None else "20 (dev) or 4 (schnell)"
+    print(f"upscale: {image.size[0]}x{image.size[1]} -> {w}x{h}, {tiles} tile(s) of {tile} px x {steps} steps "
+          f"x strength {args.strength}")  # fmt: skip
+    return settings, image, (w, h)
+
+
+def sampling_settings(args: argparse.Namespace) -> tuple[Any, int, int, int]:
+    """(settings, VAE factor, native tile, tile) from the sampling options, every number checked before loading."""
+    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings
+    from diffbase.methods.upscale.method import vae_factor
+
+    checks.runtime(args)
     if args.steps is not None:
         checks.count(args.steps, "--steps")
     checks.number(args.scale, "--scale", low=0, low_open=True)
@@ -48,16 +65,7 @@ def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
         prompt=args.prompt, tile=args.tile, overlap=args.overlap, dino_strength=args.dino_strength,
         vae_tiling=args.vae_tiling, max_pixels=args.max_pixels,
     )  # fmt: skip
-    image = checks.image(args.input, "input", max_pixels=args.max_pixels, max_aspect=None)
-    checks.output(out, "--out", [args.input], args.overwrite)
-    (w, h), tiles = plan(image.size, settings, factor, native)
-    if tiles > args.max_tiles:
-        raise UserError(f"--max-tiles: a {w}x{h} result takes {tiles} tiles of {tile} px, more than {args.max_tiles}; "
-                        "lower --scale, raise --tile, or raise --max-tiles")  # fmt: skip
-    steps = args.steps if args.steps is not None else "20 (dev) or 4 (schnell)"
-    print(f"upscale: {image.size[0]}x{image.size[1]} -> {w}x{h}, {tiles} tile(s) of {tile} px x {steps} steps "
-          f"x strength {args.strength}")  # fmt: skip
-    return settings, image, (w, h)
+    return settings, factor, native, tile
 
 
 def run_upscale(args: argparse.Namespace) -> None:
@@ -86,6 +94,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("output", nargs="?", help="the result (the same as --out, kept for earlier scripts)")
     p.add_argument("--out", help="the result: .png (with its settings), .jpg or .webp")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    add_sampling_arguments(p)
+    p.set_defaults(func=run_upscale)
+    e = eval_subparsers(sub).add_parser(
+        "upscale", help="PSNR and SSIM of the upscaler against high-resolution originals it sees downscaled "
+        "(bicubic), beside plain bicubic upscaling", formatter_class=HelpFormatter)  # fmt: skip
+    e.add_argument("--originals", required=True, help="folder of high-resolution images")
+    e.add_argument("--out", default="outputs/eval_upscale", help="folder for metrics.json and grid.png")
+    add_sampling_arguments(e)
+    e.set_defaults(func=run_eval)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and sampling options `upscale` and `eval upscale` share."""
     p.add_argument("--model", required=True, help="a local FLUX.1 (dev or schnell) diffusers folder")
     p.add_argument("--dino", help="a local DINOv2 folder (with --adapter)")
     p.add_argument("--adapter", help="a DINO adapter trained by `diffbase train` (training.method: upscale)")
@@ -102,4 +123,43 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=64 * 2**20, help="refuse inputs and results larger than this")
     p.add_argument("--max-tiles", type=int, default=100, help="refuse results that take more tiles than this")
     add_runtime_arguments(p)
-    p.set_defaults(func=run_upscale)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Each original downscaled by --scale (bicubic, the usual super-resolution protocol), upscaled back, and
+    compared with the original; plain bicubic upscaling of the same input is the baseline row."""
+    from PIL import Image
+
+    from diffbase.data.images import load_image
+    from diffbase.grid import image_grid
+    from diffbase.io import save_png_atomic, write_json_atomic
+    from diffbase.methods.upscale.method import UPSCALE
+    from diffbase.metrics import images, scores
+
+    settings, *_ = sampling_settings(args)
+    files = images.image_files(args.originals, "--originals")
+    loaded = UPSCALE.load(args.model, args.dino, args.adapter, **args.runtime.loader())
+    found: dict[str, dict[str, list[float]]] = {
+        "upscaler": {"psnr": [], "ssim": []},
+        "bicubic": {"psnr": [], "ssim": []},
+    }
+    rows = []
+    for file in files:
+        original = load_image(file)
+        w, h = original.size
+        small = original.resize((max(1, round(w / args.scale)), max(1, round(h / args.scale))), Image.BICUBIC)
+        result = UPSCALE.run(loaded, {"image": small}, settings).resize((w, h), Image.BICUBIC)
+        bicubic = small.resize((w, h), Image.BICUBIC)
+        truth = images.to_tensor(original)[None]
+        for name, image in (("upscaler", result), ("bicubic", bicubic)):
+            found[name]["psnr"].append(float(scores.psnr(images.to_tensor(image)[None], truth)[0]))
+            found[name]["ssim"].append(float(scores.ssim(images.to_tensor(image)[None], truth)[0]))
+        rows.append([bicubic, result, original])
+    report = {"images": len(files), "scale": args.scale}
+    report |= {f"{name}_{k}": sum(v) / len(v) for name, values in found.items() for k, v in values.items()}
+    folder = Path(args.out)
+    save_png_atomic(image_grid(rows[:8], header=["bicubic", "upscaler", "original"]), folder / "grid.png")
+    write_json_atomic(folder / "metrics.json", report)
+    for key, value in report.items():
+        print(f"  {key:<16} {value:.4f}" if isinstance(value, float) else f"  {key:<16} {value}")
+    print(f"wrote {folder / 'grid.png'} and {folder / 'metrics.json'}")
