@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffbase.data.synthetic import COLOURS, PATTERNS, combinations, make_item, write_dataset
-from diffbase.demo import classify, eval_set, mean_colour_baseline, score, table
+from diffbase.demo import classify, eval_set, kid_random_features, mean_colour_baseline, score, table
 from tests.helpers import run_cli
 
 
@@ -62,7 +62,8 @@ def test_data_synth_writes_the_layouts_the_methods_read(tmp_path: Path) -> None:
 def test_demo_scores_a_perfect_result_perfectly_and_baselines_as_by_hand() -> None:
     data = eval_set(6)
     perfect = score(data.truth, data)
-    assert perfect == {"masked_l1": 0.0, "colour_acc": 1.0, "pattern_acc": 1.0}
+    assert perfect == {"masked_l1": 0.0, "colour_acc": 1.0, "pattern_acc": 1.0, "ssim": pytest.approx(1.0),
+                       "psnr": pytest.approx(100.0)}  # fmt: skip
     unchanged = score(data.person, data)
     by_hand = np.mean(
         [
@@ -82,4 +83,7 @@ def test_demo_scores_a_perfect_result_perfectly_and_baselines_as_by_hand() -> No
     for k in solid:  # for a plain garment the mean colour is the colour itself
         inside = data.mask[k].expand_as(mean[k]) > 0
         assert (mean[k][inside].view(3, -1).std(1) < 1e-6).all()
-    assert "masked L1" in table({"x": perfect})
+    assert "masked L1" in table({"x": perfect}) and "SSIM" in table({"x": perfect})
+    kid = kid_random_features(data.person, data)
+    assert kid_random_features(data.truth, data) < kid  # the truth against itself is the closest set
+    assert "random-weight" in table({"x": perfect | {"kid_random": kid}})

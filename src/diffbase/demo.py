@@ -6,7 +6,8 @@
 3. On held-out people and held-out garments (pattern and colour combinations never seen in
    training), each person is shown wearing another garment and must be dressed in the target one;
    the ground truth is the same person rendered in the target garment.
-4. Scores: masked-region L1, and colour / pattern accuracy by the nearest rendering, after
+4. Scores: masked-region L1, SSIM and PSNR (torchmetrics), KID in a random-weight DINOv2's features (labelled:
+   no pretrained network here), and colour / pattern accuracy by the nearest rendering, after
    training, before training, and for two baselines (person unchanged; the garment's mean colour
    pasted into the mask). Writes OUT/index.html, grid.png, loss.png and metrics.json.
 """
@@ -105,14 +106,27 @@ def classify(results: torch.Tensor, data: EvalSet) -> list[tuple[str, str]]:
 
 
 def score(results: torch.Tensor, data: EvalSet) -> dict[str, float]:
-    from diffbase.methods.tryon.mechanism.metrics import masked_l1
+    """Masked L1, colour and pattern hits, and the paired SSIM / PSNR (torchmetrics) against the ground truth."""
+    from diffbase.methods.tryon.mechanism.metrics import masked_l1, psnr, ssim
 
     predicted = classify(results, data)
     return {
         "masked_l1": masked_l1(results, data.truth, data.mask).mean().item(),
         "colour_acc": sum(p[1] == s.colour for p, s in zip(predicted, data.specs, strict=True)) / len(data.specs),
         "pattern_acc": sum(p[0] == s.pattern for p, s in zip(predicted, data.specs, strict=True)) / len(data.specs),
+        "ssim": ssim(results, data.truth).mean().item(),
+        "psnr": psnr(results, data.truth).mean().item(),
     }
+
+
+def kid_random_features(results: torch.Tensor, data: EvalSet) -> float:
+    """KID of the results against the ground truths in a random-weight DINOv2's features: it ranks the rows of
+    this demo; the number is not a paper's KID (no pretrained network on this machine)."""
+    from diffbase.metrics import features, scores
+
+    net = features.random_dino()
+    unit = [(x.clamp(-1, 1) + 1) / 2 for x in (data.truth, results)]  # [-1, 1] -> [0, 1]
+    return scores.distribution(net, list(unit[0]), list(unit[1]), "demo")["kid"]
 
 
 def mean_colour_baseline(data: EvalSet) -> torch.Tensor:
@@ -175,12 +189,10 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
     result = train(config, overwrite=True)  # the demo rebuilds its data and run each time
     print("try-on after training, on held-out people and garments")
     after = run_tryon(model, out / "run" / "vton", data, settings)
-    rows = {
-        "after training": score(after, data),
-        "before training": score(before, data),
-        "baseline: person unchanged": score(data.person, data),
-        "baseline: garment mean colour": score(mean_colour_baseline(data), data),
-    }
+    outputs = {"after training": after, "before training": before, "baseline: person unchanged": data.person,
+               "baseline: garment mean colour": mean_colour_baseline(data)}  # fmt: skip
+    rows = {name: score(images, data) | {"kid_random": kid_random_features(images, data)}
+            for name, images in outputs.items()}  # fmt: skip
     grid_rows = [
         [to_pil(data.person[k]), to_pil(data.garment[k]), to_pil(after[k]), to_pil(data.truth[k]), to_pil(before[k])]
         for k in range(min(12, n_eval))
@@ -206,16 +218,22 @@ def run_demo(out: Path, steps: int | None = None, n_train: int = 600, n_eval: in
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'':<32}{'masked L1':>10}{'colour':>9}{'pattern':>9}"]
+    """The scores; KID's features come from a random-weight DINOv2 (the column says so)."""
+    lines = [f"{'':<32}{'masked L1':>10}{'colour':>9}{'pattern':>9}{'SSIM':>7}{'PSNR':>7}{'KID*':>9}"]
     for name, r in rows.items():
-        lines.append(f"{name:<32}{r['masked_l1']:>10.3f}{r['colour_acc']:>9.0%}{r['pattern_acc']:>9.0%}")
+        kid = f"{r['kid_random']:>9.4f}" if "kid_random" in r else f"{'':>9}"
+        lines.append(f"{name:<32}{r['masked_l1']:>10.3f}{r['colour_acc']:>9.0%}{r['pattern_acc']:>9.0%}"
+                     f"{r['ssim']:>7.3f}{r['psnr']:>7.1f}{kid}")  # fmt: skip
+    if any("kid_random" in r for r in rows.values()):
+        lines.append("* KID in a random-weight DINOv2's features (no pretrained network here): ranks these rows only")
     return "\n".join(lines)
 
 
 def page(rows: dict[str, dict[str, float]], report: dict[str, Any]) -> str:
     cells = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{r['masked_l1']:.3f}</td><td>{r['colour_acc']:.0%}</td>"
-        f"<td>{r['pattern_acc']:.0%}</td></tr>"
+        f"<td>{r['pattern_acc']:.0%}</td><td>{r['ssim']:.3f}</td><td>{r['psnr']:.1f}</td>"
+        f"<td>{r.get('kid_random', float('nan')):.4f}</td></tr>"
         for n, r in rows.items()
     )
     return (
@@ -225,7 +243,8 @@ def page(rows: dict[str, dict[str, float]], report: dict[str, Any]) -> str:
         f"{report['train_items']} synthetic people, then dressed {report['eval_items']} held-out people in "
         "held-out garments (pattern and colour combinations never seen in training).</p>"
         "<table border='1' cellpadding='4'><tr><th></th><th>masked L1 (lower is better)</th><th>colour</th>"
-        f"<th>pattern</th></tr>{cells}</table>"
+        "<th>pattern</th><th>SSIM</th><th>PSNR (dB)</th><th>KID (random-weight DINOv2 features: ranks these rows "
+        f"only)</th></tr>{cells}</table>"
         "<h2>person | garment | result | ground truth | before training</h2><img src='grid.png'>"
         "<h2>training loss</h2><img src='run/loss.png'>"
         f"<p>{report['seconds']} s in all.</p></body></html>"

@@ -210,9 +210,8 @@ def subject_mask(folder: str | Path, image: Image.Image, option: str = "--parser
     return foreground(parsing.labels, parsing.id2label)
 
 
-def auto_garment_mask(parser: Parser, image: Image.Image, kind: str, what: str = "--mask auto") -> Image.Image:
+def auto_garment_mask(parsing: Parsing, kind: str, what: str = "--mask auto") -> Image.Image:
     """A garment mask for a command, or a one-line error when the parser found nothing of that cloth type."""
-    parsing = parser(image)
     mask = garment_mask(parsing.labels, parsing.id2label, kind)
     if mask.getextrema()[1] == 0:
         raise UserError(f"{what}: the parser found no {kind} garment (nor the skin under it) on the person; "
@@ -220,9 +219,8 @@ def auto_garment_mask(parser: Parser, image: Image.Image, kind: str, what: str =
     return mask
 
 
-def auto_subject_mask(parser: Parser, image: Image.Image, what: str) -> Image.Image:
+def auto_subject_mask(parsing: Parsing, what: str) -> Image.Image:
     """A subject mask for a command, or a one-line error when the parser saw only background."""
-    parsing = parser(image)
     mask = foreground(parsing.labels, parsing.id2label)
     if mask.getextrema()[1] == 0:
         raise UserError(f"{what}: the parser found only background in the image; give a mask file")

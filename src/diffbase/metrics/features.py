@@ -104,6 +104,23 @@ def inception(path: str, key: str, device: str) -> Any:
     return lambda x: net((x * 255).round().clamp(0, 255).to(torch.uint8).to(device))[0]
 
 
+def random_dino(seed: int = 0) -> FeatureNet:
+    """A small DINOv2 with random weights (seeded), built here: for the demo and benchmarks on a machine without a
+    feature network. Its FID / KID exercise the pipeline and compare runs with each other; they are labelled as such
+    and are not comparable with any paper's."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                          image_size=56, patch_size=14)  # fmt: skip
+    model = Dinov2Model(config).eval()
+    torch.random.set_rng_state(generator_state)
+    processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    return FeatureNet("dino", "random weights", lambda x: dino_features(model, processor, x))
+
+
 class ProjectedCLIP(torch.nn.Module):
     """A CLIP model whose get_image_features / get_text_features return tensors, as torchmetrics' CLIP score
     expects (transformers 5 returns an output object)."""

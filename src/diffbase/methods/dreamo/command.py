@@ -41,7 +41,12 @@ def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] 
         if not path or task not in TASKS:
             raise UserError(f"--ref {value}: expected IMAGE:TASK with TASK one of {', '.join(TASKS)}")
         image = checks.image(path, f"--ref {n}")
-        mask = checks.mask(masks[n], f"--ref-mask {n}", image.size) if n in masks else None
+        if masks.get(n) == "auto" and not args.parser:
+            raise UserError(f"--ref-mask {n}=auto: needs --parser, a local human-parsing model folder")
+        if masks.get(n) == "auto":
+            mask = "auto"  # computed once everything is checked (computed_masks)
+        else:
+            mask = checks.mask(masks[n], f"--ref-mask {n}", image.size) if n in masks else None
         box = checks.box(boxes[n], f"--face-box {n}", image.size) if n in boxes else None
         slots.append((image, task, mask, box))
     if not any(slots):
@@ -78,6 +83,7 @@ def run_customize(args: argparse.Namespace) -> None:
     inputs = [v.rpartition(":")[0] for v in args.ref]
     checks.output(args.out, "--out", inputs, args.overwrite)
     checks.output(args.grid, "--grid", [*inputs, args.out], args.overwrite)
+    slots = computed_masks(args, slots)
     loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, **args.runtime.loader())
     args.runtime.use_attention([loaded[0].transformer])
     settings = DreamOSettings(
@@ -89,8 +95,30 @@ def run_customize(args: argparse.Namespace) -> None:
     meta = {"prompt": settings.prompt, "model": args.model, "dreamo": args.dreamo, "version": args.version,
             "references": args.ref, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
             "size": [h, w], "ref_res": args.ref_res}  # fmt: skip
+    if any(m.endswith("=auto") for m in args.ref_mask):
+        meta |= {"ref_masks": args.ref_mask, "parser": args.parser}
     shown = {f"ref {n} ({s[1]})": s[0] for n, s in enumerate(slots, start=1) if s is not None}
     save_result(image, args.out, meta, args.grid, shown)
+
+
+def computed_masks(args: argparse.Namespace, slots: list[Any]) -> list[Any]:
+    """`--ref-mask N=auto`: reference N's subject as the human parser's foreground (people and clothes), saved
+    beside --out as OUT_refN_mask.png."""
+    auto = [n for n, slot in enumerate(slots, start=1) if slot is not None and isinstance(slot[2], str)]  # "auto"
+    if not auto:
+        return slots
+    from diffbase.data import preprocess_models as pm
+    from diffbase.io import save_png_atomic
+
+    files = {n: pm.beside(args.out, f"_ref{n}_mask.png", f"--ref-mask {n}=auto", args.overwrite) for n in auto}
+    parser, slots = pm.load_parser(args.parser, "--parser", args.runtime.device), list(slots)
+    for n in auto:
+        image, task, _, box = slots[n - 1]
+        mask = pm.auto_subject_mask(parser(image), f"--ref-mask {n}=auto")
+        save_png_atomic(mask, files[n])
+        print(f"wrote {files[n]} (--ref-mask {n}=auto)")
+        slots[n - 1] = (image, task, mask, box)
+    return slots
 
 
 def add_parsers(sub: Any) -> None:
@@ -108,7 +136,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ref", action="append", default=[], required=True, metavar="IMG:TASK",
                    help="a reference and its task (ip, id, style, tryon), in slot order; 'none' for an empty slot")  # fmt: skip
     p.add_argument("--ref-mask", action="append", default=[], metavar="N=MASK",
-                   help="ip/tryon: the subject's mask for reference N (background made white)")  # fmt: skip
+                   help="ip/tryon: the subject's mask for reference N (background made white); N=auto: from --parser")  # fmt: skip
+    p.add_argument("--parser", help="--ref-mask N=auto: a local human-parsing model folder (SegFormer); its "
+                   "foreground (people, clothes) is the subject")  # fmt: skip
     p.add_argument("--face-box", action="append", default=[], metavar="N=x0,y0,x1,y1",
                    help="id: the face box in reference N (default: its centre square)")  # fmt: skip
     p.add_argument("--ref-res", type=int, default=512, help="reference resolution (by area)")

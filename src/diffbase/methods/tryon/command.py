@@ -72,6 +72,8 @@ def run_tryon(args: argparse.Namespace) -> None:
         "soften_mask": args.soften_mask,
         "size": [h, w],
     }
+    if args.mask == "auto":
+        meta |= {"mask": "auto", "cloth_type": args.cloth_type, "parser": args.parser}
     save_result(result, args.out, meta, args.grid, {"person": person, "garment": garment})
 
 
@@ -81,9 +83,8 @@ def auto_mask(args: argparse.Namespace, person: Any) -> Any:
     from diffbase.io import save_png_atomic
 
     path = pm.beside(args.out, "_mask.png", "--mask auto", args.overwrite)
-    parser = pm.load_parser(args.parser, "--parser", args.runtime.device)
-    mask = pm.auto_garment_mask(parser, person, args.cloth_type)
-    del parser
+    parsing = pm.load_parser(args.parser, "--parser", args.runtime.device)(person)
+    mask = pm.auto_garment_mask(parsing, args.cloth_type)
     save_png_atomic(mask, path)
     print(f"wrote {path} (--mask auto, {args.cloth_type})")
     return mask
