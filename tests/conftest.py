@@ -47,6 +47,7 @@ TIERS = {
         "test_control_types.py",
         "test_trackers.py",
         "test_resolutions.py",
+        "test_preprocess_models.py",
     },
     "learning": {  # something learns, or the whole program runs end to end (processes, a browser, faults)
         "test_faults.py",

@@ -147,7 +147,7 @@ def load_parser(folder: str | Path | None, option: str = "--parser", device: Any
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{option}: {path}: not a semantic-segmentation model ({first_line(exc)})") from None
-    return Parser(model.to(device).eval(), processor, id2label)
+    return Parser(model.float().to(device).eval(), processor, id2label)  # float32: the processor's pixels
 
 
 def parse(model: Any, processor: Any, image: Image.Image) -> np.ndarray:
@@ -215,7 +215,7 @@ def auto_garment_mask(parsing: Parsing, kind: str, what: str = "--mask auto") ->
     mask = garment_mask(parsing.labels, parsing.id2label, kind)
     if mask.getextrema()[1] == 0:
         raise UserError(f"{what}: the parser found no {kind} garment (nor the skin under it) on the person; "
-                        "try another --cloth-type, or give a mask file or a --box")  # fmt: skip
+                        "try another --cloth-type, or give a mask file")  # fmt: skip
     return mask
 
 
@@ -250,7 +250,7 @@ def load_pose_model(folder: str | Path | None, option: str = "--pose-model", dev
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{option}: {path}: not a ViTPose model ({first_line(exc)})") from None
-    return PoseModel(model.to(device).eval(), processor)
+    return PoseModel(model.float().to(device).eval(), processor)
 
 
 def estimate(model: Any, processor: Any, image: Image.Image, box: Box | None = None) -> list[Point]:
