@@ -28,6 +28,7 @@ TIERS = {
         "test_cache.py",
         "test_toy_pretrain.py",
         "test_dreamfit_memory.py",
+        "test_dreamfit_partial.py",
         "test_file_modes.py",
         "test_method_seam.py",
         "test_method_package.py",

@@ -188,8 +188,8 @@ def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
         import cv2
     except ImportError:
         raise UserError(
-            "training.controlnet.conditioning_type: canny needs OpenCV; pip install opencv-python-headless "
-            "(or diffbase[controlnet])"
+            "training.controlnet.conditioning_type: canny needs OpenCV (a diffbase dependency); "
+            "pip install opencv-python-headless"
         ) from None
     edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))

@@ -54,7 +54,32 @@ def reference_slots(args: argparse.Namespace) -> list[tuple[Any, str, Any, Any] 
     return slots
 
 
+TURBO_STEPS, PLAIN_STEPS = 12, 25  # the official app with Turbo; "the original 25 steps" without (its --no_turbo help)
+
+
+def default_dtype(device: Any) -> str:
+    """bfloat16 on CUDA, as the official app loads FLUX.1; float32 elsewhere (bfloat16 is slow or lossy on CPU)."""
+    import torch
+
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that follow other choices: --dtype the device, --steps Turbo, --guidance --version."""
+    from diffbase.methods.dreamo.mechanism.files import recipe, turbo_file
+    from diffbase.runtime import resolve_device
+
+    if args.dtype is None:
+        args.dtype = default_dtype(resolve_device(args.device))
+    if args.guidance is None:
+        args.guidance = recipe(args.version).guidance
+    args.turbo_file = turbo_file(Path(args.dreamo), args.turbo, not args.no_turbo)
+    if args.steps is None:
+        args.steps = TURBO_STEPS if args.turbo_file is not None else PLAIN_STEPS
+
+
 def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
+    fill_defaults(args)
     checks.runtime(args)
     checks.model_folder(args.model, family="flux1", job="DreamO")
     if not (Path(args.dreamo) / "dreamo.safetensors").is_file():
@@ -84,17 +109,20 @@ def run_customize(args: argparse.Namespace) -> None:
     checks.output(args.out, "--out", inputs, args.overwrite)
     checks.output(args.grid, "--grid", [*inputs, args.out], args.overwrite)
     slots = computed_masks(args, slots)
-    loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, **args.runtime.loader())
+    loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, not args.no_turbo,
+                         **args.runtime.loader())  # fmt: skip
     args.runtime.use_attention([loaded[0].transformer])
     settings = DreamOSettings(
         prompt=args.prompt, height=h, width=w, steps=args.steps, guidance=args.guidance, seed=args.seed,
         first_step_guidance=args.first_step_guidance, true_cfg=args.true_cfg, true_cfg_start=args.true_cfg_start,
         true_cfg_end=args.true_cfg_end, negative_prompt=args.negative_prompt, neg_guidance=args.neg_guidance,
+        ref_noise=args.ref_noise,
     )  # fmt: skip
     image = DREAMO.run(loaded, {"references": slots, "resolution": args.ref_res}, settings)
     meta = {"prompt": settings.prompt, "model": args.model, "dreamo": args.dreamo, "version": args.version,
             "references": args.ref, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-            "size": [h, w], "ref_res": args.ref_res}  # fmt: skip
+            "size": [h, w], "ref_res": args.ref_res, "ref_noise": args.ref_noise, "dtype": args.dtype,
+            "turbo": str(args.turbo_file) if args.turbo_file else None}  # fmt: skip
     if any(m.endswith("=auto") for m in args.ref_mask):
         meta |= {"ref_masks": args.ref_mask, "parser": args.parser}
     shown = {f"ref {n} ({s[1]})": s[0] for n, s in enumerate(slots, start=1) if s is not None}
@@ -131,8 +159,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--model", required=True, help="a local FLUX.1 dev diffusers folder")
     p.add_argument("--dreamo", required=True, help="a folder with dreamo.safetensors (and the recipe's LoRAs)")
     p.add_argument("--version", default="v1.1", choices=["v1.1", "v1", "none"],
-                   help="v1.1 / v1: the official fusion recipes; none: dreamo.safetensors alone (trained here)")  # fmt: skip
-    p.add_argument("--turbo", help="FLUX.1-Turbo-Alpha LoRA file, fused at 1 as the official default does")
+                   help="v1.1: the official fusion recipe; v1: as the official app, the same LoRAs at guidance 3.5; "
+                        "none: dreamo.safetensors alone (trained here)")  # fmt: skip
+    turbo = p.add_mutually_exclusive_group()
+    turbo.add_argument("--turbo", metavar="FILE",
+                       help="the FLUX.1-Turbo-Alpha LoRA, fused at weight 1, third as the official code does "
+                            "(default: --dreamo's diffusion_pytorch_model.safetensors when present)")  # fmt: skip
+    turbo.add_argument("--no-turbo", action="store_true", help="fuse no Turbo LoRA (as the official --no_turbo)")
     p.add_argument("--ref", action="append", default=[], required=True, metavar="IMG:TASK",
                    help="a reference and its task (ip, id, style, tryon), in slot order; 'none' for an empty slot")  # fmt: skip
     p.add_argument("--ref-mask", action="append", default=[], metavar="N=MASK",
@@ -144,8 +177,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--ref-res", type=int, default=512, help="reference resolution (by area)")
     p.add_argument("--prompt", required=True, help="use [ref#1], [ref#2], ... to name the references")
     p.add_argument("--size", default="1024x1024", help="HxW")
-    p.add_argument("--steps", type=int, default=12, help="sampling steps (12 with the turbo LoRA)")
-    p.add_argument("--guidance", type=float, default=4.5, help="FLUX guidance value")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 12 with Turbo, 25 without, as the official)")
+    p.add_argument("--guidance", type=float, help="FLUX guidance value (default: 4.5; 3.5 with --version v1)")
     p.add_argument("--first-step-guidance", type=float, default=0.0, help="the first step's guidance (0: --guidance)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG on steps [start, end)")
@@ -153,6 +186,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--true-cfg-end", type=int, default=0, help="the step true CFG ends before")
     p.add_argument("--negative-prompt", default="", help="true CFG's negative prompt")
     p.add_argument("--neg-guidance", type=float, default=3.5, help="the negative branch's guidance value")
+    p.add_argument("--ref-noise", default="official", choices=["official", "seeded"],
+                   help="the references' VAE sample: official (the official pipeline's global-RNG draw, seeded "
+                        "with --seed here) or seeded (a CPU generator seeded --seed + 1, as before)")  # fmt: skip
     add_runtime_arguments(p)
+    p.set_defaults(dtype=None)  # default_dtype: bfloat16 on CUDA (as the official app), float32 on CPU
+    next(a for a in p._actions if a.dest == "dtype").help = "weights (default: bfloat16 on CUDA, float32 otherwise)"
     add_output_arguments(p, "also the references and the result side by side")
     p.set_defaults(func=run_customize)

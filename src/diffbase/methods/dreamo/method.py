@@ -295,11 +295,14 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
     return {"dreamo": str(path)}
 
 
-def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = None, **runtime: Any) -> tuple[Any, Any]:
+def load(
+    model: str, dreamo: str, version: str = "v1.1", turbo: str | None = None, use_turbo: bool = True, **runtime: Any
+) -> tuple[Any, Any]:
     """A FLUX.1 pipeline with the DreamO LoRAs fused (before quantizing and offload hooks) and the placeholder
-    tokens added: (pipe, embeddings)."""
+    tokens added: (pipe, embeddings). Turbo: `turbo` (a file), else the DreamO folder's, unless `use_turbo`
+    is False (mechanism.files.turbo_file)."""
     from diffbase.methods.dreamo.mechanism.conditions import DreamOEmbeddings
-    from diffbase.methods.dreamo.mechanism.files import fuse_dreamo
+    from diffbase.methods.dreamo.mechanism.files import fuse_dreamo, turbo_file
     from diffbase.models.loading import load_pipeline
     from diffbase.models.placement import execution_device
 
@@ -311,7 +314,7 @@ def load(model: str, dreamo: str, version: str = "v1.1", turbo: str | None = Non
             "FluxPipeline",
             f"--model: DreamO runs on a FLUX.1 text-to-image folder; {model} holds a {spec.pipeline}",
         )
-        tensors.update(fuse_dreamo(pipe, Path(dreamo), version, Path(turbo) if turbo else None))
+        tensors.update(fuse_dreamo(pipe, Path(dreamo), version, turbo_file(Path(dreamo), turbo, use_turbo)))
 
     pipe, _ = load_pipeline(model, **runtime, prepare=prepare)
     emb = DreamOEmbeddings.for_pipe(pipe)
@@ -325,7 +328,7 @@ def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
     """One image. `inputs["references"]`: (PIL image, task, optional mask, optional face box) per slot, None
     for an empty slot (it still counts for the index); `inputs["resolution"]`: the reference resolution."""
     from diffbase.methods.dreamo.mechanism.generate import Reference, dreamo_generate
-    from diffbase.methods.dreamo.mechanism.preprocess import prepare_reference, task_prompt
+    from diffbase.methods.dreamo.mechanism.preprocess import prepare_reference
 
     pipe, emb = loaded
     slots = inputs["references"]
@@ -335,7 +338,6 @@ def run(loaded: tuple[Any, Any], inputs: dict[str, Any], settings: Any) -> Any:
         Reference(prepare_reference(img, task, inputs.get("resolution", 512), mask, box), task, k + 1)
         for k, slot in enumerate(slots) if slot is not None for img, task, mask, box in [slot]
     ]  # fmt: skip
-    settings.prompt = task_prompt(settings.prompt, [r.task for r in refs])
     return dreamo_generate(pipe, emb, refs, settings)
 
 
@@ -358,8 +360,11 @@ DREAMO = register(
 
 
 def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
-    """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one)."""
+    """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one). A
+    style reference without the official prefix gets a note: the prompt is used as written, as officially."""
     import re
+
+    from diffbase.methods.dreamo.mechanism.conditions import STYLE_PREFIX
 
     given = ", ".join(f"[ref#{k}]" for k, s in enumerate(slots, 1) if s is not None)
     for n in sorted({int(m) for m in re.findall(r"\[ref#(\d+)\]", prompt)}):
@@ -369,3 +374,7 @@ def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
             from diffbase.interface.checks import note
 
             note(f"{name}: [ref#{n}] names an empty slot")
+    if any(s is not None and s[1] == "style" for s in slots) and not prompt.startswith(STYLE_PREFIX):
+        from diffbase.interface.checks import note
+
+        note(f"{name}: a style reference works when the prompt begins with '{STYLE_PREFIX}' (the official guide)")

@@ -18,6 +18,7 @@ def tab(app: App) -> None:
                   version: str, size: str, steps: int, seed: int,
                   progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase.interface import checks
+        from diffbase.methods.dreamo.mechanism.files import recipe
         from diffbase.methods.dreamo.mechanism.generate import DreamOSettings
         from diffbase.methods.dreamo.method import DREAMO, check_prompt
 
@@ -30,7 +31,8 @@ def tab(app: App) -> None:
         check_prompt(prompt, slots, "prompt")
         loaded = app.models.get(("dreamo", model, dreamo, version),
                             lambda: DREAMO.load(model, dreamo, version, **app.rt.loader()))  # fmt: skip
-        settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed))
+        settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed),
+                                  guidance=recipe(version).guidance)  # fmt: skip
         return DREAMO.run(loaded, {"references": slots}, settings)
 
     with gr.Tab("DreamO"):

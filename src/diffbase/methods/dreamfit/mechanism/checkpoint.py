@@ -8,7 +8,8 @@ alpha / rank (released configs: alpha 16, doubled with the rank for the single b
 `ref_proj_lora`). `lora_weight` applies to the processor LoRAs only, and the official loader
 multiplies both down and up by it, so its effect is squared; `linear` is offered as an option.
 
-Only the loading lives here; the write and read passes are the DreamFit issue's remaining work.
+A checkpoint may cover only some blocks: those get the DreamFit processor, the others stay plain FLUX
+(no LoRA, no bank), as blocks left out of the official loader's `double_blocks` / `single_blocks` do.
 """
 
 from __future__ import annotations
@@ -115,13 +116,39 @@ def load_dreamfit(
     lora_weight_mode: Literal["official", "linear"] = "official",
 ) -> dict[str, LoraPair]:
     """The checkpoint's LoRA pairs by diffusers name, after checking every key and shape against the
-    transformer. `official`: processor LoRAs scaled by lora_weight**2 (both halves multiplied, as
-    the official loader does); `linear`: by lora_weight."""
+    transformer. A checkpoint may cover only some blocks (the official loader installs its processors on
+    a chosen subset and leaves the other blocks plain); a covered block needs all of its pairs.
+    `official`: processor LoRAs scaled by lora_weight**2 (both halves multiplied, as the official loader
+    does); `linear`: by lora_weight."""
     path = Path(path)
-    state = read_state_dict(path)
     dims = Dims.of(transformer)
+    found, unknown = _group(read_state_dict(path), _expected(dims))
+    covered = _covered_keys(found)
+    missing = sorted(covered - {k for k, v in found.items() if set(v) == {"down", "up"}}, key=_order)
+    if missing or unknown or not covered:
+        raise UserError(
+            f"{path}: not a DreamFit checkpoint for this FLUX.1 ({dims.double} double, {dims.single} "
+            f"single blocks, width {dims.hidden}): {_problems(missing, unknown)}"
+        )
+    factor = lora_weight**2 if lora_weight_mode == "official" else lora_weight
+    return {_diffusers_key(key): _pair(path, key, found[key], dims, factor) for key in sorted(covered, key=_order)}
+
+
+def covered_blocks(pairs: dict[str, Any]) -> set[str]:
+    """The diffusers blocks (`transformer_blocks.{i}`, `single_transformer_blocks.{i}`) with LoRA pairs:
+    where the DreamFit processors go; every other block stays plain FLUX, as officially."""
+    return {".".join(name.split(".", 2)[:2]) for name in pairs}
+
+
+def _expected(dims: Dims) -> set[str]:
+    """Every pair name (BFL block names, without .down/.up) a full checkpoint for `dims` holds."""
     expected = {f"double_blocks.{i}.{n}" for i in range(dims.double) for n in DOUBLE}
-    expected |= {f"single_blocks.{i}.{n}" for i in range(dims.single) for n in SINGLE}
+    return expected | {f"single_blocks.{i}.{n}" for i in range(dims.single) for n in SINGLE}
+
+
+def _group(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The tensors by pair name and half, and the keys no block of this transformer can use (foreign keys,
+    blocks it does not have, names DreamFit does not define)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in state.items():
@@ -132,36 +159,47 @@ def load_dreamfit(
         kind, index, name, half = m.groups()
         found.setdefault(f"{kind}_blocks.{index}.{name}", {})[half] = value
     unknown += sorted(k + ".*" for k in set(found) - expected)
-    missing = sorted(expected - {k for k, v in found.items() if set(v) == {"down", "up"}}, key=_order)
-    if missing or unknown:
-        parts = []
-        if missing:
-            parts.append(
-                f"missing {missing[0]}.{{down,up}}.weight"
-                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-            )
-        if unknown:
-            parts.append(f"unused {unknown[0]}" + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
+    return {k: v for k, v in found.items() if k in expected}, unknown
+
+
+def _covered_keys(found: dict[str, dict[str, torch.Tensor]]) -> set[str]:
+    """Every pair name of the blocks the checkpoint has any weight for (a block is all or nothing)."""
+    blocks = {".".join(k.split(".", 2)[:2]) for k in found}
+    return {f"{b}.{n}" for b in blocks for n in (DOUBLE if b.startswith("double") else SINGLE)}
+
+
+def _problems(missing: list[str], unknown: list[str]) -> str:
+    """One line: the first missing pair and the first unusable key, with counts of the rest."""
+    if not missing and not unknown:
+        return "no DreamFit LoRA pairs"
+    parts = []
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        parts.append(f"missing {missing[0]}.{{down,up}}.weight{more}")
+    if unknown:
+        parts.append(f"unused {unknown[0]}" + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""))
+    return "; ".join(parts)
+
+
+def _diffusers_key(key: str) -> str:
+    kind, index, name = key.split("_blocks.", 1)[0], int(key.split(".")[1]), key.split(".", 2)[2]
+    return diffusers_name(kind, index, name)
+
+
+def _pair(path: Path, key: str, halves: dict[str, torch.Tensor], dims: Dims, factor: float) -> LoraPair:
+    """One checked pair with its scale: alpha / rank, times `factor` on the processor LoRAs."""
+    kind, name = key.split("_blocks.", 1)[0], key.split(".", 2)[2]
+    down, up = halves["down"], halves["up"]
+    fan_in, fan_out = dims.shapes(kind, name)
+    rank = down.shape[0]
+    if down.dim() != 2 or up.dim() != 2 or down.shape[1] != fan_in or up.shape != (fan_out, rank):
         raise UserError(
-            f"{path}: not a DreamFit checkpoint for this FLUX.1 ({dims.double} double, {dims.single} "
-            f"single blocks, width {dims.hidden}): {'; '.join(parts)}"
+            f"{path}: {key}: down {tuple(down.shape)} and up {tuple(up.shape)}, expected "
+            f"(rank, {fan_in}) and ({fan_out}, rank)"
         )
-    factor = lora_weight**2 if lora_weight_mode == "official" else lora_weight
-    pairs = {}
-    for key in sorted(expected, key=_order):
-        kind, index, name = key.split("_blocks.", 1)[0], int(key.split(".")[1]), key.split(".", 2)[2]
-        down, up = found[key]["down"], found[key]["up"]
-        fan_in, fan_out = dims.shapes(kind, name)
-        rank = down.shape[0]
-        if down.dim() != 2 or up.dim() != 2 or down.shape[1] != fan_in or up.shape != (fan_out, rank):
-            raise UserError(
-                f"{path}: {key}: down {tuple(down.shape)} and up {tuple(up.shape)}, expected "
-                f"(rank, {fan_in}) and ({fan_out}, rank)"
-            )
-        alpha = NETWORK_ALPHA * (2 if name == "processor.ref_proj_lora" else 1)
-        scale = alpha / rank * (factor if name.startswith("processor.") else 1.0)
-        pairs[diffusers_name(kind, index, name)] = LoraPair(down.float(), up.float(), scale)
-    return pairs
+    alpha = NETWORK_ALPHA * (2 if name == "processor.ref_proj_lora" else 1)
+    scale = alpha / rank * (factor if name.startswith("processor.") else 1.0)
+    return LoraPair(down.float(), up.float(), scale)
 
 
 def save_official(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path) -> Path:

@@ -2,10 +2,11 @@
 
 - Write pass (once per generation, timestep 0, clean garment latent, the mode's garment text): the
   DreamFit LoRAs are active (q/k/v and output LoRAs in the attention processors; modulation and MLP
-  LoRAs as forward hooks) and every block stores its keys and values: the image stream for double
-  blocks, the whole [garment text, garment image] sequence for single blocks. Keys are stored after
-  QK-norm and RoPE with the garment's own ids; the text ids are zeros and the garment grid starts at
-  (0, 0), so this equals applying RoPE with the reference ids at read time.
+  LoRAs as forward hooks) and every block with DreamFit weights stores its keys and values: the image
+  stream for double blocks, the whole [garment text, garment image] sequence for single blocks. Blocks
+  without weights keep their own processor: plain FLUX in every mode, as in the official code. Keys
+  are stored after QK-norm and RoPE with the garment's own ids; the text ids are zeros and the garment
+  grid starts at (0, 0), so this equals applying RoPE with the reference ids at read time.
 - Read pass (every step): the plain FLUX path, no LoRA, with the banks appended to the keys and
   values. The bank's queries are not computed: with no attention mask only the appended keys and
   values can change the kept outputs, so dropping them is exact and cheaper (`keep_bank_queries`
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from diffbase.methods.dreamfit.mechanism.checkpoint import LoraPair
+from diffbase.methods.dreamfit.mechanism.checkpoint import LoraPair, covered_blocks
 
 
 @dataclass
@@ -116,13 +117,18 @@ SINGLE_HOOKS = (("norm.linear", "modulation.lin_lora"), ("proj_out", "processor.
 
 
 def install(transformer: torch.nn.Module, pairs: dict[str, LoraPair] | None = None) -> BankState:
-    """DreamFit processors on every block and LoRA hooks where the checkpoint has them; returns the
-    shared state that switches between plain, write and read."""
-    state, pairs = BankState(), pairs or {}
-    processors = {}
-    for name in transformer.attn_processors:
+    """DreamFit processors and LoRA hooks on the blocks `pairs` has weights for (every block when `pairs` is
+    None: the bank mechanism without LoRAs); returns the shared state that switches between plain, write and
+    read. Blocks without weights keep their processor and stay plain FLUX in every mode (no LoRA, no bank),
+    as blocks left out by the official loader do."""
+    state = BankState()
+    blocks = None if pairs is None else covered_blocks(pairs)
+    pairs = pairs or {}
+    processors = dict(transformer.attn_processors)
+    for name in processors:
         block = name.rsplit(".attn.processor", 1)[0]
-        processors[name] = DreamFitProcessor(block, block.startswith("transformer_blocks."), pairs, state)
+        if blocks is None or block in blocks:
+            processors[name] = DreamFitProcessor(block, block.startswith("transformer_blocks."), pairs, state)
     transformer.set_attn_processor(processors)
     for kind, hooks in (("transformer_blocks", DOUBLE_HOOKS), ("single_transformer_blocks", SINGLE_HOOKS)):
         for i, _ in enumerate(getattr(transformer, kind)):

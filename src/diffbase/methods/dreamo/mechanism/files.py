@@ -8,9 +8,12 @@ Facts from the official code (docs/DREAMO.md):
   `single_blocks_{i}.processor.{qkv_lora,proj_lora}...`.
 - A qkv pair's down weight is shared by q, k and v and its up weight is split in thirds; there is no
   alpha, so a layer's delta is weight * up @ down.
-- The default load path (v1.1) fuses dreamo 1, cfg-distill 1, turbo 1, SFT 1, DPO 1.25; v1 fuses the
-  quality LoRAs at 0.15 and -0.8 instead of SFT and DPO. The fusion uses diffusers' own
-  `load_lora_weights` / `set_adapters` / `fuse_lora`, as the official code does.
+- The default load path fuses dreamo 1, cfg-distill 1, Turbo 1 (unless `--no_turbo`), SFT 1, DPO 1.25,
+  in that order. The app's `--version v1` changes only its guidance (3.5): its default load path never
+  passes the version on, so v1.1's LoRAs are fused (only the nunchaku path fuses v1's quality LoRAs).
+  The fusion uses diffusers' own `load_lora_weights` / `set_adapters` / `fuse_lora`, as the official code.
+- Turbo is FLUX.1-Turbo-Alpha's `diffusion_pytorch_model.safetensors`, which the official code downloads
+  into the same `models/` folder as the DreamO files: diffbase fuses it when the DreamO folder has it.
 """
 
 from __future__ import annotations
@@ -48,35 +51,50 @@ def lora_modules(transformer: Any) -> list[str]:
     return names
 
 
+TURBO_FILE = "diffusion_pytorch_model.safetensors"  # FLUX.1-Turbo-Alpha, as the official code downloads it
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Which files are fused with the DreamO LoRA, at which weights (paths relative to the DreamO folder)."""
+    """Which files are fused with the DreamO LoRA, at which weights (paths relative to the DreamO folder),
+    the guidance the app defaults to with it, and where Turbo goes in the fusion order."""
 
     name: str
     loras: tuple[tuple[str, float, bool], ...]  # (file, weight, in DreamO's XLabs layout)
+    guidance: float = 4.5
+    turbo_at: int = 2  # the official order: dreamo, cfg-distill, then Turbo, then the rest
 
 
+V1_1 = (
+    ("dreamo.safetensors", 1.0, True),
+    ("dreamo_cfg_distill.safetensors", 1.0, True),
+    ("v1.1/dreamo_sft_lora.safetensors", 1.0, False),
+    ("v1.1/dreamo_dpo_lora.safetensors", 1.25, False),
+)
 RECIPES = {
-    "v1.1": Recipe(
-        "v1.1",
-        (
-            ("dreamo.safetensors", 1.0, True),
-            ("dreamo_cfg_distill.safetensors", 1.0, True),
-            ("v1.1/dreamo_sft_lora.safetensors", 1.0, False),
-            ("v1.1/dreamo_dpo_lora.safetensors", 1.25, False),
-        ),
-    ),  # fmt: skip
-    "v1": Recipe(
-        "v1",
-        (
-            ("dreamo.safetensors", 1.0, True),
-            ("dreamo_cfg_distill.safetensors", 1.0, True),
-            ("dreamo_quality_lora_pos.safetensors", 0.15, True),
-            ("dreamo_quality_lora_neg.safetensors", -0.8, True),
-        ),
-    ),  # fmt: skip
-    "none": Recipe("none", (("dreamo.safetensors", 1.0, True),)),  # a LoRA trained here, on its own
+    "v1.1": Recipe("v1.1", V1_1),
+    "v1": Recipe("v1", V1_1, guidance=3.5),  # the official app: v1.1's LoRAs, v1's guidance (see above)
+    "none": Recipe("none", (("dreamo.safetensors", 1.0, True),), turbo_at=1),  # a LoRA trained here, on its own
 }
+
+
+def recipe(version: str) -> Recipe:
+    if version not in RECIPES:
+        raise UserError(f"--version: expected one of {sorted(RECIPES)}, got '{version}'")
+    return RECIPES[version]
+
+
+def turbo_file(folder: Path, given: str | None = None, use: bool = True) -> Path | None:
+    """The Turbo LoRA to fuse: `given` (--turbo FILE), else the DreamO folder's TURBO_FILE when it has one
+    (the official default fuses Turbo), else none; none at all when `use` is False (--no-turbo)."""
+    if not use:
+        return None
+    if given:
+        if not Path(given).is_file():
+            raise UserError(f"--turbo: {given}: no such file")
+        return Path(given)
+    found = folder / TURBO_FILE
+    return found if found.is_file() else None
 
 
 def _block_count(transformer: Any, kind: str) -> int:
@@ -146,29 +164,31 @@ def read_lora(path: Path, xlabs: bool, transformer: Any) -> dict[str, torch.Tens
     return xlabs_to_diffusers(load_file(str(path)), transformer, path) if xlabs else str(path)
 
 
-def fuse_dreamo(pipe: Any, folder: Path, recipe: str = "v1.1", turbo: Path | None = None) -> dict[str, torch.Tensor]:
-    """Fuse the recipe's LoRAs (and the turbo LoRA when given) into the transformer at the official weights,
-    add the placeholder tokens to T5; returns the condition embeddings (t5, task, idx)."""
+def fusion_list(folder: Path, version: str, turbo: Path | None) -> list[tuple[str, Path | None, float, bool]]:
+    """(adapter name, file or None for dreamo.safetensors, weight, XLabs layout) in the official order."""
+    chosen = recipe(version)
+    out: list[tuple[str, Path | None, float, bool]] = [
+        (f"dreamo_{n}", None if n == 0 else folder / file, weight, xlabs)
+        for n, (file, weight, xlabs) in enumerate(chosen.loras)
+    ]
+    if turbo is not None:
+        out.insert(chosen.turbo_at, ("turbo", turbo, 1.0, False))
+    return out
+
+
+def fuse_dreamo(pipe: Any, folder: Path, version: str = "v1.1", turbo: Path | None = None) -> dict[str, torch.Tensor]:
+    """Fuse the recipe's LoRAs (and Turbo, when given, third as the official code) into the transformer at
+    the official weights, add the placeholder tokens to T5; returns the condition embeddings (t5, task, idx)."""
     from diffbase.methods.dreamo.mechanism.conditions import add_placeholder_tokens
 
-    if recipe not in RECIPES:
-        raise UserError(f"--version: expected one of {sorted(RECIPES)}, got '{recipe}'")
+    order = fusion_list(folder, version, turbo)
     transformer = pipe.transformer
     lora, emb = read_dreamo_file(folder / "dreamo.safetensors", transformer)
-    names, weights = [], []
-    for n, (file, weight, xlabs) in enumerate(RECIPES[recipe].loras):
-        state = lora if n == 0 else read_lora(folder / file, xlabs, transformer)
-        name = f"dreamo_{n}"
+    for name, file, _, xlabs in order:
+        state = lora if file is None else read_lora(file, xlabs, transformer)
         pipe.load_lora_weights(state, adapter_name=name)
-        names.append(name)
-        weights.append(weight)
-    if turbo is not None:
-        if not turbo.is_file():
-            raise UserError(f"--turbo: {turbo}: no such file")
-        pipe.load_lora_weights(str(turbo), adapter_name="turbo")
-        names.append("turbo")
-        weights.append(1.0)
-    pipe.set_adapters(names, weights)
+    names = [name for name, *_ in order]
+    pipe.set_adapters(names, [weight for _, _, weight, _ in order])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     add_placeholder_tokens(pipe.tokenizer_2, pipe.text_encoder_2, emb["t5"])

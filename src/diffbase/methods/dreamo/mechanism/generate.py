@@ -1,10 +1,12 @@
 """DreamO generation: FLUX.1 sampling with reference tokens, as the official pipeline computes it.
 
-Per generation the references are VAE-encoded once (a sample of the latent distribution, drawn from a
-generator seeded with `seed + 1`: the official code draws it from the global generator, unseeded),
-packed and appended after the noisy tokens with diagonal ids and the condition embeddings; every step
-runs them through the transformer with the current timestep and discards their outputs. Sigmas are
-linspace(1, 1/steps) shifted by the target's token count; the first step may use its own guidance.
+Per generation the references are VAE-encoded once, in slot order, each a sample of its latent
+distribution (`ref_noise`: "official", `latent_dist.sample()` on PyTorch's global generator as the official
+pipeline, which that code never seeds: here it is seeded with `seed` just before, so a run repeats; or
+"seeded", the earlier diffbase recipe, a CPU generator seeded `seed + 1`), packed and appended after the
+noisy tokens with diagonal ids and the condition embeddings; every step runs them through the transformer
+with the current timestep and discards their outputs. Sigmas are linspace(1, 1/steps) shifted by the
+target's token count; the first step may use its own guidance.
 True CFG (off unless `true_cfg` > 1): on steps in [true_cfg_start, true_cfg_end) a negative branch
 without references or condition embeddings, at `neg_guidance`.
 
@@ -48,6 +50,10 @@ class DreamOSettings:
     negative_prompt: str = ""
     neg_guidance: float = 3.5
     cache_references: bool = False  # the references' keys and values from the first step only (faster, not exact)
+    ref_noise: str = "official"  # the references' latent sample: "official" (global RNG) or "seeded" (seed + 1)
+
+
+REF_NOISE = ("official", "seeded")
 
 
 @dataclass
@@ -57,19 +63,34 @@ class Reference:
     index: int  # 1-based slot
 
 
-def encode_references(pipe: Any, refs: list[Reference], generator: torch.Generator) -> list[torch.Tensor]:
-    """Each reference's VAE sample, normalised as FLUX.1's latents, (1, 16, h/8, w/8)."""
+def _pixels(pipe: Any, ref: Reference) -> torch.Tensor:
     from diffbase.data.datasets import to_tensor
 
-    vae, device = pipe.vae, execution_device(pipe)
-    out = []
-    for ref in refs:
-        pixels = to_tensor(ref.image.convert("RGB"))[None].to(device, vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(device)
-        z = dist.mean + dist.std * noise
-        out.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
-    return out
+    return to_tensor(ref.image.convert("RGB"))[None].to(execution_device(pipe), pipe.vae.dtype)
+
+
+def _normalised(pipe: Any, z: torch.Tensor) -> torch.Tensor:
+    return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+
+def _seeded_sample(pipe: Any, ref: Reference, generator: torch.Generator) -> torch.Tensor:
+    """mean + std * noise with the noise from a CPU generator: the same on every device."""
+    dist = pipe.vae.encode(_pixels(pipe, ref)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(dist.mean.device)
+    return dist.mean + dist.std * noise
+
+
+def encode_references(pipe: Any, refs: list[Reference], seed: int, ref_noise: str = "official") -> list[torch.Tensor]:
+    """Each reference's VAE sample, normalised as FLUX.1's latents, (1, 16, h/8, w/8), drawn by `ref_noise`."""
+    if ref_noise not in REF_NOISE:
+        raise ValueError(f"ref_noise: expected one of {REF_NOISE}, got '{ref_noise}'")
+    if ref_noise == "seeded":
+        generator = torch.Generator("cpu").manual_seed(seed + 1)
+        return [_normalised(pipe, _seeded_sample(pipe, ref, generator)) for ref in refs]
+    device = execution_device(pipe)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is kept
+        torch.manual_seed(seed)
+        return [_normalised(pipe, pipe.vae.encode(_pixels(pipe, ref)).latent_dist.sample()) for ref in refs]
 
 
 def reference_inputs(
@@ -104,7 +125,7 @@ def dreamo_generate(
         torch.Generator("cpu").manual_seed(s.seed),
     )  # fmt: skip
     noisy = latents.shape[1]
-    ref_latents = encode_references(pipe, refs, torch.Generator("cpu").manual_seed(s.seed + 1))
+    ref_latents = encode_references(pipe, refs, s.seed, s.ref_noise)
     patch = pipe.vae_scale_factor * 2  # pixels per packed token (16 for FLUX.1)
     target_hw = (s.height // patch, s.width // patch)
     tokens, added = reference_inputs(pipe, emb, refs, ref_latents, noisy, target_hw)

@@ -4,20 +4,23 @@
   app gets that mask from the BEN2 background remover; here the user gives it), then resized by area.
 - id: the face crop. The official app detects, aligns and parses the face (facexlib) into a 512x512
   crop on white; here the face box is given and the crop is resized to 512x512. No area resize.
-- style: resized by area; the prompt must begin with STYLE_PREFIX (added when missing).
+- style: resized by area; the prompt is left as written (the official code never adds STYLE_PREFIX; its
+  app asks the user to write it).
 
-Area resize: scale to about `resolution`^2 pixels, each side floored to a multiple of 16 (OpenCV's
-INTER_AREA in the official code; PIL's box filter here, its equivalent when shrinking).
+Area resize: scale to about `resolution`^2 pixels, each side floored to a multiple of 16, with OpenCV's
+INTER_AREA for shrinking and enlarging alike, as the official `resize_numpy_image_area` (PIL has no filter
+that matches it: BOX differs when enlarging and by rounding when shrinking).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from PIL import Image
 
 from diffbase.errors import UserError
-from diffbase.methods.dreamo.mechanism.conditions import STYLE_PREFIX, TASKS
+from diffbase.methods.dreamo.mechanism.conditions import TASKS
 
 FACE_SIZE = 512  # the official aligned face crop
 
@@ -33,8 +36,11 @@ def area_size(size: tuple[int, int], area: int) -> tuple[int, int]:
 
 
 def resize_by_area(image: Image.Image, area: int) -> Image.Image:
-    size = area_size(image.size, area)
-    return image.resize(size, Image.BOX if area < image.width * image.height else Image.BICUBIC)  # BOX to shrink
+    """`area_size` by cv2.INTER_AREA on the uint8 pixels: the official resize, bit for bit."""
+    import cv2
+
+    pixels = cv2.resize(np.asarray(image), area_size(image.size, area), interpolation=cv2.INTER_AREA)
+    return Image.fromarray(pixels)
 
 
 def on_white(image: Image.Image, mask: Image.Image) -> Image.Image:
@@ -69,10 +75,3 @@ def prepare_reference(
     if mask is not None and task != "style":
         image = on_white(image, mask)
     return resize_by_area(image, resolution * resolution)
-
-
-def task_prompt(prompt: str, tasks: list[str]) -> str:
-    """A style reference needs the official prefix at the start of the prompt."""
-    if "style" in tasks and not prompt.startswith(STYLE_PREFIX):
-        return f"{STYLE_PREFIX} {prompt}"
-    return prompt
