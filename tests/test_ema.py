@@ -61,3 +61,13 @@ def test_start_step_keeps_the_average_equal_to_the_weights_until_then(tmp_path) 
 def test_bad_ema_settings_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(UserError, match="training.ema: expected decay in"):
         run(tmp_path, "training.ema.enabled=true", "training.ema.update_every=0")
+
+
+def test_bad_ema_settings_stop_before_anything_loads_or_is_written(tmp_path) -> None:
+    from tests.helpers import run_cli
+
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", str(path), f"experiment.output_dir={out}", "training.ema.enabled=true",
+                           "training.ema.decay=1.5")  # fmt: skip
+    assert code == 2 and "training.ema" in err and len(err.strip().splitlines()) == 1 and not out.exists()

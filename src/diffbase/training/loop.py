@@ -227,12 +227,18 @@ def make_ema(config: Config, params: list[torch.nn.Parameter]) -> Any:
     e = config.training.ema
     if not e.enabled:
         return None
-    if e.update_every < 1 or e.start_step < 0 or not 0.0 < e.decay < 1.0:
-        raise UserError(f"training.ema: expected decay in (0, 1), update_every >= 1 and start_step >= 0, got "
-                        f"{e.decay}, {e.update_every}, {e.start_step}")  # fmt: skip
+    check_ema(config)
     from diffusers.training_utils import EMAModel
 
     return EMAModel(params, decay=e.decay, update_after_step=e.start_step // e.update_every)
+
+
+def check_ema(config: Config) -> None:
+    """training.ema's numbers, checked before anything loads (train) and again where the EMA is made."""
+    e = config.training.ema
+    if e.enabled and (e.update_every < 1 or e.start_step < 0 or not 0.0 < e.decay < 1.0):
+        raise UserError(f"training.ema: expected decay in (0, 1), update_every >= 1 and start_step >= 0, got "
+                        f"{e.decay}, {e.update_every}, {e.start_step}")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
 from diffbase.training import run_folder
 from diffbase.training.checkpoint import hold_for_test
-from diffbase.training.loop import TrainResult, ema_weights, process_state, run_training
+from diffbase.training.loop import TrainResult, check_ema, ema_weights, process_state, run_training
 from diffbase.training.seam import Method
 
 
@@ -153,6 +153,7 @@ def train(
     if method.check is not None:
         method.check(config)
     check_metrics(config)
+    check_ema(config)
     check_trackers(config)
     out_dir = Path(config.experiment.output_dir)
     state = process_state(config)
