@@ -18,6 +18,12 @@ def closest(name: str, candidates: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line (its type's name when it has no message), cut to `limit` characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class Stopped(Exception):
     """A run that stopped on request (SIGTERM, SIGINT) after saving a checkpoint. The CLI prints the
     message, which says where to resume from, and exits with `exit_code` (143 or 130, as a shell would)."""

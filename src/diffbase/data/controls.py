@@ -23,6 +23,7 @@ from PIL import Image
 
 from diffbase.data.buckets import crop_geometry
 from diffbase.errors import UserError
+from diffbase.models.folders import local_pretrained
 
 ConditioningType = Literal["given", "canny", "depth", "pose"]
 KEYPOINTS_SUFFIX = "_keypoints.json"  # OpenPose's --write_json name: <image stem>_keypoints.json beside the image
@@ -200,12 +201,8 @@ def depth_estimator(folder: str, device: Any = "cpu") -> Callable[[Image.Image],
     image -> depth image."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    try:
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForDepthEstimation.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"training.controlnet.depth_model: {folder}: not a depth-estimation model ({reason})") from None
+    processor, model = local_pretrained(folder, "training.controlnet.depth_model", "a depth-estimation model",
+                                        AutoImageProcessor, AutoModelForDepthEstimation)  # fmt: skip
     model = model.to(device).eval()
     return lambda image: depth_map(model, processor, image)
 

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffbase.errors import UserError
+from diffbase.errors import UserError, first_line
+from diffbase.models.folders import local_pretrained
 
 CLOTH_TYPES = ("upper", "lower", "overall")
 Point = tuple[float, float, float]  # x, y (pixels of the image), score
@@ -116,11 +117,6 @@ def model_folder(folder: str | Path | None, option: str, kind: str) -> Path:
     return path
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def load_config(path: Path, option: str, kind: str) -> Any:
     from transformers import AutoConfig
 
@@ -142,11 +138,8 @@ def load_parser(folder: str | Path | None, option: str = "--parser", device: Any
         shown = ", ".join(list(id2label.values())[:5]) or "none"
         raise UserError(f"{option}: {path}: its labels ({shown}, ...) are not a human parser's; expected names such "
                         "as Background, Upper-clothes, Pants, Left-arm (ATR or LIP labels)")  # fmt: skip
-    try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(path, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{option}: {path}: not a semantic-segmentation model ({first_line(exc)})") from None
+    model, processor = local_pretrained(path, option, "a semantic-segmentation model",
+                                        AutoModelForSemanticSegmentation, AutoImageProcessor)  # fmt: skip
     return Parser(model.float().to(device).eval(), processor, id2label)  # float32: the processor's pixels
 
 
@@ -245,11 +238,7 @@ def load_pose_model(folder: str | Path | None, option: str = "--pose-model", dev
         raise UserError(f"{option}: {path}: {config.num_labels} keypoints; expected COCO's 17 (a ViTPose COCO model)")
     if importlib.util.find_spec("scipy") is None:
         raise UserError(f"{option}: ViTPose's image processor needs scipy; pip install scipy")
-    try:
-        model = VitPoseForPoseEstimation.from_pretrained(path, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{option}: {path}: not a ViTPose model ({first_line(exc)})") from None
+    model, processor = local_pretrained(path, option, "a ViTPose model", VitPoseForPoseEstimation, AutoImageProcessor)
     return PoseModel(model.float().to(device).eval(), processor)
 
 

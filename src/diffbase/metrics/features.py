@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.models.folders import local_pretrained
 
 KINDS = ("dino", "clip", "inception")
 
@@ -54,14 +55,8 @@ def load(spec: str, key: str = "--features", device: str = "cpu") -> FeatureNet:
 def transformers_model(folder: Path, kind: str, key: str, device: str) -> tuple[Any, Any]:
     from transformers import AutoImageProcessor, AutoModel, CLIPModel
 
-    try:
-        model = (CLIPModel if kind == "clip" else AutoModel).from_pretrained(folder, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"{key}: {folder}: not a {kind.upper()} model folder with its image processor ({first[:200]})"
-        ) from None
+    model, processor = local_pretrained(folder, key, f"a {kind.upper()} model folder with its image processor",
+                                        CLIPModel if kind == "clip" else AutoModel, AutoImageProcessor)  # fmt: skip
     return model.eval().to(device), processor
 
 
@@ -147,10 +142,7 @@ def clip_for_scores(folder: str, key: str = "--clip") -> tuple[Any, Any]:
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"{key}: {path}: not a folder (a local CLIP model with its processor and tokenizer)")
-    try:
-        model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{key}: {path}: not a CLIP folder with processor and tokenizer ({first[:200]})") from None
-    return ProjectedCLIP(model), processor
+    model, processor = local_pretrained(
+        path, key, "a CLIP folder with processor and tokenizer", CLIPModel, CLIPProcessor
+    )
+    return ProjectedCLIP(model.eval()), processor

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffbase.errors import UserError
+from diffbase.errors import UserError, first_line
 from diffbase.models.footprint import check_fits
 from diffbase.models.placement import place_pipeline
 from diffbase.models.quantize import quantize_pipeline
@@ -78,3 +78,12 @@ def load_pipeline(
         prepare(pipe, spec)
     quantize_pipeline(pipe, spec, quantize, torch_dtype(dtype), "--quantize")
     return place_pipeline(pipe, device, offload, offload_blocks), spec
+
+
+def local_pretrained(path: str | Path, option: str, what: str, *classes: Any) -> list[Any]:
+    """Each transformers class's `from_pretrained(path)` from the local folder only; a folder that does not hold
+    `what` is one line naming the option that gave it (a feature network, a parser, a depth or pose model)."""
+    try:
+        return [cls.from_pretrained(path, local_files_only=True) for cls in classes]
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{option}: {path}: not {what} ({first_line(exc)})") from None
