@@ -13,6 +13,7 @@ from diffbase.errors import UserError
 from diffbase.methods import text_to_image
 from diffbase.methods.registry import Method, Trained, register
 from diffbase.models import families
+from diffbase.models.lora_formats import LYCORIS_TYPES
 
 
 @dataclass
@@ -27,9 +28,6 @@ class LoraConfig:
     train_text_encoder: bool = False  # a LoRA on the CLIP text encoder(s) too
     text_encoder_lr: float | None = None  # None: training.learning_rate
     init_from: str | None = None  # a LoRA file (diffusers, kohya, LyCORIS) to continue from
-
-
-LYCORIS = ("lokr", "loha")
 
 
 def lora_target_names(
@@ -87,7 +85,7 @@ def check(config: Config) -> None:
         raise UserError(f"training.lora.init_from: {cfg.init_from}: file not found (expected a LoRA .safetensors)")
     if not cfg.train_text_encoder:
         return
-    if cfg.type in LYCORIS:
+    if cfg.type in LYCORIS_TYPES:
         raise UserError(f"training.lora.train_text_encoder: not with type {cfg.type} (its files carry the denoiser "
                         "only); use type lora, dora or rslora")  # fmt: skip
     if t.method not in ("lora", "dreambooth"):
@@ -192,7 +190,7 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
     from diffbase.models.placement import cpu_state
 
     spec, denoiser, folder, kind = bb.spec, bb.denoiser, out_dir / "lora", config.training.lora.type
-    if kind in LYCORIS:
+    if kind in LYCORIS_TYPES:
         state = cpu_state({f"{spec.denoiser}.{k}": v for k, v in get_peft_model_state_dict(denoiser).items()})
         lycoris = to_lycoris(state, peft_scales(denoiser, spec.denoiser), spec.denoiser == "unet")
         return {"lycoris": str(save_lora(lycoris, folder / "lora_lycoris.safetensors"))}

@@ -14,6 +14,8 @@ import torch
 from diffbase.errors import UserError
 from diffbase.models import families
 from diffbase.models.lora_formats import (
+    LYCORIS_TYPES,
+    file_layer_names,
     is_kohya_flux,
     is_lycoris,
     kohya_flux_to_diffusers,
@@ -32,7 +34,7 @@ def init_from(bb: Any, cfg: Any, path: Path) -> None:
 
     keys = read_lora_keys(path)
     state = read_state(path)
-    if is_lycoris(keys) != (cfg.type in ("lokr", "loha")):
+    if is_lycoris(keys) != (cfg.type in LYCORIS_TYPES):
         raise UserError(f"{KEY}: {path} is a {'LyCORIS' if is_lycoris(keys) else 'LoRA'} file; training.lora.type "
                         f"is {cfg.type}")  # fmt: skip
     layers = lycoris_start(bb, state, path) if is_lycoris(keys) else lora_start(bb, state, path)
@@ -118,11 +120,10 @@ def file_alphas(path: Path) -> Callable[[str, int], float]:
 
 
 def kohya_names(bb: Any) -> dict[str, str]:
-    """{name in a kohya or LyCORIS file: denoiser layer path} (peft's wrapped layers by their own path)."""
+    """{name in a kohya or LyCORIS file: denoiser layer path}: kohya's UNet names, or the transformer names
+    OneTrainer and SimpleTuner write."""
     unet = bb.spec.denoiser == "unet"
-    prefixes = ("lora_unet_",) if unet else ("lora_transformer_", "lycoris_")
-    paths = [n.removesuffix(".base_layer") for n, m in bb.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
-    return {p + n.replace(".", "_"): n for n in paths for p in prefixes}
+    return file_layer_names(bb.denoiser, ("lora_unet_",) if unet else ("lora_transformer_", "lycoris_"))
 
 
 def lycoris_start(bb: Any, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

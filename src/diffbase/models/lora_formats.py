@@ -227,10 +227,24 @@ def is_lycoris(keys: list[str]) -> bool:
     return any(k.rpartition(".")[2] in LYCORIS_PARTS for k in keys)
 
 
+LYCORIS_TYPES = ("lokr", "loha")  # the training.lora.type values written and read as LyCORIS files
+
+
+def lycoris_prefix(unet: bool) -> str:
+    """How ComfyUI names a LyCORIS file's layers: kohya's `lora_unet_` for UNets, SimpleTuner's `lycoris_`
+    (diffusers module names) for transformers."""
+    return "lora_unet_" if unet else "lycoris_"
+
+
 def lycoris_name(path: str, unet: bool) -> str:
-    """The layer's name in a LyCORIS file as ComfyUI maps it: kohya's `lora_unet_` for UNets, SimpleTuner's
-    `lycoris_` (diffusers module names) for transformers."""
-    return ("lora_unet_" if unet else "lycoris_") + path.replace(".", "_")
+    return lycoris_prefix(unet) + path.replace(".", "_")
+
+
+def file_layer_names(module: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """{a layer's name in a kohya or LyCORIS file: its path in `module`} for every Linear layer, a peft-wrapped one
+    by its own path (not `.base_layer`), so a model that already carries adapters maps the same."""
+    paths = [n.removesuffix(".base_layer") for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    return {prefix + path.replace(".", "_"): path for path in paths for prefix in prefixes}
 
 
 def lycoris_layers(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -13,12 +13,13 @@ from typing import Any
 from diffbase.errors import UserError
 from diffbase.models import families
 from diffbase.models.lora_formats import (
+    file_layer_names,
     is_kohya_flux,
     is_lycoris,
     kohya_flux_to_diffusers,
     lycoris_delta,
     lycoris_layers,
-    lycoris_name,
+    lycoris_prefix,
 )
 from diffbase.models.specs import FamilySpec
 
@@ -134,15 +135,15 @@ def merge_lycoris(pipe: Any, spec: FamilySpec, path: Path, scale: float) -> int:
     import torch
 
     denoiser = getattr(pipe, spec.denoiser)
-    unet = spec.denoiser == "unet"
-    linears = {lycoris_name(n, unet): m for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    paths = file_layer_names(denoiser, (lycoris_prefix(spec.denoiser == "unet"),))
     layers = lycoris_layers(read_state(path))
-    missing = [name for name in layers if name not in linears]
+    missing = [name for name in layers if name not in paths]
     if missing:
         raise UserError(f"{path}: layer {missing[0]} (and {len(missing) - 1} more) is not in this {spec.pipeline}")
     with torch.no_grad():
         for name, parts in layers.items():
-            weight = linears[name].weight
+            layer = denoiser.get_submodule(paths[name])
+            weight = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight
             if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
                 raise UserError(f"{path}: LoKr / LoHa files are merged into the weights, which are quantized here; "
                                 "load the model without --quantize")  # fmt: skip
