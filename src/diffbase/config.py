@@ -595,5 +595,17 @@ def to_dict(config: Any) -> dict:
     return data
 
 
+def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one flat mapping of dotted keys (`training.learning_rate`); an empty mapping stays a value.
+    For what takes one level only: MLflow's params, a printed table."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

@@ -153,19 +153,10 @@ def mean(values: list[float]) -> float:
 
 def finish(report: dict[str, Any], folder: Path) -> None:
     """The numbers as a table on stdout and in metrics.json."""
+    from diffbase.config import dotted
     from diffbase.io import write_json_atomic
 
     write_json_atomic(folder / "metrics.json", report)
-    for key, value in flat(report).items():
+    for key, value in dotted(report).items():
         print(f"  {key:<24} {value:.4f}" if isinstance(value, float) else f"  {key:<24} {value}")
     print(f"wrote {folder / 'metrics.json'}")
-
-
-def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -3,6 +3,7 @@ each, with the network's own preprocessing (its image processor's resize, crop a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,9 @@ def inception(path: str, key: str, device: str) -> Any:
     return lambda x: net((x * 255).round().clamp(0, 255).to(torch.uint8).to(device))[0]
 
 
+@functools.cache
 def random_dino(seed: int = 0) -> FeatureNet:
-    """A small DINOv2 with random weights (seeded), built here: for the demo and benchmarks on a machine without a
+    """A small DINOv2 with random weights (seeded; built once per seed), for the demo and benchmarks on a machine without a
     feature network. Its FID / KID exercise the pipeline and compare runs with each other; they are labelled as such
     and are not comparable with any paper's."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from diffbase.config import TRACKERS, Config, to_dict
+from diffbase.config import TRACKERS, Config, dotted, to_dict
 from diffbase.errors import UserError
 
 # The module each tracker imports, and the pip package that installs it.
@@ -45,17 +45,6 @@ def mlflow_uri(config: Config) -> str:
     no URI, MLflow 3 would use a sqlite database in the working directory (which needs SQLAlchemy)."""
     uri = config.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or (Path(config.experiment.output_dir) / "mlruns").resolve().as_uri()
-
-
-def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config as dotted keys (`training.learning_rate`): MLflow's params are one flat mapping."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def make_tensorboard(out_dir: Path, resume_step: int) -> Any:
@@ -98,7 +87,7 @@ def start(name: str, config: Config | None, out_dir: Path, resume_step: int) -> 
         raise UserError(f"logging.report_to: {name} did not start ({type(exc).__name__}: {first}); "
                         f"{HINTS[name]}") from exc  # fmt: skip
     if name == "mlflow":
-        tracker.store_init_configuration(flat(to_dict(config)))
+        tracker.store_init_configuration(dotted(to_dict(config)))
     return tracker
 
 
