@@ -45,6 +45,7 @@ TIERS = {
         "test_adapters.py",
         "test_trainer_runs.py",
         "test_metrics.py",
+        "test_lpips.py",
         "test_control_types.py",
         "test_trackers.py",
         "test_resolutions.py",

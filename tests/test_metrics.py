@@ -231,8 +231,12 @@ def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_p
     folder.mkdir()
     for f in sorted(originals.glob("*.png"))[:2]:
         (folder / f.name).write_bytes(f.read_bytes())
+    from diffbase.metrics.lpips import BUILDERS
+
+    torch.save({f"features.{k}": v for k, v in BUILDERS["squeeze"]().state_dict().items()}, tmp_path / "squeeze.pth")
     code, out, err = run_cli("eval", "upscale", "--originals", str(folder), "--model", str(tiny_model("flux1")),
-                             "--steps", "2", "--out", str(tmp_path / "eval"))  # fmt: skip
+                             "--steps", "2", "--lpips", f"squeeze:{tmp_path / 'squeeze.pth'}",
+                             "--out", str(tmp_path / "eval"))  # fmt: skip
     assert code == 0, err
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["images"] == 2 and (tmp_path / "eval" / "grid.png").is_file()
@@ -244,3 +248,4 @@ def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_p
         psnrs.append(float(scores.psnr(images.to_tensor(bicubic)[None], images.to_tensor(original)[None])[0]))
     assert report["bicubic_psnr"] == pytest.approx(sum(psnrs) / len(psnrs), rel=1e-6)  # the baseline row
     assert np.isfinite(report["upscaler_psnr"]) and 0 < report["upscaler_ssim"] <= 1
+    assert report["upscaler_lpips"] > 0 and report["bicubic_lpips"] > 0  # random SqueezeNet: plumbing, not quality

@@ -215,7 +215,7 @@ def test_tryon_and_eval_commands(tiny_model, tmp_path: Path) -> None:
     assert code == 0, err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["pairs"] == 2 and {"ssim", "psnr", "masked_l1"} <= set(metrics)
-    assert "FID, KID: give --features" in stdout and "LPIPS: not computed" in stdout
+    assert "FID, KID: give --features" in stdout and "LPIPS: give --lpips" in stdout
     assert (tmp_path / "eval" / "grid.png").exists()
     code, _, err = run_cli(
         "tryon",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
-from diffbase.interface.options import HelpFormatter, eval_subparsers
+from diffbase.interface.options import LPIPS_HELP, HelpFormatter, eval_subparsers
 
 FEATURES_HELP = "KIND:PATH, the network of FID and KID: dino:DIR or clip:DIR (transformers folders), inception:FILE"
 
@@ -20,6 +20,7 @@ def add_parsers(sub: Any) -> None:
     i.add_argument("--real", required=True, help="folder of real images (ground truth where names match)")
     i.add_argument("--fake", required=True, help="folder of generated images")
     i.add_argument("--features", help=FEATURES_HELP)
+    i.add_argument("--lpips", help=LPIPS_HELP + " (pairs of the same name)")
     i.add_argument("--out", default="outputs/eval_images")
     i.set_defaults(func=run_images)
     c = ev.add_parser("customize", help="DreamO-style results: CLIP-I and DINO against references, CLIP-T against "
@@ -47,25 +48,30 @@ def run_images(args: argparse.Namespace) -> None:
     from diffbase.metrics import images
 
     real, fake = images.image_files(args.real, "--real"), images.image_files(args.fake, "--fake")
+    lpips = None
+    if args.lpips:
+        from diffbase.metrics.lpips import model
+
+        lpips = model(args.lpips, "--lpips")
     report: dict[str, Any] = {"real": len(real), "fake": len(fake)}
-    if {p.stem for p in real} <= {p.stem for p in fake} or not args.features:  # without features: paired or nothing
-        report |= paired_scores(images.paired(real, fake, "--real", "--fake"))
+    paired = {p.stem for p in real} <= {p.stem for p in fake}
+    if paired or not args.features or lpips is not None:  # without features: paired or nothing
+        report |= paired_scores(images.paired(real, fake, "--real", "--fake"), lpips)
     if args.features:
         report |= distribution_scores(args.features, real, fake)
     finish(report, Path(args.out))
 
 
-def paired_scores(pairs: list[tuple[Path, Path]]) -> dict[str, float]:
-    """Mean SSIM and PSNR of each generated image against the real one of its name."""
+def paired_scores(pairs: list[tuple[Path, Path]], lpips_model: Any = None) -> dict[str, float]:
+    """Mean SSIM and PSNR (and LPIPS, given its model) of each generated image against the real one of its name."""
     from diffbase.metrics import images, scores
 
-    ssim, psnr = [], []
+    rows = []
     for real_file, fake_file in pairs:
         real, fake = images.read([real_file])[0], images.read([fake_file])[0]
         images.same_size(real, fake, (real_file, fake_file))
-        ssim.append(float(scores.ssim(fake[None], real[None])[0]))
-        psnr.append(float(scores.psnr(fake[None], real[None])[0]))
-    return {"ssim": sum(ssim) / len(ssim), "psnr": sum(psnr) / len(psnr)}
+        rows.append(scores.paired(fake, real, lpips_model))
+    return scores.means(rows)
 
 
 def distribution_scores(spec: str, real: list[Path], fake: list[Path], key: str = "--features") -> dict[str, Any]:

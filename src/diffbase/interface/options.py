@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+LPIPS_HELP = ("NET:FILE, LPIPS over torchvision's weights file of NET (squeeze, alex or vgg): "
+              "squeeze:/models/squeezenet1_1-b8a52dc0.pth is CatVTON's")  # fmt: skip
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Says each default once: appends `(default: X)` where the help text does not already speak of the

@@ -28,6 +28,22 @@ def psnr(result: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return peak_signal_noise_ratio(result, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
+def paired(result: torch.Tensor, target: torch.Tensor, lpips_model: Any = None) -> dict[str, float]:
+    """SSIM and PSNR (and LPIPS, given its model: diffbase.metrics.lpips.model) of one [0, 1] image (3, H, W)
+    against its ground truth."""
+    out = {"ssim": float(ssim(result[None], target[None])[0]), "psnr": float(psnr(result[None], target[None])[0])}
+    if lpips_model is not None:
+        from diffbase.metrics.lpips import lpips
+
+        out["lpips"] = float(lpips(lpips_model, result[None], target[None])[0])
+    return out
+
+
+def means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each key over rows of per-image scores."""
+    return {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+
+
 class Passthrough(torch.nn.Module):
     """Features computed once, given to torchmetrics' FID and KID as their 'network' (so both share them)."""
 

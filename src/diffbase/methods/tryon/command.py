@@ -9,7 +9,13 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.interface import checks
-from diffbase.interface.options import HelpFormatter, add_output_arguments, add_runtime_arguments, eval_subparsers
+from diffbase.interface.options import (
+    LPIPS_HELP,
+    HelpFormatter,
+    add_output_arguments,
+    add_runtime_arguments,
+    eval_subparsers,
+)
 
 
 def settings_from(args: argparse.Namespace) -> Any:
@@ -100,6 +106,13 @@ def run_eval(args: argparse.Namespace) -> None:
     size = check_sampling(args)
     if args.limit is not None:
         checks.count(args.limit, "--limit")
+    lpips = None
+    if args.lpips:  # read before the model loads: a wrong file costs nothing
+        if args.unpaired:
+            raise UserError("--lpips: LPIPS compares each result with its ground truth; --unpaired has none")
+        from diffbase.metrics.lpips import model
+
+        lpips = model(args.lpips, "--lpips")
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
     dataset = TryOnDataset(records, size)
     bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
@@ -112,7 +125,11 @@ def run_eval(args: argparse.Namespace) -> None:
 
         net = features.load(args.features, "--features")
         out["metrics"] |= scores.distribution(net, out["reals"], out["results"], "--features")
-    report = {"pairs": out["count"], "paired": not args.unpaired, **out["metrics"], "not_computed": {"lpips": LPIPS}}
+    if lpips is not None:
+        from diffbase.metrics.lpips import mean_lpips
+
+        out["metrics"]["lpips"] = mean_lpips(lpips, out["results"], out["reals"])
+    report = {"pairs": out["count"], "paired": not args.unpaired, **out["metrics"]}
     report |= {"features": args.features} if args.features else {}
     write_json_atomic(folder / "metrics.json", report)
     print(f"{out['count']} pairs ({'unpaired' if args.unpaired else 'paired'})")
@@ -122,11 +139,9 @@ def run_eval(args: argparse.Namespace) -> None:
         print("  unpaired pairs have no ground truth: SSIM, PSNR and masked error need paired data")
     if not args.features:
         print("  FID, KID: give --features (dino:DIR, clip:DIR or inception:FILE) to compute them")
-    print(f"  LPIPS: not computed ({LPIPS})")
+    if not args.lpips and not args.unpaired:
+        print("  LPIPS: give --lpips (squeeze:FILE, torchvision's SqueezeNet 1.1 weights, as CatVTON) to compute it")
     print(f"wrote {folder / 'grid.png'} and {folder / 'metrics.json'}")
-
-
-LPIPS = "torchmetrics' and lpips' LPIPS need torchvision's VGG / AlexNet, which this project's CPU torch cannot import"
 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,5 +202,6 @@ def add_eval_parser(sub: Any) -> None:
         help="KIND:PATH for FID and KID: dino:DIR, clip:DIR (transformers folders) or "
         "inception:FILE (FID's Inception weights; needs torch-fidelity and torchvision)",
     )
+    e.add_argument("--lpips", help=LPIPS_HELP + " (paired runs)")
     e.add_argument("--out", default="outputs/eval_tryon")
     e.set_defaults(func=run_eval)

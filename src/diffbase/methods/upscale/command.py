@@ -8,7 +8,7 @@ from typing import Any
 
 from diffbase.errors import UserError
 from diffbase.interface import checks
-from diffbase.interface.options import HelpFormatter, add_runtime_arguments, eval_subparsers
+from diffbase.interface.options import LPIPS_HELP, HelpFormatter, add_runtime_arguments, eval_subparsers
 
 
 def check(args: argparse.Namespace) -> tuple[Any, Any, tuple[int, int]]:
@@ -101,6 +101,7 @@ def add_parsers(sub: Any) -> None:
         "(bicubic), beside plain bicubic upscaling", formatter_class=HelpFormatter)  # fmt: skip
     e.add_argument("--originals", required=True, help="folder of high-resolution images")
     e.add_argument("--out", default="outputs/eval_upscale", help="folder for metrics.json and grid.png")
+    e.add_argument("--lpips", help=LPIPS_HELP)
     add_sampling_arguments(e)
     e.set_defaults(func=run_eval)
 
@@ -138,11 +139,13 @@ def run_eval(args: argparse.Namespace) -> None:
 
     settings, *_ = sampling_settings(args)
     files = images.image_files(args.originals, "--originals")
+    lpips = None
+    if args.lpips:
+        from diffbase.metrics.lpips import model
+
+        lpips = model(args.lpips, "--lpips")
     loaded = UPSCALE.load(args.model, args.dino, args.adapter, **args.runtime.loader())
-    found: dict[str, dict[str, list[float]]] = {
-        "upscaler": {"psnr": [], "ssim": []},
-        "bicubic": {"psnr": [], "ssim": []},
-    }
+    found: dict[str, list[dict[str, float]]] = {"upscaler": [], "bicubic": []}
     rows = []
     for file in files:
         original = load_image(file)
@@ -150,13 +153,12 @@ def run_eval(args: argparse.Namespace) -> None:
         small = original.resize((max(1, round(w / args.scale)), max(1, round(h / args.scale))), Image.BICUBIC)
         result = UPSCALE.run(loaded, {"image": small}, settings).resize((w, h), Image.BICUBIC)
         bicubic = small.resize((w, h), Image.BICUBIC)
-        truth = images.to_tensor(original)[None]
+        truth = images.to_tensor(original)
         for name, image in (("upscaler", result), ("bicubic", bicubic)):
-            found[name]["psnr"].append(float(scores.psnr(images.to_tensor(image)[None], truth)[0]))
-            found[name]["ssim"].append(float(scores.ssim(images.to_tensor(image)[None], truth)[0]))
+            found[name].append(scores.paired(images.to_tensor(image), truth, lpips))
         rows.append([bicubic, result, original])
     report = {"images": len(files), "scale": args.scale}
-    report |= {f"{name}_{k}": sum(v) / len(v) for name, values in found.items() for k, v in values.items()}
+    report |= {f"{name}_{k}": v for name, per_image in found.items() for k, v in scores.means(per_image).items()}
     folder = Path(args.out)
     save_png_atomic(image_grid(rows[:8], header=["bicubic", "upscaler", "original"]), folder / "grid.png")
     write_json_atomic(folder / "metrics.json", report)
