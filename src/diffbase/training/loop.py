@@ -213,6 +213,10 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         schedule = ScheduleConfig(type="constant", warmup_steps=0)
     lr_scheduler = make_scheduler(optimizer, steps, t.learning_rate, schedule)
     ema = make_ema(config, trained.trainable)
+    if world > 1 and trained.find_unused_parameters:  # else DDP waits for gradients that never come
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     names = list(trained.modules)
     *prepared, optimizer = accelerator.prepare(*trained.modules.values(), optimizer)
     trained.calls = dict(zip(names, prepared, strict=True))

@@ -35,6 +35,9 @@ class Trained:
     extras: dict[str, Any] = field(default_factory=dict)  # the method's own state (DreamFit's banks, caches)
     checkpointing: Callable[[], None] | None = None  # turns gradient checkpointing on (default: on `modules`)
     param_groups: list[dict[str, Any]] | None = None  # optimizer groups with their own lr (default: one, `trainable`)
+    # some trainable parameters get no gradient in a step (a LoRA that is never applied, or that changes only an
+    # output the loss discards): under several processes DDP then looks for them (its find_unused_parameters)
+    find_unused_parameters: bool = False
 
     def call(self, name: str) -> Any:
         """A trained module as the step must call it: through its DDP/FSDP wrapper when there is one."""

@@ -58,7 +58,8 @@ def prepare(bb: Any, config: Config) -> Trained:
     def checkpointing() -> None:  # the DreamFit processors' state is replayed (see bank_checkpointing)
         bb.denoiser.enable_gradient_checkpointing(bank_checkpointing(state, passes))
 
-    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state}, checkpointing=checkpointing)
+    return Trained({"dreamfit": loras}, list(loras.parameters()), extras={"banks": state}, checkpointing=checkpointing,
+                   find_unused_parameters=True)  # fmt: skip
 
 
 def reference_pixels(batch: dict[str, Any], mode: str) -> torch.Tensor:
@@ -121,6 +122,23 @@ def step_inputs(
 
 
 def loss(
+    config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Write pass on the reference, then flow matching on the person (`passes`), run inside the call of the
+    LoRAs' module (`trained.call`: its DDP wrapper under several processes).
+
+    Why so: the LoRAs act inside the frozen transformer (processors and hooks), and DDP reduces the
+    gradients of the module it wraps only after that module's own forward ran (which prepares the
+    reduction); a container whose forward runs both passes gives it that, with no change to the loop and
+    nothing to all-reduce by hand. Some LoRAs get no gradient in any step (the text stream's modulation LoRA
+    is never applied; the last single block's query and output LoRAs change only the write pass's
+    discarded output), hence `find_unused_parameters`; their gradients stay None, as in one process. The
+    banks are per process: each process's write pass fills them from its own samples, its read pass reads
+    them, and they are cleared before the backward pass, so nothing of them crosses processes."""
+    return trained.call("dreamfit")(passes, config, bb, trained, batch, cache, step)
+
+
+def passes(
     config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Write pass on the reference, then flow matching on the person (the configured timestep sampling
@@ -228,7 +246,6 @@ DREAMFIT = register(
         dataset=dataset,
         validate=validate,
         section=("dreamfit", DreamFitConfig),
-        multi_process=False,
         cache=encode_pairs,
         load=load,
         run=run,

@@ -146,7 +146,7 @@ def predict(
     from diffbase.methods.dreamo.mechanism.conditions import added_after_x_embedder, pack_references
     from diffbase.methods.dreamo.mechanism.routing import Layout
 
-    emb, probes, device = trained.modules["dreamo"], trained.extras["probes"], bb.device
+    probes, device = trained.extras["probes"], bb.device
     with torch.no_grad():
         x0 = B.encode_images(bb, batch["pixels"].to(device), sample=False)
         refs = [B.encode_images(bb, r.to(device), sample=False) for r in batch["references"]]
@@ -158,7 +158,9 @@ def predict(
     grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
     tokens = pack_references(bb.pipe, refs, list(range(1, len(refs) + 1)), grid)
     noisy_count = grid[0] * grid[1]
-    added = emb.sequence(noisy_count, list(zip(tokens.counts, tokens.indices, strict=True)), bb.denoiser.dtype)
+    added = trained.call("dreamo")(
+        noisy_count, list(zip(tokens.counts, tokens.indices, strict=True)), bb.denoiser.dtype
+    )
     if probes is not None:
         probes.clear()
         probes.layout = Layout(cond["prompt_embeds"].shape[1], noisy_count, tokens.counts, marks)
@@ -175,10 +177,29 @@ def predict(
     return pred, x0, noise, marks
 
 
+def across_processes(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`counts` summed over the processes that train together, and how many they are (`counts` and 1 in one
+    process). Every process computes the loss of its share of the global batch at the same step, so all of
+    them get here together."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts, 1
+    counts = counts.detach().clone()
+    dist.all_reduce(counts)
+    return counts, dist.get_world_size()
+
+
 def loss(
     config: Config, bb: Any, trained: Trained, batch: dict[str, Any], cache: Any, step: int
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    from diffbase.methods.dreamo.mechanism.routing import holder_loss, route_loss
+    """The weighted sum of the three losses. Under several processes (DDP), the LoRA trains in the
+    denoiser, which the loop calls through its wrapper (`bb.forward`), and the condition embeddings are
+    called through theirs (`predict`), so DDP reduces the gradients of both. The routing and placeholder
+    losses are means over the references with a mask and the samples with placeholders of the *global*
+    batch: each process divides its sum by the count over all processes (times their number, as DDP
+    averages), so N processes train what one process with N times the batch trains."""
+    from diffbase.methods.dreamo.mechanism.routing import holder_terms, route_terms
 
     d, objective, probes = config.training.dreamo, config.training.objective, trained.extras["probes"]
     gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
@@ -193,11 +214,15 @@ def loss(
     total = d.lambda_diff * l_diff
     if probes is not None and probes.route:
         masks, present = packed_masks(batch["route_masks"], (x0.shape[-2] // 2, x0.shape[-1] // 2))
-        if d.lambda_route and bool(present.any()):
-            l_route = route_loss(probes, masks.to(bb.device), present.to(bb.device))
+        zero = l_diff.new_zeros(())
+        route = route_terms(probes, masks.to(bb.device), present.to(bb.device)) if d.lambda_route else (zero, zero)
+        holder = holder_terms(probes) if d.lambda_holder and any(marks) else (zero, zero)
+        counts, world = across_processes(torch.stack([route[1], holder[1]]).float().to(bb.device))
+        if counts[0] > 0:
+            l_route = route[0] / counts[0] * world
             total, terms["loss_route"] = total + d.lambda_route * l_route, l_route.detach()
-        if d.lambda_holder and any(marks):
-            l_holder = holder_loss(probes)
+        if counts[1] > 0:
+            l_holder = holder[0] / counts[1] * world
             total, terms["loss_holder"] = total + d.lambda_holder * l_holder, l_holder.detach()
         probes.route.clear()
         probes.holder.clear()
@@ -351,7 +376,6 @@ DREAMO = register(
         validate=validate,
         section=("dreamo", DreamOConfig),
         cacheable=False,
-        multi_process=False,
         load=load,
         run=run,
         describe="DreamO: reference tokens, condition embeddings and a LoRA, with routing and placeholder losses",

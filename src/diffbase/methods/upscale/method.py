@@ -211,7 +211,6 @@ UPSCALE = register(
         validate=validate,
         section=("upscale", UpscaleConfig),
         cacheable=False,
-        multi_process=False,
         load=load,
         run=run,
         describe="the tiled upscaler's DINO adapter (FLUX.1 frozen)",

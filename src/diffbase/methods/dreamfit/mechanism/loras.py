@@ -3,7 +3,9 @@ itself is the `dreamfit` method, diffbase.methods.dreamfit.method)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +39,12 @@ class DreamFitLoras(torch.nn.Module):
                     self.downs[key] = torch.nn.Parameter(down)
                     self.ups[key] = torch.nn.Parameter(torch.zeros(fan_out, r, device=device))
                     self.names[key] = diffusers_name(kind, i, name)
+
+    def forward(self, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`run(*args, **kwargs)`: what uses the LoRAs. They act from inside the frozen transformer (its
+        processors and forward hooks), never through a forward of their own, so the training step runs its
+        passes inside this call; a DDP wrapper around this module then reduces their gradients."""
+        return run(*args, **kwargs)
 
     def pairs(self) -> dict[str, LoraPair]:
         out = {}

@@ -50,6 +50,11 @@ class DreamOEmbeddings(torch.nn.Module):
             self.t5.weight.copy_(t5_rows)
         self.t5.weight.requires_grad_(False)
 
+    def forward(self, noisy: int, references: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+        """`sequence` as the module's call: training calls it through the module's DDP wrapper, which then
+        reduces the embeddings' gradients across processes."""
+        return self.sequence(noisy, references, dtype)
+
     def sequence(self, noisy: int, references: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
         """(1, noisy + sum of reference tokens, width): what is added after x_embedder. `references` holds
         (token count, 1-based index) per reference."""

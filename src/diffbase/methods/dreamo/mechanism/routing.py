@@ -78,18 +78,26 @@ def record(probes: Probes, q: torch.Tensor, k: torch.Tensor) -> None:
         probes.holder.append(holders)
 
 
-def route_loss(probes: Probes, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """masks (B, references, noisy) on the packed grid; present (B, references) bool: which have a mask."""
+def route_terms(probes: Probes, masks: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-reference errors, how many references have a mask): the routing loss is their ratio,
+    over one batch or over the batches of several processes. masks (B, references, noisy) on the packed grid;
+    present (B, references) bool: which have a mask."""
     maps = torch.stack(probes.route).mean(0)  # (B, references, noisy)
     n = maps.shape[-1]
     target = masks.float() / masks.float().sum(-1, keepdim=True).clamp_min(1e-8)
     err = ((maps - target) * n).pow(2).mean(-1)  # (B, references)
     weight = present.float()
-    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+    return (err * weight).sum(), weight.sum()
 
 
-def holder_loss(probes: Probes) -> torch.Tensor:
-    """MSE of each placeholder's attention mass per reference against its one-hot."""
+def route_loss(probes: Probes, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    total, count = route_terms(probes, masks, present)
+    return total / count.clamp_min(1.0)
+
+
+def holder_terms(probes: Probes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the samples with placeholders of their MSE, how many such samples): the placeholder loss is
+    their ratio. A sample's MSE: each placeholder's attention mass per reference against its one-hot."""
     lay = probes.layout
     terms = []
     for b, marks in enumerate(lay.placeholders if lay else []):
@@ -99,6 +107,13 @@ def holder_loss(probes: Probes) -> torch.Tensor:
         onehot = torch.zeros_like(p)
         onehot[torch.arange(len(marks)), torch.tensor([r for _, r in marks])] = 1
         terms.append((p - onehot).pow(2).mean())
+    zero = probes.route[0].new_zeros(()) if probes.route else torch.zeros(())
     if not terms:
-        return probes.route[0].new_zeros(()) if probes.route else torch.zeros(())
-    return torch.stack(terms).mean()
+        return zero, zero
+    return torch.stack(terms).sum(), zero + len(terms)
+
+
+def holder_loss(probes: Probes) -> torch.Tensor:
+    """MSE of each placeholder's attention mass per reference against its one-hot, averaged over the samples."""
+    total, count = holder_terms(probes)
+    return total / count.clamp_min(1.0)
