@@ -319,37 +319,74 @@ def stage_auto(ctx: Context) -> None:
 # --------------------------------------------------------------------------- inference
 
 
+def bare_call(pipe: Any, spec: Any, settings: Any, steps: int) -> Any:
+    """The plain FluxPipeline call diffbase's generate() is measured against."""
+    from diffbase.models.backbone import text_length
+
+    with torch.inference_mode():
+        return pipe(
+            prompt=settings.prompt,
+            num_inference_steps=steps,
+            height=settings.height,
+            width=settings.width,
+            generator=torch.Generator("cpu").manual_seed(settings.seed),
+            output_type="pil",
+            **text_length(pipe, spec.family),
+        ).images[0]
+
+
 def stage_generate(ctx: Context) -> None:
     from diffbase.generate import GenerateSettings, generate
-    from diffbase.models.backbone import text_length
 
     s, own = ctx.sizes, OWN[ctx.tiny]
     h, w = own.gen_hw
     ctx.log("generate: building FLUX.1")
     pipe, spec = flux1_pipeline(ctx)
     settings = GenerateSettings(prompt=PROMPT, seed=0, steps=own.gen_steps, height=h, width=w)
-
-    def bare(steps: int) -> Any:
-        with torch.inference_mode():
-            return pipe(
-                prompt=settings.prompt,
-                num_inference_steps=steps,
-                height=h,
-                width=w,
-                generator=torch.Generator("cpu").manual_seed(settings.seed),
-                output_type="pil",
-                **text_length(pipe, spec.family),
-            ).images[0]
-
     ctx.log("generate: warm-up")
     generate(pipe, spec, replace(settings, steps=s.sample_warmup_steps))
-    bare(s.sample_warmup_steps)
+    bare_call(pipe, spec, settings, s.sample_warmup_steps)
     ctx.log("generate: timing")
-    t = interleaved(lambda: generate(pipe, spec, settings), lambda: bare(own.gen_steps), own.gen_repeats, ctx.device)
+    t = interleaved(lambda: generate(pipe, spec, settings), lambda: bare_call(pipe, spec, settings, own.gen_steps),
+                    own.gen_repeats, ctx.device)  # fmt: skip
     ctx.metrics["generate_ratio"] = t["ratio"]
+    ctx.metrics["generate_eager_s"] = t["ours"]
     label = f"FLUX.1-dev {h}x{w}, {own.gen_steps} steps"
     ctx.add("generate", f"{label}: diffbase `generate()`, s/image", f"{t['ours']:.2f}")
     ctx.add("generate", f"{label}: bare FluxPipeline call, s/image", f"{t['theirs']:.2f}")
+
+
+def stage_compile(ctx: Context) -> None:
+    """FLUX.1 generate with the transformer's blocks compiled (`--compile`): diffbase's generate() against the bare
+    pipeline call on the same compiled transformer (so the ratio is fair), the first image's compile time, the
+    graphs dynamo built, and the speed-up over the eager generate stage when it ran in this process."""
+    from diffbase.compile import compile_blocks, graphs
+    from diffbase.generate import GenerateSettings, generate
+
+    own = OWN[ctx.tiny]
+    h, w = own.gen_hw
+    pipe, spec = flux1_pipeline(ctx)
+    ctx.shared.pop("flux1_pipe", None)  # compiled now: no later stage may take it for the eager one
+    settings = GenerateSettings(prompt=PROMPT, seed=0, steps=own.gen_steps, height=h, width=w)
+    before = graphs()
+    count = compile_blocks(pipe.transformer)
+    start = time.perf_counter()
+    generate(pipe, spec, settings)  # compiles every block class at these shapes
+    first = time.perf_counter() - start
+    bare_call(pipe, spec, settings, own.gen_steps)
+    t = interleaved(lambda: generate(pipe, spec, settings), lambda: bare_call(pipe, spec, settings, own.gen_steps),
+                    own.gen_repeats, ctx.device)  # fmt: skip
+    label = f"FLUX.1-dev {h}x{w}, {own.gen_steps} steps, {count} blocks compiled"
+    ctx.add("compile", f"{label}: diffbase `generate()`, s/image", f"{t['ours']:.2f}")
+    ctx.add("compile", f"{label}: bare FluxPipeline call (same compiled blocks), s/image", f"{t['theirs']:.2f}")
+    ctx.add("compile", "ratio diffbase / bare, compiled", f"{t['ratio']:.3f}", "<= 1.0", verdict(t["ratio"], 1.0))
+    ctx.add("compile", "first image (compiles), s", f"{first:.1f}")
+    ctx.add(
+        "compile", "graphs dynamo built (2 block classes; more: graph breaks or recompiles)", str(graphs() - before)
+    )
+    if "generate_eager_s" in ctx.metrics:
+        speedup = ctx.metrics["generate_eager_s"] / t["ours"]
+        ctx.add("compile", "eager / compiled s/image (diffbase)", f"{speedup:.2f}x")  # the pipe goes with this frame
 
 
 # --------------------------------------------------------------------------- the stages
@@ -371,6 +408,7 @@ def all_stages() -> list[Stage]:
         *[stage for stage in found if not stage.flux1],
         Stage("auto", stage_auto),
         Stage("lowmem", stage_lowmem),
+        Stage("compile", stage_compile),
     ]
 
 

@@ -46,6 +46,7 @@ TIERS = {
         "test_trainer_runs.py",
         "test_metrics.py",
         "test_lpips.py",
+        "test_compile.py",
         "test_control_types.py",
         "test_trackers.py",
         "test_resolutions.py",

@@ -21,6 +21,7 @@ STAGES = (
     "kontext",
     "auto",
     "lowmem",
+    "compile",
 )
 RATIOS = (
     "diffbase (cached) / plain diffusers+peft",

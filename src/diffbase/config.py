@@ -253,6 +253,7 @@ class HardwareConfig:
     # denoiser's blocks after the first `keep_blocks`, each brought over as it runs (needs checkpointing)
     offload: Literal["none", "model", "blocks"] = "none"
     keep_blocks: int = 0  # offload blocks: blocks that stay on the GPU
+    compile: bool = False  # torch.compile each repeated block of the denoiser (regional compilation)
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

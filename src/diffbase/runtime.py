@@ -29,6 +29,7 @@ class Runtime:
     offload: str = "none"
     quantize: str = "none"  # the denoiser's weights
     offload_blocks: int = 1  # offload blocks: transformer blocks per group moved at once
+    compile: bool = False  # regional torch.compile of the denoisers (diffbase.compile)
 
     def loader(self) -> dict[str, Any]:
         """What the loaders take: device, dtype, offload and quantization."""
@@ -40,6 +41,17 @@ class Runtime:
         from diffbase.attention import apply_attention, choose
 
         apply_attention(choose(self.attention, self.device, "--attention"), models)
+
+    def use(self, models: list[Any], backend: bool = True) -> None:
+        """The attention choice, and with `compile` each denoiser's repeated blocks compiled (after any adapter
+        or processor is in place, so they compile with the blocks). `backend` False: the models keep their own
+        attention processors (DreamFit's, try-on's), only the process's SDPA kernel choice applies."""
+        self.use_attention(models if backend else [])
+        if self.compile:
+            from diffbase.compile import compile_blocks
+
+            for model in models:
+                compile_blocks(model)
 
 
 def gpu_memory(device: Any) -> float | None:
@@ -78,7 +90,7 @@ def resolve_device(name: str | None = "auto", key: str = "--device") -> torch.de
 
 def resolve(device: str | None = "auto", dtype: str = "float32", attention: str = "auto", offload: str = "none",
             names: tuple[str, ...] = ("--device", "--dtype", "--attention", "--offload", "--quantize"),
-            quantize: str = "none", offload_blocks: int = 1) -> Runtime:  # fmt: skip
+            quantize: str = "none", offload_blocks: int = 1, compile_on: bool = False) -> Runtime:  # fmt: skip
     """A Runtime from its settings, each checked (`names`: the flags or fields they came from)."""
     from diffbase.attention import choose
 
@@ -94,7 +106,10 @@ def resolve(device: str | None = "auto", dtype: str = "float32", attention: str 
         raise UserError(f"{names[4]}: expected one of {', '.join(QUANTIZE)}, got '{quantize}'")
     if quantize != "none":
         check_available(quantize, resolved, names[4])
-    return Runtime(resolved, dtype, attention, offload, quantize, offload_blocks)
+    from diffbase.compile import check
+
+    check(compile_on, offload, "--compile")
+    return Runtime(resolved, dtype, attention, offload, quantize, offload_blocks, compile_on)
 
 
 def check_available(kind: str, device: torch.device, where: str = "model.quantize") -> None:
@@ -124,7 +139,9 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
                             "layers (sequential) wait on the CPU between uses")  # fmt: skip
         p.add_argument("--offload-blocks", type=int, default=1, metavar="N",
                        help="--offload blocks: blocks moved at once (1: the next block is prefetched on CUDA)")  # fmt: skip
-    if dtype_default:  # training and caching: model.quantize in the config
+    if dtype_default:  # training and caching: model.quantize and hardware.compile in the config
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile each repeated block of the denoiser (the first image pays the compile)")  # fmt: skip
         p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
                        help="the denoiser's frozen weights: fp8 storage, int8 (torchao), qint8 (quanto), nf4 (CUDA)")  # fmt: skip
 
@@ -132,7 +149,8 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
 def from_arguments(args: argparse.Namespace) -> Runtime:
     """The Runtime a command's flags describe, resolved and checked."""
     return resolve(args.device, args.dtype, args.attention, getattr(args, "offload", "none"),
-                   quantize=getattr(args, "quantize", "none"), offload_blocks=getattr(args, "offload_blocks", 1))  # fmt: skip
+                   quantize=getattr(args, "quantize", "none"), offload_blocks=getattr(args, "offload_blocks", 1),
+                   compile_on=getattr(args, "compile", False))  # fmt: skip
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -62,7 +62,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.compare and not args.lora:
         raise UserError("--compare: shows the images without and with --lora; give at least one --lora")
     pipe, spec = load_model(args.model, config=args.config, **args.runtime.loader())
-    args.runtime.use_attention([getattr(pipe, spec.denoiser)])
+    args.runtime.use([getattr(pipe, spec.denoiser)])
     progress.pipeline(pipe, "generate")
     without = []
     if args.compare:  # the same seeds before the LoRAs go in
@@ -82,6 +82,12 @@ def run_generate(args: argparse.Namespace) -> None:
             print(f"wrote {target}")
     if args.prompts:
         print(f"wrote {len(prompts)} images to {out}")
+    if args.runtime.compile:
+        from diffbase.compile import graphs
+
+        print(
+            f"compile: {graphs()} graphs compiled (one per block class; more: graph breaks, or shapes or LoRAs that recompiled)"
+        )
     if args.compare:
         from diffbase.grid import image_grid
 

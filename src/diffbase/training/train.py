@@ -145,11 +145,13 @@ def train(
     """Train `method` (a diffbase.methods Method) as `config` says; the main process exports at the end.
     The output folder is locked for the run; a start that fails with nothing to resume removes what it
     wrote, and a full disk or memory is one line saying what to change."""
+    from diffbase.compile import check as check_compile
     from diffbase.models.block_swap import check_settings
     from diffbase.training.trackers import check_trackers
     from diffbase.training.validation import check_metrics
 
     check_settings(config)  # before the folder is claimed or anything loads
+    check_compile(config.hardware.compile, config.hardware.offload)
     if method.check is not None:
         method.check(config)
     check_metrics(config)

@@ -33,7 +33,7 @@ def run_dreamfit(args: argparse.Namespace) -> None:
     loaded = DREAMFIT.load(
         args.model, args.checkpoint, args.lora_weight, args.lora_weight_mode, **args.runtime.loader()
     )
-    args.runtime.use_attention([])  # DreamFit's own processors call PyTorch's SDPA: the kernel choice applies
+    args.runtime.use([loaded[0].transformer], backend=False)  # its own processors call PyTorch's SDPA
     progress.pipeline(loaded[0], "dreamfit")
     settings = DreamFitSettings(
         prompt=args.prompt,

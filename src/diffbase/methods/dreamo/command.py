@@ -111,7 +111,7 @@ def run_customize(args: argparse.Namespace) -> None:
     slots = computed_masks(args, slots)
     loaded = DREAMO.load(args.model, args.dreamo, args.version, args.turbo, not args.no_turbo,
                          **args.runtime.loader())  # fmt: skip
-    args.runtime.use_attention([loaded[0].transformer])
+    args.runtime.use([loaded[0].transformer])
     settings = DreamOSettings(
         prompt=args.prompt, height=h, width=w, steps=args.steps, guidance=args.guidance, seed=args.seed,
         first_step_guidance=args.first_step_guidance, true_cfg=args.true_cfg, true_cfg_start=args.true_cfg_start,

@@ -42,7 +42,7 @@ def _load(args: argparse.Namespace, kind: str) -> tuple[Any, Any]:
     from diffbase.methods.edit.method import load_editing
 
     pipe, spec = load_editing(args.model, kind, **args.runtime.loader())
-    args.runtime.use_attention([getattr(pipe, spec.denoiser)])
+    args.runtime.use([getattr(pipe, spec.denoiser)])
     progress.pipeline(pipe, kind)
     return pipe, spec
 

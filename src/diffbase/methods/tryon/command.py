@@ -63,6 +63,7 @@ def run_tryon(args: argparse.Namespace) -> None:
     if mask is None:
         mask = auto_mask(args, person)
     bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
+    args.runtime.use([bb.denoiser], backend=False)  # try-on's own attention processors stay
     settings = settings_from(args)
     inputs = {"person": person, "garment": garment, "mask": mask}
     result = VTON.run(bb, inputs, settings, (h, w), soften=args.soften_mask)

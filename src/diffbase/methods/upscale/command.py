@@ -74,7 +74,7 @@ def run_upscale(args: argparse.Namespace) -> None:
 
     settings, image, (out_w, out_h) = check(args)
     loaded = UPSCALE.load(args.model, args.dino, args.adapter, **args.runtime.loader())
-    args.runtime.use_attention([loaded[0].transformer])
+    args.runtime.use([loaded[0].transformer])
     result = UPSCALE.run(loaded, {"image": image}, settings)
     meta = {"input": str(args.input), "model": args.model, "dino": args.dino, "adapter": args.adapter,
             "scale": args.scale, "strength": args.strength, "steps": args.steps, "seed": args.seed,
