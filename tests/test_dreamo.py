@@ -286,6 +286,48 @@ def test_stages_follow_their_mix_and_must_add_up_to_max_steps(tmp_path) -> None:
         dataset(bad, False, bb)
 
 
+def test_cached_run_equals_uncached_and_no_encoder_runs_in_a_step(tmp_path, monkeypatch) -> None:
+    """data.cache_latents and cache_text: the targets' and references' latents and the prompts (with and without
+    placeholders) come from the cache, so a step reads no pixels and calls neither the VAE nor a text encoder,
+    and the losses equal the uncached run's (rel 1e-6; measured equal to the bit on this CPU)."""
+    from diffbase.methods import train
+    from diffbase.methods.dreamo import method as dreamo
+    from diffbase.models import backbone as B
+
+    calls: list[str] = []
+
+    def counted(name: str):  # noqa: ANN202
+        original = getattr(B, name)
+
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in ("encode_images", "encode_distribution", "encode_prompts"):
+        monkeypatch.setattr(B, name, counted(name))
+    steps: list[tuple[int, bool]] = []  # per training step: encoder calls, whether the batch had pixels
+    predict = dreamo.predict
+
+    def spied(config, bb, trained, batch, cache, *rest, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        before = len(calls)
+        out = predict(config, bb, trained, batch, cache, *rest, **kwargs)
+        if "plain_text" not in kwargs:  # the loss's call (held-out validation passes plain_text=0)
+            steps.append((len(calls) - before, "pixels" in batch))
+        return out
+
+    monkeypatch.setattr(dreamo, "predict", spied)
+    common = ("training.max_steps=4", "training.checkpoint_every=0")
+    plain = train(tiny_config(tmp_path / "plain", *common), show_progress=False)
+    assert len(steps) == 4 and all(n > 0 and pixels for n, pixels in steps)  # the spy sees the step's encoding
+    steps.clear()
+    cached = train(tiny_config(tmp_path / "cached", *common, "data.cache_latents=true", "data.cache_text=true"),
+                   show_progress=False)  # fmt: skip
+    assert steps == [(0, False)] * 4
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-6)
+
+
 def test_customize_command_writes_the_image_and_refuses_bad_input(tiny_model, tmp_path) -> None:
     model = tiny_model("flux1")
     pipe, _ = load_pipeline(model)

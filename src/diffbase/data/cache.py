@@ -236,8 +236,10 @@ class TrainingCache:
             else:
                 cond[name] = torch.cat([p[name] for p in parts])
         cond |= B.size_conditioning(self.backbone, size, len(parts))  # SDXL's time ids
+        from diffbase.models.placement import to_device
+
         device = self.backbone.device
-        return {k: v.to(device) for k, v in cond.items()}
+        return {k: to_device(v, device) for k, v in cond.items()}  # queued: the host does not wait for the GPU
 
     def posterior(self, batch: dict[str, Any], slot: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached VAE posterior (mean, std) of one image slot (`image`, `reference`, ...) of a batch."""
@@ -369,12 +371,14 @@ def build_item_cache(
     encode: Any,
     prompts: set[str],
     show_progress: bool = True,
+    group: Any = None,
 ) -> tuple[TrainingCache, CacheStats]:
     """A method's own cache, one entry per item (slot "pair"): `encode(batch)` -> {name: tensor per
     item} for what the step would otherwise encode from the item's images, keyed by every file of the
     record, its box, `tag` (what else changes the result: mode, size) and the VAE; and `prompts` in
     the text cache. Entries are computed only where missing (the encoders then back on the accelerator
-    when offload parked them)."""
+    when offload parked them). `group(i)`: items are encoded in one batch only when their groups are
+    equal (DreamO's items with other reference sizes do not stack)."""
     from tqdm import tqdm
 
     from diffbase.models.placement import encoders_on
@@ -396,9 +400,12 @@ def build_item_cache(
             stats.latents_computed, stats.latents_reused = len(todo), len(keys) - len(todo)
             dataset.load_pixels = True  # to compute what is missing
             bar = tqdm(total=len(todo), desc="cache latents", unit="item", disable=not show_progress or not todo)
-            for group in batches(todo, batch):
-                items = [dataset[i] for i in group]
-                for i, item in zip(group, items, strict=True):
+            groups: dict[Any, list[int]] = {}
+            for i in todo:
+                groups.setdefault(group(i) if group is not None else None, []).append(i)
+            for chunk in (c for members in groups.values() for c in batches(members, batch)):
+                items = [dataset[i] for i in chunk]
+                for i, item in zip(chunk, items, strict=True):
                     if item is None:
                         keys[i] = None
                 done = dataset.collate(items)
@@ -406,7 +413,7 @@ def build_item_cache(
                     with torch.no_grad():
                         encoded = encode(done)
                     latents.write({keys[i]: {n: t[j] for n, t in encoded.items()} for j, i in enumerate(done["index"])})
-                bar.update(len(group))
+                bar.update(len(chunk))
             bar.close()
         if d.cache_text:
             text = ShardStore.open(root / "text")

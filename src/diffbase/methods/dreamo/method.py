@@ -115,7 +115,7 @@ def captions_and_marks(
         rng = random.Random(config.experiment.seed * 1_000_003 + step * 10_007 + i)
         plain = rng.random() < (d.plain_text_probability if plain_text is None else plain_text)
         captions.append(strip_placeholders(caption) if plain else caption)
-        refs = len(batch["references"])
+        refs = len(batch["route_masks"])  # one per reference
         marks.append([] if plain else [m for m in placeholder_marks(tok, caption, length) if m[1] < refs])
     return captions, marks
 
@@ -142,14 +142,19 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[tuple[int, int]]]]:
     """One denoiser call on the batch's targets noised to `sigma` (noise drawn from `gens`, one per sample),
     the references as tokens with the condition embeddings: (prediction, target latents, noise, placeholder
-    marks). Probes collect while it runs."""
+    marks). Probes collect while it runs. The target's and references' latents (the VAE mean) and the
+    prompts come from `cache` where it holds them (`encode_items`)."""
     from diffbase.methods.dreamo.mechanism.conditions import added_after_x_embedder, pack_references
     from diffbase.methods.dreamo.mechanism.routing import Layout
 
     probes, device = trained.extras["probes"], bb.device
-    with torch.no_grad():
-        x0 = B.encode_images(bb, batch["pixels"].to(device), sample=False)
-        refs = [B.encode_images(bb, r.to(device), sample=False) for r in batch["references"]]
+    if cache is not None and cache.latents is not None:
+        latents = cache.tensors(batch, "pair")
+        x0, refs = latents["target"], [latents[f"reference_{k}"] for k in range(len(batch["route_masks"]))]
+    else:
+        with torch.no_grad():
+            x0 = B.encode_images(bb, batch["pixels"].to(device), sample=False)
+            refs = [B.encode_images(bb, r.to(device), sample=False) for r in batch["references"]]
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(x0)
     captions, marks = captions_and_marks(config, bb, batch, step, plain_text)
     cond = (
@@ -203,7 +208,7 @@ def loss(
 
     d, objective, probes = config.training.dreamo, config.training.objective, trained.extras["probes"]
     gens = [sample_generator(config.experiment.seed, step, i) for i in batch["index"]]
-    h, w = batch["pixels"].shape[-2:]
+    h, w = batch["route_masks"][0].shape[-2:]  # the target's size (without pixels when the cache holds them)
     seq_len = B.image_seq_len(bb, (h // bb.pipe.vae_scale_factor, w // bb.pipe.vae_scale_factor))
     sigma = torch.cat(
         [sample_flow_sigmas(objective, 1, dict(bb.pipe.scheduler.config), seq_len, generator=g) for g in gens]
@@ -227,6 +232,29 @@ def loss(
         probes.route.clear()
         probes.holder.clear()
     return total, terms
+
+
+def encode_items(config: Config, bb: Any, dataset: Any, show_progress: bool = True) -> tuple[Any, Any]:
+    """DreamO's cache. Per item, the target's latent and each reference's (the VAE mean, as the step encodes
+    them), keyed by the item's files, the target size, the reference resolution and the VAE (items are encoded
+    together only when their references have the same sizes); every caption with and without its placeholders
+    (the plain-text samples' prompt) in the text cache, encoded with the placeholder tokens added."""
+    from diffbase.data.cache import build_item_cache
+    from diffbase.methods.dreamo.mechanism.data import strip_placeholders
+
+    d = config.training.dreamo
+
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        device = bb.device
+        out = {"target": B.encode_images(bb, batch["pixels"].to(device), sample=False)}
+        for k, r in enumerate(batch["references"]):
+            out[f"reference_{k}"] = B.encode_images(bb, r.to(device), sample=False)
+        return out
+
+    prompts = {p for r in dataset.records for p in (r.caption, strip_placeholders(r.caption))}
+    tag = ("dreamo", tuple(d.size), d.reference_resolution)
+    return build_item_cache(config, bb, dataset, tag, encode, prompts, show_progress,
+                            group=lambda i: dataset.signature[i])  # fmt: skip
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:
@@ -375,7 +403,7 @@ DREAMO = register(
         dataset=dataset,
         validate=validate,
         section=("dreamo", DreamOConfig),
-        cacheable=False,
+        cache=encode_items,
         load=load,
         run=run,
         describe="DreamO: reference tokens, condition embeddings and a LoRA, with routing and placeholder losses",

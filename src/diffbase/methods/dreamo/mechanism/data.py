@@ -54,6 +54,14 @@ class Item:
     references: list[RefRecord]
     dataset: int = 0
 
+    @property
+    def slots(self) -> dict[str, Path]:
+        """The images the step encodes (what a cache entry of the item is keyed by): the target, then the
+        references in their order."""
+        return {"image": self.target} | {f"reference_{k + 1}": r.image for k, r in enumerate(self.references)}
+
+    box = None  # items are not cut to a box (the cache's key has a place for one)
+
 
 def read_items(file: Path, dataset: int = 0) -> list[Item]:
     if not file.exists():
@@ -94,7 +102,8 @@ class DreamODataset:
         self.size, self.resolution, self.seed, self.epoch = tuple(size), resolution, seed, 0
         self.on_bad_file, self.stages = on_bad_file, list(stages or [])
         self.report = BadFileReport()
-        self.load_pixels = True
+        self.load_pixels = True  # False once the cache holds the target's and references' latents
+        self.unusable: set[int] = set()  # items whose files failed to load
         self.accumulation = 1  # batches per optimizer step: a stage of N steps takes N * accumulation batches
         self.records: list[Item] = []
         self.signature: list[tuple[Any, ...]] = []
@@ -133,40 +142,48 @@ class DreamODataset:
         return StagedSampler(groups, batch_size, self.stages, self.seed, self.accumulation)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
+        """The item at the target size: its subject masks (NaN where a reference has none) and, unless the
+        cache holds their latents (`load_pixels` off), the target's and the references' pixels."""
         item = self.records[i]
         h, w = self.size
+        if not self.load_pixels and i in self.unusable:  # its latents could not be cached
+            return None
         try:
-            target = load_image(item.target).resize((w, h), Image.BICUBIC)
-            refs = [resize_by_area(load_image(r.image), self.resolution**2) for r in item.references]
             masks = [load_mask(r.mask).resize((w, h), Image.NEAREST) if r.mask else None for r in item.references]
+            out = {
+                "index": i,
+                "caption": item.caption,
+                "dataset": item.dataset,
+                "route_masks": [to_tensor(m) if m is not None else torch.full((1, h, w), float("nan")) for m in masks],
+                "tasks": [r.task for r in item.references],
+            }
+            if self.load_pixels:
+                out["pixels"] = to_tensor(load_image(item.target).resize((w, h), Image.BICUBIC))
+                out["references"] = [to_tensor(resize_by_area(load_image(r.image), self.resolution**2))
+                                     for r in item.references]  # fmt: skip
         except BadFile as err:
             self.report.skip_or_fail(err, self.on_bad_file)
+            self.unusable.add(i)
             return None
-        return {
-            "index": i,
-            "caption": item.caption,
-            "dataset": item.dataset,
-            "pixels": to_tensor(target),
-            "references": [to_tensor(r) for r in refs],
-            "route_masks": [to_tensor(m) if m is not None else torch.full((1, h, w), float("nan")) for m in masks],
-            "tasks": [r.task for r in item.references],
-        }
+        return out
 
     @staticmethod
     def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         items = [it for it in items if it is not None]
         if not items:
             return {"index": []}
-        count = len(items[0]["references"])
-        return {
+        count = len(items[0]["route_masks"])
+        batch = {
             "index": [it["index"] for it in items],
             "caption": [it["caption"] for it in items],
             "dataset": torch.tensor([it["dataset"] for it in items]),
-            "pixels": torch.stack([it["pixels"] for it in items]),
-            "references": [torch.stack([it["references"][k] for it in items]) for k in range(count)],
             "route_masks": [torch.stack([it["route_masks"][k] for it in items]) for k in range(count)],
             "tasks": [it["tasks"] for it in items],
         }
+        if "pixels" in items[0]:
+            batch["pixels"] = torch.stack([it["pixels"] for it in items])
+            batch["references"] = [torch.stack([it["references"][k] for it in items]) for k in range(count)]
+        return batch
 
 
 class StagedSampler:
