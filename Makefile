@@ -11,7 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch from this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,face]'
+	# insightface (the face extra) pulls opencv-python over opencv-python-headless: put the headless cv2 back
+	$(PY) -m pip install -q --force-reinstall --no-deps opencv-python-headless==5.1.0.95
 	touch $(STAMP)
 
 demo: $(STAMP)

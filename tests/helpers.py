@@ -248,3 +248,121 @@ def tiny_clip(folder: Path) -> Path:
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+FACE_CELL = 32  # the tiny face detector's grid: it looks at the stride-32 cells of its 640x640 input
+
+
+def tiny_face_pack(folder: Path, embed: int = 16) -> Path:
+    """An insightface model pack built locally with onnx.helper: a detector that insightface's model router takes
+    for SCRFD (9 outputs: scores, boxes and 5 landmarks at strides 8, 16 and 32, 2 anchors) and a random-weight
+    recognizer it takes for ArcFace (one 112x112 input, one output). The detector finds a face at each 32x32 cell of
+    its grid that is pure blue (the marker, see draw_face), with a box and ArcFace-template landmarks centred on the
+    cell whose size the cell's green value sets (see face_landmarks), so a test knows where every face is."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    template = face_template()
+    nodes, weights, outputs = [], [], []
+
+    def const(name: str, array, dtype=np.float32) -> str:
+        weights.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    # After insightface's (x - 127.5) / 128 on RGB, a stride-32 cell's mean: B near 1 marks a face, G in [-1, 1] its
+    # size g: box half-size and landmarks' scale 32 * (1.5 + g), both in units of the stride (SCRFD's distances).
+    for stride in (8, 16, 32):
+        nodes.append(helper.make_node("AveragePool", ["input.1"], [f"pool{stride}"], kernel_shape=[stride] * 2,
+                                      strides=[stride] * 2, name=f"pool{stride}"))  # fmt: skip
+    for head, width in (("score", 1), ("bbox", 4), ("kps", 10)):
+        for stride in (8, 16, 32):
+            w, b = np.zeros((2 * width, 3, 1, 1)), np.zeros(2 * width)
+            if head == "score":
+                b[:] = -20.0  # no face: sigmoid(-20)
+                if stride == FACE_CELL:
+                    w[0, 2, 0, 0], b[0] = 20.0, -16.0  # anchor 0: sigmoid(20 * (B - 0.8))
+            elif stride == FACE_CELL:
+                for anchor in range(2):
+                    if head == "bbox":  # left, top, right, bottom from the cell's corner: a box centred on the cell
+                        w[4 * anchor : 4 * anchor + 4, 1, 0, 0] = 1.0
+                        b[4 * anchor : 4 * anchor + 4] = [1.0, 1.0, 2.0, 2.0]
+                    else:
+                        w[10 * anchor : 10 * anchor + 10, 1, 0, 0] = template.reshape(-1)
+                        b[10 * anchor : 10 * anchor + 10] = 0.5 + 1.5 * template.reshape(-1)
+            name = f"{head}{stride}"
+            nodes.append(helper.make_node("Conv", [f"pool{stride}", const(f"{name}.w", w), const(f"{name}.b", b)],
+                                          [f"{name}.conv"], name=f"{name}.conv"))  # fmt: skip
+            last = f"{name}.conv"
+            if head == "score":
+                nodes.append(helper.make_node("Sigmoid", [last], [f"{name}.sig"], name=f"{name}.sig"))
+                last = f"{name}.sig"
+            nodes.append(helper.make_node("Transpose", [last], [f"{name}.t"], perm=[0, 2, 3, 1], name=f"{name}.t"))
+            nodes.append(helper.make_node("Reshape", [f"{name}.t", const(f"{name}.shape", [-1, width], np.int64)],
+                                          [name], name=f"{name}.reshape"))  # fmt: skip
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{stride}", width]))
+    image = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])
+    save_onnx(helper.make_graph(nodes, "tiny_scrfd", [image], outputs, weights), folder / "det_tiny.onnx")
+
+    rng = np.random.default_rng(0)
+    conv = rng.normal(0, 1 / np.sqrt(3 * 64), (8, 3, 8, 8))
+    fc = rng.normal(0, 1 / np.sqrt(8 * 14 * 14), (8 * 14 * 14, embed))
+    weights = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+               (("conv.w", conv), ("conv.b", rng.normal(0, 0.1, 8)), ("fc.w", fc), ("fc.b", rng.normal(0, 0.1, embed)))]  # fmt: skip
+    nodes = [helper.make_node("Conv", ["data", "conv.w", "conv.b"], ["h"], strides=[8, 8], name="conv"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], axis=1, name="flatten"),
+             helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["fc1"], name="fc")]  # fmt: skip
+    crops = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 112, 112])
+    embedding = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", embed])
+    save_onnx(helper.make_graph(nodes, "tiny_arcface", [crops], [embedding], weights), folder / "w600k_tiny.onnx")
+    return folder
+
+
+def save_onnx(graph, path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # onnxruntime reads it whatever its age
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def face_template():
+    """The toy detector's 5 landmarks around a face's centre, in half-sizes: insightface's ArcFace template rounded
+    to 1/64, so that with a green g = (2 * green - 255) / 256 every landmark is exact in float32 (the detector's
+    arithmetic) and a test can align the very crops insightface aligns."""
+    import numpy as np
+    from insightface.utils.face_align import arcface_dst
+
+    return np.round((arcface_dst.astype(np.float64) - 56) / 56 * 64) / 64
+
+
+def face_landmarks(row: int, col: int, green: int):
+    """Where the tiny detector puts the 5 landmarks of the face whose marker is cell (row, col) with that green:
+    face_template around the cell's centre, scaled to the half-size 32 * (1.5 + g)."""
+    import numpy as np
+
+    half = FACE_CELL * (1.5 + (green - 127.5) / 128)
+    centre = np.array([FACE_CELL * col + FACE_CELL / 2, FACE_CELL * row + FACE_CELL / 2])
+    return (centre + half * face_template()).astype(np.float32)  # exact; float32 as the detector gives them
+
+
+def draw_face(image, row: int, col: int, green: int, seed: int) -> None:
+    """Draw into an RGB uint8 array a 'face' for tiny_face_pack: a random texture (the identity, by seed) filling
+    the box the detector will report, blue kept below its threshold, and the marker cell (row, col): blue 255,
+    green `green` (the size)."""
+    import numpy as np
+    from PIL import Image
+
+    half = FACE_CELL * (1.5 + (green - 127.5) / 128)
+    cx, cy = FACE_CELL * col + FACE_CELL / 2, FACE_CELL * row + FACE_CELL / 2
+    x0, y0, side = round(cx - half), round(cy - half), round(2 * half)
+    texture = np.random.default_rng(seed).integers(0, 256, (12, 12, 3)).astype(np.uint8)
+    texture[..., 2] //= 2  # blue < 128: only markers fire
+    patch = np.asarray(Image.fromarray(texture).resize((side, side), Image.BILINEAR))
+    image[max(y0, 0) : y0 + side, max(x0, 0) : x0 + side] = patch[max(-y0, 0) :, max(-x0, 0) :][
+        : image.shape[0] - max(y0, 0), : image.shape[1] - max(x0, 0)
+    ]
+    image[FACE_CELL * row : FACE_CELL * (row + 1), FACE_CELL * col : FACE_CELL * (col + 1)] = (0, green, 255)

@@ -1,7 +1,8 @@
 """Evaluation metrics (`diffbase eval ...`): each agrees with a second computation of the same number from the
 same images and features (scikit-image's SSIM, scipy's matrix square root for FID, the unbiased MMD formula for
-KID, transformers' own CLIP and DINO embeddings), and bad input is one line with exit code 2. The feature
-networks are random-weight DINOv2 and CLIP folders built here, so the figures test the plumbing, not quality."""
+KID, transformers' own CLIP and DINO embeddings, the face recognizer's own embeddings of the same aligned crops),
+and bad input is one line with exit code 2. The feature networks are random-weight DINOv2 and CLIP folders and a
+toy insightface pack built here, so the figures test the plumbing, not quality."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import run_cli, tiny_clip, tiny_dino
+from tests.helpers import draw_face, face_landmarks, run_cli, tiny_clip, tiny_dino, tiny_face_pack
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,191 @@ def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_p
     assert report["bicubic_psnr"] == pytest.approx(sum(psnrs) / len(psnrs), rel=1e-6)  # the baseline row
     assert np.isfinite(report["upscaler_psnr"]) and 0 < report["upscaler_ssim"] <= 1
     assert report["upscaler_lpips"] > 0 and report["bicubic_lpips"] > 0  # random SqueezeNet: plumbing, not quality
+
+
+@pytest.fixture(scope="module")
+def face_pack(tmp_path_factory):
+    pytest.importorskip("insightface", reason="face similarity needs the face extra: pip install 'diffbase[face]'")
+    return tiny_face_pack(tmp_path_factory.mktemp("face") / "pack")
+
+
+def write_faces(path, *faces) -> None:
+    """A 640x640 image (the detector's input size) with faces (row, col, green, identity) drawn for the toy pack."""
+    image = np.zeros((640, 640, 3), dtype=np.uint8)
+    image[...] = np.linspace(40, 160, 640)[None, :, None].astype(np.uint8) * np.array([1, 1, 0], dtype=np.uint8)
+    for row, col, green, identity in faces:
+        draw_face(image, row, col, green, seed=identity)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def recognizer_embeddings(pack, file, face) -> tuple[np.ndarray, np.ndarray]:
+    """The second route: the crop aligned on the landmarks the toy detector is built to report (insightface's
+    norm_crop), embedded by the recognizer's own ONNX session (ArcFaceONNX.get_feat) and by torch from the ONNX
+    file's weights (RGB, (x - 127.5) / 127.5)."""
+    import cv2
+    import onnx
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from insightface.utils.face_align import norm_crop
+    from onnx import numpy_helper
+
+    crop = norm_crop(cv2.imread(str(file)), face_landmarks(*face[:3]), 112)
+    onnx_file = str(pack / "w600k_tiny.onnx")
+    own = ArcFaceONNX(onnx_file).get_feat(crop)[0]
+    w = {t.name: torch.from_numpy(numpy_helper.to_array(t)).double() for t in onnx.load(onnx_file).graph.initializer}
+    x = (torch.from_numpy(crop[:, :, ::-1].copy()).permute(2, 0, 1)[None].double() - 127.5) / 127.5
+    h = torch.relu(torch.nn.functional.conv2d(x, w["conv.w"], w["conv.b"], stride=8)).flatten(1)
+    return own, (h @ w["fc.w"] + w["fc.b"])[0].numpy()
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_face_similarity_agrees_with_the_recognizers_own_embeddings_of_the_same_crops(tmp_path, nets, face_pack,
+                                                                                      monkeypatch) -> None:  # fmt: skip
+    import insightface.app.face_analysis
+    import insightface.model_zoo.model_zoo
+    import insightface.utils.storage
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"insightface tried to download {args}")
+
+    for module, name in ((insightface.app.face_analysis, "ensure_available"), (insightface.utils.storage, "download"),
+                         (insightface.utils.storage, "download_file"), (insightface.model_zoo.model_zoo, "download_onnx")):  # fmt: skip
+        monkeypatch.setattr(module, name, no_download)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    res, ref = tmp_path / "results" / "id", tmp_path / "refs" / "id"
+    faces = {  # name: (the result's faces, the reference's faces), each (row, col, green: the size, identity)
+        "a": ([(9, 9, 200, 1)], [(6, 12, 90, 1)]),
+        "b": ([(10, 10, 150, 2)], [(10, 10, 150, 2)]),  # the same image: 1
+        "c": ([(3, 3, 0, 3), (12, 12, 255, 4)], [(8, 8, 180, 4)]),  # two faces: the largest counts
+        "d": ([], [(9, 9, 128, 5)]),  # no face in the result
+        "e": ([(9, 9, 128, 6)], []),  # none in the reference
+    }
+    for name, (in_result, in_reference) in faces.items():
+        write_faces(res / f"{name}.png", *in_result)
+        write_faces(ref / f"{name}.png", *in_reference)
+    write_faces(tmp_path / "results" / "ip" / "x.png")  # a task without faces: counted, no mean
+    write_faces(tmp_path / "refs" / "ip" / "x.png")
+    code, out, err = run_cli("eval", "customize", "--results", str(tmp_path / "results"), "--references",
+                             str(tmp_path / "refs"), "--clip", str(nets["clip"]), "--face", str(face_pack),
+                             "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    got = report["id"]
+    assert got["face_pairs"] == 3 and got["face_missing"] == 2 and "id.face_sim" in out
+    assert report["ip"]["face_pairs"] == 0 and report["ip"]["face_missing"] == 1 and "face_sim" not in report["ip"]
+    expected, own_routes = [], []
+    for name, face_in_result in (("a", 0), ("b", 0), ("c", 1)):
+        own_a, torch_a = recognizer_embeddings(face_pack, res / f"{name}.png", faces[name][0][face_in_result])
+        own_b, torch_b = recognizer_embeddings(face_pack, ref / f"{name}.png", faces[name][1][0])
+        np.testing.assert_allclose(own_a, torch_a, rtol=1e-4, atol=1e-5)  # onnxruntime's graph = the weights' maths
+        expected.append(cos(torch_a, torch_b))
+        own_routes.append(cos(own_a, own_b))
+    assert expected[1] == pytest.approx(1.0, abs=1e-9)
+    assert got["face_sim"] == pytest.approx(float(np.mean(own_routes)), abs=1e-6)  # the same crops, the same session
+    assert got["face_sim"] == pytest.approx(float(np.mean(expected)), abs=1e-5)  # torch in float64 on its weights
+    _, small = recognizer_embeddings(face_pack, res / "c.png", faces["c"][0][0])
+    _, reference = recognizer_embeddings(face_pack, ref / "c.png", faces["c"][1][0])
+    wrong = np.mean([expected[0], expected[1], cos(small, reference)])
+    assert abs(got["face_sim"] - wrong) > 1e-3  # the smaller face of c would have given another number
+    assert not (tmp_path / "home" / ".insightface").exists()
+
+
+def test_style_similarity_is_clip_i_against_the_style_references(tmp_path, nets) -> None:
+    from transformers import CLIPModel, CLIPProcessor
+
+    results = write_set(tmp_path / "results" / "style", 3, 2)
+    write_set(tmp_path / "refs" / "style", 3, 3)
+    write_set(tmp_path / "results" / "ip", 2, 4)
+    write_set(tmp_path / "refs" / "ip", 2, 5)
+    style = write_set(tmp_path / "styles" / "style", 1, 6, shift=30)  # one style reference for all
+    code, out, err = run_cli("eval", "customize", "--results", str(tmp_path / "results"), "--references",
+                             str(tmp_path / "refs"), "--clip", str(nets["clip"]), "--style", str(tmp_path / "styles"),
+                             "--out", str(tmp_path / "eval"))  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "style_clip_i" not in report["ip"] and "style.style_clip_i" in out  # ip has no DIR/ip
+    model, processor = CLIPModel.from_pretrained(nets["clip"]), CLIPProcessor.from_pretrained(nets["clip"])
+    with torch.no_grad():
+        a = model.get_image_features(**processor(images=[Image.open(f).convert("RGB") for f in results],
+                                                 return_tensors="pt"))  # fmt: skip
+        b = model.get_image_features(**processor(images=[Image.open(style[0]).convert("RGB")], return_tensors="pt"))
+    a, b = (t if isinstance(t, torch.Tensor) else t.pooler_output for t in (a, b))
+    expected = torch.nn.functional.cosine_similarity(a, b).clamp_min(0).mean()
+    assert report["style"]["style_clip_i"] == pytest.approx(float(expected), abs=1e-4)
+    assert report["style"]["style_clip_i"] != pytest.approx(report["style"]["clip_i"], abs=1e-4)  # not the references
+
+
+def customize_inputs(tmp_path) -> list[str]:
+    write_set(tmp_path / "results", 2, 0)
+    write_set(tmp_path / "refs", 2, 1)
+    return ["eval", "customize", "--results", str(tmp_path / "results"), "--references", str(tmp_path / "refs")]
+
+
+@pytest.mark.parametrize(
+    ("pack", "words"),
+    [
+        ("missing", "not a folder"),
+        ("empty", "no .onnx files"),
+        ("nested", "its ONNX files are in"),  # antelopev2's zip holds a second antelopev2 folder
+        ("no_insightface", "pip install 'diffbase[face]'"),
+    ],
+)
+def test_bad_face_packs_are_one_line_before_any_model_loads(tmp_path, nets, monkeypatch, pack, words) -> None:
+    import sys
+
+    from diffbase.metrics import features
+
+    folder = tmp_path / "pack"
+    if pack == "empty":
+        folder.mkdir()
+    if pack == "nested":
+        (folder / "antelopev2").mkdir(parents=True)
+        (folder / "antelopev2" / "scrfd_10g_bnkps.onnx").write_bytes(b"")
+    if pack == "no_insightface":
+        folder.mkdir()
+        (folder / "det.onnx").write_bytes(b"")
+        monkeypatch.setitem(sys.modules, "insightface", None)
+        monkeypatch.setitem(sys.modules, "insightface.app", None)
+    monkeypatch.setattr(features, "clip_for_scores", lambda *a, **k: pytest.fail("CLIP loaded before --face failed"))
+    code, _, err = run_cli(*customize_inputs(tmp_path), "--clip", str(nets["clip"]), "--face", str(folder))
+    assert code == 2 and err.startswith(
+        f"error: --face: {folder}" if pack != "no_insightface" else "error: --face: face"
+    )
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "words"),
+    [
+        (["w600k_tiny.onnx"], "no face detector"),
+        (["det_tiny.onnx"], "no ArcFace recognition model"),
+        (["det_tiny.onnx", "broken.onnx"], "insightface could not load it"),
+    ],
+)
+def test_incomplete_face_packs_are_one_line(tmp_path, nets, face_pack, monkeypatch, files, words) -> None:
+    from diffbase.metrics import features
+
+    folder = tmp_path / "pack"
+    folder.mkdir()
+    for name in files:
+        source = face_pack / name
+        (folder / name).write_bytes(source.read_bytes() if source.is_file() else b"not a model")
+    monkeypatch.setattr(features, "clip_for_scores", lambda *a, **k: pytest.fail("CLIP loaded before --face failed"))
+    code, _, err = run_cli(*customize_inputs(tmp_path), "--clip", str(nets["clip"]), "--face", str(folder))
+    assert code == 2 and err.startswith(f"error: --face: {folder.resolve()}") and words in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_style_references_are_one_line(tmp_path, nets) -> None:
+    code, _, err = run_cli(*customize_inputs(tmp_path), "--clip", str(nets["clip"]), "--style", "/nowhere")
+    assert code == 2 and "--style: /nowhere: not a folder of images" in err and len(err.strip().splitlines()) == 1
+    write_set(tmp_path / "tasks" / "id", 1, 0)
+    write_set(tmp_path / "task_refs" / "id", 1, 0)
+    write_set(tmp_path / "flat_styles", 1, 0)
+    code, _, err = run_cli("eval", "customize", "--results", str(tmp_path / "tasks"), "--references",
+                           str(tmp_path / "task_refs"), "--clip", str(nets["clip"]), "--style",
+                           str(tmp_path / "flat_styles"))  # fmt: skip
+    assert code == 2 and "no subfolder named after a task (id)" in err and len(err.strip().splitlines()) == 1

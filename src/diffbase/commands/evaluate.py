@@ -24,13 +24,18 @@ def add_parsers(sub: Any) -> None:
     i.add_argument("--out", default="outputs/eval_images")
     i.set_defaults(func=run_images)
     c = ev.add_parser("customize", help="DreamO-style results: CLIP-I and DINO against references, CLIP-T against "
-                      "prompts; per task when the results folder has a subfolder per task",
+                      "prompts, face similarity (insightface) and style similarity (CLIP-I against style references); "
+                      "per task when the results folder has a subfolder per task",
                       formatter_class=HelpFormatter)  # fmt: skip
     c.add_argument("--results", required=True, help="generated images (or a subfolder per task: ip, id, style, ...)")
     c.add_argument("--references", required=True, help="reference images, named as the results (or one for all)")
     c.add_argument("--prompts", help="a text file, one prompt per result in name order (or <name>.txt beside each)")
     c.add_argument("--clip", required=True, help="a local CLIP folder (model, processor, tokenizer)")
     c.add_argument("--dino", help="a local DINO / DINOv2 folder (model and image processor)")
+    c.add_argument("--face", help="a local insightface model pack (antelopev2, buffalo_l: a SCRFD detector and an "
+                   "ArcFace ONNX): face similarity of each result's largest face with its reference's")  # fmt: skip
+    c.add_argument("--style", help="style reference images, named as the results (or one for all; with task "
+                   "subfolders, DIR/<task>): style similarity as CLIP-I (--clip), not CSD")  # fmt: skip
     c.add_argument("--out", default="outputs/eval_customize")
     c.set_defaults(func=run_customize)
     g = ev.add_parser("generate", help="text-to-image results: CLIP score against prompts; FID / KID given real "
@@ -99,14 +104,14 @@ def prompts_for(files: list[Path], prompts: str | None, key: str = "--prompts") 
     return [p.read_text(encoding="utf-8").strip() for p in beside] if all(p.is_file() for p in beside) else None
 
 
-def references_for(results: list[Path], folder: Path) -> list[Path]:
+def references_for(results: list[Path], folder: Path, key: str = "--references") -> list[Path]:
     """The reference of each result: the one of its name, or the folder's only image for all."""
     from diffbase.metrics import images
 
-    refs = images.image_files(folder, "--references")
+    refs = images.image_files(folder, key)
     if len(refs) == 1:
         return refs * len(results)
-    return [ref for _, ref in images.paired(results, refs, "--results", "--references")]
+    return [ref for _, ref in images.paired(results, refs, "--results", key)]
 
 
 def run_customize(args: argparse.Namespace) -> None:
@@ -114,20 +119,35 @@ def run_customize(args: argparse.Namespace) -> None:
 
     root = Path(args.results)
     tasks = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if args.style and tasks and not any((Path(args.style) / t.name).is_dir() for t in tasks):
+        raise UserError(f"--style: {args.style}: no subfolder named after a task ({', '.join(t.name for t in tasks)}); "
+                        "with task subfolders, the style references go in DIR/<task>")  # fmt: skip
+    inputs = {}  # every file of every task, checked before any model loads
+    for task in tasks or [root]:
+        results = images.image_files(task, "--results")
+        refs = Path(args.references) / task.name if tasks else Path(args.references)
+        styles = (Path(args.style) / task.name if tasks else Path(args.style)) if args.style else None
+        inputs[task.name if tasks else "all"] = (
+            results,
+            references_for(results, refs),
+            prompts_for(results, None if tasks or not args.prompts else args.prompts),
+            references_for(results, styles, "--style") if styles and (styles.is_dir() or not tasks) else None,
+        )
+    face = None
+    if args.face:
+        from diffbase.metrics import faces
+
+        face = faces.load(args.face, "--face")
     clip = features.clip_for_scores(args.clip)
     dino = features.load(f"dino:{args.dino}", "--dino") if args.dino else None
-    report: dict[str, Any] = {}
-    for task in tasks or [root]:
-        refs = Path(args.references) / task.name if tasks else Path(args.references)
-        results = images.image_files(task, "--results")
-        prompt_file = None if tasks or not args.prompts else args.prompts
-        report[task.name if tasks else "all"] = similarity(results, references_for(results, refs),
-                                                           prompts_for(results, prompt_file), clip, dino)  # fmt: skip
+    report = {name: similarity(*files, clip, dino, face) for name, files in inputs.items()}
     finish(report, Path(args.out))
 
 
-def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None, clip: Any, dino: Any) -> dict:
-    """CLIP-I and DINO of each result against its reference, CLIP-T against its prompt (means)."""
+def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None, styles: list[Path] | None,
+               clip: Any, dino: Any, face: Any = None) -> dict:  # fmt: skip
+    """CLIP-I and DINO of each result against its reference, CLIP-T against its prompt, face similarity of the
+    largest faces of each result and its reference, CLIP-I against its style reference (means)."""
     from diffbase.metrics import images, scores
 
     fakes, real = images.read(results), images.read(refs)
@@ -136,6 +156,14 @@ def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None,
         out["dino"] = float(scores.cosine(scores.features_of(dino, fakes), scores.features_of(dino, real)).mean())
     if prompts is not None:
         out["clip_t"] = mean(scores.clip_scores(*clip, fakes, prompts))
+    if face is not None:
+        from diffbase.metrics import faces
+
+        unique = list(dict.fromkeys(refs))  # one reference for all is embedded once
+        by_ref = dict(zip(unique, faces.embeddings(face, [real[refs.index(p)] for p in unique]), strict=True))
+        out |= faces.similarity(faces.embeddings(face, fakes), [by_ref[p] for p in refs])
+    if styles is not None:
+        out["style_clip_i"] = mean(scores.clip_scores(*clip, fakes, images.read(styles)))
     return out
 
 
