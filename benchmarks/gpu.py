@@ -10,6 +10,9 @@ Full size, random weights built on the GPU (no downloads), bf16:
    times after 2 warm-up steps; peak memory is torch's max_memory_allocated, reset where the training
    loop starts (and, as a second row, over the whole run); MFU is the FLOPs of one step of the plain
    loop (same model and shapes), counted by FlopCounterMode, over (s/step x the bf16 dense peak).
+   The cached run then takes 3 more steps under torch.profiler: their chrome trace (train-trace.json.gz,
+   beside --out, else in the work folder) and where their time goes (the top ops by self CUDA time per
+   step, CPU time on a CPU; on CUDA, how often per step the host waited for the GPU) are rows of the table.
    FLUX.2 klein-4b LoRA through diffbase (cached). Last, if the time budget allows, FLUX.1 with
    `hardware.gradient_checkpointing=auto`.
 2. `diffbase.generate.generate` against the bare FluxPipeline call, same pipe, 1024x1024, 28 steps.
@@ -72,6 +75,7 @@ from diffbase.interface.bench import (
     mfu,
     peak_bytes,
     report_diffbase,
+    report_profile,
     reset_peak,
     step_seconds,
     train_config,
@@ -193,7 +197,7 @@ def plain_lora(ctx: Context, config: Config) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context) -> None:
-    """FLUX.1-dev LoRA: the plain loop, then diffbase cached and uncached."""
+    """FLUX.1-dev LoRA: the plain loop, then diffbase cached (and a few steps of it profiled) and uncached."""
     s, own = ctx.sizes, OWN[ctx.tiny]
     cache = f"data.cache_dir={ctx.work / 'cache-flux1'}"
     base = train_config(ctx, own.flux1_train, "flux1-plain")
@@ -208,13 +212,15 @@ def stage_train(ctx: Context) -> None:
     ctx.add("train", "FLOPs of one training step (FlopCounterMode, forward + backward)", flop_text(plain["flops"]))
     ctx.add("train", "plain: MFU", mfu(ctx, plain["flops"], plain["s_step"]))
 
-    ctx.log("train: diffbase, cached latents and text")
+    ctx.log("train: diffbase, cached latents and text (then a few steps under torch.profiler)")
     cached = trained(
         ctx,
         train_config(ctx, own.flux1_train, "flux1-cached", "data.cache_latents=true", "data.cache_text=true", cache),
+        profile=(ctx.artifacts or ctx.work) / "train-trace.json.gz",
     )
     ctx.metrics["cached_s_step"], ctx.metrics["cached_wall"] = cached["s_step"], cached["wall"]
     report_diffbase(ctx, "train", "diffbase cached", cached, plain["flops"])
+    report_profile(ctx, "train", "diffbase cached", cached)
 
     ctx.log("train: diffbase, uncached")
     uncached = trained(
@@ -505,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="diffbase-gpu-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        ctx = Context(TINY if args.tiny else FULL, device, args.tiny, work, args.budget_s, notes=notes)
+        ctx = Context(TINY if args.tiny else FULL, device, args.tiny, work, args.budget_s, notes=notes,
+                      artifacts=args.out.parent if args.out else None)  # fmt: skip
         ctx.log(f"{title}: stages {', '.join(stage.name for stage in chosen)}; work in {work}")
         for i, stage in enumerate(chosen):
             run_stage(ctx, stage.name, stage.run)

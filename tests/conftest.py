@@ -21,6 +21,7 @@ torch.set_num_threads(1)
 TIERS = {
     "tiny": {  # tiny models trained for a few steps: the engine, the experiments, the golden record
         "test_training.py",
+        "test_hot_path.py",
         "test_bf16.py",
         "test_behaviour_kept.py",
         "test_edit_training.py",

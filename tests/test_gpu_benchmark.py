@@ -1,8 +1,12 @@
 """benchmarks/gpu.py --tiny: every stage of the GPU benchmark runs its code path on a CPU with tiny
-models and lands in the table with a number; no timing thresholds (CPU timings of tiny models mean nothing)."""
+models and lands in the table with a number; no timing thresholds (CPU timings of tiny models mean nothing).
+The `train` stage also leaves a torch.profiler chrome trace of a few diffbase training steps beside the table,
+and says where their time went."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import subprocess
 import sys
@@ -68,3 +72,10 @@ def test_tiny_run_reports_every_stage_and_ratio(tmp_path: Path) -> None:
     # the step's FLOPs were counted, and CPU rows say n/a for what only a GPU has
     assert any("FLOPs of one training step" in cells[1] and NUMBER.match(cells[2]) for cells in body)
     assert all(cells[2].startswith("n/a") for cells in body if "MFU" in cells[1] or "peak memory" in cells[1])
+    # the profiled training steps: the trace beside the table, the top ops by self CPU time per step
+    trace = tmp_path / "train-trace.json.gz"
+    assert any(cells[0] == "train" and cells[2] == str(trace) for cells in body)
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") and e.get("ph") == "X" for e in events)
+    times = [cells for cells in body if cells[0] == "train" and cells[1].startswith("where the time goes")]
+    assert len(times) == 8 and all(re.match(r"^\d+\.\d+ ms \(\d+\.\d%\)$", cells[2]) for cells in times), times

@@ -60,6 +60,8 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # adamw: torch's fused kernel; null: where torch has it for the device (CUDA, CPU), false: never, true: required
+    fused: bool | None = None
 
 
 @dataclass
@@ -268,10 +270,15 @@ class LoggingConfig:
     project: str | None = None  # W&B project / MLflow experiment; None: experiment.name
     run_name: str | None = None  # None: the tracker names the run
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store at OUTPUT_DIR/mlruns
+    # the loss, its terms and the grad norm stay on the device and are read every N optimizer steps (and before
+    # every checkpoint, validation, export, the end and a failure); every step still gets its metrics.jsonl row
+    read_every: int = 10
 
     def __post_init__(self) -> None:  # `report_to: wandb` reads as [wandb]; each tracker once
         names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         self.report_to = list(dict.fromkeys(names))
+        if isinstance(self.read_every, int) and self.read_every < 1:
+            raise UserError(f"logging.read_every: expected an integer >= 1, got {self.read_every}")
 
 
 @dataclass

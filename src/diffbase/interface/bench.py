@@ -1,15 +1,17 @@
 """What the GPU benchmark's stages share (benchmarks/gpu.py runs them; a method package's bench.py adds its own):
 the context that collects rows and metrics, timing and peak memory, MFU, the benchmark's training config,
-diffbase's `train()` measured from where its loop starts, and the shared FLUX.1 pipeline with random weights."""
+diffbase's `train()` measured from where its loop starts (and, asked, a torch.profiler trace of a few of its
+steps), and the shared FLUX.1 pipeline with random weights."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,7 @@ class Context:
     errors: dict[str, str] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)  # objects handed from one stage to the next
     notes: list[str] = field(default_factory=list)  # lines under the title
+    artifacts: Path | None = None  # where files beside the table go (profiler traces); None: `work`
 
     @property
     def cuda(self) -> bool:
@@ -229,13 +232,75 @@ def train_config(ctx: Context, experiment: str, name: str, *extra: str) -> Confi
     )
 
 
+PROFILE_STEPS = 3  # training steps recorded by the profiler, after the timed ones
+PROFILE_TOP = 8  # rows of the "where the time goes" table
+STREAM_SYNC = "cudaStreamSynchronize"  # the host waits for the GPU: a read of a device value, or a blocking copy
+
+
+@contextlib.contextmanager
+def profiled_steps(device: torch.device, first: int, count: int) -> Iterator[dict[str, Any]]:
+    """torch.profiler over the training loop's steps `first` .. `first + count - 1` (0-based calls of `loop.step`,
+    with what the loop does between them: logging, reads); the device is synchronized before it stops, so every
+    kernel of those steps is in. Yields a dict that holds the profiler once it recorded them."""
+    import diffbase.training.loop as L
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    real, state = L.step, {"calls": 0}
+    profiler = torch.profiler.profile(activities=activities)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if state["calls"] == first:
+            profiler.start()
+            state["started"] = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            state["calls"] += 1
+            if state["calls"] == first + count:
+                sync(device)
+                profiler.stop()
+                state["profiler"] = profiler
+
+    L.step = step
+    try:
+        yield state
+    finally:
+        L.step = real
+        if state.get("started") and "profiler" not in state:  # the run ended before the last profiled step
+            profiler.stop()
+
+
+def where_time_goes(profiler: Any, steps: int, cuda: bool, top: int = PROFILE_TOP) -> dict[str, Any]:
+    """The ops with the most self time (the device's on CUDA, else the CPU's) per profiled step, in ms and as a share
+    of all self time; on CUDA, the times per step the host waited for the GPU (stream synchronizations)."""
+    events = profiler.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    ops = [(e.key, getattr(e, attr) / 1000.0 / steps, 100.0 * getattr(e, attr) / total) for e in ranked]
+    syncs = sum(e.count for e in events if e.key == STREAM_SYNC) / steps if cuda else None
+    return {"ops": ops, "clock": "CUDA" if cuda else "CPU", "stream_syncs": syncs}
+
+
 def diffbase_train(
-    ctx: Context, config: Config, method: Method, export: str = "diffusers", validation: bool = True
+    ctx: Context,
+    config: Config,
+    method: Method,
+    export: str = "diffusers",
+    validation: bool = True,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """One run of diffbase's `train(config)`, with the peak memory of its training loop (the loop is
-    wrapped so the peak is reset where it starts: model building and caching are left out)."""
+    wrapped so the peak is reset where it starts: model building and caching are left out). `profile`: a chrome
+    trace of PROFILE_STEPS more steps after the timed ones goes there, and `info["profile"]` says where the time
+    went in them (the timing, s/step, is of the steps before)."""
     import diffbase.training.train as T
 
+    timed_steps = config.training.max_steps
+    if profile is not None:
+        config = replace(config, training=replace(config.training, max_steps=timed_steps + PROFILE_STEPS))
     real, seen = getattr(T, "run_training", None), {}
 
     def measured(*args: Any, **kwargs: Any) -> Any:
@@ -251,8 +316,10 @@ def diffbase_train(
     reset_peak(ctx.device)
     if real is not None:  # else the loop moved: the peak then covers the whole run, model building included
         T.run_training = measured
+    recording = profiled_steps(ctx.device, timed_steps, PROFILE_STEPS) if profile else contextlib.nullcontext({})
     try:
-        result = T.train(config, method, show_progress=False)
+        with recording as recorded:
+            result = T.train(config, method, show_progress=False)
     finally:
         if real is not None:
             T.run_training = real
@@ -265,7 +332,7 @@ def diffbase_train(
         raise RuntimeError(f"no {export} export in {out}")
     if validation and not list((out / "validation").glob("*.png")):
         raise RuntimeError(f"no validation image in {out / 'validation'}")
-    seconds, counted = step_seconds(result.step_times, ctx.sizes.warmup_steps)
+    seconds, counted = step_seconds(result.step_times[:timed_steps], ctx.sizes.warmup_steps)
     denoiser = result.backbone.denoiser
     info = {
         "s_step": seconds,
@@ -277,13 +344,33 @@ def diffbase_train(
         "skipped": result.skipped_nonfinite,
         "checkpointing": bool(getattr(denoiser, "is_gradient_checkpointing", False)),
         "family": config.model.family,
+        "steps_run": len(result.step_times),
     }
+    if profile is not None:
+        if "profiler" not in recorded:
+            raise RuntimeError(f"the profiled steps did not run ({len(result.step_times)} steps)")
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        recorded["profiler"].export_chrome_trace(str(profile))
+        info["profile"] = where_time_goes(recorded["profiler"], PROFILE_STEPS, ctx.cuda) | {"trace": profile}
     for attr in ("backbone", "trained"):  # the model goes now, not when the result does
         if hasattr(result, attr):
             setattr(result, attr, None)
     del result, denoiser
     free(ctx.device)
     return info
+
+
+def report_profile(ctx: Context, stage: str, label: str, info: dict[str, Any]) -> None:
+    """The profiled steps of a `diffbase_train(..., profile=...)` run: the trace's path, where the time goes (the top
+    ops by self time per step) and how often the host waited for the GPU."""
+    p = info["profile"]
+    about = f"{label}, {PROFILE_STEPS} steps after the timed ones"
+    ctx.add(stage, f"{about}: torch.profiler chrome trace (gzipped JSON)", str(p["trace"]))
+    for name, ms, share in p["ops"]:
+        ctx.add(stage, f"where the time goes ({about}, self {p['clock']} time per step): {name}",
+                f"{ms:.3f} ms ({share:.1f}%)")  # fmt: skip
+    waits = "n/a (CPU: no device to wait for)" if p["stream_syncs"] is None else f"{p['stream_syncs']:.2f}"
+    ctx.add(stage, f"{about}: {STREAM_SYNC} per step (the host waits for the GPU: reads, blocking copies)", waits)
 
 
 def report_diffbase(ctx: Context, stage: str, label: str, info: dict[str, Any], flops: float | None) -> None:
@@ -298,7 +385,8 @@ def report_diffbase(ctx: Context, stage: str, label: str, info: dict[str, Any], 
     ctx.add(stage, f"{label}: MFU", mfu(ctx, flops, info["s_step"]))
     ctx.add(
         stage,
-        f"{label}: whole `train()` (setup {info['setup']:.0f} s: build and cache; {s.train_steps} steps; validation; export)",
+        f"{label}: whole `train()` (setup {info['setup']:.0f} s: build and cache; {info['steps_run']} steps; validation; "
+        "export)",
         f"{info['wall']:.1f} s",
     )
     if info["skipped"]:

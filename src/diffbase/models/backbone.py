@@ -21,7 +21,7 @@ import torch
 from diffbase.models.families import get
 from diffbase.models.families.record import Family, TokenLayout
 from diffbase.models.families.types import Backbone, Cond, Conditioning
-from diffbase.models.placement import compute_device
+from diffbase.models.placement import compute_device, to_device
 
 __all__ = ["Backbone", "Cond", "Conditioning", "Guide"]
 
@@ -63,7 +63,7 @@ def encode_distribution(bb: Backbone, pixels: torch.Tensor) -> tuple[torch.Tenso
     """Pixels in [-1, 1] -> the VAE posterior's (mean, std): what a latent cache stores, so training
     can still draw a fresh latent sample every step."""
     vae = bb.vae
-    dist = vae.encode(pixels.to(compute_device(bb.pipe, vae), vae.dtype)).latent_dist
+    dist = vae.encode(to_device(pixels, compute_device(bb.pipe, vae), vae.dtype)).latent_dist
     return dist.mean, dist.std
 
 
@@ -210,12 +210,18 @@ def ddpm_alphas_cumprod(bb: Backbone) -> torch.Tensor:
     return DDPMScheduler.from_config(bb.pipe.scheduler.config).alphas_cumprod
 
 
+def alphas_at(bb: Backbone, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at timesteps `t`, as (B, 1, 1, 1) in the latents' device and dtype: picked where `t` is, then
+    queued to the device (no host wait)."""
+    return to_device(ddpm_alphas_cumprod(bb).to(t.device)[t], latents).view(-1, 1, 1, 1)
+
+
 def add_noise(bb: Backbone, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t. Flow: t is sigma in [0, 1]; DDPM: t is an integer timestep."""
     if prediction_kind(bb) == "flow":
-        s = t.to(latents).view(-1, 1, 1, 1)
+        s = to_device(t, latents).view(-1, 1, 1, 1)
         return (1.0 - s) * latents + s * noise
-    a = ddpm_alphas_cumprod(bb).to(latents.device)[t].to(latents).view(-1, 1, 1, 1)
+    a = alphas_at(bb, t, latents)
     return a.sqrt() * latents + (1.0 - a).sqrt() * noise
 
 
@@ -226,7 +232,7 @@ def target(bb: Backbone, latents: torch.Tensor, noise: torch.Tensor, t: torch.Te
         return noise - latents
     if kind == "epsilon":
         return noise
-    a = ddpm_alphas_cumprod(bb).to(latents.device)[t].to(latents).view(-1, 1, 1, 1)
+    a = alphas_at(bb, t, latents)
     return a.sqrt() * noise - (1.0 - a).sqrt() * latents
 
 

@@ -126,3 +126,26 @@ def compute_device(pipe: Any, module: torch.nn.Module) -> torch.device:
 def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies: what file writers need, whatever device trained the weights."""
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def copy_policy(device: torch.device | str) -> tuple[bool, bool]:
+    """(pin, non_blocking) for a host tensor going to `device`. To CUDA: pinned and queued, so the host does not
+    wait for the GPU (torch's blocking host-to-GPU copy synchronizes the stream); to the CPU, neither (a no-op)."""
+    cuda = torch.device(device).type == "cuda"
+    return cuda, cuda
+
+
+def to_device(
+    x: torch.Tensor, like: torch.Tensor | torch.device | str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`x.to(device, dtype)` through `copy_policy`, with the same values: a host tensor is converted on the host
+    first, as torch's own host-to-GPU copy converts, then pinned and queued. `like` a tensor: its device and dtype."""
+    if isinstance(like, torch.Tensor):
+        device, dtype = like.device, dtype or like.dtype
+    else:
+        device = torch.device(like)
+    pin, non_blocking = copy_policy(device)
+    if x.device.type != "cpu" or not non_blocking:
+        return x.to(device, dtype)
+    x = x if dtype is None else x.to(dtype)
+    return (x.pin_memory() if pin else x).to(device, non_blocking=True)

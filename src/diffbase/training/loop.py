@@ -1,14 +1,22 @@
 """The one training loop, on accelerate, for every method and family.
 
 Reads top to bottom: `set_up` (the method prepares the backbone, optimizer, schedule, EMA, accelerate),
-`resume`, then for each optimizer step `step` (the method's loss, backward, clip, step), `log`, `save`
-and `validate`. A method (diffbase.methods) differs only by the functions it registers; this loop
-calls `method.prepare`, `method.loss` and `method.validate` and nothing method-specific.
+`resume`, then for each optimizer step `step` (the method's loss, backward, clip, step), `log`, and every
+`logging.read_every` steps `read_back`, then `save` and `validate`. A method (diffbase.methods) differs only by
+the functions it registers; this loop calls `method.prepare`, `method.loss` and `method.validate` and nothing
+method-specific.
+
+No host read on the hot path: a step's loss, loss terms and grad norm stay on the device until `read_back` reads
+the steps since the last read in one transfer (every `logging.read_every` steps, and before anything acts on the
+step count: a checkpoint, validation, an export, the end, a stop, and on a failure). Where the optimizer can skip a
+step on the device (`device_skip`: torch's fused AdamW), a non-finite loss skips the update there and the host
+learns of it at the read; elsewhere the step reads the flag at once, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -28,7 +36,7 @@ from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
-from diffbase.training.optimizers import averaged_weights, make_optimizer, schedule_free, set_mode
+from diffbase.training.optimizers import averaged_weights, make_optimizer, schedule_free, set_mode, skips_on_device
 from diffbase.training.schedule import make_scheduler
 from diffbase.training.seam import Method, Trained
 
@@ -39,7 +47,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # this process's steps (after a resume: since it)
     all_losses: list[float] = field(default_factory=list)  # every step of the run, across resumes
     val_losses: list[tuple[int, float]] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)  # perf_counter() at the end of each step (benchmarks)
+    step_times: list[float] = field(default_factory=list)  # perf_counter() when each step was queued (benchmarks)
     skipped_nonfinite: int = 0
     checkpoint: Path | None = None
     output_dir: Path | None = None
@@ -86,6 +94,18 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 
 @dataclass
+class Pending:
+    """One optimizer step whose numbers are still on the device (read by `read_back`)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor | None
+    finite: torch.Tensor | None  # on the device (device_skip); None: known finite on the host already
+    lr: float  # the rate the step used
+    time: float  # perf_counter() when the host had queued it
+
+
+@dataclass
 class Run:
     """Everything one training run holds while it loops."""
 
@@ -103,6 +123,10 @@ class Run:
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     stop: StopRequest = field(default_factory=StopRequest)
+    device_skip: bool = False  # non-finite losses skip the update on the device (see `device_skip`)
+    pending: list[Pending] = field(default_factory=list)  # steps since the last read
+    schedule_mark: dict[str, Any] | None = None  # the schedule's state at the last read (device_skip)
+    shown: tuple[float, float] | None = None  # the last loss and lr read, for the progress bar
 
 
 def encode_batch(
@@ -227,7 +251,23 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
     trained.calls = dict(zip(names, prepared, strict=True))
     if "denoiser" in trained.calls:  # the backbone's own denoiser is called through its wrapper
         bb.forward = trained.calls["denoiser"]
-    return Run(config, method, bb, accelerator, trained, optimizer, lr_scheduler, ema, steps, cache)
+    run = Run(config, method, bb, accelerator, trained, optimizer, lr_scheduler, ema, steps, cache)
+    run.device_skip = device_skip(config, accelerator, optimizer, ema)
+    return run
+
+
+def device_skip(config: Config, accelerator: Any, optimizer: Any, ema: Any) -> bool:
+    """Whether a non-finite loss skips the update on the device, with no host read in the step: the optimizer
+    skips a step itself when told so on the device (`skips_on_device`: torch's fused AdamW, the default `adamw`),
+    and nothing else must know at once. Not with gradient accumulation (a non-finite micro-batch is left out of
+    the sum, the others kept), EMA (it advances on taken steps only), fp16's GradScaler (it sets the optimizer's
+    skip flag itself) or FSDP / DeepSpeed (their own optimizer steps). Elsewhere the step reads the flag: one host
+    read per micro-batch (8-bit AdamW, Lion, Prodigy, Adafactor, schedule-free AdamW, `optimizer.fused: false`)."""
+    from accelerate.utils import DistributedType
+
+    plain = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    return (skips_on_device(optimizer) and config.training.gradient_accumulation == 1 and ema is None
+            and getattr(accelerator, "scaler", None) is None and accelerator.distributed_type in plain)  # fmt: skip
 
 
 def make_ema(config: Config, params: list[torch.nn.Parameter]) -> Any:
@@ -314,54 +354,128 @@ def batch_for(run: Run, dataset: Any, indices: list[int]) -> dict[str, Any]:
     return read_batch(dataset, local)
 
 
-def step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+def step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool | torch.Tensor]:
     """One micro-batch: the method's loss, then backward, clip and optimizer step when gradients sync.
-    A non-finite loss (in any process) skips the update everywhere."""
+    A non-finite loss (in any process: the flag is all-reduced, a device op) skips the update everywhere. With
+    `run.device_skip` the flag goes to the optimizer as its `found_inf` and the fused kernel skips the update on
+    the device (backward runs anyway; its gradients are dropped): the flag is returned as a device tensor, for
+    `read_back`. Otherwise it is read here (one host read) and the step is not taken, as before."""
     acc, t = run.accelerator, run.config.training
     with acc.accumulate(*run.trained.calls.values()), acc.autocast():
         loss, logs = run.method.loss(run.config, run.bb, run.trained, batch, run.cache, run.progress.step)
         finite = torch.isfinite(loss).all()
         if acc.num_processes > 1:  # every process must agree to skip, or DDP hangs
             finite = acc.reduce(finite.float(), reduction="min") > 0
-        if finite:
+        if run.device_skip:
+            optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the fused AdamW inside accelerate's
+            optimizer.found_inf = (~finite).float()  # 0-d float32, 1.0 skips: GradScaler's protocol
+        else:
+            finite = bool(finite)  # the host read of the path without device skipping
+        if run.device_skip or finite:
             acc.backward(loss)
             if acc.sync_gradients:  # an infinite bound measures the norm without clipping
                 run.grad_norm = acc.clip_grad_norm_(run.trained.trainable, t.max_grad_norm or math.inf)
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return loss, logs, bool(finite)
+    return loss, logs, finite
 
 
-def count_nonfinite(run: Run, result: TrainResult) -> None:
+def count_nonfinite(run: Run, result: TrainResult, metrics: Any = None) -> None:
+    """A step not taken for a non-finite loss; training.max_nonfinite_steps of them in a row stop the run (the
+    steps before still read, averaged: every process is here, at the same step)."""
     p, t = run.progress, run.config.training
     p.nonfinite_total += 1
     p.nonfinite_in_row += 1
     result.skipped_nonfinite += 1
     if p.nonfinite_in_row >= t.max_nonfinite_steps:
+        if metrics is not None:
+            read_back(run, metrics, result)
         raise UserError(
             f"training: {p.nonfinite_in_row} non-finite losses in a row at step {p.step}; "
             "lower training.learning_rate or check the data"
         )
 
 
-def log(
-    run: Run, loss: torch.Tensor, logs: dict[str, torch.Tensor], metrics: Any, result: TrainResult
-) -> tuple[float, float]:
-    """After an optimizer step: schedule and EMA advance; loss, lr, grad norm and the method's own loss
-    terms (averaged over processes) go to metrics.jsonl and the trackers of logging.report_to."""
-    acc = run.accelerator
+def log(run: Run, loss: torch.Tensor, logs: dict[str, torch.Tensor], finite: bool | torch.Tensor) -> None:
+    """After an optimizer step: schedule and EMA advance and the step is counted; its loss, grad norm and the
+    method's own loss terms wait on the device for `read_back`, which writes them to metrics.jsonl and the
+    trackers of logging.report_to. With `device_skip` the host does not know yet whether the step was taken: it
+    counts it, and `read_back` takes back the skipped ones (the count, and the schedule from the last read on)."""
+    if run.device_skip and not run.pending:  # a window starts: the schedule's state to go back to
+        run.schedule_mark = copy.deepcopy(run.lr_scheduler.state_dict())
     lr = run.lr_scheduler.get_last_lr()[0]  # the rate this step used
     run.lr_scheduler.step()
     run.progress.step += 1
     if run.ema is not None and run.progress.step % run.config.training.ema.update_every == 0:
         run.ema.step(run.trained.trainable)
-    value = acc.reduce(loss.detach(), reduction="mean").item()
-    terms = {k: acc.reduce(v.detach().float(), reduction="mean").item() for k, v in logs.items()}
-    result.losses.append(value)
-    result.step_times.append(time.perf_counter())
-    grad_norm = float(run.grad_norm if run.grad_norm is not None else "nan")
-    metrics.scalars(run.progress.step, loss=value, lr=lr, grad_norm=grad_norm, **terms)
-    return value, lr
+    terms = {k: v.detach() for k, v in logs.items()}
+    flag = finite if isinstance(finite, torch.Tensor) else None
+    run.pending.append(Pending(loss.detach(), terms, run.grad_norm, flag, lr, time.perf_counter()))
+
+
+def read_back(run: Run, metrics: Any, result: TrainResult, collective: bool = True, failing: bool = False) -> bool:
+    """The steps since the last read, in one host read (and one all-reduce of their losses and terms, averaged over
+    processes): each step's row in metrics.jsonl and the trackers, in order, and `result.losses`. Steps skipped on
+    the device are found here: each is counted by the training.max_nonfinite_steps rule (which may stop the run
+    here) and taken back from the step count and the schedule, so both are what the host would have counted
+    knowing at once. True when the last step read was taken (the loop then acts on the count).
+
+    `collective=False` (a failure: another process may be the one that failed): no all-reduce, this process's own
+    numbers. `failing`: skipped steps are counted, the rule is not applied (an error is already on its way)."""
+    pending, run.pending = run.pending, []
+    if not pending:
+        return False
+    acc, p = run.accelerator, run.progress
+    device = pending[0].loss.device
+    averaged = [v.float().to(device) for rec in pending for v in (rec.loss, *rec.terms.values())]
+    shared = torch.stack(averaged)
+    if collective and acc.num_processes > 1:
+        shared = acc.reduce(shared, reduction="mean")
+    nan, one = torch.full((), math.nan, device=device), torch.ones((), device=device)
+    own = torch.stack([x.float().to(device) for rec in pending for x in (
+        nan if rec.grad_norm is None else rec.grad_norm, one if rec.finite is None else rec.finite)])  # fmt: skip
+    values = torch.cat([shared, own]).tolist()  # the host read
+    means, flags = iter(values[: len(averaged)]), iter(values[len(averaged) :])
+    base = p.step - len(pending)
+    p.step = base  # counted again below: the steps taken
+    for rec in pending:
+        value, terms = next(means), {k: next(means) for k in rec.terms}
+        grad_norm, taken = next(flags), next(flags) > 0
+        if not taken:  # skipped on the device
+            if failing:
+                p.nonfinite_total, result.skipped_nonfinite = p.nonfinite_total + 1, result.skipped_nonfinite + 1
+            else:
+                count_nonfinite(run, result)
+            continue
+        if rec.finite is not None:
+            p.nonfinite_in_row = 0
+        p.step += 1
+        result.losses.append(value)
+        result.step_times.append(rec.time)
+        metrics.scalars(p.step, loss=value, lr=rec.lr, grad_norm=grad_norm, **terms)
+        run.shown = value, rec.lr
+    if p.step != base + len(pending):
+        rewind_schedule(run, p.step - base)
+    return taken
+
+
+def rewind_schedule(run: Run, taken: int) -> None:
+    """The schedule as if only the `taken` steps since the last read had stepped it (the skipped ones did too,
+    unknown to the host): back to its state there, then stepped once per taken step."""
+    scheduler = run.lr_scheduler
+    scheduler.load_state_dict(copy.deepcopy(run.schedule_mark))
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    for _ in range(taken):
+        scheduler.step()
+
+
+def read_on_failure(run: Run, metrics: Any, result: TrainResult) -> None:
+    """What was computed before a failure still reaches metrics.jsonl: the steps since the last read, read without
+    a collective and without the non-finite rule (see `read_back`); a device that cannot be read any more loses
+    them."""
+    with contextlib.suppress(Exception):
+        read_back(run, metrics, result, collective=False, failing=True)
 
 
 def run_training(
@@ -401,9 +515,13 @@ def run_training(
     outcome = "failed"  # what the trackers' runs are marked, unless the loop ends
     try:
         with stop_on_signals() as run.stop:
-            while progress.step < run.steps:
-                if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
-                    break
+            try:
+                while progress.step < run.steps:
+                    if epoch(run, dataset, sampler, metrics, result, bar, (start, first_step, stop_after), validation):
+                        break
+            except BaseException:
+                read_on_failure(run, metrics, result)
+                raise
         metrics.plot()
         outcome = "finished"
     except Stopped:
@@ -413,6 +531,7 @@ def run_training(
     finally:
         bar.close()  # a stopping message goes on a line of its own
         metrics.close(outcome)
+        vars(getattr(run.optimizer, "optimizer", run.optimizer)).pop("found_inf", None)  # step() as usual after
     if progress.step >= run.steps:
         set_mode(run.optimizer, "eval")  # a schedule-free optimizer's averaged weights are the result to export
     result.all_losses = metrics.losses() if acc.is_main_process else result.losses
@@ -456,21 +575,25 @@ def epoch(
         loss, logs, finite = step(run, batch)
         if not run.accelerator.sync_gradients:
             continue
-        if not finite:
-            count_nonfinite(run, result)
-            continue
-        progress.nonfinite_in_row = 0
-        value, lr = log(run, loss, logs, metrics, result)
+        if not run.device_skip:  # known on the host already
+            if not finite:
+                count_nonfinite(run, result, metrics)
+                continue
+            progress.nonfinite_in_row = 0
+        log(run, loss, logs, finite)
         ckpt.hold_for_test("step", progress.step)
-        rate = (progress.step - first_step) / max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", it_s=f"{rate:.2f}")
         bar.update(1)
-        done = progress.step >= run.steps or (stop_after is not None and progress.step - first_step >= stop_after)
-        t, saved = run.config.training, None
-        if done or (t.checkpoint_every and progress.step % t.checkpoint_every == 0):
+        due = len(run.pending) >= run.config.logging.read_every or any(acts(run, first_step, stop_after))
+        if not due and not (run.accelerator.num_processes == 1 and run.stop.name is not None):  # else asked at reads
+            continue  # nothing acts on this step: its numbers stay on the device
+        if not read_back(run, metrics, result):
+            continue  # the last step was skipped on the device: the count went back, nothing is due
+        show(run, bar, progress.step - first_step, start)
+        done, checkpointing, exporting, validating = acts(run, first_step, stop_after)
+        saved = None
+        if checkpointing:
             result.checkpoint = saved = save(run, Path(run.config.experiment.output_dir) / "checkpoints")
-        exporting = not done and run.export is not None and t.export_every and progress.step % t.export_every == 0
-        if done or exporting or (t.validation.every and progress.step % t.validation.every == 0):
+        if validating:
             validate(run, dataset, validation, metrics, result)
         if exporting:
             export_now(run)
@@ -489,8 +612,31 @@ def epoch(
     return False
 
 
+def acts(run: Run, first_step: int, stop_after: int | None) -> tuple[bool, bool, bool, bool]:
+    """What the loop does at this step count: (done, checkpoint, export, validation)."""
+    step_no, t = run.progress.step, run.config.training
+    done = step_no >= run.steps or (stop_after is not None and step_no - first_step >= stop_after)
+    checkpointing = done or bool(t.checkpoint_every and step_no % t.checkpoint_every == 0)
+    exporting = not done and run.export is not None and bool(t.export_every and step_no % t.export_every == 0)
+    validating = done or exporting or bool(t.validation.every and step_no % t.validation.every == 0)
+    return done, checkpointing, exporting, validating
+
+
+def show(run: Run, bar: Any, steps: int, start: float) -> None:
+    """The progress bar at a read: the count as read, and the last loss and lr read (they lag the steps queued
+    since by less than logging.read_every)."""
+    rate = steps / max(time.perf_counter() - start, 1e-9)
+    if bar.n != run.progress.step:  # steps skipped on the device were counted until this read
+        bar.n = run.progress.step
+    if run.shown is not None:
+        bar.set_postfix(loss=f"{run.shown[0]:.4f}", lr=f"{run.shown[1]:.2e}", it_s=f"{rate:.2f}")
+    else:
+        bar.refresh()
+
+
 def stop_requested(run: Run) -> bool:
-    """Whether a stop was asked for, in any process (all stop after the same step)."""
+    """Whether a stop was asked for, in any process (all stop after the same step: under several processes the
+    loop asks only after a read, which all make at the same step, so the collective is no host read per step)."""
     asked = run.stop.name is not None
     if run.accelerator.num_processes > 1:
         flag = torch.tensor(float(asked), device=run.accelerator.device)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from diffbase.config import ObjectiveConfig
+from diffbase.models.placement import to_device
 
 
 def sample_u(cfg: ObjectiveConfig, batch: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -90,5 +91,5 @@ def diffusion_loss(
     else:
         per_sample = err.flatten(1).mean(1)
     if weights is not None:
-        per_sample = per_sample * weights.to(per_sample)
+        per_sample = per_sample * to_device(weights, per_sample)
     return per_sample.mean() if reduce else per_sample

@@ -1,7 +1,12 @@
 """The optimizer a config names, from the package that maintains it: AdamW (torch), 8-bit AdamW and Lion
 (bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt), Adafactor (transformers), schedule-free AdamW
 (schedulefree: validation and exports use its averaged weights). A package that is not installed is a one-line
-error naming what to install."""
+error naming what to install.
+
+torch's AdamW runs fused (one kernel for every parameter, `fused=True`) wherever torch has that kernel for the
+parameters' device (CUDA and the CPU in torch 2.13): the same update as the default multi-tensor one to float
+rounding, and the optimizer that can skip a step on the device (`skips_on_device`), which the loop's non-finite
+check without a host read needs."""
 
 from __future__ import annotations
 
@@ -53,6 +58,40 @@ def optimizer_class(kind: str) -> Callable[..., torch.optim.Optimizer]:
         raise UserError(f"training.optimizer.type: {kind} needs {package} (pip install {package})") from None
 
 
+def fused_supported(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch has a fused Adam(W) kernel for every one of these parameters (floating point, on a device
+    torch lists for fused optimizers)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # moved in another torch: the two this project trains on
+        devices = {"cuda", "cpu"}
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+def fused_argument(kind: str, setting: bool | None, params: list[torch.nn.Parameter]) -> dict[str, Any]:
+    """`fused=True` for torch's AdamW where supported, unless `training.optimizer.fused: false`; `true` where it
+    is not supported is a one-line error. Other optimizers have no such switch."""
+    if kind != "adamw" or setting is False:
+        return {}
+    if fused_supported(params):
+        return {"fused": True}
+    if setting is True:
+        devices = sorted({p.device.type for p in params})
+        raise UserError(f"training.optimizer.fused: torch has no fused AdamW for these parameters (on {devices}); "
+                        "set it to null (auto) or false")  # fmt: skip
+    return {}
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether the optimizer skips a step itself when told on the device (torch's fused Adam / AdamW and the
+    others GradScaler drives that way: `found_inf` set on it, a 0-d float tensor, 1.0 to skip). With found_inf
+    1.0 the fused kernel leaves the weights and moments as they are and takes back its step count."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds it
+    return bool(getattr(inner, "_step_supports_amp_scaling", False))
+
+
 def make_optimizer(
     params: list[torch.nn.Parameter], config: Config, groups: list[dict[str, Any]] | None = None, warmup: int = 0
 ) -> torch.optim.Optimizer:
@@ -60,7 +99,9 @@ def make_optimizer(
     the warm-up steps an optimizer with its own schedule takes over."""
     t = config.training
     kind = t.optimizer.type
-    optimizer = optimizer_class(kind)(groups or params, **arguments(kind, t.learning_rate, t.optimizer, warmup))
+    every = [p for g in groups for p in g["params"]] if groups else list(params)
+    kwargs = arguments(kind, t.learning_rate, t.optimizer, warmup) | fused_argument(kind, t.optimizer.fused, every)
+    optimizer = optimizer_class(kind)(groups or params, **kwargs)
     set_mode(optimizer, "train")
     return optimizer
 

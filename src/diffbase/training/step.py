@@ -13,6 +13,7 @@ import torch
 
 from diffbase.config import ObjectiveConfig
 from diffbase.models import backbone as B
+from diffbase.models.placement import to_device
 from diffbase.training.objectives import (
     diffusion_loss,
     min_snr_weights,
@@ -40,12 +41,12 @@ def draw(
     seq_len = B.image_seq_len(bb, tuple(B.normalize(bb, mean[:1]).shape[-2:]))
     for j, index in enumerate(indices):
         g = sample_generator(seed, step, index)
-        z = mean[j] + std[j] * torch.randn(mean[j].shape, generator=g).to(mean)
+        z = mean[j] + std[j] * to_device(torch.randn(mean[j].shape, generator=g), mean)
         latents.append(B.normalize(bb, z[None])[0])
         noise = torch.randn(latents[-1].shape, generator=g)
         if cfg.noise_offset:  # per channel, the same over the image (crosslabs' noise offset)
             noise = noise + cfg.noise_offset * torch.randn((noise.shape[0], *[1] * (noise.dim() - 1)), generator=g)
-        noises.append(noise.to(mean))
+        noises.append(to_device(noise, mean))
         if kind == "flow":
             config = dict(bb.pipe.scheduler.config)
             times.append(sample_flow_sigmas(cfg, 1, config, seq_len, generator=g)[0])
@@ -71,7 +72,7 @@ def diffusion_step_loss(
     `guide`: residuals a method computes from the noisy latents (a ControlNet's)."""
     x0, noise, t = draw(bb, cfg, batch["mean"], batch["std"], seed, step, batch["index"])
     noisy = B.add_noise(bb, x0, noise, t)
-    timesteps = B.model_timesteps(bb, t).to(x0.device)
+    timesteps = to_device(B.model_timesteps(bb, t), x0.device)
     residuals = guide(noisy, timesteps, cond, batch) if guide is not None else None
     extra = conditioning or B.Conditioning()
     if residuals is not None:
