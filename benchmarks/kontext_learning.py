@@ -5,7 +5,9 @@ model): held-out recolour edits before and after training, against "output = sou
 
 Writes a held-out grid (source | result | target) and benchmarks/kontext_learning.json. The error is the L1
 (0-1) between the pipeline's result (FluxKontextPipeline, 28 steps, the pair's own size) and the target, on
-the whole image and inside the garment mask.
+the whole image and inside the garment mask; beside it the paper metrics of diffbase.metrics: SSIM and PSNR
+against the targets, and KID over a random-weight DINOv2 (`kid_random_dino`: compares runs with each other,
+not with any paper).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def kontext_folder(out: Path) -> Path:
 
 
 def evaluate(pipe: object, pairs: list[dict], folder: Path, steps: int, guidance: float) -> tuple[dict, list]:
-    errors, masked, src_err, src_masked, rows = [], [], [], [], []
+    from diffbase.metrics import features, images, scores
+
+    errors, masked, src_err, src_masked, rows, paired, results, targets = [], [], [], [], [], [], [], []
     for k, e in enumerate(pairs):
         source = Image.open(folder / e["source"]).convert("RGB")
         target = np.asarray(Image.open(folder / e["image"]).convert("RGB"), dtype=np.float64) / 255
@@ -53,8 +57,13 @@ def evaluate(pipe: object, pairs: list[dict], folder: Path, steps: int, guidance
             masked.append(np.abs(got - target)[mask].mean())
             src_masked.append(np.abs(src - target)[mask].mean())
         rows.append([source, out, Image.fromarray((target * 255).astype(np.uint8))])
+        results.append(images.to_tensor(out))
+        targets.append(torch.from_numpy(target).permute(2, 0, 1).float())
+        paired.append(scores.paired(results[-1], targets[-1]))
+    kid = scores.distribution(features.random_dino(), targets, results, "kontext")["kid"]
     return {"l1": float(np.mean(errors)), "masked_l1": float(np.mean(masked)),
-            "source_l1": float(np.mean(src_err)), "source_masked_l1": float(np.mean(src_masked))}, rows  # fmt: skip
+            "source_l1": float(np.mean(src_err)), "source_masked_l1": float(np.mean(src_masked)),
+            **scores.means(paired), "kid_random_dino": kid}, rows  # fmt: skip
 
 
 def main() -> None:
@@ -64,6 +73,7 @@ def main() -> None:
     from diffbase.grid import image_grid
     from diffbase.models.loading import load_pipeline
 
+    M.load_all()  # the families and the methods' config sections (training.lora, training.edit)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--pairs", type=int, default=400)
