@@ -196,3 +196,23 @@ def test_no_host_read_between_reads(tiny_model, tmp_path: Path, monkeypatch) -> 
                    loss, show_progress=False)  # fmt: skip
     # the check's own read, once a step (torch's multi-tensor AdamW reads its CPU step counts too: no GPU sync)
     assert result.finished and state["reads"].count("__bool__") == STEPS, state["reads"]
+
+
+def test_a_failure_still_writes_the_steps_before_it(tiny_model, tmp_path: Path) -> None:
+    """A step that fails between two reads: the steps computed before it are read on the way out (no step is lost
+    from metrics.jsonl), and the error is the step's own. (A checkpoint at step 4 keeps the folder: a run that
+    fails with nothing to resume removes what it wrote.)"""
+    load_all()
+    method, calls = get("lora"), {"n": 0}
+
+    def loss(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("the seventh step fails")
+        return method.loss(*args, **kwargs)
+
+    config = config_for(tiny_model, tmp_path, "fails", "logging.read_every=3", "training.checkpoint_every=4")
+    with pytest.raises(RuntimeError, match="the seventh step fails"):
+        train(config, dataclasses.replace(method, loss=loss), show_progress=False)
+    # read at step 3 (every 3), at 4 (the checkpoint), then 5 and 6 on the way out
+    assert [r["step"] for r in rows(tmp_path / "fails")] == [1, 2, 3, 4, 5, 6]
