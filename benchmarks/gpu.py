@@ -29,6 +29,11 @@ Full size, random weights built on the GPU (no downloads), bf16:
 9. Low memory (`lowmem`, if the time budget allows): FLUX.1-dev LoRA on an int8 and an fp8 base (goals: within
    24 GiB at <= 1.5x the bf16 step time), on nf4 with block swap (goal: within 16 GiB), and generation on an
    int8 transformer (goal: within 12 GiB), also with model offload (goal: within 8 GiB).
+10. fp8 (`--quantize fp8dq`, if the time budget allows): FLUX.1-dev generation, 1024x1024, 28 steps, the
+   transformer's blocks compiled, bf16 against torchao float8 weights and activations: s/image over 4 prompts
+   (seeds 0-3), peak memory, and each fp8 picture's PSNR against the bf16 one (random weights: how far fp8
+   moves the numbers, not how a trained model's pictures look). It needs CUDA compute capability >= 8.9;
+   elsewhere int8dq stands in (labelled) and the fp8 rows say n/a.
 
 Every stage reports its own error and the others still run; the exit code is 1 if any stage failed
 (not for missed goals). On CUDA the SDPA kernels are diffbase's `auto` for every stage, plain runs
@@ -47,6 +52,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +84,8 @@ from diffbase.interface.bench import (
     report_profile,
     reset_peak,
     step_seconds,
+    sync,
+    timed,
     train_config,
     verdict,
 )  # fmt: skip
@@ -395,6 +403,86 @@ def stage_compile(ctx: Context) -> None:
         ctx.add("compile", "eager / compiled s/image (diffbase)", f"{speedup:.2f}x")  # the pipe goes with this frame
 
 
+FP8_PROMPTS = (
+    PROMPT,
+    "a red fox in fresh snow at golden hour",
+    "a bowl of ramen on a wooden table, top view",
+    "a city street at night in the rain, neon signs",
+)
+
+
+def psnr(a: Any, b: Any) -> float:
+    """PSNR of two 8-bit pictures, dB (inf when equal)."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def stage_fp8(ctx: Context) -> None:
+    """FLUX.1 generation with the transformer's Linear layers in torchao float8 (`--quantize fp8dq`: weights and
+    activations, a scale per row) against bf16, both with the blocks compiled (eager on --tiny, where compiling is
+    stage `compile`'s and would only add minutes): s/image over the same 4 prompts and seeds, each after one
+    warm-up image that compiles; peak memory; each fp8 picture's PSNR against bf16's. fp8dq needs CUDA >= 8.9:
+    without it, int8dq (int8 weights and activations) stands in, labelled, and the fp8 rows say n/a."""
+    from diffbase.compile import compile_blocks
+    from diffbase.generate import GenerateSettings, generate
+    from diffbase.models.quantize import quantize
+    from diffbase.runtime import fp8_refusal, torch_capability
+
+    own = OWN[ctx.tiny]
+    h, w = own.gen_hw
+    refusal = fp8_refusal(torch_capability(ctx.device))
+    kind = "int8dq" if refusal else "fp8dq"
+    left, needed = ctx.budget_s - ctx.elapsed(), ctx.metrics.get("generate_eager_s", 15.0) * 10 + 180
+    if not ctx.tiny and left < needed:
+        ctx.add("fp8", "FLUX.1 generation, bf16 vs fp8dq", f"skipped: {left:.0f} s left, ~{needed:.0f} s needed")
+        return
+    pipe, spec = flux1_pipeline(ctx)
+    ctx.shared.pop("flux1_pipe", None)  # compiled and quantized here: no later stage may take it for the bf16 one
+    how = "eager (--tiny)" if ctx.tiny else "blocks compiled"
+    if not ctx.tiny:
+        compile_blocks(pipe.transformer)
+    runs = [
+        GenerateSettings(prompt=p, seed=i, steps=own.gen_steps, height=h, width=w) for i, p in enumerate(FP8_PROMPTS)
+    ]
+
+    def measure() -> dict[str, Any]:
+        first = timed(lambda: generate(pipe, spec, runs[0]), ctx.device)  # compiles at these shapes
+        reset_peak(ctx.device)
+        images, seconds = [], []
+        for settings in runs:
+            sync(ctx.device)
+            start = time.perf_counter()
+            images.append(generate(pipe, spec, settings))
+            sync(ctx.device)
+            seconds.append(time.perf_counter() - start)
+        return {"images": images, "s": statistics.mean(seconds), "first": first, "peak": peak_bytes(ctx.device)}
+
+    label = f"FLUX.1-dev {h}x{w}, {own.gen_steps} steps, {how}"
+    name = kind if kind == "fp8dq" else f"{kind} (stand-in: fp8dq needs CUDA >= 8.9)"
+    first = "first image (compiles), s" if not ctx.tiny else "first image, s"
+    ctx.log(f"fp8: bf16, {how}")
+    bf16 = measure()
+    ctx.add("fp8", f"{label}, bf16: s/image (mean of {len(runs)} prompts)", f"{bf16['s']:.2f}")
+    ctx.add("fp8", f"{label}, bf16: peak memory", gib(bf16["peak"]))
+    ctx.add("fp8", f"bf16: {first}", f"{bf16['first']:.1f}")
+    ctx.log(f"fp8: {kind}, {how}")
+    quantize(pipe.transformer, kind, torch.bfloat16)  # in place, on the device; the compiled blocks recompile
+    low = measure()
+    psnrs = [psnr(a, b) for a, b in zip(bf16["images"], low["images"], strict=True)]
+    ctx.add("fp8", f"{label}, {name}: s/image (mean of {len(runs)} prompts)", f"{low['s']:.2f}")
+    ctx.add("fp8", f"{label}, {name}: peak memory", gib(low["peak"]))
+    ctx.add("fp8", f"{kind}: {first}", f"{low['first']:.1f}")
+    ctx.add("fp8", f"bf16 / {kind} s/image (speed-up)", f"{bf16['s'] / low['s']:.2f}x")
+    mean = f"{statistics.mean(psnrs):.1f}"
+    ctx.add("fp8", f"{kind} PSNR against bf16 (same prompts and seeds), mean of {len(runs)}, dB", mean)
+    ctx.add("fp8", f"{kind} PSNR against bf16, lowest of {len(runs)}, dB", f"{min(psnrs):.1f}")
+    if refusal:  # what a GPU of compute capability >= 8.9 fills in
+        for measure_name in ("fp8dq: s/image", "bf16 / fp8dq s/image (speed-up)", "fp8dq PSNR against bf16, dB"):
+            ctx.add("fp8", f"{label}, {measure_name}", "n/a (needs CUDA >= 8.9)")
+
+
 # --------------------------------------------------------------------------- the stages
 
 
@@ -415,6 +503,7 @@ def all_stages() -> list[Stage]:
         Stage("auto", stage_auto),
         Stage("lowmem", stage_lowmem),
         Stage("compile", stage_compile),
+        Stage("fp8", stage_fp8),
     ]
 
 

@@ -68,3 +68,67 @@ def test_compile_with_offload_that_moves_weights_inside_blocks_is_refused(tmp_pa
                               "hardware.gradient_checkpointing=true")  # fmt: skip
     assert code == 2 and "hardware.compile" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
+
+
+def recorded_compiles(monkeypatch) -> list[tuple[str, dict]]:
+    """nn.Module.compile replaced by a recorder (nothing compiles): (class name, keyword arguments) per call."""
+    import torch
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: calls.append((type(self).__name__, kw)))
+    return calls
+
+
+def test_the_compile_mode_reaches_each_blocks_torch_compile(monkeypatch, tmp_path) -> None:
+    calls = recorded_compiles(monkeypatch)
+    code, _, err = run_cli("generate", "--model", TOY, "--prompt", "x", "--steps", "1", "--size", "32x32",
+                           "--compile", "max-autotune", "--quiet", "--out", str(tmp_path / "x.png"))  # fmt: skip
+    assert code == 0, err
+    assert {name for name, _ in calls} == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert all(kw == {"mode": "max-autotune"} for _, kw in calls), calls
+    calls.clear()
+    code, _, err = run_cli("generate", "--model", TOY, "--prompt", "x", "--steps", "1", "--size", "32x32",
+                           "--compile", "--quiet", "--out", str(tmp_path / "y.png"))  # fmt: skip
+    assert code == 0 and calls and all(kw == {"mode": "default"} for _, kw in calls), (err, calls)
+    calls.clear()
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    code, _, err = train_tiny(path, tmp_path / "run", 1, "hardware.compile=max-autotune-no-cudagraphs",
+                              "training.validation.every=0", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert calls and all(kw == {"mode": "max-autotune-no-cudagraphs"} for _, kw in calls), calls
+
+
+def test_compile_settings_true_false_and_modes() -> None:
+    from diffbase.compile import check, mode, options
+    from diffbase.errors import UserError
+
+    assert [mode(v) for v in (True, False, None, "default", "reduce-overhead")] == [
+        "default", None, None, "default", "reduce-overhead"]  # fmt: skip
+    assert options(False) == {} and options(True) == {"mode": "default"}
+    with pytest.raises(UserError, match="hardware.compile: expected true, false or one of default"):
+        mode("fast")
+    # CUDA graphs: a CUDA device with nothing offloaded (the device named, so no GPU is needed to check it)
+    assert check("reduce-overhead", "none", device="cuda") == "reduce-overhead"
+    assert check("reduce-overhead", "none", device="cuda:1") == "reduce-overhead"
+    for device, offload, words in (("cpu", "none", "torch skips them on cpu"), ("cuda", "model", "offload none")):
+        with pytest.raises(UserError, match=words):
+            check("reduce-overhead", offload, device=device)
+    assert check("max-autotune", "model", device="cpu") == "max-autotune"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--compile", "fast"), "error: --compile: invalid choice: 'fast'"),
+        (("--compile", "reduce-overhead"), "error: --compile: reduce-overhead captures CUDA graphs and torch skips "
+                                           "them on cpu"),
+    ],
+)  # fmt: skip
+def test_bad_or_cpu_graph_compile_modes_are_one_line(args, expected, tmp_path) -> None:
+    code, _, err = run_cli("generate", "--model", TOY, "--prompt", "x", "--device", "cpu", *args,
+                           "--out", str(tmp_path / "x.png"))  # fmt: skip
+    assert code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    code, _, err = train_tiny(path, tmp_path / "run", 1, f"hardware.compile={args[1]}", "hardware.device=cpu")
+    assert code == 2 and err.count("\n") == 1 and "hardware.compile" in err and args[1] in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()

@@ -26,6 +26,7 @@ STAGES = (
     "auto",
     "lowmem",
     "compile",
+    "fp8",  # on a CPU: int8dq standing in for fp8dq, whose rows say n/a (needs CUDA >= 8.9)
 )
 RATIOS = (
     "diffbase (cached) / plain diffusers+peft",
@@ -72,6 +73,8 @@ def test_tiny_run_reports_every_stage_and_ratio(tmp_path: Path) -> None:
     # the step's FLOPs were counted, and CPU rows say n/a for what only a GPU has
     assert any("FLOPs of one training step" in cells[1] and NUMBER.match(cells[2]) for cells in body)
     assert all(cells[2].startswith("n/a") for cells in body if "MFU" in cells[1] or "peak memory" in cells[1])
+    fp8 = [cells for cells in body if cells[0] == "fp8" and "fp8dq" in cells[1] and "stand-in" not in cells[1]]
+    assert len(fp8) == 3 and all(cells[2] == "n/a (needs CUDA >= 8.9)" for cells in fp8), fp8
     # the profiled training steps: the trace beside the table, the top ops by self CPU time per step
     trace = tmp_path / "train-trace.json.gz"
     assert any(cells[0] == "train" and cells[2] == str(trace) for cells in body)

@@ -6,6 +6,14 @@ LoRA, DreamFit or DreamO processor inside a block is compiled with it.
 Where diffusers names no repeated blocks (SD3's transformer, the UNets), diffbase names them here. The number
 of graphs dynamo built is reported after a run (`graphs()`): more graphs than block classes means
 recompilations (new shapes or guards), which cost time at every first use.
+
+The mode (`--compile MODE`, `hardware.compile: MODE`; `true` and a bare `--compile` are `default`) goes to each
+block's torch.compile: `reduce-overhead` replays CUDA graphs (fewer kernel launches: worth it where shapes
+are static, as in generation at one size; each new shape records another graph), `max-autotune` also
+benchmarks matmul kernels while compiling (much longer first call), `max-autotune-no-cudagraphs` the same
+without graphs. Torch runs `reduce-overhead` on a CPU as plain compilation (it skips the graphs), so on a
+CPU it is refused rather than silently the same as `default`; model or layer offload moves the weights the
+graphs would hold, so it needs offload none.
 """
 
 from __future__ import annotations
@@ -21,6 +29,26 @@ REGIONS = {
     "UNet2DModel": ("ResnetBlock2D",),
 }
 INCOMPATIBLE_OFFLOAD = ("sequential", "blocks")  # their hooks move weights inside the compiled region
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's; as config.py
+GRAPH_MODES = ("reduce-overhead",)  # the modes that capture CUDA graphs
+
+
+def mode(value: bool | str | None, key: str = "hardware.compile") -> str | None:
+    """The torch.compile mode a setting stands for: None (off: false, none), `default` (true), or a named mode;
+    anything else is a one-line error."""
+    if value in (None, False, "false", "none"):
+        return None
+    if value in (True, "true"):
+        return "default"
+    if value not in MODES:
+        raise UserError(f"{key}: expected true, false or one of {', '.join(MODES)}, got '{value}'")
+    return str(value)
+
+
+def options(value: bool | str | None) -> dict[str, Any]:
+    """torch.compile's keyword arguments for a setting (empty when off)."""
+    chosen = mode(value)
+    return {} if chosen is None else {"mode": chosen}
 
 
 def block_classes(model: Any) -> tuple[str, ...]:
@@ -43,11 +71,34 @@ def compile_blocks(model: Any, **options: Any) -> int:
     return count
 
 
-def check(compile_on: bool, offload: str, key: str = "hardware.compile") -> None:
-    """Before loading: compilation and the offload modes that move weights inside blocks do not mix."""
-    if compile_on and offload in INCOMPATIBLE_OFFLOAD:
+def check(compile_on: bool | str | None, offload: str, key: str = "hardware.compile", device: Any = None) -> str | None:
+    """Before loading: the mode is known, compilation and the offload modes that move weights inside blocks do
+    not mix, and CUDA graphs run on a CUDA device (`device`, when known) with nothing offloaded. Returns the mode
+    (None: off)."""
+    chosen = mode(compile_on, key)
+    if chosen and offload in INCOMPATIBLE_OFFLOAD:
         raise UserError(f"{key}: regional compilation does not combine with offload '{offload}' (its hooks move "
                         "weights inside the compiled blocks); use offload none or model, or turn compile off")  # fmt: skip
+    if chosen in GRAPH_MODES:
+        kind = device_type(device)
+        if kind not in (None, "cuda"):
+            raise UserError(f"{key}: {chosen} captures CUDA graphs and torch skips them on {kind} (it would be plain "
+                            "compilation); use default or max-autotune there")  # fmt: skip
+        if offload != "none":
+            raise UserError(f"{key}: {chosen} (CUDA graphs) needs offload none: offload '{offload}' moves the "
+                            "weights the graphs hold between calls")  # fmt: skip
+    return chosen
+
+
+def device_type(device: Any) -> str | None:
+    """`cuda`, `cpu`, ... for a torch device or a device setting (`auto`: cuda when torch sees one); None: unknown."""
+    if device is None or not isinstance(device, str):
+        return getattr(device, "type", None)
+    if device in ("auto", ""):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
 
 
 def graphs() -> int:

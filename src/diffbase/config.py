@@ -255,7 +255,9 @@ class HardwareConfig:
     # denoiser's blocks after the first `keep_blocks`, each brought over as it runs (needs checkpointing)
     offload: Literal["none", "model", "blocks"] = "none"
     keep_blocks: int = 0  # offload blocks: blocks that stay on the GPU
-    compile: bool = False  # torch.compile each repeated block of the denoiser (regional compilation)
+    # torch.compile each repeated block of the denoiser (regional compilation); true is the default mode,
+    # reduce-overhead adds CUDA graphs (diffbase.compile)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]

@@ -8,6 +8,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from diffbase.compile import MODES as COMPILE_MODES
 from diffbase.errors import UserError
 
 if TYPE_CHECKING:  # torch loads with the first command that runs a model, so `--help` stays fast
@@ -16,9 +17,12 @@ if TYPE_CHECKING:  # torch loads with the first command that runs a model, so `-
 DTYPES = ("float32", "float16", "bfloat16")
 MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # training's accelerate setting
 OFFLOAD = ("none", "model", "sequential", "blocks")
-QUANTIZE = ("none", "fp8", "int8", "qint8", "nf4")  # diffbase.models.quantize
+QUANTIZE = ("none", "fp8", "int8", "qint8", "nf4", "fp8dq", "int8dq")  # diffbase.models.quantize
 PACKAGES = {"int8": ("torchao", "torchao"), "qint8": ("optimum.quanto", "optimum-quanto"),
-            "nf4": ("bitsandbytes", "bitsandbytes")}  # fmt: skip
+            "nf4": ("bitsandbytes", "bitsandbytes"), "fp8dq": ("torchao", "torchao"),
+            "int8dq": ("torchao", "torchao")}  # fmt: skip
+INFERENCE_ONLY = ("fp8dq", "int8dq")  # activations quantized at every call: for generation, not a trained base
+FP8_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada, Hopper and newer
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class Runtime:
     offload: str = "none"
     quantize: str = "none"  # the denoiser's weights
     offload_blocks: int = 1  # offload blocks: transformer blocks per group moved at once
-    compile: bool = False  # regional torch.compile of the denoisers (diffbase.compile)
+    compile: bool | str = False  # regional torch.compile of the denoisers: False or its mode (diffbase.compile)
 
     def loader(self) -> dict[str, Any]:
         """What the loaders take: device, dtype, offload and quantization."""
@@ -48,10 +52,10 @@ class Runtime:
         attention processors (DreamFit's, try-on's), only the process's SDPA kernel choice applies."""
         self.use_attention(models if backend else [])
         if self.compile:
-            from diffbase.compile import compile_blocks
+            from diffbase.compile import compile_blocks, options
 
             for model in models:
-                compile_blocks(model)
+                compile_blocks(model, **options(self.compile))
 
 
 def gpu_memory(device: Any) -> float | None:
@@ -90,7 +94,7 @@ def resolve_device(name: str | None = "auto", key: str = "--device") -> torch.de
 
 def resolve(device: str | None = "auto", dtype: str = "float32", attention: str = "auto", offload: str = "none",
             names: tuple[str, ...] = ("--device", "--dtype", "--attention", "--offload", "--quantize"),
-            quantize: str = "none", offload_blocks: int = 1, compile_on: bool = False) -> Runtime:  # fmt: skip
+            quantize: str = "none", offload_blocks: int = 1, compile_on: bool | str | None = False) -> Runtime:  # fmt: skip
     """A Runtime from its settings, each checked (`names`: the flags or fields they came from)."""
     from diffbase.attention import choose
 
@@ -106,22 +110,50 @@ def resolve(device: str | None = "auto", dtype: str = "float32", attention: str 
         raise UserError(f"{names[4]}: expected one of {', '.join(QUANTIZE)}, got '{quantize}'")
     if quantize != "none":
         check_available(quantize, resolved, names[4])
+    if quantize == "fp8dq" and dtype != "bfloat16":
+        raise UserError(f"{names[4]}: fp8dq scales bfloat16 weights row by row; add {names[1]} bfloat16")
     from diffbase.compile import check
 
-    check(compile_on, offload, "--compile")
-    return Runtime(resolved, dtype, attention, offload, quantize, offload_blocks, compile_on)
+    mode = check(compile_on, offload, "--compile", resolved)
+    return Runtime(resolved, dtype, attention, offload, quantize, offload_blocks, mode or False)
 
 
 def check_available(kind: str, device: torch.device, where: str = "model.quantize") -> None:
     """Before loading: the backend's package is installed and runs on this device."""
     if kind == "nf4" and device.type != "cuda":
         raise UserError(f"{where}: nf4 (bitsandbytes) runs on a CUDA GPU only; on {device.type} use int8, qint8 or fp8")
+    if kind == "fp8dq":
+        capability = torch_capability(device)
+        refusal = fp8_refusal(capability)
+        if refusal:
+            raise UserError(f"{where}: {refusal}")
     if kind in PACKAGES:
         import importlib.util
 
         module, package = PACKAGES[kind]
         if importlib.util.find_spec(module.split(".")[0]) is None:
             raise UserError(f"{where}: {kind} needs {package}: pip install 'diffbase[quantize]'")
+
+
+def torch_capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of `device` (None: not a CUDA device)."""
+    import torch
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def fp8_refusal(capability: tuple[int, int] | None) -> str | None:
+    """Why fp8dq cannot run on a device of this CUDA compute capability (None: no CUDA device), or None when it
+    can: torchao's float8 dynamic quantization needs float8 matmuls, compute capability >= 8.9."""
+    need = f"a CUDA GPU with compute capability >= {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Ada, Hopper or newer)"
+    if capability is None:
+        return f"fp8dq (torchao float8 dynamic quantization) needs {need}; without one use int8dq or int8"
+    if tuple(capability) < FP8_CAPABILITY:
+        return (f"fp8dq (torchao float8 dynamic quantization) needs {need}; this GPU is "
+                f"{capability[0]}.{capability[1]}: use int8dq, int8 or fp8")  # fmt: skip
+    return None
 
 
 def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float32", offload: bool = True) -> None:
@@ -140,10 +172,14 @@ def add_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float
         p.add_argument("--offload-blocks", type=int, default=1, metavar="N",
                        help="--offload blocks: blocks moved at once (1: the next block is prefetched on CUDA)")  # fmt: skip
     if dtype_default:  # training and caching: model.quantize and hardware.compile in the config
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile each repeated block of the denoiser (the first image pays the compile)")  # fmt: skip
+        p.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
+                       choices=list(COMPILE_MODES),
+                       help="torch.compile each repeated block of the denoiser (the first image pays the compile); "
+                            "MODE: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")  # fmt: skip
         p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
-                       help="the denoiser's frozen weights: fp8 storage, int8 (torchao), qint8 (quanto), nf4 (CUDA)")  # fmt: skip
+                       help="the denoiser's weights: fp8 storage, int8 (torchao), qint8 (quanto), nf4 (CUDA); "
+                            "fp8dq (torchao float8 weights and activations, CUDA >= 8.9) and int8dq (int8 weights "
+                            "and activations): speed options for generation")  # fmt: skip
 
 
 def from_arguments(args: argparse.Namespace) -> Runtime:

@@ -5,9 +5,22 @@
 - `qint8`: int8 weights, optimum-quanto's `qint8` (any device).
 - `nf4`: 4-bit NormalFloat, bitsandbytes through diffusers (CUDA only).
 
+Speed options for generation (inference only: training on them is refused before loading), where the
+activations are quantized too, at every call, so the matmuls themselves run in fewer bits:
+
+- `fp8dq`: float8 (e4m3) weights and activations with a scale per row, torchao's
+  `Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`: CUDA compute capability >= 8.9 (Ada,
+  Hopper) and bfloat16 weights; Linear layers whose sizes are not multiples of 16 stay as they are (torchao).
+- `int8dq`: int8 weights and activations, torchao's `Int8DynamicActivationInt8WeightConfig` (any device; its
+  CPU-testable sibling).
+
+Both are the configs diffusers' `TorchAoConfig(quant_type=...)` takes, applied with torchao's `quantize_` to
+every Linear layer of the built model, which is what diffusers' torchao quantizer does while loading: diffbase
+builds and loads components itself, then quantizes on the CPU before they move (as `int8`).
+
 `model.quantize` names a backend for the denoiser (`int8`), or one per component
 (`{denoiser: int8, t5: fp8}`; the text encoders by their `model.text_encoders` key). peft trains LoRA on
-every one of these layers; what trains stays in full precision, so exports load on an unquantized base.
+every one of the weight-only layers; what trains stays in full precision, so exports load on an unquantized base.
 """
 
 from __future__ import annotations
@@ -17,13 +30,15 @@ from typing import Any
 import torch
 
 from diffbase.errors import UserError
+from diffbase.runtime import INFERENCE_ONLY, check_available
 from diffbase.runtime import QUANTIZE as KINDS
-from diffbase.runtime import check_available
 
 DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 # Bytes of a quantized component over its bf16 bytes, as measured on the toy FLUX.1 transformer
 # (tests/test_quantize.py); nf4: 4 bits and a scale per 64 values.
-OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28}
+# int8dq and fp8dq: 0.52 too (one byte per weight and a scale per row; fp8dq measured with torchao's GPU check
+# bypassed, as its storage does not depend on the GPU).
+OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28, "fp8dq": 0.52, "int8dq": 0.52}
 
 
 def plan(value: str | dict[str, str] | None, components: list[str], where: str = "model.quantize") -> dict[str, str]:
@@ -38,6 +53,16 @@ def plan(value: str | dict[str, str] | None, components: list[str], where: str =
         if kind not in KINDS:
             raise UserError(f"{where}.{component}: expected one of {', '.join(KINDS)}, got '{kind}'")
     return {c: k for c, k in table.items() if k != "none"}
+
+
+def check_trainable(value: str | dict[str, str] | None, where: str = "model.quantize") -> None:
+    """Before loading a training run: no component on an inference-only backend (fp8dq, int8dq)."""
+    table = {"denoiser": value} if isinstance(value, str) else dict(value or {})
+    for component, kind in table.items():
+        if kind in INFERENCE_ONLY:
+            name = where if isinstance(value, str) else f"{where}.{component}"
+            raise UserError(f"{name}: {kind} quantizes activations for generation and does not train; use int8, "
+                            "fp8, qint8 or nf4 for a quantized base to train on")  # fmt: skip
 
 
 def quantize(module: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -61,6 +86,18 @@ def quantize(module: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> 
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(module, Int8WeightOnlyConfig())
+    elif kind == "fp8dq":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        if compute_dtype != torch.bfloat16:
+            raise UserError(
+                f"fp8dq scales bfloat16 weights row by row; load the model in bfloat16, not {compute_dtype}"
+            )
+        quantize_(module, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    elif kind == "int8dq":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(module, Int8DynamicActivationInt8WeightConfig())
     elif kind == "qint8":
         from optimum.quanto import freeze, qint8
         from optimum.quanto import quantize as quanto_quantize

@@ -222,9 +222,9 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
     attention = choose(config.hardware.attention_backend, accelerator.device)
     apply_attention(attention, [bb.denoiser, *trained.modules.values()])
     if config.hardware.compile:  # after the adapters and processors are in the blocks, so they compile with them
-        from diffbase.compile import compile_blocks
+        from diffbase.compile import compile_blocks, options
 
-        count = compile_blocks(bb.denoiser)
+        count = compile_blocks(bb.denoiser, **options(config.hardware.compile))
         accelerator.print(f"hardware.compile: {count} blocks of {type(bb.denoiser).__name__} compiled")
     if world > 1 and not method.multi_process:
         raise UserError(f"training.method: {t.method} trains in one process for now (no gradient sync across {world})")
