@@ -52,6 +52,7 @@ TIERS = {
         "test_trackers.py",
         "test_resolutions.py",
         "test_preprocess_models.py",
+        "test_sharded.py",
     },
     "learning": {  # something learns, or the whole program runs end to end (processes, a browser, faults)
         "test_faults.py",

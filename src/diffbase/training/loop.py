@@ -36,6 +36,7 @@ from diffbase.io import write_text_atomic
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on, resolve_device
 from diffbase.training import checkpoint as ckpt
+from diffbase.training import sharding
 from diffbase.training.optimizers import averaged_weights, make_optimizer, schedule_free, set_mode, skips_on_device
 from diffbase.training.schedule import make_scheduler
 from diffbase.training.seam import Method, Trained
@@ -163,6 +164,8 @@ def process_state(config: Config) -> Any:
     one made wins: without it, processes started by torchrun on CPUs would each train alone."""
     from accelerate import PartialState
 
+    if sharding.deepspeed_on_cpu(on_cpu(config)):
+        return sharding.deepspeed_cpu_state()
     return PartialState(cpu=on_cpu(config))
 
 
@@ -181,11 +184,14 @@ def make_accelerator(config: Config) -> Any:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    cpu = on_cpu(config)
+    accelerator = Accelerator(
         mixed_precision=config.hardware.mixed_precision,
         gradient_accumulation_steps=config.training.gradient_accumulation,
-        cpu=on_cpu(config),
+        cpu=cpu and not sharding.deepspeed_on_cpu(cpu),  # DeepSpeed on CPUs takes the GPU path (process_state)
     )
+    sharding.enable_on_cpu(accelerator)  # FSDP asked for by the launcher: accelerate itself enables it on GPUs only
+    return accelerator
 
 
 def check_trainable(config: Config, bb: B.Backbone, trained: Trained) -> None:
@@ -209,8 +215,10 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
     world = accelerator.num_processes
     if world > 1:
         accelerator.print(f"training on {world} processes ({accelerator.distributed_type.value})")
+    sharding.check(accelerator, config)
     torch.manual_seed(config.experiment.seed)  # the same initial adapter weights in every process and run
     trained = method.prepare(bb, config)
+    sharding.check_modules(accelerator, trained.modules, t.method)
     check_trainable(config, bb, trained)
     if config.hardware.mixed_precision != "no" or config.model.quantize != "none":  # what trains is kept in fp32;
         for p in trained.trainable:  # autocast runs the rest in half (a quantized base computes in model.dtype)
@@ -246,9 +254,14 @@ def set_up(config: Config, method: Method, bb: B.Backbone, batches_per_epoch: in
         from accelerate.utils import DistributedDataParallelKwargs
 
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+    if is_sharded(accelerator) and not sharding.is_fsdp(accelerator):  # DeepSpeed: prepare() gets no data loader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
     names = list(trained.modules)
+    where = sharding.names(trained.modules, trained.trainable) if sharding.is_fsdp(accelerator) else None
     *prepared, optimizer = accelerator.prepare(*trained.modules.values(), optimizer)
     trained.calls = dict(zip(names, prepared, strict=True))
+    if where is not None:  # FSDP2 made each trained parameter a new (DTensor) one
+        trained.trainable = sharding.reparent(trained.calls, where)
     if "denoiser" in trained.calls:  # the backbone's own denoiser is called through its wrapper
         bb.forward = trained.calls["denoiser"]
     run = Run(config, method, bb, accelerator, trained, optimizer, lr_scheduler, ema, steps, cache)
@@ -312,8 +325,16 @@ def resume(run: Run, root: Path, resume_arg: str | None) -> None:
         return
     try:
         run.progress, tensors, objects = ckpt.load_checkpoint(found)
-        if (found / "accelerate_state").is_dir():  # saved sharded (FSDP / DeepSpeed): weights and optimizer
+        if (found / "accelerate_state").is_dir():  # saved by DeepSpeed: weights and optimizer
+            if not is_sharded(run.accelerator) or sharding.is_fsdp(run.accelerator):
+                raise UserError(f"--resume: {found} was saved by DeepSpeed, whose optimizer state is one file per "
+                                "process; resume it with the same DeepSpeed launch (accelerate launch --config_file "
+                                "configs/accelerate/deepspeed_zero2.yaml) and number of processes")  # fmt: skip
             run.accelerator.load_state(str(found / "accelerate_state"))
+        elif sharding.is_fsdp(run.accelerator):  # whole tensors, cut into this process's shards
+            with sharding.loading_whole(list(run.trained.calls.values())):
+                load_trained_state_dict(run.trained, tensors)
+            sharding.load_optimizer_state(run.optimizer, objects["optimizer"])
         else:
             load_trained_state_dict(run.trained, tensors)
             run.optimizer.load_state_dict(objects["optimizer"])
@@ -374,7 +395,8 @@ def step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch
         if run.device_skip or finite:
             acc.backward(loss)
             if acc.sync_gradients:  # an infinite bound measures the norm without clipping
-                run.grad_norm = acc.clip_grad_norm_(run.trained.trainable, t.max_grad_norm or math.inf)
+                norm = acc.clip_grad_norm_(run.trained.trainable, t.max_grad_norm or math.inf)
+                run.grad_norm = torch.tensor(float(norm)) if isinstance(norm, float) else norm  # DeepSpeed: a float
             run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss, logs, finite
@@ -690,7 +712,7 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
 
     acc, config, step_no = run.accelerator, run.config, run.progress.step
     acc.wait_for_everyone()
-    if acc.is_main_process and is_sharded(acc):
+    if acc.is_main_process and is_sharded(acc):  # a forward in one process alone would wait for the others' shards
         if config.training.validation.prompts or validation[0] is not None:
             acc.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
     elif acc.is_main_process:
@@ -709,8 +731,12 @@ def export_now(run: Run) -> None:
     """The method's files at this step (training.export_every), written by the main process while the others wait."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    if acc.is_main_process and is_sharded(acc):
-        acc.print("export: skipped during the run, the model is sharded across processes (FSDP/DeepSpeed)")
+    if sharding.is_fsdp(acc):  # every process gathers, the main one writes
+        with sharding.full_weights(list(run.trained.calls.values()), trainable_only=False, main=acc.is_main_process):
+            if acc.is_main_process:
+                run.export(run.trained, run.ema, run.progress.step)
+    elif acc.is_main_process and is_sharded(acc):
+        acc.print("export: skipped during the run, the model is sharded across processes (DeepSpeed)")
     elif acc.is_main_process:
         with averaged_weights(run.optimizer):
             run.export(run.trained, run.ema, run.progress.step)
@@ -725,15 +751,20 @@ def is_sharded(accelerator: Any) -> bool:
 
 def save(run: Run, root: Path) -> Path:
     """Checkpoint after every process reached the same step. Under DDP the main process has all it
-    needs. Under FSDP and DeepSpeed every process takes part: the trained weights are gathered to
-    the main process, and accelerate writes the sharded optimizer state, which is moved in."""
+    needs. Under FSDP every process takes part: the trained weights and the optimizer state are gathered whole to the
+    main process, which writes the files an unsharded run writes (so any number of processes resumes them). Under
+    DeepSpeed the trained weights are gathered to the main process, and accelerate writes the sharded optimizer state,
+    which is moved in."""
     acc, progress = run.accelerator, run.progress
     acc.wait_for_everyone()
+    if sharding.is_fsdp(acc):
+        return save_fsdp(run, root)
     folders, full = {}, None
     if is_sharded(acc):
         full = {name: acc.get_state_dict(module) for name, module in run.trained.calls.items()}
         shards = root / f".tmp-optimizer-{progress.step:06d}"
         acc.save_state(str(shards))
+        acc.wait_for_everyone()  # every process has written its files before the main one moves the folder
         folders["accelerate_state"] = shards
     if acc.is_main_process:
         tensors = trained_state_dict(run.trained, full)
@@ -745,5 +776,22 @@ def save(run: Run, root: Path) -> Path:
             tensors["ema"] = {f"{i:05d}": p for i, p in enumerate(state.pop("shadow_params"))}
             objects["ema_meta"] = state
         ckpt.save_checkpoint(root, progress, tensors, objects, run.config.training.keep_checkpoints, folders)
+    acc.wait_for_everyone()
+    return root / f"step-{progress.step:06d}"
+
+
+def save_fsdp(run: Run, root: Path) -> Path:
+    """`save` under FSDP: the trained parameters and the optimizer state gathered whole to the main process."""
+    acc, progress = run.accelerator, run.progress
+    main = acc.is_main_process
+    with sharding.full_weights(list(run.trained.calls.values()), trainable_only=True, main=main):
+        tensors = trained_state_dict(run.trained) if main else {}
+    optimizer = sharding.full_optimizer_state(run.optimizer, main)
+    if main:
+        sharded = sharding.leftover(tensors)
+        if sharded:
+            raise RuntimeError(f"FSDP checkpoint: {sharded[:3]} are frozen weights in the method's state_dict")
+        objects = {"lr_scheduler": run.lr_scheduler.state_dict(), "optimizer": optimizer}
+        ckpt.save_checkpoint(root, progress, tensors, objects, run.config.training.keep_checkpoints)
     acc.wait_for_everyone()
     return root / f"step-{progress.step:06d}"

@@ -3,6 +3,7 @@ datasets and the cache are set up here, the one loop trains, the method exports.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from diffbase.errors import UserError
 from diffbase.io import is_disk_full
 from diffbase.models.backbone import Backbone
 from diffbase.models.placement import place_for_training
-from diffbase.training import run_folder
+from diffbase.training import run_folder, sharding
 from diffbase.training.checkpoint import hold_for_test
 from diffbase.training.loop import TrainResult, check_ema, ema_weights, process_state, run_training
 from diffbase.training.seam import Method
@@ -216,13 +217,18 @@ def _train(
     )  # fmt: skip
     if dataset.report.files:
         print(dataset.report.summary())
-    if state.is_main_process and result.finished:
-        with ema_weights(result.ema, result.trained.trainable):  # the average, when EMA is on
-            files = export_atomically(method, config, bb, result.trained, out_dir)
-        for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
-            default_modes(Path(path))
-        write_json_atomic(out_dir / "exports.json", files)
-        write_json_atomic(out_dir / "losses.json", result.all_losses)
+    gathered = contextlib.nullcontext()
+    if result.finished and sharding.is_fsdp(state):  # every process gathers the sharded weights, the main one writes
+        modules = list(result.trained.calls.values())
+        gathered = sharding.full_weights(modules, trainable_only=False, main=state.is_main_process)
+    with gathered:
+        if state.is_main_process and result.finished:
+            with ema_weights(result.ema, result.trained.trainable):  # the average, when EMA is on
+                files = export_atomically(method, config, bb, result.trained, out_dir)
+            for path in files.values():  # library writers (safetensors, save_pretrained) leave files owner-only
+                default_modes(Path(path))
+            write_json_atomic(out_dir / "exports.json", files)
+            write_json_atomic(out_dir / "losses.json", result.all_losses)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
