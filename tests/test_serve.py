@@ -1,4 +1,7 @@
-"""The web UI's guards and the training monitor, without a browser (tests/test_web_ui.py drives one)."""
+"""The web UI without a browser (tests/test_web_ui.py drives one): every tab's handler as the page calls it
+(its first click on the defaults, its errors as one line in its own status, its results in the gallery with
+settings that reproduce the same pixels), the path fields under --models-root, the host and auth checks,
+training jobs run, queued, stopped and resumed, and the training monitor."""
 
 from __future__ import annotations
 
@@ -13,6 +16,182 @@ from diffbase.errors import UserError
 
 pytest.importorskip("gradio", reason="the web UI needs gradio (pip install 'diffbase[ui]')")
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain(value):
+    """A component's first value as its preprocess hands it to the tab (gradio's file records as paths)."""
+    if isinstance(value, dict) and "path" in value and "url" in value:
+        return value["path"]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from diffbase import methods
+    from diffbase.serve import Defaults, Limits, build_app
+
+    methods.load_all()
+    out = tmp_path_factory.mktemp("serve")
+    blocks = build_app(Defaults(device="cpu", out=str(out)), Limits())
+    yield blocks.diffbase
+    blocks.diffbase.jobs.close()
+
+
+def defaults(app, name: str) -> list:
+    return [plain(c.value) for c in app.tabs[name].components]
+
+
+def wait_for(condition, seconds: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def one_line(message: str) -> bool:
+    return "\n" not in message.strip() and "Traceback" not in message and len(message) < 400
+
+
+def test_every_tab_gives_a_picture_on_its_first_click_with_the_defaults(app) -> None:
+    """The shipped examples and toy models (DreamFit and DreamO toy weights, Kontext made from the toy FLUX.1)."""
+    assert set(app.tabs) == {"tryon", "dreamfit", "dreamo", "edit", "upscale"}
+    for name in app.tabs:
+        image, status, entry = app.tabs[name].handler(*defaults(app, name), session="first")
+        assert status == "", f"{name}: {status}"
+        assert np.asarray(image).std() > 1, name  # a picture, not a blank
+        assert Path(entry["path"]).is_file() and entry["tab"] == name
+
+
+def test_errors_are_one_line_in_the_tab_in_the_commands_words(app, tmp_path) -> None:
+    import argparse
+
+    import torch
+
+    torch.save({"a": argparse.Namespace()}, tmp_path / "objects.pt")  # an object: weights-only loading refuses it
+    tryon = defaults(app, "tryon")
+    names = app.tabs["tryon"].names
+    cases = {
+        "weights": (str(tmp_path / "objects.pt"), "objects.pt holds objects other than tensors"),
+        "box": ("30,10,10,40", "garment box: 30,10,10,40 is not a box inside the 48x64 image"),
+        "model": (app.defaults.flux1, "SD1.5 model folder: try-on runs on SD1.5 models"),
+        "size": ("0x0", "HxW: expected each side at least"),
+        "steps": (-1, "steps: expected a whole number at least 1"),
+    }
+    for field, (value, expected) in cases.items():
+        values = list(tryon)
+        values[names.index(field)] = value
+        image, status, entry = app.tabs["tryon"].handler(*values, session="errors")
+        assert image is None and entry is None and expected in status, (field, status)
+        assert one_line(status) and "Error" not in status and "IndexError" not in status, status
+    person = tmp_path / "person.png"
+    Image.new("RGB", (48, 64), (200, 120, 90)).save(person)
+    values = list(tryon)
+    values[names.index("weights")] = str(person)  # a picture given as weights: the commands' own check
+    _, status, _ = app.tabs["tryon"].handler(*values, session="errors")
+    assert "trained attention weights (a run's vton/ folder): " in status and one_line(status), status
+    values = list(tryon)
+    values[names.index("person")] = {"error": "not a readable image", "layers": []}  # the canvas's own refusal
+    _, status, _ = app.tabs["tryon"].handler(*values, session="errors")
+    assert "person (paint the garment area): not a readable image" in status
+
+
+def test_a_painted_mask_reaches_try_on_and_the_gallery_reproduces_the_pixels(app, tmp_path) -> None:
+    from diffbase.interface import gallery
+
+    values = defaults(app, "tryon")
+    names = app.tabs["tryon"].names
+    layer = Image.new("RGBA", (48, 64), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (10, 20, 38, 44))  # what the canvas exports: the strokes on transparency
+    layer.save(tmp_path / "layer.png")
+    values[names.index("person")] = values[names.index("person")] | {"layers": [str(tmp_path / "layer.png")]}
+    painted, status, entry = app.tabs["tryon"].handler(*values, session="gallery")
+    assert status == ""
+    plain_box, _, _ = app.tabs["tryon"].handler(*defaults(app, "tryon"), session="gallery")
+    person = np.asarray(Image.open(values[0]["background"]).convert("RGB")).astype(int)
+    changed = np.abs(np.asarray(painted).astype(int) - person).sum(-1) > 0
+    assert changed[20:44, 10:38].mean() > 0.5 and not changed[:15].any()  # repainted where painted only
+    assert not np.array_equal(np.asarray(painted), np.asarray(plain_box))
+    kept = gallery.read(entry["path"])  # the settings in the PNG, input pictures copied beside it
+    assert kept["tab"] == "tryon" and kept["settings"]["person"]["layers"]
+    again, status, _ = app.tabs["tryon"].handler(*[kept["settings"][n] for n in names], session="other")
+    assert status == "" and np.array_equal(np.asarray(again), np.asarray(painted))
+
+
+def test_path_fields_stay_under_the_models_root(tmp_path) -> None:
+    from diffbase.serve import App, Defaults, Limits, Models
+
+    root = tmp_path / "models"
+    root.mkdir()
+    app = App(Defaults(models_root=str(root), out=str(tmp_path / "out")), Limits(), Models(), None, None)
+    app.check_path(str(root / "anything"), "SD1.5 model folder")
+    app.check_path(app.defaults.sd15, "SD1.5 model folder")  # the shipped toys stay usable
+    messages = set()
+    for outside in ("/etc", "/etc/passwd", "/no/such/folder", str(root / ".." / "elsewhere"), "~"):
+        with pytest.raises(UserError) as err:
+            app.check_path(outside, "SD1.5 model folder")
+        messages.add(str(err.value))
+    assert messages == {f"SD1.5 model folder: not under this server's models folder ({root})"}  # says nothing of it
+
+
+def test_binding_beyond_localhost_needs_a_login(tmp_path, capsys) -> None:
+    from diffbase.cli import main
+    from diffbase.serve import check_host, read_auth
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host 0.0.0.0: binding beyond this machine needs --auth" in err
+    assert main(["serve", "--models-root", str(tmp_path / "none")]) == 2
+    assert "--models-root" in capsys.readouterr().err
+    logins = tmp_path / "logins"
+    logins.write_text("# people\nann:secret\nbo:pass:word\n")
+    assert read_auth(["cy:x"], str(logins)) == [("cy", "x"), ("ann", "secret"), ("bo", "pass:word")]
+    check_host("0.0.0.0", [("ann", "secret")])
+    check_host("127.0.0.1", [])
+    with pytest.raises(UserError, match="--auth: expected USER:PASS"):
+        read_auth(["nopassword"], None)
+
+
+def test_serve_takes_quantize_and_offload() -> None:
+    from diffbase.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--quantize", "fp8", "--offload", "model"])
+    assert (args.quantize, args.offload, args.host) == ("fp8", "model", "127.0.0.1")
+
+
+def test_training_jobs_queue_stop_and_resume(app) -> None:
+    """Two jobs of the tiny SD1.5 LoRA: the second waits while the first runs to its export; stopped, the second
+    leaves a checkpoint and resumes from it to its own export."""
+    from diffbase.interface import jobs as J
+
+    config = str(ROOT / "configs" / "experiments" / "tiny" / "sd15_lora.yaml")
+    small = ["training.max_steps=3", "training.checkpoint_every=1", "training.validation.steps=1"]
+    first = app.jobs.submit(config, small)
+    second = app.jobs.submit(config, [*small, "training.max_steps=20"])  # stopped long before its end
+    app.jobs.wait(first.number, (J.RUNNING,), 120)
+    assert app.jobs.get(second.number).state == J.WAITING  # one at a time
+    done = app.jobs.wait(first.number, (J.FINISHED, J.FAILED), 600)
+    assert done.state == J.FINISHED, done.message
+    assert "diffusers" in json.loads((first.out / "exports.json").read_text())  # the LoRA, exported
+    app.jobs.wait(second.number, (J.RUNNING, J.FINISHED, J.FAILED), 120)
+    wait_for(lambda: second.row()[3] >= 1 or second.state != J.RUNNING)  # its first step is logged
+    app.jobs.stop(second.number)
+    stopped = app.jobs.wait(second.number, (J.STOPPED, J.FINISHED, J.FAILED), 300)
+    assert stopped.state == J.STOPPED and any((second.out / "checkpoints").glob("step-*")), stopped.message
+    app.jobs.resume(second.number)
+    resumed = app.jobs.wait(second.number, (J.FINISHED, J.FAILED), 600)
+    assert resumed.state == J.FINISHED, resumed.message
+    assert "resumed from" in second.log.read_text()
+    assert (second.out / "exports.json").is_file()
+    with pytest.raises(UserError, match="only a stopped or failed job resumes"):
+        app.jobs.resume(first.number)
+
 
 def test_uploads_are_refused_by_bytes_and_pixels_before_decoding(tmp_path: Path) -> None:
     from diffbase.serve import Limits, checked_image
@@ -26,28 +205,26 @@ def test_uploads_are_refused_by_bytes_and_pixels_before_decoding(tmp_path: Path)
         checked_image(str(image), "person", Limits(max_pixels=4000))
     with pytest.raises(UserError, match="garment: upload an image"):
         checked_image(None, "garment", Limits())
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)
+    with pytest.raises(UserError, match="person: the image is 20000x20000, beyond the limit"):
+        checked_image({"background": str(bomb), "layers": []}, "person", Limits())
 
 
 def test_monitor_reads_a_run_folder(tmp_path: Path) -> None:
-    from diffbase.serve import loss_view
+    from diffbase.serve import loss_view, run_view, smoothed
 
-    rows = [{"step": s, "loss": 1 / s} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.3}]
+    rows = [{"step": s, "loss": 1 / s, "lr": 0.1} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.3}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plot, held, lr, grid, status = run_view(tmp_path)
+    assert grid is None and "no validation grid yet" in status and status.startswith("step 5; loss 0.2000")
     (tmp_path / "validation").mkdir()
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "validation" / "step-000005.png")
     plot, grid, status = loss_view(str(tmp_path))
-    assert plot.size[0] > 100 and grid.size == (20, 10) and status.startswith("step 5; 1 validation grid")
+    assert plot.size[0] > 100 and grid.size == (20, 10) and "1 validation grid(s)" in status
+    assert smoothed([(1, 2.0), (2, 2.0)]) == [(1, 2.0), (2, pytest.approx(2.0))]  # debiased: no ramp from 0
     with pytest.raises(UserError, match="no metrics.jsonl"):
-        loss_view(str(tmp_path / "nothing"))
-
-
-def test_serve_binds_to_localhost_by_default() -> None:
-    import argparse
-
-    from diffbase.cli import build_parser
-
-    args = build_parser().parse_args(["serve"])
-    assert isinstance(args, argparse.Namespace) and args.host == "127.0.0.1"
+        run_view(str(tmp_path / "nothing"))
 
 
 def test_a_request_stops_at_its_time_limit_or_on_stop_and_the_next_one_runs() -> None:
@@ -76,7 +253,7 @@ def test_a_request_stops_at_its_time_limit_or_on_stop_and_the_next_one_runs() ->
     def stop_soon(n: int) -> str:
         for i in progress.bar(range(n), "work", show=False):
             if i == 3:
-                request.cancel.set()  # what the Stop button does, from another thread
+                request.stop()  # what the Stop button does, from another thread
             steps.append(i)
         return "done"
 
@@ -105,7 +282,7 @@ def test_a_diffusers_pipeline_stops_between_steps(tiny_model) -> None:
 
 
 def test_errors_name_the_field_not_the_flag() -> None:
-    from diffbase.serve import relabel
+    from diffbase.serve import relabel, user_message
 
     labels = {"--weights": "trained attention weights", "--model": "SD1.5 model folder"}
     assert relabel("--weights: x.bin is not a PyTorch weights file", labels) == (
@@ -113,3 +290,5 @@ def test_errors_name_the_field_not_the_flag() -> None:
     )
     assert relabel("--model: try-on runs on an SD1.5 folder", labels).startswith("SD1.5 model folder: try-on")
     assert relabel("steps: expected a whole number", labels) == "steps: expected a whole number"
+    message = user_message(IndexError("list index out of range"), labels, "Try-on")
+    assert message == "Try-on failed unexpectedly (IndexError); the server's log has the details"

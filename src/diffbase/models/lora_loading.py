@@ -68,7 +68,10 @@ def read_state(path: Path) -> dict[str, Any]:
         return load_file(str(path))
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (pickle errors come in many types; torch's is a page long)
+        raise UserError(f"{path}: not a readable LoRA checkpoint ({type(exc).__name__})") from None
 
 
 def linear_widths(module: Any, prefix: str) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """The web UI's dreamfit tab: the fields of `diffbase dreamfit`, checked as the command checks them, run through the same
-load / run."""
+load / run. In try-on mode the garment area is painted on the person (or given as a mask file)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 from PIL import Image
 
 from diffbase.errors import UserError
-from diffbase.interface.web import App, checked_image, checked_mask, checked_size
+from diffbase.interface.web import App, checked_image, checked_mask, checked_size, example, painted_mask
 
 
 def tab(app: App) -> None:
     import gradio as gr
 
-    def dreamfit(mode: str, garment: str, person: str | None, mask: str | None, pose: str | None, prompt: str,
+    def dreamfit(mode: str, garment: str, person: Any, mask: str | None, pose: str | None, prompt: str,
                  model: str, checkpoint: str, size: str, steps: int, seed: int,
                  progress: Any = app.tracked) -> Image.Image:  # fmt: skip
         from diffbase import progress as steps_progress
@@ -24,35 +24,49 @@ def tab(app: App) -> None:
 
         if not checkpoint:
             raise UserError("DreamFit checkpoint: give a DreamFit checkpoint file (official .bin or one trained here)")
+        checks.model_folder(model, family="flux1", job="DreamFit")
         checks.weights_file(checkpoint, "DreamFit checkpoint")
         h, w = checked_size(size, 16, app.limits)
         checks.count(steps, "steps")
         inputs: dict[str, Any] = {"garment": checked_image(garment, "garment", app.limits)}
-        if pose:
+        if pose and mode != "garment":
             inputs["pose"] = checked_image(pose, "pose image", app.limits)
+        if mode == "pose" and not pose:
+            raise UserError("pose image: pose mode needs a pose image (OpenPose colours)")
         if mode == "tryon":
-            inputs["person"] = checked_image(person, "person (try-on)", app.limits)
-            inputs["mask"] = checked_mask(mask, "mask (try-on)", app.limits, inputs["person"])
+            what = "person (try-on: paint the garment area)"
+            inputs["person"] = checked_image(person, what, app.limits)
+            painted = painted_mask(person, what, app.limits, inputs["person"])
+            if mask:
+                inputs["mask"] = checked_mask(mask, "mask file (try-on)", app.limits, inputs["person"])
+            elif painted is not None:
+                inputs["mask"] = painted
+            else:
+                raise UserError(f"{what}: paint the garment area on the person (or give a mask file)")
         progress(0, desc="loading the model")
         loaded = app.models.get(("dreamfit", model, checkpoint),
-                            lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()))  # fmt: skip
+                                lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()))  # fmt: skip
         steps_progress.pipeline(loaded[0], "dreamfit", show=True)
         settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
         return DREAMFIT.run(loaded, inputs, settings)
 
-    with gr.Tab("DreamFit"):
+    with gr.Tab("DreamFit", id="dreamfit"):
+        mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
         with gr.Row():
-            mode = gr.Radio(["garment", "pose", "tryon"], value="garment", label="mode")
-            f_garment, f_person, f_mask, f_pose = (app.upload("garment", "df-garment"), app.upload("person (try-on)", "df-person"),
-                                                   app.upload("mask (try-on)", "df-mask"), app.upload("pose image (pose, optional for try-on)", "df-pose"))  # fmt: skip
+            f_garment = app.upload("garment", "df-garment", example("tryon/garment_0.png"))
+            f_pose = app.upload("pose image (pose, optional for try-on)", "df-pose", example("tryon/pose_0.png"))
+            f_person = app.canvas("person (try-on: paint the garment area)", "df-person", example("tryon/person_0.png"))
+        with gr.Accordion("mask file (try-on, optional)", open=False):
+            f_mask = app.upload("mask file (try-on)", "df-mask")
         f_prompt = gr.Textbox(label="prompt", value="a person")
         with gr.Row():
             f_model, f_ckpt = (
                 gr.Textbox(label="FLUX.1 model folder", value=app.defaults.flux1),
-                gr.Textbox(label="DreamFit checkpoint", value=""),
+                gr.Textbox(label="DreamFit checkpoint", value=app.defaults.dreamfit),
             )
             f_size, f_steps, f_seed = app.sampling("32x32", 20)
-        f_run, f_result = app.action("Generate")
+        f_run, f_result = app.action("Generate", "dreamfit")
         app.wire(f_run, dreamfit,
-             [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
-             f_result)  # fmt: skip
+                 [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
+                 f_result, "DreamFit", ["mode", "garment", "person", "mask", "pose", "prompt", "model", "checkpoint",
+                                        "size", "steps", "seed"])  # fmt: skip

@@ -31,6 +31,7 @@ class EditSettings:
     height: int | None = None  # None: the pipeline's own choice (from the reference image)
     width: int | None = None
     strength: float = 1.0  # inpainting only: 1.0 repaints the masked area from pure noise
+    keep_size: bool = False  # Kontext: the reference at height x width, not resized to Kontext's preferred sizes
 
 
 def check_pipeline(spec: FamilySpec, kind: str, model: str) -> None:
@@ -82,6 +83,8 @@ def edit(pipe: Any, spec: FamilySpec, images: list[Any], settings: EditSettings)
     kwargs = call_kwargs(settings)
     if kontext and settings.height is not None:  # Kontext rescales any size to `max_area` (1024^2) otherwise
         kwargs["max_area"] = settings.height * settings.width
+    if kontext and settings.keep_size:
+        kwargs["_auto_resize"] = False
     with torch.inference_mode():
         out = pipe(
             image=images[0] if kontext else images, **kwargs, **B.text_length(pipe, spec.family), output_type="pil"

@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from diffbase.errors import UserError
-from diffbase.interface.web import App, checked_image
+from diffbase.interface.web import App, checked_image, example
 
 
 def tab(app: App) -> None:
@@ -20,6 +20,7 @@ def tab(app: App) -> None:
         from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, plan
         from diffbase.methods.upscale.method import UPSCALE, vae_factor
 
+        checks.model_folder(model, family="flux1", job="upscaling")
         checks.number(scale, "scale", low=0, low_open=True)
         checks.number(strength, "strength", 0, 1, low_open=True)
         checks.count(steps, "steps")
@@ -36,14 +37,15 @@ def tab(app: App) -> None:
         loaded = app.models.get(("upscale", model), lambda: UPSCALE.load(model, **app.rt.loader()))
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
 
-    with gr.Tab("Upscale"):
-        u_image = app.upload("image", "up-image")
+    with gr.Tab("Upscale", id="upscale"):
+        u_image = app.upload("image", "up-image", example("edits/source/00000.png"))
         with gr.Row():
             u_model = gr.Textbox(label="FLUX.1 model folder", value=app.defaults.flux1)
             u_scale, u_strength = (
                 gr.Number(label="scale", value=2.0),
                 gr.Slider(0.05, 1.0, value=0.35, label="strength"),
             )
-            _, u_steps, u_seed = app.sampling(None, 20)  # the size follows the scale
-        u_run, u_result = app.action("Upscale")
-        app.wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result)
+            _, u_steps, u_seed = app.sampling(None, 8)  # the size follows the scale
+        u_run, u_result = app.action("Upscale", "upscale")
+        app.wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result, "Upscale",
+                 ["image", "model", "scale", "strength", "steps", "seed"])  # fmt: skip

@@ -121,7 +121,14 @@ def load_catvton_attention(unet: torch.nn.Module, path: Path) -> None:
 
         state = load_file(str(file))
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001  (pickle and torch raise many types; "Weights only load failed" is a page)
+            what = "holds objects other than tensors" if "weights only" in str(err).lower() else "is not readable"
+            raise UserError(f"--weights: {file} {what} (expected tensors only: safetensors or torch.save of a "
+                            "state dict)") from None  # fmt: skip
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--weights: {file}: expected a mapping of tensor names to tensors")
     expected = catvton_state_dict(unet)
     missing = sorted(set(expected) - set(state), key=_key_order)
     unused = sorted(set(state) - set(expected), key=_key_order)
