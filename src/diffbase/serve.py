@@ -136,7 +136,11 @@ def train_tab(app: App) -> None:
 
     configs = experiment_configs()
 
-    def start(config: str, steps: float, lr: float, batch: float, every: float, val_every: float, data: str) -> str:
+    def start(config: str, steps: float, lr: float, batch: float, every: float, val_every: float, held: float,
+              data: str) -> tuple[str, Any]:  # fmt: skip
+        """(the status line, the new job's number for Stop / Resume)."""
+        import gradio as gr
+
         from diffbase.interface import checks
 
         try:
@@ -147,9 +151,11 @@ def train_tab(app: App) -> None:
             checks.count(every, "checkpoint every")
             checks.number(lr, "learning rate", low=0, low_open=True)
             checks.number(val_every, "validate every", low=0)
+            checks.number(held, "held-out fraction", 0, 1, high_open=True)
             overrides = [f"training.max_steps={int(steps)}", f"training.learning_rate={float(lr)}",
                          f"training.batch_size={int(batch)}", f"training.checkpoint_every={int(every)}",
-                         f"training.validation.every={int(val_every)}"]  # fmt: skip
+                         f"training.validation.every={int(val_every)}",
+                         f"training.validation.loss_split={float(held)}"]  # fmt: skip
             if data.strip():
                 app.check_path(data, DATA)
                 if not Path(data.strip()).exists():
@@ -157,9 +163,10 @@ def train_tab(app: App) -> None:
                 overrides.append(f"data.train_path={data.strip()}")
             job = app.jobs.submit(str(CONFIGS.parents[1] / config), overrides)
         except UserError as err:
-            return f"**error:** {user_message(err)}"
+            return f"**error:** {user_message(err)}", gr.skip()
         waiting = sum(1 for row in app.jobs.rows() if row[2] == J.WAITING) - 1
-        return f"job {job.number}: " + ("starting" if waiting <= 0 else f"waiting ({waiting} ahead in the queue)")
+        ahead = "starting" if waiting <= 0 else f"waiting ({waiting} ahead in the queue)"
+        return f"job {job.number}: {ahead}", job.number
 
     def act(action: str, number: float | None) -> str:
         try:
@@ -189,7 +196,8 @@ def train_tab(app: App) -> None:
                     "checkpoint; Resume continues from it. A finished try-on, DreamFit or DreamO run's export "
                     "can be used in its tab.")  # fmt: skip
         with gr.Row():
-            config = gr.Dropdown(configs, value=configs[0] if configs else None, label="experiment config",
+            first = next((c for c in configs if c.endswith("tiny/sd15_lora.yaml")), configs[0] if configs else None)
+            config = gr.Dropdown(configs, value=first, label="experiment config",
                                  elem_id="train-config")  # fmt: skip
             data = gr.Textbox(label=DATA, value="", placeholder="empty: the config's own")
         with gr.Row():
@@ -198,6 +206,7 @@ def train_tab(app: App) -> None:
             batch = gr.Number(label="batch size", value=2, precision=0)
             every = gr.Number(label="checkpoint every", value=10, precision=0)
             val_every = gr.Number(label="validate every (0: at the end)", value=10, precision=0)
+            split = gr.Number(label="held-out fraction (its loss is plotted)", value=0.25)
         with gr.Row():
             go = gr.Button("Start", variant="primary", elem_id="train-start")
             number = gr.Number(label="job", value=None, precision=0, elem_id="train-job")
@@ -216,8 +225,8 @@ def train_tab(app: App) -> None:
             grid = gr.Image(label="latest validation grid", type="pil", format="png")
         log = gr.Textbox(label="the job's last log line", lines=1)
         shown = [table, plot, held, rate, grid, progress, log]
-        go.click(start, [config, steps, lr, batch, every, val_every, data], message, api_name="train_start",
-                 queue=False).then(view, number, shown, queue=False)  # fmt: skip
+        go.click(start, [config, steps, lr, batch, every, val_every, split, data], [message, number],
+                 api_name="train_start", queue=False).then(view, number, shown, queue=False)  # fmt: skip
         stop.click(lambda n: act("stop", n), number, message, api_name="train_stop", queue=False)
         resume.click(lambda n: act("resume", n), number, message, api_name="train_resume", queue=False)
         gr.Timer(2.0).tick(view, number, shown, queue=False, show_progress="hidden")

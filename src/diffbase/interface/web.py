@@ -402,13 +402,13 @@ class App:
             state = rest[0] if kept else None
             progress, req = rest[-2], rest[-1]
             image, message, entry = handler(*fields, session=getattr(req, "session_hash", None), progress=progress)
-            shown = gr.skip() if image is None else image
+            shown = image  # None on an error: the result clears, the status says why (the gallery keeps results)
             if not kept:
                 return shown, message
             state = [*(state or []), *([entry] if entry is not None else [])]
             return shown, message, state, self.gallery.shown(state)
 
-        special(event, n + int(kept), self.tracked, name)
+        special(event, names + ["state"] * int(kept), self.tracked, name)
         click = run.click(event, [*inputs, *self.outputs[:1]], [output, status, *self.outputs],
                           concurrency_id="model", concurrency_limit=1, api_name=name)  # one queue for every tab  # fmt: skip
 
@@ -416,17 +416,18 @@ class App:
             request.stop(getattr(req, "session_hash", None))
 
         stop_mine.__annotations__ = {"req": gr.Request}
-        stop.click(stop_mine, None, None, queue=False, cancels=[click])
+        stop.click(stop_mine, None, None, queue=False, cancels=[click], api_name=f"{name}_stop")
 
 
-def special(fn: Callable[..., Any], n: int, tracked: Any, name: str) -> None:
-    """Gives `fn(*args)` the signature gradio reads: n inputs, then its progress bar and the request."""
+def special(fn: Callable[..., Any], names: list[str], tracked: Any, name: str) -> None:
+    """Gives `fn(*args)` the signature gradio reads (the API's parameter names): the inputs, then its progress bar
+    and the request."""
     import inspect
 
     import gradio as gr
 
     P = inspect.Parameter
-    params = [P(f"a{i}", P.POSITIONAL_OR_KEYWORD) for i in range(n)]
+    params = [P(x if x.isidentifier() else f"input_{i}", P.POSITIONAL_OR_KEYWORD) for i, x in enumerate(names)]
     params += [P("progress", P.POSITIONAL_OR_KEYWORD, default=tracked),
                P("req", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]  # fmt: skip
     fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
