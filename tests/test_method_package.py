@@ -67,13 +67,14 @@ def test_its_tab_appears_and_answers(tmp_path: Path, tiny_model, monkeypatch) ->
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = serve("127.0.0.1", port, Defaults(device="cpu"), Limits(), block=False)
+    app = serve("127.0.0.1", port, Defaults(device="cpu", out=str(tmp_path / "serve")), Limits(), block=False)
     try:
         labels = [c["props"].get("label") for c in app.config["components"] if c.get("type") == "tabitem"]
-        assert "Bias only" in labels and labels[-1] == "Training monitor", labels
+        assert "Bias only" in labels and labels[-3:] == ["Train", "Training monitor", "Gallery"], labels
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        out = client.predict("a red circle", str(tiny_model("sd15")), weights, "32x32", 2, 0, api_name="/generate")
-        assert Image.open(out).size == (32, 32)
+        out, status, _ = client.predict("a red circle", str(tiny_model("sd15")), weights, "32x32", 2, 0,
+                                        api_name="/generate")  # (result, the tab's status line, the gallery)  # fmt: skip
+        assert status == "" and Image.open(out).size == (32, 32)
     finally:
         app.close()
 

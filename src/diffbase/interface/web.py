@@ -410,7 +410,7 @@ class App:
 
         special(event, names + ["state"] * int(kept), self.tracked, name)
         click = run.click(event, [*inputs, *self.outputs[:1]], [output, status, *self.outputs],
-                          concurrency_id="model", concurrency_limit=1, api_name=name)  # one queue for every tab  # fmt: skip
+                          concurrency_id="model", concurrency_limit=1, api_name=fn.__name__)  # one queue for every tab  # fmt: skip
 
         def stop_mine(req: gr.Request) -> None:
             request.stop(getattr(req, "session_hash", None))
