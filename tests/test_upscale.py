@@ -1,5 +1,5 @@
-"""The tiled upscaler: plain img2img when it should be, exact sizes, tiles fused, DINO tokens injected, bad
-input refused."""
+"""The tiled upscaler: plain img2img when it should be, exact sizes, tiles fused, DINO features injected (as
+tokens, or aligned to the latent grid), bad input refused."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from diffbase.methods.upscale.mechanism.dino import DinoAdapter, context_with_dino, load_dino
-from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, prepare, upscale
+from diffbase.errors import UserError
+from diffbase.methods.upscale.mechanism.dino import (
+    DinoAdapter,
+    adapter_widths,
+    align_to_latent,
+    context_with_dino,
+    load_dino,
+)
+from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings, prepare, upscale, velocity
 from diffbase.methods.upscale.mechanism.tiles import fuse, tile_grid, tile_weight
 from diffbase.models.backbone import text_length
 from diffbase.models.loading import load_pipeline
@@ -129,25 +136,113 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path) -> None:
     assert code == 2 and "not a readable image" in err and not out.exists()
 
 
-def test_trained_adapter_lowers_held_out_loss_and_loads_in_the_command(tmp_path) -> None:
-    """The tiny experiment: 30 steps; the exported adapter then runs in `diffbase upscale`."""
+@pytest.mark.parametrize("injection", ["tokens", "aligned"])
+def test_trained_adapter_lowers_held_out_loss_and_loads_in_the_command(tmp_path, injection) -> None:
+    """The tiny experiment: 30 steps in either injection; the exported adapter records it, loads with it and
+    runs in `diffbase upscale`, changing the result."""
     from diffbase.config import configs_dir, load_config
     from diffbase.methods import train
+    from diffbase.methods.upscale.method import UPSCALE
 
     config = load_config(configs_dir() / "experiments" / "tiny" / "flux1_upscale_dino.yaml", [
         f"data.train_path={ROOT / 'examples' / 'shapes'}", f"experiment.output_dir={tmp_path / 'run'}",
-        "training.max_steps=30", "training.checkpoint_every=0", "training.validation.every=30"])  # fmt: skip
-    train(config, show_progress=False)
+        "training.max_steps=30", "training.checkpoint_every=0", "training.validation.every=30",
+        f"training.upscale.dino_injection={injection}"])  # fmt: skip
+    result = train(config, show_progress=False)
     rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     import json
 
     last = {k: v for line in rows for k, v in json.loads(line).items()}
     assert last["val_loss"] < last["val_loss_adapter_off"], last
     adapter = tmp_path / "run" / "upscale" / "dino_adapter.safetensors"
-    code, _, err = run_cli("upscale", str(IMAGE), str(tmp_path / "u.png"), "--model", str(config_model(tmp_path)),
+    model = config_model(tmp_path)
+    pipe, _, loaded = UPSCALE.load(str(model), str(DINO), str(adapter))
+    assert loaded.injection == injection  # the tiny model's two widths are equal: the mode comes from the file
+    trained = result.trained.modules["adapter"].state_dict()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, trained[key].cpu())
+    code, _, err = run_cli("upscale", str(IMAGE), str(tmp_path / "u.png"), "--model", str(model),
                            "--dino", str(DINO), "--adapter", str(adapter), "--steps", "2", "--tile", "32")  # fmt: skip
     assert code == 0, err
     assert Image.open(tmp_path / "u.png").size == (128, 64)
+    code, _, err = run_cli("upscale", str(IMAGE), str(tmp_path / "plain.png"), "--model", str(model), "--steps", "2",
+                           "--tile", "32")  # fmt: skip
+    assert code == 0, err
+    assert not np.array_equal(pixels(Image.open(tmp_path / "u.png")), pixels(Image.open(tmp_path / "plain.png")))
+
+
+def test_injection_is_checked_before_loading_and_round_trips_through_the_file(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    exp = ROOT / "configs" / "experiments" / "tiny" / "flux1_upscale_dino.yaml"
+    code, _, err = run_cli("train", str(exp), f"experiment.output_dir={tmp_path / 'run'}",
+                           "training.upscale.dino_injection=aligend")  # fmt: skip
+    assert code == 2 and "training.upscale.dino_injection: expected one of" in err, err
+    assert "'aligned'" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    widths = {"tokens": 64, "aligned": 48}
+    for injection in ("tokens", "aligned"):
+        made = DinoAdapter(32, widths[injection], 40, injection)
+        torch.nn.init.normal_(made.net[-1].weight)
+        back = DinoAdapter.load(made.save(tmp_path / f"{injection}.safetensors"), widths, 32)
+        assert back.injection == injection and back.dims == made.dims
+        torch.testing.assert_close(back.state_dict(), made.state_dict())
+    # a file from before the option (no injection recorded) is `tokens`
+    save_file(load_file(tmp_path / "tokens.safetensors"), tmp_path / "old.safetensors",
+              metadata={"dino_width": "32", "context_width": "64", "hidden": "40"})  # fmt: skip
+    assert DinoAdapter.load(tmp_path / "old.safetensors", widths, 32).injection == "tokens"
+    with pytest.raises(UserError, match=r"maps 32 -> 48 features \(aligned\); .* need 32 -> 64"):
+        DinoAdapter.load(tmp_path / "aligned.safetensors", {"tokens": 64, "aligned": 64}, 32)
+    assert adapter_widths(load_pipeline(ROOT / "src" / "diffbase" / "zoo_weights" / "flux1-toy")[0].transformer.config) \
+        == {"tokens": 64, "aligned": 128}  # fmt: skip
+
+
+def test_alignment_puts_each_latent_token_at_the_features_of_the_pixels_it_covers() -> None:
+    """align_to_latent's geometry: the patch grid and the latent grid cover the same tile (cell centres
+    matched), the leading CLS token is ignored, and the result is in FLUX's packed (row by row) order."""
+    g, c = 4, 3
+    patches = torch.randn(1, g * g, c)
+    cls = torch.randn(1, 1, c)
+    same = align_to_latent(torch.cat([cls, patches], 1), (g, g))
+    torch.testing.assert_close(same, patches)  # the same grid: the patches themselves, in order
+    torch.testing.assert_close(align_to_latent(torch.cat([cls * 9, patches], 1), (g, g)), same)
+    # left half 1, right half 0, on an 8-wide, 6-high latent grid: the step stays in the middle
+    left = (torch.arange(g * g) % g < g // 2).float().view(1, g * g, 1)
+    out = align_to_latent(torch.cat([torch.zeros(1, 1, 1), left], 1), (6, 8)).view(6, 8)
+    torch.testing.assert_close(out[:, :3], torch.ones(6, 3))
+    torch.testing.assert_close(out[:, 5:], torch.zeros(6, 3))
+    torch.testing.assert_close(out[:, 3:5], torch.tensor([0.75, 0.25]).expand(6, 2))
+    # a packed latent laid out as _pack_latents does: token k is row k // w, column k % w
+    top = (torch.arange(g * g) // g < 1).float().view(1, g * g, 1)
+    rows = align_to_latent(torch.cat([torch.zeros(1, 1, 1), top], 1), (2, 6)).view(2, 6)
+    assert bool((rows[0] > rows[1]).all())
+
+
+def test_aligned_features_of_one_region_change_the_prediction_mostly_there(tiny_model) -> None:
+    """Changing the DINO features of the tile's top-left quarter changes the transformer's velocity mostly in
+    the top-left quarter of the latent, with aligned injection (20x on this seed; the attention spreads a little of it)."""
+    pipe, _ = load_pipeline(tiny_model("flux1"))
+    t_model, g = pipe.transformer, torch.Generator().manual_seed(0)
+    adapter = DinoAdapter(8, adapter_widths(t_model.config)["aligned"], injection="aligned")
+    torch.nn.init.normal_(adapter.net[-1].weight, std=0.5, generator=g)
+    features = torch.randn(1, 1 + 4 * 4, 8, generator=g)  # CLS + a 4 x 4 patch grid
+    changed = features.clone()
+    changed[:, 1:].view(1, 4, 4, 8)[:, :2, :2] += 3 * torch.randn(1, 2, 2, 8, generator=g)
+    x = torch.randn(1, t_model.config.in_channels // 4, 16, 16, generator=g)  # 16 x 16 latents: 8 x 8 tokens
+    embeds, pooled = (
+        torch.randn(1, 8, t_model.config.joint_attention_dim, generator=g),
+        torch.randn(1, t_model.config.pooled_projection_dim, generator=g),
+    )
+    text_ids = torch.zeros(8, 3)
+
+    def predict(f: torch.Tensor) -> torch.Tensor:
+        added = align_to_latent(adapter(f), (8, 8))
+        return velocity(pipe, x, torch.tensor([500.0]), pooled, (embeds, text_ids, None, added), torch.tensor([3.5]))
+
+    with torch.no_grad():
+        diff = (predict(changed) - predict(features)).abs().mean(1)[0]  # (16, 16)
+    inside = float(diff[:8, :8].mean())
+    outside = float((diff.sum() - diff[:8, :8].sum()) / (diff.numel() - 64))
+    assert inside > 5 * outside, (inside, outside)
 
 
 def config_model(tmp_path: Path) -> Path:

@@ -1,7 +1,8 @@
 """The DINO adapter of the tiled upscaler (`training.method: upscale`): FLUX.1 frozen, only the adapter
 trains. From any image folder, each crop (`data.resolution`, ideally the model's native size: a tile) is the
 high-res target and its degraded copy (diffbase.methods.upscale.mechanism.degrade) the low-res input; the DINOv2 features of
-the low-res copy enter the joint attention through the adapter, and the loss is flow matching on the
+the low-res copy enter through the adapter (`dino_injection`: as extra context tokens of the joint attention,
+or aligned to the latent grid and added to the image tokens), and the loss is flow matching on the
 high-res latent at noise levels up to `max_sigma` (upscaling starts from the low-res latent at strength
 <= max_sigma, so higher noise is never seen). Validation: the held-out loss with the adapter on and off at
 fixed noise levels and noise, and a grid low-res | upscaled (adapter on) | high-res.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -31,6 +32,9 @@ from diffbase.training.step import sample_generator
 class UpscaleConfig:
     dino_path: str | None = None  # a local transformers DINOv2 folder (dinov2-base: ViT-B/14, 768 wide)
     dino_side: int = 224  # the features' input side (a multiple of the patch size)
+    # aligned: resized to the latent grid, added to the image tokens; tokens: extra context tokens (recorded in
+    # the export). aligned is the default: lower held-out loss and seams on the toy (benchmarks/RESULTS.md)
+    dino_injection: Literal["tokens", "aligned"] = "aligned"
     max_sigma: float = 0.6
     scales: list[float] = field(default_factory=lambda: [2.0, 4.0])
     blur: list[float] = field(default_factory=lambda: [0.0, 1.5])
@@ -49,7 +53,7 @@ def degradation(config: Config) -> Any:
 
 
 def prepare(bb: Any, config: Config) -> Trained:
-    from diffbase.methods.upscale.mechanism.dino import DinoAdapter, load_dino
+    from diffbase.methods.upscale.mechanism.dino import DinoAdapter, adapter_widths, load_dino
 
     families.require(bb.family, "flux1", f"training.method: upscale trains on FLUX.1, not {bb.family}")
     u = config.training.upscale
@@ -57,8 +61,8 @@ def prepare(bb: Any, config: Config) -> Trained:
         raise UserError("training.upscale.dino_path: required, a local DINOv2 folder")
     text_to_image.freeze(bb)
     dino = load_dino(u.dino_path, bb.device)
-    width = bb.denoiser.config.joint_attention_dim
-    adapter = DinoAdapter(dino.config.hidden_size, width).to(bb.device)
+    width = adapter_widths(bb.denoiser.config)[u.dino_injection]
+    adapter = DinoAdapter(dino.config.hidden_size, width, injection=u.dino_injection).to(bb.device)
     return Trained({"adapter": adapter}, list(adapter.parameters()), extras={"dino": dino})
 
 
@@ -72,7 +76,7 @@ def low_res(config: Config, batch: dict[str, Any], step: int) -> torch.Tensor:
 def predict(config: Config, bb: Any, trained: Trained, x0: torch.Tensor, lr: torch.Tensor, captions: list[str],
             sigma: torch.Tensor, noise: torch.Tensor, adapter_on: bool = True) -> torch.Tensor:  # fmt: skip
     """The velocity for x0 noised to sigma, with the low-res copy's DINO tokens when `adapter_on`."""
-    from diffbase.methods.upscale.mechanism.dino import context_with_dino, dino_features
+    from diffbase.methods.upscale.mechanism.dino import align_to_latent, context_with_dino, dino_features
     from diffbase.methods.upscale.mechanism.sampling import velocity
 
     cond = B.encode_prompts(bb, captions)
@@ -81,7 +85,11 @@ def predict(config: Config, bb: Any, trained: Trained, x0: torch.Tensor, lr: tor
     if adapter_on:
         features = dino_features(trained.extras["dino"], lr.to(bb.device), config.training.upscale.dino_side)
         tokens = trained.call("adapter")(features.float())
-        context = context_with_dino(embeds, text_ids, tokens, 1.0, (x0.shape[-2] // 2) * (x0.shape[-1] // 2))
+        grid = (x0.shape[-2] // 2, x0.shape[-1] // 2)
+        if config.training.upscale.dino_injection == "aligned":
+            context = (embeds, text_ids, None, align_to_latent(tokens, grid))
+        else:
+            context = context_with_dino(embeds, text_ids, tokens, 1.0, grid[0] * grid[1])
     guidance = (
         torch.full([1], config.training.objective.guidance, device=bb.device)
         if bb.denoiser.config.guidance_embeds
@@ -172,7 +180,7 @@ def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str
 
 def load(model: str, dino: str | None = None, adapter: str | None = None, **runtime: Any) -> tuple[Any, Any, Any]:
     """(FLUX.1 pipeline, DINOv2 model or None, adapter or None) for `run`."""
-    from diffbase.methods.upscale.mechanism.dino import DinoAdapter, load_dino
+    from diffbase.methods.upscale.mechanism.dino import DinoAdapter, adapter_widths, load_dino
     from diffbase.models.loading import load_pipeline
     from diffbase.models.placement import execution_device
 
@@ -189,7 +197,7 @@ def load(model: str, dino: str | None = None, adapter: str | None = None, **runt
         return pipe, None, None
     device, dtype = execution_device(pipe), pipe.transformer.dtype
     model_d = load_dino(dino, device, dtype)
-    ada = DinoAdapter.load(adapter, pipe.transformer.config.joint_attention_dim, model_d.config.hidden_size)
+    ada = DinoAdapter.load(adapter, adapter_widths(pipe.transformer.config), model_d.config.hidden_size)
     return pipe, model_d, ada.to(device, dtype)
 
 

@@ -1,17 +1,27 @@
-"""DINOv2 features of each tile and the trainable adapter that brings them into FLUX's joint attention.
+"""DINOv2 features of each tile and the trainable adapter that brings them into FLUX.
 
 The features are the last hidden states (CLS and patch tokens) of a transformers `Dinov2Model` loaded from a
-local folder, for the tile's pixels resized to `side` (a multiple of the patch size; 224 for ViT-B/14). The
-adapter maps them to the width of the text tokens (FLUX.1: 4096, T5's), so they join the prompt's tokens
-as extra context; `dino_strength` s scales the attention every query gives them (an additive log(s) on
-their attention logits: the softmax mass they would get is multiplied by s before renormalising). At 0
-they are left out entirely, which is exactly plain img2img.
+local folder, for the tile's pixels resized to `side` (a multiple of the patch size; 224 for ViT-B/14). Two
+ways in (`training.upscale.dino_injection`, recorded in the adapter file):
+
+- `tokens`: the adapter maps every feature token to the width of the text tokens (FLUX.1: 4096, T5's), so
+  they join the prompt's tokens as extra context; `dino_strength` s scales the attention every query gives
+  them (an additive log(s) on their attention logits: the softmax mass they would get is multiplied by s
+  before renormalising).
+- `aligned`: the adapter maps the patch tokens to the transformer's own width (FLUX.1: 3072); on their
+  g x g grid, which covers the tile, they are resized bilinearly to the tile's packed latent grid
+  (`align_to_latent`) and added to the image tokens right after `x_embedder`, each latent token getting the
+  features of the pixels it covers; s scales what is added.
+
+At strength 0 they are left out entirely, which is exactly plain img2img.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +31,7 @@ from diffbase.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INJECTIONS = ("tokens", "aligned")  # extra context tokens | added to the latent tokens, spatially aligned
 
 
 def load_dino(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -61,11 +72,16 @@ def dino_features(dino: Any, pixels: torch.Tensor, side: int | None = None) -> t
 
 
 class DinoAdapter(torch.nn.Module):
-    """DINOv2 features -> context tokens: LayerNorm, Linear, GELU, Linear (the last one starts at zero)."""
+    """DINOv2 features -> context tokens (`tokens`) or additions to the image tokens (`aligned`): LayerNorm,
+    Linear, GELU, Linear (the last one starts at zero)."""
 
-    def __init__(self, dino_width: int, context_width: int, hidden: int | None = None) -> None:
+    def __init__(self, dino_width: int, context_width: int, hidden: int | None = None,
+                 injection: str = "tokens") -> None:  # fmt: skip
         super().__init__()
+        if injection not in INJECTIONS:
+            raise UserError(f"dino_injection: expected one of {', '.join(INJECTIONS)}, got {injection!r}")
         hidden = hidden or context_width
+        self.injection = injection
         self.dims = {"dino_width": dino_width, "context_width": context_width, "hidden": hidden}
         self.net = torch.nn.Sequential(
             torch.nn.LayerNorm(dino_width),
@@ -82,11 +98,13 @@ class DinoAdapter(torch.nn.Module):
     def save(self, path: Path) -> Path:
         from diffbase.models.lora_formats import save_lora
 
-        meta = {k: str(v) for k, v in self.dims.items()}
+        meta = {k: str(v) for k, v in self.dims.items()} | {"injection": self.injection}
         return save_lora({k: v for k, v in self.state_dict().items()}, path, metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, context_width: int, dino_width: int) -> DinoAdapter:
+    def load(cls, path: str | Path, widths: dict[str, int], dino_width: int) -> DinoAdapter:
+        """The adapter in `path`, its injection read from the file (files without one are `tokens`); `widths`:
+        the width each injection needs on this FLUX model (`adapter_widths`)."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -98,13 +116,57 @@ class DinoAdapter(torch.nn.Module):
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as err:  # noqa: BLE001  (safetensors raises several types for a damaged file)
             raise UserError(f"--adapter: {path}: not a safetensors file ({str(err).splitlines()[0]})") from None
+        injection = meta.get("injection", "tokens")
+        if injection not in INJECTIONS:
+            raise UserError(f"--adapter: {path} records injection {injection!r}; expected one of "
+                            f"{', '.join(INJECTIONS)}")  # fmt: skip
         dims = {k: int(meta[k]) for k in ("dino_width", "context_width", "hidden") if k in meta}
-        if dims.get("dino_width") != dino_width or dims.get("context_width") != context_width:
-            raise UserError(f"--adapter: {path} maps {dims.get('dino_width')} -> {dims.get('context_width')} features; "
-                            f"this DINO model and FLUX model need {dino_width} -> {context_width}")  # fmt: skip
-        adapter = cls(dino_width, context_width, dims.get("hidden"))
+        if dims.get("dino_width") != dino_width or dims.get("context_width") != widths[injection]:
+            raise UserError(f"--adapter: {path} maps {dims.get('dino_width')} -> {dims.get('context_width')} features "
+                            f"({injection}); this DINO model and FLUX model need {dino_width} -> "
+                            f"{widths[injection]}")  # fmt: skip
+        adapter = cls(dino_width, widths[injection], dims.get("hidden"), injection)
         adapter.load_state_dict(state)
         return adapter
+
+
+def adapter_widths(transformer_config: Any) -> dict[str, int]:
+    """The adapter's output width per injection: the text tokens' (`joint_attention_dim`) for `tokens`, the
+    image tokens' after `x_embedder` (heads x head width) for `aligned`."""
+    c = transformer_config
+    return {"tokens": int(c.joint_attention_dim), "aligned": int(c.num_attention_heads * c.attention_head_dim)}
+
+
+def align_to_latent(tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, leading + g*g, C) feature tokens (CLS, any registers, then the g x g patches row by row) -> (B, h*w, C)
+    on the (h, w) packed latent grid of the same tile, in FLUX's packed order (row by row). Both grids cover
+    the whole tile, so bilinear resizing with cell centres matched (align_corners=False) puts each latent
+    token at the features of the pixels it covers."""
+    b, n, c = tokens.shape
+    g = math.isqrt(n - 1)
+    if g < 1:
+        raise ValueError(f"align_to_latent: {n} tokens hold no square patch grid")
+    grid = tokens[:, n - g * g :].transpose(1, 2).reshape(b, c, g, g)
+    resized = torch.nn.functional.interpolate(grid.float(), size=grid_hw, mode="bilinear", align_corners=False)
+    return resized.flatten(2).transpose(1, 2).to(tokens.dtype)
+
+
+@contextlib.contextmanager
+def added_to_image_tokens(transformer: torch.nn.Module, added: torch.Tensor | None) -> Iterator[None]:
+    """Adds `added` (B or 1, image tokens, width) to the image tokens after the transformer's `x_embedder`
+    while the block runs. None: nothing is added."""
+    if added is None:
+        yield
+        return
+
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output + added.to(output.device, output.dtype)
+
+    handle = transformer.x_embedder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def context_with_dino(

@@ -5,7 +5,8 @@
    distribution, then the noise, both from the seeded generator.
 2. Timesteps: FLUX's sigmas shifted for one tile's token count, cut by `strength` as img2img cuts them; the
    latent is noised to the first one.
-3. Every step predicts each tile (its own ids from 0, as a native-size image; with DINO, its own tokens) and
+3. Every step predicts each tile (its own ids from 0, as a native-size image; with DINO, its own features:
+   context tokens, or additions to its image tokens aligned to its latent grid) and
    fuses the predictions with the tiles' weights (diffbase.methods.upscale.mechanism.tiles) before one scheduler step on the
    whole latent, so overlaps agree at every step and there are no seams to hide.
 4. The latent is decoded (tiled when large) and the padding cut off.
@@ -27,7 +28,12 @@ from PIL import Image
 
 from diffbase import progress
 from diffbase.errors import UserError
-from diffbase.methods.upscale.mechanism.dino import context_with_dino, dino_features
+from diffbase.methods.upscale.mechanism.dino import (
+    added_to_image_tokens,
+    align_to_latent,
+    context_with_dino,
+    dino_features,
+)
 from diffbase.methods.upscale.mechanism.tiles import Tile, fuse, tile_grid
 from diffbase.models.placement import execution_device
 
@@ -207,28 +213,34 @@ def velocity(
     guidance: torch.Tensor | None,
 ) -> torch.Tensor:
     """The transformer's prediction for latents x (B, C, h, w) as a native image of its own (ids from 0),
-    with a tile's context (prompt tokens, their ids, the joint attention's extra arguments)."""
+    with a tile's context (prompt tokens, their ids, the joint attention's extra arguments, and optionally what
+    is added to its image tokens after x_embedder: the aligned DINO features)."""
     b, ch, th, tw = x.shape
     f = pipe.vae_scale_factor
     tokens = pipe._pack_latents(x, b, ch, th, tw)
     ids = pipe._prepare_latent_image_ids(b, th // 2, tw // 2, x.device, x.dtype)
-    e, e_ids, kwargs = context
+    e, e_ids, kwargs = context[:3]
+    added = context[3] if len(context) > 3 and context[3] is not None else None
     g = guidance.expand(b) if guidance is not None else None
-    out = pipe.transformer(hidden_states=tokens, timestep=timestep.expand(b) / 1000, guidance=g,
-                           pooled_projections=pooled.expand(b, -1), encoder_hidden_states=e.expand(b, -1, -1),
-                           txt_ids=e_ids, img_ids=ids, joint_attention_kwargs=kwargs, return_dict=False)[0]  # fmt: skip
+    with added_to_image_tokens(pipe.transformer, None if added is None else added.expand(b, -1, -1)):
+        out = pipe.transformer(hidden_states=tokens, timestep=timestep.expand(b) / 1000, guidance=g,
+                               pooled_projections=pooled.expand(b, -1), encoder_hidden_states=e.expand(b, -1, -1),
+                               txt_ids=e_ids, img_ids=ids, joint_attention_kwargs=kwargs, return_dict=False)[0]  # fmt: skip
     return pipe._unpack_latents(out, th * f, tw * f, f)
 
 
 def tile_context(
     pipe: Any, t: Tile, pixels: torch.Tensor, embeds: torch.Tensor, text_ids: torch.Tensor, dino: Any, adapter: Any,
     strength: float,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:  # fmt: skip
-    """The tile's context tokens: the prompt's, and its DINO tokens when a DINO model and adapter are given
-    and the strength is above 0."""
+) -> tuple[Any, ...]:  # fmt: skip
+    """The tile's context: the prompt's tokens, and when a DINO model and adapter are given and the strength
+    is above 0, its DINO features as the adapter injects them: extra context tokens (`tokens`), or additions
+    to the tile's image tokens on its latent grid scaled by the strength (`aligned`)."""
     if dino is None or adapter is None or strength == 0:
         return embeds, text_ids, None
     f = pipe.vae_scale_factor
     crop = pixels[..., t.y * f : (t.y + t.h) * f, t.x * f : (t.x + t.w) * f]
     tokens = adapter(dino_features(dino, crop).to(next(adapter.parameters()).dtype))
+    if getattr(adapter, "injection", "tokens") == "aligned":
+        return embeds, text_ids, None, strength * align_to_latent(tokens, (t.h // 2, t.w // 2))
     return context_with_dino(embeds, text_ids, tokens, strength, (t.h // 2) * (t.w // 2))
