@@ -284,6 +284,24 @@ def where_time_goes(profiler: Any, steps: int, cuda: bool, top: int = PROFILE_TO
     return {"ops": ops, "clock": "CUDA" if cuda else "CPU", "stream_syncs": syncs}
 
 
+def save_profile(ctx: Context, recorded: dict[str, Any], profile: Path, steps_run: int) -> dict[str, Any]:
+    """The profiled steps' chrome trace written to `profile`, and where their time went."""
+    if "profiler" not in recorded:
+        raise RuntimeError(f"the profiled steps did not run ({steps_run} steps)")
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    recorded["profiler"].export_chrome_trace(str(profile))
+    return where_time_goes(recorded["profiler"], PROFILE_STEPS, ctx.cuda) | {"trace": profile}
+
+
+def check_outputs(out: Path, export: str, validation: bool) -> None:
+    """A benchmarked run wrote its export (and validation images): else its timing measured a broken run."""
+    exports = json.loads((out / "exports.json").read_text()) if (out / "exports.json").is_file() else {}
+    if not exports.get(export) or not Path(exports[export]).exists():
+        raise RuntimeError(f"no {export} export in {out}")
+    if validation and not list((out / "validation").glob("*.png")):
+        raise RuntimeError(f"no validation image in {out / 'validation'}")
+
+
 def diffbase_train(
     ctx: Context,
     config: Config,
@@ -326,38 +344,34 @@ def diffbase_train(
     seen.setdefault("peak", peak_bytes(ctx.device))
     sync(ctx.device)
     wall = time.perf_counter() - start
-    out = Path(config.experiment.output_dir)
-    exports = json.loads((out / "exports.json").read_text()) if (out / "exports.json").is_file() else {}
-    if not exports.get(export) or not Path(exports[export]).exists():
-        raise RuntimeError(f"no {export} export in {out}")
-    if validation and not list((out / "validation").glob("*.png")):
-        raise RuntimeError(f"no validation image in {out / 'validation'}")
+    check_outputs(Path(config.experiment.output_dir), export, validation)
+    info = run_info(ctx, config, result, timed_steps, seen) | {
+        "wall": wall,
+        "setup": seen.get("loop_start", start) - start,
+    }
+    if profile is not None:
+        info["profile"] = save_profile(ctx, recorded, profile, len(result.step_times))
+    for attr in ("backbone", "trained"):  # the model goes now, not when the result does
+        if hasattr(result, attr):
+            setattr(result, attr, None)
+    del result
+    free(ctx.device)
+    return info
+
+
+def run_info(ctx: Context, config: Config, result: Any, timed_steps: int, seen: dict[str, Any]) -> dict[str, Any]:
+    """What a benchmarked run measured: s/step over its timed steps, peaks, skips and checkpointing."""
     seconds, counted = step_seconds(result.step_times[:timed_steps], ctx.sizes.warmup_steps)
-    denoiser = result.backbone.denoiser
-    info = {
+    return {
         "s_step": seconds,
         "counted": counted,
         "peak": seen.get("peak"),
         "run_peak": None if seen["peak"] is None else max(seen["peak"], seen.get("setup_peak") or 0.0),
-        "wall": wall,
-        "setup": seen.get("loop_start", start) - start,
         "skipped": result.skipped_nonfinite,
-        "checkpointing": bool(getattr(denoiser, "is_gradient_checkpointing", False)),
+        "checkpointing": bool(getattr(result.backbone.denoiser, "is_gradient_checkpointing", False)),
         "family": config.model.family,
         "steps_run": len(result.step_times),
     }
-    if profile is not None:
-        if "profiler" not in recorded:
-            raise RuntimeError(f"the profiled steps did not run ({len(result.step_times)} steps)")
-        profile.parent.mkdir(parents=True, exist_ok=True)
-        recorded["profiler"].export_chrome_trace(str(profile))
-        info["profile"] = where_time_goes(recorded["profiler"], PROFILE_STEPS, ctx.cuda) | {"trace": profile}
-    for attr in ("backbone", "trained"):  # the model goes now, not when the result does
-        if hasattr(result, attr):
-            setattr(result, attr, None)
-    del result, denoiser
-    free(ctx.device)
-    return info
 
 
 def report_profile(ctx: Context, stage: str, label: str, info: dict[str, Any]) -> None:

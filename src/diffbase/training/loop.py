@@ -554,12 +554,17 @@ def run_training(
         bar.close()  # a stopping message goes on a line of its own
         metrics.close(outcome)
         vars(getattr(run.optimizer, "optimizer", run.optimizer)).pop("found_inf", None)  # step() as usual after
-    if progress.step >= run.steps:
+    return finish(run, bb, metrics, result)
+
+
+def finish(run: Run, bb: B.Backbone, metrics: Any, result: TrainResult) -> TrainResult:
+    """The result of a loop that ended: the averaged weights of a schedule-free optimizer in place, every loss."""
+    if run.progress.step >= run.steps:
         set_mode(run.optimizer, "eval")  # a schedule-free optimizer's averaged weights are the result to export
-    result.all_losses = metrics.losses() if acc.is_main_process else result.losses
+    result.all_losses = metrics.losses() if run.accelerator.is_main_process else result.losses
     bb.forward = None
-    result.steps = progress.step
-    result.finished = progress.step >= run.steps
+    result.steps = run.progress.step
+    result.finished = run.progress.step >= run.steps
     return result
 
 
