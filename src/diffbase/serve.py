@@ -129,67 +129,83 @@ def experiment_configs() -> list[str]:
     return [str(p.relative_to(CONFIGS.parents[1])) for p in found]
 
 
-def train_tab(app: App) -> None:
+def start_job(app: App, configs: list[str], config: str, steps: float, lr: float, batch: float, every: float,
+              val_every: float, held: float, data: str) -> tuple[str, Any]:  # fmt: skip
+    """The Train tab's Start: (the status line, the new job's number for Stop / Resume)."""
     import gradio as gr
 
     from diffbase.interface import jobs as J
 
+    try:
+        if config not in configs:
+            raise UserError(f"config: choose one of the listed experiments, not '{config}'")
+        job = app.jobs.submit(str(CONFIGS.parents[1] / config), train_overrides(app, steps, lr, batch, every,
+                                                                                val_every, held, data))  # fmt: skip
+    except UserError as err:
+        return f"**error:** {user_message(err)}", gr.skip()
+    waiting = sum(1 for row in app.jobs.rows() if row[2] == J.WAITING) - 1
+    ahead = "starting" if waiting <= 0 else f"waiting ({waiting} ahead in the queue)"
+    return f"job {job.number}: {ahead}", job.number
+
+
+def train_overrides(app: App, steps: float, lr: float, batch: float, every: float, val_every: float, held: float,
+                    data: str) -> list[str]:  # fmt: skip
+    """The Train tab's fields, checked, as config overrides."""
+    from diffbase.interface import checks
+
+    checks.count(steps, "max steps")
+    checks.count(batch, "batch size")
+    checks.count(every, "checkpoint every")
+    checks.number(lr, "learning rate", low=0, low_open=True)
+    checks.number(val_every, "validate every", low=0)
+    checks.number(held, "held-out fraction", 0, 1, high_open=True)
+    overrides = [f"training.max_steps={int(steps)}", f"training.learning_rate={float(lr)}",
+                 f"training.batch_size={int(batch)}", f"training.checkpoint_every={int(every)}",
+                 f"training.validation.every={int(val_every)}", f"training.validation.loss_split={float(held)}"]  # fmt: skip
+    if data.strip():
+        app.check_path(data, DATA)
+        if not Path(data.strip()).exists():
+            raise UserError(f"{DATA}: {data.strip()} not found")
+        overrides.append(f"data.train_path={data.strip()}")
+    return overrides
+
+
+def job_action(app: App, action: str, number: float | None) -> str:
+    """Stop or Resume the chosen job: the status line."""
+    try:
+        if number is None:
+            raise UserError("job: choose a job number from the table")
+        return app.jobs.stop(int(number)) if action == "stop" else app.jobs.resume(int(number))
+    except UserError as err:
+        return f"**error:** {user_message(err)}"
+
+
+def job_view(app: App, number: float | None) -> tuple[Any, ...]:
+    """The jobs table, the chosen (or latest) job's plots and grid, its status and last log line."""
+    from diffbase.interface import jobs as J
+
+    rows = app.jobs.rows()
+    if not rows:
+        return rows, None, None, None, None, "no jobs yet", ""
+    try:
+        job = app.jobs.get(int(number) if number else rows[-1][0])
+    except UserError as err:
+        return rows, None, None, None, None, user_message(err), ""
+    log = J.last_error(job.log) if job.log.is_file() else ""
+    try:
+        plot, held, lr, grid, status = run_view(job.out)
+    except UserError:
+        return rows, None, None, None, None, f"job {job.number}: {job.state} (no metrics yet)", log
+    return rows, plot, held, lr, grid, f"job {job.number}: {job.state}; {status}", log
+
+
+def train_tab(app: App) -> None:
+    import functools
+
+    import gradio as gr
+
     configs = experiment_configs()
-
-    def start(config: str, steps: float, lr: float, batch: float, every: float, val_every: float, held: float,
-              data: str) -> tuple[str, Any]:  # fmt: skip
-        """(the status line, the new job's number for Stop / Resume)."""
-        import gradio as gr
-
-        from diffbase.interface import checks
-
-        try:
-            if config not in configs:
-                raise UserError(f"config: choose one of the listed experiments, not '{config}'")
-            checks.count(steps, "max steps")
-            checks.count(batch, "batch size")
-            checks.count(every, "checkpoint every")
-            checks.number(lr, "learning rate", low=0, low_open=True)
-            checks.number(val_every, "validate every", low=0)
-            checks.number(held, "held-out fraction", 0, 1, high_open=True)
-            overrides = [f"training.max_steps={int(steps)}", f"training.learning_rate={float(lr)}",
-                         f"training.batch_size={int(batch)}", f"training.checkpoint_every={int(every)}",
-                         f"training.validation.every={int(val_every)}",
-                         f"training.validation.loss_split={float(held)}"]  # fmt: skip
-            if data.strip():
-                app.check_path(data, DATA)
-                if not Path(data.strip()).exists():
-                    raise UserError(f"{DATA}: {data.strip()} not found")
-                overrides.append(f"data.train_path={data.strip()}")
-            job = app.jobs.submit(str(CONFIGS.parents[1] / config), overrides)
-        except UserError as err:
-            return f"**error:** {user_message(err)}", gr.skip()
-        waiting = sum(1 for row in app.jobs.rows() if row[2] == J.WAITING) - 1
-        ahead = "starting" if waiting <= 0 else f"waiting ({waiting} ahead in the queue)"
-        return f"job {job.number}: {ahead}", job.number
-
-    def act(action: str, number: float | None) -> str:
-        try:
-            if number is None:
-                raise UserError("job: choose a job number from the table")
-            return app.jobs.stop(int(number)) if action == "stop" else app.jobs.resume(int(number))
-        except UserError as err:
-            return f"**error:** {user_message(err)}"
-
-    def view(number: float | None) -> tuple[Any, ...]:
-        rows = app.jobs.rows()
-        if not rows:
-            return rows, None, None, None, None, "no jobs yet", ""
-        try:
-            job = app.jobs.get(int(number) if number else rows[-1][0])
-        except UserError as err:
-            return rows, None, None, None, None, user_message(err), ""
-        log = J.last_error(job.log) if job.log.is_file() else ""
-        try:
-            plot, held, lr, grid, status = run_view(job.out)
-        except UserError:
-            return rows, None, None, None, None, f"job {job.number}: {job.state} (no metrics yet)", log
-        return rows, plot, held, lr, grid, f"job {job.number}: {job.state}; {status}", log
+    start, view = functools.partial(start_job, app, configs), functools.partial(job_view, app)
 
     with gr.Tab("Train", id="train"):
         gr.Markdown("Runs `diffbase train` on an experiment config, one job at a time (others wait). Stop saves a "
@@ -227,8 +243,8 @@ def train_tab(app: App) -> None:
         shown = [table, plot, held, rate, grid, progress, log]
         go.click(start, [config, steps, lr, batch, every, val_every, split, data], [message, number],
                  api_name="train_start", queue=False).then(view, number, shown, queue=False)  # fmt: skip
-        stop.click(lambda n: act("stop", n), number, message, api_name="train_stop", queue=False)
-        resume.click(lambda n: act("resume", n), number, message, api_name="train_resume", queue=False)
+        stop.click(lambda n: job_action(app, "stop", n), number, message, api_name="train_stop", queue=False)
+        resume.click(lambda n: job_action(app, "resume", n), number, message, api_name="train_resume", queue=False)
         gr.Timer(2.0).tick(view, number, shown, queue=False, show_progress="hidden")
         app.train_use = (use, number, message)  # wired once every tab exists (serve.use_export)
 

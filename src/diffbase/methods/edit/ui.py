@@ -13,6 +13,16 @@ from diffbase.interface.web import App, checked_image, checked_mask, example, pa
 MODEL = "Kontext, FLUX.2 or Fill model folder"
 
 
+def fill_area(app: App, image: Any, mask: str | None, what: str, picture: Image.Image) -> Image.Image:
+    """The area Fill inpaints: the mask file when given, else the strokes painted on the image."""
+    if mask:
+        return checked_mask(mask, "mask file (inpaint)", app.limits, picture)
+    painted = painted_mask(image, what, app.limits, picture)
+    if painted is None:
+        raise UserError(f"{what}: paint the area to fill on the image (or give a mask file)")
+    return painted
+
+
 def tab(app: App) -> None:
     import gradio as gr
 
@@ -36,15 +46,7 @@ def tab(app: App) -> None:
             check_pipeline(spec, kind, model)
         what = "image (paint the area to fill)"
         picture = checked_image(image, what, app.limits)
-        area = None
-        if kind == "inpaint":
-            painted = painted_mask(image, what, app.limits, picture)
-            if mask:
-                area = checked_mask(mask, "mask file (inpaint)", app.limits, picture)
-            elif painted is not None:
-                area = painted
-            else:
-                raise UserError(f"{what}: paint the area to fill on the image (or give a mask file)")
+        area = fill_area(app, image, mask, what, picture) if kind == "inpaint" else None
         pipe, spec = app.models.get(("edit", kind, model),
                                     lambda: load_editing(model, kind, **app.rt.loader()))  # fmt: skip
         steps_progress.pipeline(pipe, kind, show=True)
