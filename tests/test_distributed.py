@@ -42,7 +42,7 @@ def torchrun(*runs: list[str]) -> None:
     """`diffbase train` with each run's arguments, one after the other in the same 2 processes (one start-up)."""
     args = [a for run in runs for a in ("--", *run)][1:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "tests.test_distributed", *args]  # fmt: skip
+           "-m", "tests.train_runs", *args]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -160,21 +160,3 @@ def test_method_in_two_processes_equals_one_with_twice_the_batch_and_resumes_in_
     shutil.rmtree(run / "two" / "checkpoints" / f"step-{STEPS:06d}")
     train(run / "two", "--resume", "latest")
     assert_same_weights(checkpoint(run / "two", STEPS), one)
-
-
-def main(argv: list[str]) -> int:
-    """Under torchrun: `diffbase train` for each run of `argv` (runs separated by `--`), in this process group."""
-    from diffbase.cli import main as cli
-
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        runs.append([]) if arg == "--" else runs[-1].append(arg)
-    for run in runs:
-        code = cli(["train", *run])
-        if code:
-            return code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -46,7 +46,7 @@ def launch(kind: str, *runs: list[str]) -> None:
     args = [a for run in runs for a in ("--", *run)][1:]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / LAUNCH_CONFIGS[kind]), "--num_processes", "2", "--mixed_precision",
-           "no", "--main_process_port", str(free_port()), "-m", "tests.test_sharded", *args]  # fmt: skip
+           "no", "--main_process_port", str(free_port()), "-m", "tests.train_runs", *args]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
@@ -188,21 +188,3 @@ def test_deepspeed_zero2_in_two_processes_equals_one_with_twice_the_batch(one_pr
         shutil.copytree(run / "deepspeed" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
         code, err = train_one(model, name, resumed, "--resume", "latest")
         assert code == 2 and "was saved by DeepSpeed" in err and "deepspeed_zero2.yaml" in err, err
-
-
-def main(argv: list[str]) -> int:
-    """Under `accelerate launch`: `diffbase train` for each run of `argv` (runs separated by `--`)."""
-    from diffbase.cli import main as cli
-
-    runs: list[list[str]] = [[]]
-    for arg in argv:
-        runs.append([]) if arg == "--" else runs[-1].append(arg)
-    for run in runs:
-        code = cli(["train", *run])
-        if code:
-            return code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
