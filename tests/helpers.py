@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +367,10 @@ def draw_face(image, row: int, col: int, green: int, seed: int) -> None:
         : image.shape[0] - max(y0, 0), : image.shape[1] - max(x0, 0)
     ]
     image[FACE_CELL * row : FACE_CELL * (row + 1), FACE_CELL * col : FACE_CELL * (col + 1)] = (0, green, 255)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a test server or a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

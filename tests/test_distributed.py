@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.golden_record import LOSS_RTOL, assert_weights_close
-from tests.helpers import MULTI_REFERENCE, ROOT, SHAPES, run_cli, write_experiment
+from tests.helpers import MULTI_REFERENCE, ROOT, SHAPES, free_port, run_cli, write_experiment
 from tests.images import image_folder
 
 COMMON = (
@@ -30,12 +29,6 @@ COMMON = (
 )
 STEPS = 4
 TINY = ROOT / "configs" / "experiments" / "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*runs: list[str]) -> None:

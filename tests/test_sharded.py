@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.golden_record import LOSS_RTOL, assert_weights_close
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, free_port, run_cli
 
 TINY = ROOT / "configs" / "experiments" / "tiny"
 METHODS = {"lora": (TINY / "sd15_lora.yaml", 1e-2), "full_finetune": (TINY / "sd15_full_finetune.yaml", 1e-3)}
@@ -33,12 +32,6 @@ LAUNCH_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero2.yaml"}
 SHOWN = {"fsdp": "FSDP", "deepspeed": "DEEPSPEED"}  # "training on 2 processes (...)"
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (pip install deepspeed)")  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(kind: str, *runs: list[str]) -> None:

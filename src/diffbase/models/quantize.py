@@ -55,7 +55,7 @@ def plan(value: str | dict[str, str] | None, components: list[str], where: str =
     return {c: k for c, k in table.items() if k != "none"}
 
 
-def check_trainable(value: str | dict[str, str] | None, where: str = "model.quantize") -> None:
+def check_trainable_backend(value: str | dict[str, str] | None, where: str = "model.quantize") -> None:
     """Before loading a training run: no component on an inference-only backend (fp8dq, int8dq)."""
     table = {"denoiser": value} if isinstance(value, str) else dict(value or {})
     for component, kind in table.items():

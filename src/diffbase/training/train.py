@@ -148,13 +148,13 @@ def train(
     wrote, and a full disk or memory is one line saying what to change."""
     from diffbase.compile import check as check_compile
     from diffbase.models.block_swap import check_settings
-    from diffbase.models.quantize import check_trainable
+    from diffbase.models.quantize import check_trainable_backend
     from diffbase.training.trackers import check_trackers
     from diffbase.training.validation import check_metrics
 
     check_settings(config)  # before the folder is claimed or anything loads
     check_compile(config.hardware.compile, config.hardware.offload, device=config.hardware.device)
-    check_trainable(config.model.quantize)
+    check_trainable_backend(config.model.quantize)
     if method.check is not None:
         method.check(config)
     check_metrics(config)
