@@ -5,7 +5,11 @@ routing loss on and off on the same budget (same data, seed and steps).
 
 Fidelity: the denoising error inside the subjects' masks on held-out items (`subject_x0`, lower is better;
 diffbase.methods.dreamo.held_out_errors), with each item's own references and, as the control, with the
-next item's; and the L1 of sampled images inside the masks (`val_subject_l1_sampled`).
+next item's; and the L1 of sampled images inside the masks (`val_subject_l1_sampled`). Beside them the paper
+metrics of diffbase.metrics on the same held-out samples (sampled at the validation settings): SSIM and PSNR
+against the targets, and DreamBench's DINO score (cosine of class tokens, result vs each of its references)
+over a random-weight DINOv2 (`dino_random`, with the next item's references as the control: compares runs
+with each other, not with any paper).
 Writes benchmarks/dreamo_learning.json and the last validation grids under outputs/bench_dreamo/.
 """
 
@@ -16,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +29,7 @@ def measure(config_path: Path, overrides: list[str], weights: Path | None) -> di
     """Held-out errors with the right references and with another item's (the control), at step 0
     (`weights` None: the LoRA and condition embeddings as training starts) or from a run's checkpoint."""
     from diffbase.config import load_config
+    from diffbase.methods.dreamo.mechanism.evaluate import held_out_samples
     from diffbase.methods.dreamo.method import dataset, held_out_errors, prepare
     from diffbase.training.checkpoint import load_checkpoint
     from diffbase.training.train import load_backbone
@@ -39,7 +46,29 @@ def measure(config_path: Path, overrides: list[str], weights: Path | None) -> di
         "val_loss": right["val_loss"],
         "subject_x0_right_refs": right["val_subject_x0"],
         "subject_x0_other_refs": wrong["val_subject_x0"],
-    }
+    } | paper_metrics(held_out_samples(config, bb, trained.modules["dreamo"], held, limit=len(held)))
+
+
+def paper_metrics(samples: list[dict]) -> dict[str, float]:
+    """SSIM / PSNR against the targets and the DINO score against the references (random-weight DINOv2), with
+    the next sample's references as the control."""
+    from diffbase.metrics import features, images, scores
+
+    net = features.random_dino()
+    results = [images.to_tensor(s["result"]) for s in samples]
+    paired = scores.means(
+        [scores.paired(r, images.to_tensor(s["target"])) for r, s in zip(results, samples, strict=True)]
+    )
+    got = scores.features_of(net, results)
+
+    def dino(shift: int) -> float:
+        refs = [samples[(i + shift) % len(samples)]["references"] for i in range(len(samples))]
+        sims = [scores.cosine(got[i : i + 1].expand(len(r), -1), scores.features_of(net, [images.to_tensor(x) for x in r]))
+                for i, r in enumerate(refs)]  # fmt: skip
+        return float(torch.cat(sims).mean())
+
+    return {"samples": len(samples), **paired, "dino_random_right_refs": dino(0), "dino_random_other_refs": dino(1),
+            "subject_l1_sampled": sum(s["subject_l1"] for s in samples) / len(samples)}  # fmt: skip
 
 
 def main() -> None:

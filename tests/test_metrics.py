@@ -206,20 +206,82 @@ def test_validation_metrics_are_logged_and_plotted_during_training(tmp_path, net
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key"),
+    ("overrides", "key", "experiment"),
     [
-        (["training.validation.metrics=[clip_t]", "training.validation.clip=/nowhere"], "training.validation.clip"),
-        (["training.validation.metrics=[fid]"], "training.validation.features"),
-        (["training.validation.metrics=[psnr]"], "training.validation.metrics"),
+        (
+            ["training.validation.metrics=[clip_t]", "training.validation.clip=/nowhere"],
+            "training.validation.clip",
+            "flux1_lora.yaml",
+        ),
+        (["training.validation.metrics=[fid]"], "training.validation.features", "flux1_lora.yaml"),
+        (
+            ["training.validation.metrics=[psnr]"],
+            "not computed by training.method lora (it computes: clip_t, fid",
+            "flux1_lora.yaml",
+        ),
+        (["training.validation.metrics=[dino]"], "training.validation.dino", "flux1_dreamo.yaml"),
+        (["training.validation.metrics=[ssim]", "training.validation.loss_split=0"], "loss_split", "flux1_dreamo.yaml"),
+        (["training.validation.metrics=[lpips]"], "training.validation.lpips", "flux1_kontext.yaml"),
+        (
+            ["training.validation.metrics=[lpips]", "training.validation.lpips=squeeze:/nowhere.pth"],
+            "/nowhere.pth",
+            "flux1_upscale_dino.yaml",
+        ),
+        (["training.validation.metrics=[clip_i]"], "not computed by training.method kontext", "flux1_kontext.yaml"),
     ],
 )
-def test_validation_metrics_settings_are_checked_before_loading(tmp_path, overrides, key) -> None:
+def test_validation_metrics_settings_are_checked_before_loading(tmp_path, overrides, key, experiment) -> None:
     from tests.helpers import TINY_EXPERIMENTS
 
-    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_lora.yaml")
+    path = next(p for p in TINY_EXPERIMENTS if p.name == experiment)
     out = tmp_path / "run"
     code, _, err = run_cli("train", str(path), f"experiment.output_dir={out}", *overrides)
     assert code == 2 and key in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_held_out_metrics_are_logged_during_dreamo_training(tmp_path, nets) -> None:
+    """DreamO's validation logs the paired metrics against the targets and the reference metrics against its
+    references and captions; the plot has a panel each."""
+    from diffbase.metrics.lpips import BUILDERS
+    from tests.helpers import TINY_EXPERIMENTS, train_tiny
+
+    torch.save({f"features.{k}": v for k, v in BUILDERS["squeeze"]().state_dict().items()}, tmp_path / "squeeze.pth")
+    path = next(p for p in TINY_EXPERIMENTS if p.name == "flux1_dreamo.yaml")
+    code, _, err = train_tiny(path, tmp_path / "run", 1, "training.validation.every=1",
+                              "training.validation.metrics=[ssim, psnr, lpips, clip_i, dino, clip_t]",
+                              f"training.validation.lpips=squeeze:{tmp_path / 'squeeze.pth'}",
+                              f"training.validation.clip={nets['clip']}", f"training.validation.dino={nets['dino']}")  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in rows if "val_ssim" in r)
+    assert -1 <= logged["val_ssim"] <= 1 and 0 < logged["val_psnr"] < 100 and logged["val_lpips"] >= 0
+    assert all(0 <= logged[k] <= 1 for k in ("val_clip_i", "val_clip_t")) and -1 <= logged["val_dino"] <= 1
+    assert (tmp_path / "run" / "validation_metrics.png").is_file()
+
+
+def test_held_out_metric_functions_follow_their_definitions(nets) -> None:
+    """paired_metrics are the per-image means of diffbase.metrics.scores; reference_metrics compare each result
+    with each of its references (identical images: CLIP-I and DINO 1, a different one below)."""
+    from types import SimpleNamespace
+
+    from diffbase.metrics import scores
+    from diffbase.training.validation import paired_metrics, reference_metrics
+
+    def to_pil(x: torch.Tensor) -> Image.Image:
+        return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.rand(3, 32, 32, generator=g) for _ in range(3))
+    v = SimpleNamespace(metrics=["ssim", "psnr", "clip_i", "dino"], clip=str(nets["clip"]), dino=str(nets["dino"]),
+                        lpips=None)  # fmt: skip
+    config = SimpleNamespace(training=SimpleNamespace(validation=v))
+    got = paired_metrics(config, [a, b], [c, c])
+    want = scores.means([scores.paired(a, c), scores.paired(b, c)])
+    assert got == pytest.approx({"val_ssim": want["ssim"], "val_psnr": want["psnr"]}, rel=1e-6)
+    same = reference_metrics(config, [to_pil(a)], [[to_pil(a)]], ["x"])
+    assert same["val_clip_i"] == pytest.approx(1, abs=1e-4) and same["val_dino"] == pytest.approx(1, abs=1e-6)
+    mixed = reference_metrics(config, [to_pil(a)], [[to_pil(a), to_pil(b)]], ["x"])
+    assert mixed["val_dino"] < 1 and mixed["val_clip_i"] < same["val_clip_i"] and "val_clip_t" not in mixed
 
 
 def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_path, tiny_model) -> None:

@@ -258,11 +258,15 @@ def test_vton_training_resumes_exactly_and_exports_catvton_layout(tiny_model, tm
     # the cache (posteriors of person, masked person and garment; the latent mask): the same draws and
     # losses, with held-out validation still running on pixels; a second run reuses every entry
     cached = config("c", "data.cache_latents=true", "data.cache_text=true", "training.validation.loss_split=0.25",
-                    "training.validation.every=2")  # fmt: skip
+                    "training.validation.every=2", "training.validation.metrics=[ssim, psnr]")  # fmt: skip
     cached_run = train(cached, show_progress=False)
     uncached_run = train(config("d", "training.validation.loss_split=0.25"), show_progress=False)
     assert cached_run.losses == pytest.approx(uncached_run.losses, rel=1e-5)
     assert list((tmp_path / "c" / "validation").glob("*.png"))
+    logged = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    paired = [r for r in logged if "val_ssim" in r]  # against the held-out ground truths, at steps 2 and 4
+    assert [r["step"] for r in paired] == [2, 4]
+    assert all(-1 <= r["val_ssim"] <= 1 and 0 < r["val_psnr"] < 100 for r in paired)
     cached.experiment.output_dir = str(tmp_path / "e")
     cached.data.cache_dir = str(tmp_path / "c" / "cache")
     from diffbase.methods import get

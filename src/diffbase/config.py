@@ -113,11 +113,21 @@ class ValidationConfig:
     size: list[int] | None = None  # [height, width]; default data.resolution square
     loss_split: float = 0.0  # held-out fraction of the images for the validation loss
     loss_timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    # Metrics of the validation images (text-to-image methods): clip_t (against their prompts; needs `clip`), fid and
-    # kid (against up to 64 training images, in the features of `features`: dino:DIR, clip:DIR or inception:FILE)
-    metrics: list[Literal["clip_t", "fid", "kid"]] = field(default_factory=list)
+    # Metrics of the validation images, logged as val_<name> and plotted; each method computes those that fit what
+    # it validates (a one-line refusal names them). Text-to-image: clip_t (against the prompts; needs `clip`), fid and
+    # kid (against up to 64 training images, in the features of `features`: dino:DIR, clip:DIR or inception:FILE).
+    # Held-out items with a ground truth (tryon, upscale_dino, kontext, fill, dreamo): ssim, psnr, lpips (needs
+    # `lpips`). DreamO: clip_i and dino of each result against its references (needs `clip` / `dino`), clip_t
+    # against its caption.
+    metrics: list[Literal["clip_t", "fid", "kid", "ssim", "psnr", "lpips", "clip_i", "dino"]] = field(
+        default_factory=list
+    )
     clip: str | None = None  # a local CLIP folder (model, processor, tokenizer)
     features: str | None = None  # KIND:PATH, the network of fid / kid
+    lpips: str | None = (
+        None  # NET:FILE, torchvision's weights of LPIPS's backbone (squeeze:/models/squeezenet1_1-b8a52dc0.pth)
+    )
+    dino: str | None = None  # a local DINOv2 folder, for the dino score
 
 
 # Method sections: each method module registers the dataclass of its `training.<section>` keys, and

@@ -142,6 +142,7 @@ CONTROLNET = register(
         export=export,
         dataset=dataset,
         validate=validate,
+        metrics=text_to_image.METRICS,
         section=("controlnet", ControlNetConfig),
         describe="a ControlNet beside the frozen denoiser",
     )

@@ -152,6 +152,7 @@ DREAMBOOTH = register(
         export=export,
         dataset=dataset,
         validate=text_to_image.validate,
+        metrics=text_to_image.METRICS,
         section=("dreambooth", DreamBoothConfig),
         load=text_to_image.load,
         run=text_to_image.run,

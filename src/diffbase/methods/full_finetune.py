@@ -30,6 +30,7 @@ FULL_FINETUNE = register(
         export=export,
         dataset=text_to_image.dataset,
         validate=text_to_image.validate,
+        metrics=text_to_image.METRICS,
         load=text_to_image.load,
         run=text_to_image.run,
         describe="every denoiser weight trains",

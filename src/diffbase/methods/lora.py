@@ -227,6 +227,7 @@ LORA = register(
         export=export,
         dataset=text_to_image.dataset,
         validate=text_to_image.validate,
+        metrics=text_to_image.METRICS,
         section=("lora", LoraConfig),
         load=text_to_image.load,
         run=text_to_image.run,

@@ -726,9 +726,10 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
         if out.grid is not None:
             save_png_atomic(out.grid, Path(config.experiment.output_dir) / "validation" / f"step-{step_no:06d}.png")
             metrics.image(step_no, "validation", out.grid)
-        for name, value in out.metrics.items():
-            result.val_losses.append((step_no, value))
-            metrics.scalars(step_no, **{name: value})
+        if "val_loss" in out.metrics:
+            result.val_losses.append((step_no, out.metrics["val_loss"]))
+        if out.metrics:
+            metrics.scalars(step_no, **out.metrics)  # one row per check
     acc.wait_for_everyone()
 
 

@@ -86,7 +86,10 @@ class MetricsLog:
         from diffbase.io import save_png_atomic
         from diffbase.plot import line_plot
 
-        names = [n for n in ("val_clip_t", "val_fid", "val_kid") if any(n in r for r in rows)]
+        from diffbase.training.validation import PAIRED_METRICS, REFERENCE_METRICS, TEXT_TO_IMAGE_METRICS
+
+        known = dict.fromkeys(f"val_{m}" for m in (*TEXT_TO_IMAGE_METRICS, *PAIRED_METRICS, *REFERENCE_METRICS))
+        names = [n for n in known if any(n in r for r in rows)]
         if not names:
             return None
         panels = [line_plot({n: [(r["step"], r[n]) for r in rows if n in r]}, title=n) for n in names]

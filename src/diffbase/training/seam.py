@@ -74,3 +74,4 @@ class Method:
     describe: str = ""
     aliases: tuple[str, ...] = ()  # old names still read in configs (and their section under that name)
     check: Callable[[Config], None] | None = None  # its settings, checked before anything loads
+    metrics: tuple[str, ...] = ()  # the training.validation.metrics its `validate` computes

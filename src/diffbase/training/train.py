@@ -157,7 +157,7 @@ def train(
     check_trainable_backend(config.model.quantize)
     if method.check is not None:
         method.check(config)
-    check_metrics(config)
+    check_metrics(config, method.metrics)
     check_ema(config)
     check_trackers(config)
     out_dir = Path(config.experiment.output_dir)

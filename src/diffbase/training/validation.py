@@ -104,19 +104,49 @@ def validation_loss(
 REFERENCE_IMAGES = 64  # training images FID / KID compare the validation images with
 
 
-def check_metrics(config: Config) -> None:
-    """training.validation.metrics' networks exist and there are images to compare, before anything loads."""
-    from diffbase.metrics.features import parse
+TEXT_TO_IMAGE_METRICS = ("clip_t", "fid", "kid")  # of the validation prompts' images
+PAIRED_METRICS = ("ssim", "psnr", "lpips")  # of held-out results against their ground truth
+REFERENCE_METRICS = ("clip_i", "dino", "clip_t")  # of held-out results against their references and captions
 
+
+def check_metrics(config: Config, computed: tuple[str, ...] = TEXT_TO_IMAGE_METRICS) -> None:
+    """training.validation.metrics are ones the method computes (`computed`), their networks exist and there
+    are images to compare, before anything loads."""
     v = config.training.validation
     if not v.metrics:
         return
-    if not v.prompts:
+    method = config.training.method
+    unknown = [m for m in v.metrics if m not in computed]
+    if unknown:
+        offered = ", ".join(computed) if computed else "none"
+        raise UserError(f"training.validation.metrics: {', '.join(unknown)} not computed by training.method {method} "
+                        f"(it computes: {offered})")  # fmt: skip
+    if set(computed) <= set(TEXT_TO_IMAGE_METRICS) and not v.prompts:
         raise UserError(
             "training.validation.metrics: computed on the validation images; set training.validation.prompts"
         )
-    if "clip_t" in v.metrics and not (v.clip and Path(v.clip).is_dir()):
-        raise UserError(f"training.validation.clip: {v.clip}: not a folder (a local CLIP model for clip_t)")
+    if not set(computed) <= set(TEXT_TO_IMAGE_METRICS) and v.loss_split <= 0:
+        raise UserError("training.validation.metrics: computed on held-out items; set training.validation.loss_split "
+                        "(the held-out fraction, e.g. 0.1)")  # fmt: skip
+    check_networks(v)
+
+
+def check_networks(v: Any) -> None:
+    """The local networks the chosen metrics need."""
+    from diffbase.metrics.features import parse
+
+    if {"clip_t", "clip_i"} & set(v.metrics) and not (v.clip and Path(v.clip).is_dir()):
+        raise UserError(f"training.validation.clip: {v.clip}: not a folder (a local CLIP model for clip_t / clip_i)")
+    if "dino" in v.metrics and not (v.dino and Path(v.dino).is_dir()):
+        raise UserError(f"training.validation.dino: {v.dino}: not a folder (a local DINOv2 model for the dino score)")
+    if "lpips" in v.metrics:
+        from diffbase.metrics.lpips import parse as parse_lpips
+
+        if not v.lpips:
+            raise UserError(
+                "training.validation.lpips: needed for lpips (NET:FILE, squeeze:/models/squeezenet1_1-b8a52dc0.pth)"
+            )
+        parse_lpips(v.lpips, "training.validation.lpips")
     if {"fid", "kid"} & set(v.metrics):
         if not v.features:
             raise UserError("training.validation.features: needed for fid / kid (dino:DIR, clip:DIR or inception:FILE)")
@@ -125,6 +155,57 @@ def check_metrics(config: Config) -> None:
             raise UserError(f"training.validation.features: {path}: not found (the {kind} network for fid / kid)")
         if len(v.prompts) < 2:
             raise UserError("training.validation.prompts: fid / kid need at least 2 validation images (prompts)")
+
+
+def paired_metrics(config: Config, results: list[Any], targets: list[Any]) -> dict[str, float]:
+    """training.validation.metrics of held-out results against their ground truth (PIL images or [0, 1]
+    tensors): val_ssim, val_psnr, val_lpips (means over the items)."""
+    from diffbase.metrics import scores
+    from diffbase.metrics.images import to_tensor
+
+    v = config.training.validation
+    chosen = [m for m in PAIRED_METRICS if m in v.metrics]
+    if not chosen or not results:
+        return {}
+    lpips_model = None
+    if "lpips" in chosen:
+        from diffbase.metrics.lpips import model
+
+        lpips_model = cached(f"lpips:{v.lpips}", lambda: model(v.lpips, "training.validation.lpips"))
+    unit = [(x if isinstance(x, torch.Tensor) else to_tensor(x)).float().cpu() for x in [*results, *targets]]
+    rows = [scores.paired(r, t, lpips_model) for r, t in zip(unit[: len(results)], unit[len(results) :], strict=True)]
+    return {f"val_{k}": value for k, value in scores.means(rows).items() if k in chosen}
+
+
+def reference_metrics(
+    config: Config, results: list[Any], references: list[list[Any]], captions: list[str]
+) -> dict[str, float]:
+    """training.validation.metrics of held-out results against their references (each result against each of its
+    reference images: val_clip_i, val_dino, DreamBench's definitions) and captions (val_clip_t)."""
+    from diffbase.metrics import features, scores
+    from diffbase.metrics.images import to_tensor
+
+    v = config.training.validation
+    if not {"clip_i", "dino", "clip_t"} & set(v.metrics) or not results:
+        return {}
+    fakes = [to_tensor(x) for x in results]
+    pairs = [(i, to_tensor(ref)) for i, refs in enumerate(references) for ref in refs]
+    mine, refs = [fakes[i] for i, _ in pairs], [ref for _, ref in pairs]
+    out: dict[str, float] = {}
+    if {"clip_i", "clip_t"} & set(v.metrics):
+        clip = cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip, "training.validation.clip"))
+        if "clip_i" in v.metrics:
+            out["val_clip_i"] = mean(scores.clip_scores(*clip, mine, refs))
+        if "clip_t" in v.metrics:
+            out["val_clip_t"] = mean(scores.clip_scores(*clip, fakes, captions))
+    if "dino" in v.metrics:
+        net = cached(f"dino:{v.dino}", lambda: features.load(f"dino:{v.dino}", "training.validation.dino"))
+        out["val_dino"] = float(scores.cosine(scores.features_of(net, mine), scores.features_of(net, refs)).mean())
+    return out
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def image_metrics(config: Config, images: list[Any], prompts: list[str], dataset: Any) -> dict[str, float]:
@@ -139,9 +220,8 @@ def image_metrics(config: Config, images: list[Any], prompts: list[str], dataset
     fakes = [to_tensor(image) for image in images]
     out: dict[str, float] = {}
     if "clip_t" in v.metrics:
-        values = scores.clip_scores(*cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip)),
-                                    fakes, prompts)  # fmt: skip
-        out["val_clip_t"] = sum(values) / len(values)
+        clip = cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip, "training.validation.clip"))
+        out["val_clip_t"] = mean(scores.clip_scores(*clip, fakes, prompts))
     if {"fid", "kid"} & set(v.metrics):
         net = cached(v.features, lambda: features.load(v.features, "training.validation.features"))
         reals = read([r.image for r in dataset.records[:REFERENCE_IMAGES]])

@@ -31,6 +31,7 @@ from diffbase.models import backbone as B
 from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
+from diffbase.training.validation import PAIRED_METRICS, REFERENCE_METRICS, paired_metrics, reference_metrics
 
 
 @dataclass
@@ -322,14 +323,20 @@ def held_out_errors(
 def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
     """Held-out items generated with the weights being trained: a grid (references | result | target), the
     L1 between result and target inside each reference's subject mask (`val_subject_l1`; the whole image
-    where no mask is given), the held-out loss and the denoising error in the subjects (held_out_errors)."""
-    from diffbase.methods.dreamo.mechanism.evaluate import held_out_fidelity
+    where no mask is given), the held-out loss, the denoiser's error in the subjects (held_out_errors) and
+    training.validation.metrics (ssim / psnr / lpips against the targets, clip_i / dino against the
+    references, clip_t against the captions)."""
+    from diffbase.methods.dreamo.mechanism.evaluate import held_out_samples, samples_grid
 
     held_out, _ = validation
     if held_out is None:
         return Validation()
-    grid, error = held_out_fidelity(config, bb, trained.modules["dreamo"], held_out)
-    return Validation(grid, {"val_subject_l1": error} | held_out_errors(config, bb, trained, held_out))
+    samples = held_out_samples(config, bb, trained.modules["dreamo"], held_out)
+    results = [s["result"] for s in samples]
+    metrics = {"val_subject_l1": sum(s["subject_l1"] for s in samples) / max(len(samples), 1)}
+    metrics |= paired_metrics(config, results, [s["target"] for s in samples])
+    metrics |= reference_metrics(config, results, [s["references"] for s in samples], [s["caption"] for s in samples])
+    return Validation(samples_grid(samples), metrics | held_out_errors(config, bb, trained, held_out))
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
@@ -402,6 +409,7 @@ DREAMO = register(
         export=export,
         dataset=dataset,
         validate=validate,
+        metrics=PAIRED_METRICS + REFERENCE_METRICS,
         section=("dreamo", DreamOConfig),
         cache=encode_items,
         load=load,

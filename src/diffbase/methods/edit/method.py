@@ -30,6 +30,7 @@ from diffbase.errors import UserError
 from diffbase.methods import full_finetune, lora, text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
+from diffbase.training.validation import PAIRED_METRICS, paired_metrics
 
 
 @dataclass
@@ -195,7 +196,8 @@ def _validate(
             result = bb.pipe(**kwargs, **B.text_length(bb.pipe, bb.family)).images[0]
         rows.append([first, result, target])
     grid = image_grid(rows, header=header, cell=128) if rows else None
-    return Validation(grid, {"val_loss": held_out_loss(kind, config, bb, trained, held_out)})
+    paired = paired_metrics(config, [r[1] for r in rows], [r[2] for r in rows])
+    return Validation(grid, {"val_loss": held_out_loss(kind, config, bb, trained, held_out)} | paired)
 
 
 def held_out_loss(kind: str, config: Config, bb: Any, trained: Trained, held_out: Any, pairs: int = 8) -> float:
@@ -240,6 +242,7 @@ def _method(kind: str, describe: str) -> Method:
         export=_export,
         dataset=_dataset,
         validate=functools.partial(_validate, kind),
+        metrics=PAIRED_METRICS,
         section=("edit", EditConfig) if kind == "kontext" else None,
         cache=_cache,
         describe=describe,

@@ -25,6 +25,7 @@ from diffbase.models import backbone as B
 from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, min_snr_weights, sample_ddpm_timesteps
 from diffbase.training.step import sample_generator
+from diffbase.training.validation import PAIRED_METRICS, paired_metrics
 
 
 @dataclass
@@ -165,14 +166,18 @@ def dataset(config: Config, held_out: bool, bb: Any) -> Any:
 
 
 def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
-    """Held-out pairs: a grid (person | garment | result | ground truth) and their masked-region L1."""
+    """Held-out pairs: a grid (person | garment | result | ground truth), their masked-region L1 and
+    training.validation.metrics (ssim, psnr, lpips against the ground truth)."""
     from diffbase.methods.tryon.mechanism.evaluate import tryon_validation
 
     held_out, _ = validation
     if held_out is None:
         return Validation()
-    grid, error = tryon_validation(config, bb, held_out)
-    return Validation(grid, {"val_masked_l1": error})
+    grid, out = tryon_validation(config, bb, held_out)
+    metrics = {"val_masked_l1": out["metrics"].get("masked_l1", float("nan"))}
+    if "masked_l1" in out["metrics"]:  # paired: the reals are the ground truths (else the persons)
+        metrics |= paired_metrics(config, out["results"], out["reals"])
+    return Validation(grid, metrics)
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
@@ -245,6 +250,7 @@ VTON = register(
         export=export,
         dataset=dataset,
         validate=validate,
+        metrics=PAIRED_METRICS,
         section=("tryon", TryOnConfig),
         cache=encode_pairs,
         load=load,

@@ -26,6 +26,7 @@ from diffbase.models import backbone as B
 from diffbase.models import families
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
+from diffbase.training.validation import PAIRED_METRICS, paired_metrics
 
 
 @dataclass
@@ -166,7 +167,7 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
         )
         rows.append([small.resize(hr.size, Image.NEAREST), upscale(bb.pipe, small, settings, dino, adapter), hr])
     grid = image_grid(rows, header=["low-res (x2 nearest)", "upscaled x2", "high-res"]) if rows else None
-    return Validation(grid, metrics)
+    return Validation(grid, metrics | paired_metrics(config, [r[1] for r in rows], [r[2] for r in rows]))
 
 
 def dataset(config: Config, held_out: bool, bb: Any) -> Any:
@@ -217,6 +218,7 @@ UPSCALE = register(
         export=export,
         dataset=dataset,
         validate=validate,
+        metrics=PAIRED_METRICS,
         section=("upscale", UpscaleConfig),
         cacheable=False,
         load=load,

@@ -27,16 +27,16 @@ def subject_l1(result: Image.Image, target: torch.Tensor, masks: list[torch.Tens
 
 
 @torch.no_grad()
-def held_out_fidelity(
+def held_out_samples(
     config: Any, bb: Any, emb: DreamOEmbeddings, held_out: Any, limit: int | None = None
-) -> tuple[Image.Image, float]:
-    """A grid (references | result | target) of the first items and their mean subject L1."""
-    from diffbase.grid import image_grid
+) -> list[dict]:
+    """The first held-out items generated with the weights as they are (seeded per item): per item its
+    reference images, the result, the target, the caption and the subject L1 between result and target."""
     from diffbase.methods.dreamo.mechanism.generate import DreamOSettings, Reference, dreamo_generate
 
     d, v = config.training.dreamo, config.training.validation
     h, w = d.size
-    rows, errors = [], []
+    samples = []
     was_training = bb.denoiser.training
     bb.denoiser.eval()
     count = min(len(held_out), limit if limit is not None else d.validation_items)
@@ -51,9 +51,19 @@ def held_out_fidelity(
         settings = DreamOSettings(prompt=item["caption"], height=h, width=w, steps=v.steps,
                                   guidance=v.guidance if v.guidance is not None else 3.5, seed=v.seed + i)  # fmt: skip
         result = dreamo_generate(bb.pipe, emb, refs, settings)
-        errors.append(subject_l1(result, item["pixels"], item["route_masks"]))
-        rows.append([r.image for r in refs] + [result, to_pil(item["pixels"])])
+        samples.append({"references": [r.image for r in refs], "result": result, "target": to_pil(item["pixels"]),
+                        "caption": item["caption"], "subject_l1": subject_l1(result, item["pixels"], item["route_masks"])})  # fmt: skip
     bb.denoiser.train(was_training)
+    return samples
+
+
+def samples_grid(samples: list[dict]) -> Image.Image | None:
+    """references | result | target, a row per sample."""
+    from diffbase.grid import image_grid
+
+    if not samples:
+        return None
+    rows = [[*s["references"], s["result"], s["target"]] for s in samples]
     width = max(len(r) for r in rows)
     header = [f"reference {k + 1}" for k in range(width - 2)] + ["result", "target"]
-    return image_grid(rows, header=header), float(np.mean(errors))
+    return image_grid(rows, header=header)
