@@ -8,7 +8,10 @@ toy FLUX.1 and tiny random DINOv2, batch 8, lr 1e-3) on synthetic people, then
   the adapter on, and off (the same frozen model: the reference);
 - the seam measure of benchmarks/upscale.py (border gradient / mean gradient, 1.0: no seam) on its 128x64 ->
   256x128 image, 32 px tiles fused with 8 px overlap, 20 steps at strength 0.5, through the exported adapter
-  loaded as `diffbase upscale` loads it; the plain upscaler (no DINO) and Lanczos are the references.
+  loaded as `diffbase upscale` loads it; the plain upscaler (no DINO) and Lanczos are the references;
+- the paper metrics of `diffbase eval upscale` (SSIM, PSNR against the originals; the super-resolution
+  protocol: each original downscaled x2 bicubic and upscaled back) on 8 fresh synthetic 64x64 people, the
+  same sampling settings; the plain upscaler and bicubic are the references.
 
 python benchmarks/upscale_injection.py [--steps 150] [--seeds 0 1 2] [--replot]
 Writes benchmarks/upscale_injection.json and benchmarks/upscale_injection.png (--replot: the PNG from the JSON).
@@ -122,6 +125,26 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def quality(adapter: str | None, originals: list[Path], steps: int, strength: float) -> dict[str, float]:
+    """Mean SSIM / PSNR of the originals downscaled x2 (bicubic) and upscaled back, against the originals; with
+    `adapter` "bicubic": plain bicubic upscaling."""
+    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings
+    from diffbase.methods.upscale.method import UPSCALE
+    from diffbase.metrics import images, scores
+
+    loaded = None if adapter == "bicubic" else UPSCALE.load(str(TOY), str(DINO) if adapter else None, adapter)
+    s = UpscaleSettings(scale=2.0, strength=strength, steps=steps, seed=0, tile=32, overlap=8)
+    rows = []
+    for file in originals:
+        original = Image.open(file).convert("RGB")
+        small = original.resize((original.width // 2, original.height // 2), Image.BICUBIC)
+        result = (
+            small.resize(original.size, Image.BICUBIC) if loaded is None else UPSCALE.run(loaded, {"image": small}, s)
+        )
+        rows.append(scores.paired(images.to_tensor(result.resize(original.size)), images.to_tensor(original)))
+    return scores.means(rows)
+
+
 def summary(report: dict) -> dict:
     """Per injection: the final held-out loss and its gain over adapter-off, and the seam measure, as mean and
     spread over seeds; and the per-seed differences aligned - tokens (paired: same seed, data, held-out set)."""
@@ -133,9 +156,10 @@ def summary(report: dict) -> dict:
         on = [v["val_loss"] for v in last]
         gain = [v["val_loss_adapter_off"] - v["val_loss"] for v in last]
         seam = [r["seam"] for r in runs]
+        ssim, psnr = [r["quality"]["ssim"] for r in runs], [r["quality"]["psnr"] for r in runs]
         out[injection] = {name: {"mean": statistics.mean(x), "stdev": statistics.stdev(x) if len(x) > 1 else 0.0,
                                  "per_seed": x} for name, x in (("val_loss", on), ("gain_over_off", gain),
-                                                                ("seam", seam))}  # fmt: skip
+                                                                ("seam", seam), ("ssim", ssim), ("psnr", psnr))}  # fmt: skip
     diffs = {"val_loss": [], "seam": []}
     for seed in report["args"]["seeds"]:
         a, t = final[("aligned", seed)], final[("tokens", seed)]
@@ -165,15 +189,24 @@ def main() -> None:
     data = work / "synth64" / "train" / "image"
     if not data.is_dir():
         write_dataset(work / "synth64", args.images, 0)
+    if not (work / "originals" / "test" / "image").is_dir():
+        write_dataset(work / "originals", 0, 8, seed=1)
+    originals = sorted((work / "originals" / "test" / "image").glob("*.png"))
     source = source_image()
     report: dict = {"args": vars(args), "runs": []}
     report["seam_plain"], plain, lines = seams(None, source, args.sample_steps, args.strength)
     report["seam_lanczos"] = seam_ratio(source.resize(plain.size, Image.LANCZOS), *lines)
     print(f"seams: plain {report['seam_plain']:.3f}, Lanczos {report['seam_lanczos']:.3f}", flush=True)
+    for name in ("plain", "bicubic"):
+        report[f"quality_{name}"] = quality(
+            None if name == "plain" else name, originals, args.sample_steps, args.strength
+        )
+        print(f"quality {name}: {report[f'quality_{name}']}", flush=True)
     for seed in args.seeds:
         for injection in INJECTIONS:
             run = train_one(data, work / f"{injection}_{seed}", injection, seed, args.steps, args.every)
             run["seam"], _, _ = seams(run["adapter"], source, args.sample_steps, args.strength)
+            run["quality"] = quality(run["adapter"], originals, args.sample_steps, args.strength)
             run |= {"injection": injection, "seed": seed}
             report["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "adapter"}), flush=True)
