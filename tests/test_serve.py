@@ -224,6 +224,11 @@ def test_monitor_reads_a_run_folder(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     plot, held, lr, grid, status = run_view(tmp_path)
     assert grid is None and "no validation grid yet" in status and status.startswith("step 5; loss 0.2000")
+    # a validation metric on another scale (dB) is in the status line, not on the held-out loss plot
+    rows[-1] |= {"val_psnr": 21.5}
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _, with_psnr, _, _, status = run_view(tmp_path)
+    assert "; val_psnr 21.5;" in status and np.array_equal(np.asarray(with_psnr), np.asarray(held))
     (tmp_path / "validation").mkdir()
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "validation" / "step-000005.png")
     plot, grid, status = loss_view(str(tmp_path))

@@ -62,7 +62,7 @@ def run_view(folder: str | Path) -> tuple[Image.Image, Image.Image, Image.Image,
     """(loss plot: raw and smoothed, held-out plot, learning-rate plot, the latest validation grid or None, a
     status line) of a training output folder."""
     from diffbase.plot import line_plot
-    from diffbase.training.metrics import read_metrics
+    from diffbase.training.metrics import metric_names, read_metrics
 
     out = Path(folder)
     metrics = out / "metrics.jsonl"
@@ -74,7 +74,9 @@ def run_view(folder: str | Path) -> tuple[Image.Image, Image.Image, Image.Image,
         return [(r["step"], r[name]) for r in rows if name in r and "step" in r]
 
     loss = series("loss")
-    held = {n: series(n) for n in sorted({k for r in rows for k in r if k.startswith("val_")})}
+    logged = sorted({k for r in rows for k in r if k.startswith("val_")})
+    scores = [n for n in logged if n in metric_names()]  # other scales (PSNR in dB): in the status line
+    held = {n: series(n) for n in logged if n not in scores}
     plot = line_plot({"loss": loss, "smoothed": smoothed([p for p in loss])} if loss else {},
                      title=f"{out.name}: training loss")  # fmt: skip
     held_plot = line_plot(held, title="held-out (validation)")
@@ -87,6 +89,7 @@ def run_view(folder: str | Path) -> tuple[Image.Image, Image.Image, Image.Image,
     else:
         shown = "no validation grid yet (the config's training.validation makes one at its `every` steps and the end)"
     latest = f"; loss {loss[-1][1]:.4f} (smoothed {smoothed(loss)[-1][1]:.4f})" if loss else ""
+    latest += "".join(f"; {n} {series(n)[-1][1]:.4g}" for n in scores)
     return plot, held_plot, lr_plot, grid, f"step {last}{latest}; {shown}"
 
 

@@ -10,7 +10,7 @@ import torch
 
 from diffbase.config import Config
 from diffbase.methods.registry import Trained, Validation
-from diffbase.training.validation import TEXT_TO_IMAGE_METRICS
+from diffbase.training.metrics import TEXT_TO_IMAGE_METRICS
 
 METRICS = TEXT_TO_IMAGE_METRICS  # the training.validation.metrics these methods compute
 

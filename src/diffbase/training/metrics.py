@@ -13,6 +13,18 @@ if TYPE_CHECKING:
     from diffbase.config import Config
 
 
+# training.validation.metrics, by what they compare (a method's Method.metrics names the ones it computes)
+TEXT_TO_IMAGE_METRICS = ("clip_t", "fid", "kid")  # of the validation prompts' images
+PAIRED_METRICS = ("ssim", "psnr", "lpips")  # of held-out results against their ground truth
+REFERENCE_METRICS = ("clip_i", "dino", "clip_t")  # of held-out results against their references and captions
+
+
+def metric_names() -> list[str]:
+    """Their metrics.jsonl names, in a fixed order (val_clip_t, val_fid, ...)."""
+    names = (*TEXT_TO_IMAGE_METRICS, *PAIRED_METRICS, *REFERENCE_METRICS)
+    return [f"val_{m}" for m in dict.fromkeys(names)]
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every row of a metrics.jsonl; a last line cut short (a killed run, or one still being written) is left out."""
     if not path.exists():
@@ -86,10 +98,7 @@ class MetricsLog:
         from diffbase.io import save_png_atomic
         from diffbase.plot import line_plot
 
-        from diffbase.training.validation import PAIRED_METRICS, REFERENCE_METRICS, TEXT_TO_IMAGE_METRICS
-
-        known = dict.fromkeys(f"val_{m}" for m in (*TEXT_TO_IMAGE_METRICS, *PAIRED_METRICS, *REFERENCE_METRICS))
-        names = [n for n in known if any(n in r for r in rows)]
+        names = [n for n in metric_names() if any(n in r for r in rows)]
         if not names:
             return None
         panels = [line_plot({n: [(r["step"], r[n]) for r in rows if n in r]}, title=n) for n in names]

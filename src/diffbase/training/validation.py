@@ -13,6 +13,7 @@ from diffbase.data.buckets import largest_resolution
 from diffbase.errors import UserError
 from diffbase.models import backbone as B
 from diffbase.models.placement import encoders_on
+from diffbase.training.metrics import PAIRED_METRICS, TEXT_TO_IMAGE_METRICS
 
 
 def control_images(config: Config, dataset: Any, count: int) -> list[Any]:
@@ -102,11 +103,6 @@ def validation_loss(
 
 
 REFERENCE_IMAGES = 64  # training images FID / KID compare the validation images with
-
-
-TEXT_TO_IMAGE_METRICS = ("clip_t", "fid", "kid")  # of the validation prompts' images
-PAIRED_METRICS = ("ssim", "psnr", "lpips")  # of held-out results against their ground truth
-REFERENCE_METRICS = ("clip_i", "dino", "clip_t")  # of held-out results against their references and captions
 
 
 def check_metrics(config: Config, computed: tuple[str, ...] = TEXT_TO_IMAGE_METRICS) -> None:

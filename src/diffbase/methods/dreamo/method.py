@@ -29,9 +29,10 @@ from diffbase.methods.lora import LoraConfig, add_lora
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
 from diffbase.models import families
+from diffbase.training.metrics import PAIRED_METRICS, REFERENCE_METRICS
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
-from diffbase.training.validation import PAIRED_METRICS, REFERENCE_METRICS, paired_metrics, reference_metrics
+from diffbase.training.validation import paired_metrics, reference_metrics
 
 
 @dataclass

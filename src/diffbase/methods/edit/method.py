@@ -30,7 +30,8 @@ from diffbase.errors import UserError
 from diffbase.methods import full_finetune, lora, text_to_image
 from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.models import backbone as B
-from diffbase.training.validation import PAIRED_METRICS, paired_metrics
+from diffbase.training.metrics import PAIRED_METRICS
+from diffbase.training.validation import paired_metrics
 
 
 @dataclass

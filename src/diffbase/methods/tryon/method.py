@@ -23,9 +23,10 @@ from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.methods.tryon.mechanism import canvas as C
 from diffbase.models import backbone as B
 from diffbase.models import families
+from diffbase.training.metrics import PAIRED_METRICS
 from diffbase.training.objectives import diffusion_loss, min_snr_weights, sample_ddpm_timesteps
 from diffbase.training.step import sample_generator
-from diffbase.training.validation import PAIRED_METRICS, paired_metrics
+from diffbase.training.validation import paired_metrics
 
 
 @dataclass
