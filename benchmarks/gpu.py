@@ -269,6 +269,9 @@ def stage_lowmem(ctx: Context) -> None:
         ctx.add("lowmem", "FLUX.1 LoRA on int8 / fp8 bases", f"skipped: {left:.0f} s left, ~{needed:.0f} s needed")
         return
     nf4 = "nf4" if ctx.cuda and importlib.util.find_spec("bitsandbytes") else "fp8"
+    if nf4 != "nf4":
+        why = "no CUDA" if not ctx.cuda else "bitsandbytes is not installed (or failed its check)"
+        ctx.add("lowmem", "nf4 base with block swap", f"not run: {why}; the fp8 base with block swap stands in")
     swap = ["hardware.offload=blocks", "hardware.gradient_checkpointing=true"]
     for kind, extra, goal in (("int8", [], 24), ("fp8", [], 24), (nf4, swap, 16)):
         how = f"{kind} base" + (", block swap" if extra else "")
