@@ -140,3 +140,19 @@ def test_exponent_without_dot_is_a_number(experiment: Path) -> None:
     write(experiment, experiment.read_text() + "  learning_rate: 1e-4\n")
     assert load_config(experiment).training.learning_rate == 1e-4
     assert load_config(experiment, ["training.learning_rate=3e-5"]).training.learning_rate == 3e-5
+
+
+def test_a_config_read_from_python_first_knows_every_family_and_method() -> None:
+    """In a fresh process, load_config before anything imported a method (a user's script, a benchmark): the
+    family and method names are registered on demand (benchmarks/train.py failed with 'expected one of , got
+    sd15' before)."""
+    import subprocess
+    import sys
+
+    from diffbase.config import configs_dir
+
+    path = configs_dir() / "experiments" / "tiny" / "sdxl_dreambooth.yaml"
+    code = f"from diffbase.config import load_config; c = load_config({str(path)!r}); print(c.model.family, c.training.method)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sdxl", "dreambooth"]
