@@ -197,3 +197,31 @@ def test_tryon_keeps_the_person_outside_the_mask_and_metadata_is_complete(tiny_m
     assert (raw[outside] != np.asarray(person)[outside]).any() and (kept[~outside] == raw[~outside]).all()
     meta = json.loads(Image.open(tmp_path / "kept.png").text["diffbase"])
     assert meta["size"] == [32, 32] and meta["repaint"] is True
+
+
+def test_validation_generates_held_out_pairs_and_logs_their_metrics(tiny_model, tmp_path) -> None:
+    """loss_split holds pairs out: each check writes a grid (reference | result | person) and logs the
+    fixed-noise held-out loss, the try-on L1 inside the mask and the asked-for metrics; the held-out loss is
+    the same when computed twice on the same weights (comparable from check to check)."""
+    import json
+
+    from diffbase.methods import train
+    from diffbase.methods.dreamfit.method import held_out_loss
+    from tests.helpers import dreamfit_config
+
+    config = dreamfit_config(tiny_model, tmp_path, "training.max_steps=2", "training.validation.loss_split=0.34",
+                             "training.validation.every=1", "training.validation.steps=2",
+                             "training.validation.metrics=[ssim, psnr]", pairs=6)  # fmt: skip
+    result = train(config, show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in checks] == [1, 2]
+    for r in checks:
+        assert r["val_loss"] > 0 and 0 <= r["val_masked_l1"] <= 2 and -1 <= r["val_ssim"] <= 1 and r["val_psnr"] > 0
+    grids = sorted((tmp_path / "run" / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    from diffbase.methods import get
+
+    held_out = get("dreamfit").dataset(config, True, result.backbone)
+    first = held_out_loss(config, result.backbone, result.trained, held_out)
+    assert first == held_out_loss(config, result.backbone, result.trained, held_out)

@@ -116,7 +116,7 @@ class ValidationConfig:
     # Metrics of the validation images, logged as val_<name> and plotted; each method computes those that fit what
     # it validates (a one-line refusal names them). Text-to-image: clip_t (against the prompts; needs `clip`), fid and
     # kid (against up to 64 training images, in the features of `features`: dino:DIR, clip:DIR or inception:FILE).
-    # Held-out items with a ground truth (tryon, upscale, kontext, fill, dreamo): ssim, psnr, lpips (needs
+    # Held-out items with a ground truth (tryon, dreamfit, upscale, kontext, fill, dreamo): ssim, psnr, lpips (needs
     # `lpips`). DreamO: clip_i and dino of each result against its references (needs `clip` / `dino`), clip_t
     # against its caption.
     metrics: list[Literal["clip_t", "fid", "kid", "ssim", "psnr", "lpips", "clip_i", "dino"]] = field(

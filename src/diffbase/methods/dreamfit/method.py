@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from diffbase.config import Config
@@ -22,8 +23,10 @@ from diffbase.methods.registry import Method, Trained, Validation, register
 from diffbase.methods.tryon import method as vton
 from diffbase.models import backbone as B
 from diffbase.models import families
+from diffbase.training.metrics import PAIRED_METRICS
 from diffbase.training.objectives import diffusion_loss, sample_flow_sigmas
 from diffbase.training.step import sample_generator
+from diffbase.training.validation import paired_metrics
 
 
 @dataclass
@@ -38,6 +41,7 @@ class DreamFitConfig:
     # the activations (FLUX.1-dev, 1024x768 try-on: 47 of 67 GiB) and recomputing it costs about a fifth
     # of a step; [write, read] saves 19 GiB more for a second recompute (benchmarks/dreamfit.py)
     checkpoint_passes: list[str] = field(default_factory=lambda: ["write"])
+    validation_items: int = 4  # held-out pairs generated at each validation (training.validation.loss_split > 0)
 
 
 def prepare(bb: Any, config: Config) -> Trained:
@@ -185,7 +189,68 @@ def dataset(config: Config, held_out: bool, bb: Any) -> Any:
 
 
 def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: tuple[Any, Any]) -> Validation:
-    return Validation()  # no validation images for DreamFit training yet
+    """Held-out pairs generated with the LoRAs being trained, as `diffbase dreamfit` makes them (the write pass
+    on the mode's reference, sampling that reads; try-on keeps the person outside the mask): a grid (reference |
+    result | person), `val_loss` (the training loss at fixed noise on up to 8 pairs), in try-on mode the L1
+    inside the garment mask (`val_masked_l1`), and training.validation.metrics against the person."""
+    from diffbase.grid import image_grid
+
+    held_out, _ = validation
+    if held_out is None:
+        return Validation()
+    rows, errors = [], []
+    for i in range(min(config.training.dreamfit.validation_items, len(held_out))):
+        batch = held_out.collate([held_out[i]])
+        if batch["index"]:
+            reference, result, person, error = held_out_sample(config, bb, trained, batch, i)
+            rows.append([reference, result, person])
+            errors += [error] if error is not None else []
+    metrics = {"val_loss": held_out_loss(config, bb, trained, held_out)}
+    metrics |= {"val_masked_l1": sum(errors) / len(errors)} if errors else {}
+    metrics |= paired_metrics(config, [r[1] for r in rows], [r[2] for r in rows])
+    grid = image_grid(rows, header=["reference", "result", "person"]) if rows else None
+    return Validation(grid, metrics)
+
+
+@torch.no_grad()
+def held_out_sample(config: Config, bb: Any, trained: Trained, batch: dict[str, Any], i: int) -> tuple[Any, ...]:
+    """(reference, result, person, L1 inside the mask in try-on mode else None) of one held-out pair."""
+    from PIL import Image
+
+    from diffbase.data.datasets import to_pil
+    from diffbase.methods.dreamfit.mechanism.generate import DreamFitSettings, dreamfit_generate
+    from diffbase.methods.tryon.mechanism.metrics import masked_l1
+
+    d, v = config.training.dreamfit, config.training.validation
+    h, w = d.size
+    reference, person = to_pil(reference_pixels(batch, d.mode)[0]), to_pil(batch["person"][0])
+    settings = DreamFitSettings(prompt=d.prompt if d.prompt is not None else batch["caption"][0], mode=d.mode,
+                                steps=v.steps, guidance=v.guidance if v.guidance is not None else 4.0,
+                                seed=v.seed + i, height=h, width=w)  # fmt: skip
+    was_training = bb.denoiser.training
+    bb.denoiser.eval()
+    try:
+        result = dreamfit_generate(bb.pipe, trained.extras["banks"], settings, reference)
+    finally:
+        bb.denoiser.train(was_training)
+    if d.mode != "tryon":
+        return reference, result, person, None
+    mask = batch["person_mask"][0, 0].numpy() > 0.5
+    result = Image.composite(result, person, Image.fromarray(mask.astype("uint8") * 255, "L"))  # as `dreamfit` does
+    got = torch.from_numpy(np.asarray(result, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    return reference, result, person, float(masked_l1(got, batch["person"].float(), batch["person_mask"])[0])
+
+
+@torch.no_grad()
+def held_out_loss(config: Config, bb: Any, trained: Trained, held_out: Any, pairs: int = 8) -> float:
+    """The training loss on up to `pairs` held-out pairs with the noise and sigmas of step 0 (fixed: comparable
+    from check to check)."""
+    values = []
+    for i in range(min(pairs, len(held_out))):
+        batch = held_out.collate([held_out[i]])
+        if batch["index"]:
+            values.append(float(passes(config, bb, trained, batch, None, 0)[0]))
+    return sum(values) / max(len(values), 1)
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:
@@ -245,6 +310,7 @@ DREAMFIT = register(
         export=export,
         dataset=dataset,
         validate=validate,
+        metrics=PAIRED_METRICS,
         section=("dreamfit", DreamFitConfig),
         cache=encode_pairs,
         load=load,
