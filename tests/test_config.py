@@ -156,3 +156,9 @@ def test_a_config_read_from_python_first_knows_every_family_and_method() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["sdxl", "dreambooth"]
+    # one method imported alone registers only itself: another method's section is still known
+    path = configs_dir() / "experiments" / "tiny" / "flux1_dreamo.yaml"
+    code = f"import diffbase.methods.lora; from diffbase.config import load_config; print(load_config({str(path)!r}).training.method)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["dreamo"]

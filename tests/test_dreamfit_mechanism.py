@@ -211,7 +211,8 @@ def test_validation_generates_held_out_pairs_and_logs_their_metrics(tiny_model, 
 
     config = dreamfit_config(tiny_model, tmp_path, "training.max_steps=2", "training.validation.loss_split=0.34",
                              "training.validation.every=1", "training.validation.steps=2",
-                             "training.validation.metrics=[ssim, psnr]", pairs=6)  # fmt: skip
+                             "training.validation.metrics=[ssim, psnr]", "data.cache_latents=true",
+                             "data.cache_text=true", pairs=6)  # fmt: skip
     result = train(config, show_progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     checks = [r for r in rows if "val_loss" in r]

@@ -265,7 +265,7 @@ def test_held_out_metric_functions_follow_their_definitions(nets) -> None:
     from types import SimpleNamespace
 
     from diffbase.metrics import scores
-    from diffbase.training.validation import paired_metrics, reference_metrics
+    from diffbase.training.validation import paired_metrics, reference_metrics, same_size
 
     def to_pil(x: torch.Tensor) -> Image.Image:
         return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
@@ -278,6 +278,12 @@ def test_held_out_metric_functions_follow_their_definitions(nets) -> None:
     got = paired_metrics(config, [a, b], [c, c])
     want = scores.means([scores.paired(a, c), scores.paired(b, c)])
     assert got == pytest.approx({"val_ssim": want["ssim"], "val_psnr": want["psnr"]}, rel=1e-6)
+    # a result a pixel short of its ground truth (a pipeline's multiple-of-16 floor) is resized to it, not a crash
+    short = torch.nn.functional.interpolate(a[None], size=(31, 31), mode="bilinear")[0]
+    assert paired_metrics(config, [short], [c])["val_psnr"] == pytest.approx(
+        scores.paired(same_size(short, c), c)["psnr"], rel=1e-6
+    )
+    assert same_size(short, c).shape == c.shape and same_size(a, c) is a
     same = reference_metrics(config, [to_pil(a)], [[to_pil(a)]], ["x"])
     assert same["val_clip_i"] == pytest.approx(1, abs=1e-4) and same["val_dino"] == pytest.approx(1, abs=1e-6)
     mixed = reference_metrics(config, [to_pil(a)], [[to_pil(a), to_pil(b)]], ["x"])

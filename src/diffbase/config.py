@@ -157,7 +157,7 @@ def register_alias(old: str, name: str) -> None:
 
 
 # What registers every family and method name (set by the package root, diffbase/__init__.py, so this core module
-# names no layer above it); load_config calls it when a config is read before any method was imported.
+# names no layer above it); the first load_config calls it (a method module imported alone registers only itself).
 NAME_LOADERS: list[typing.Callable[[], object]] = []
 
 # Family names: each family module registers its own (diffbase.models.families), so a new family is one module.
@@ -420,9 +420,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     sources: dict[str, str] = {}
     data = load_raw(path, sources)
     apply_overrides(data, overrides or [], sources)
-    if not FAMILY_NAMES or not METHOD_NAMES:  # a config read from Python before any method was imported
-        for load in NAME_LOADERS:
-            load()
+    while NAME_LOADERS:  # once per process: a config read from Python before (some) methods were imported
+        NAME_LOADERS.pop(0)()
     return validate(Config, data, sources, default_origin=str(Path(path).resolve()))
 
 

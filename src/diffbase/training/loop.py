@@ -721,7 +721,9 @@ def validate(run: Run, dataset: Any, validation: tuple[Any, Any], metrics: Any, 
         if config.training.validation.prompts or validation[0] is not None:
             acc.print("validation: skipped, the model is sharded across processes (FSDP/DeepSpeed)")
     elif acc.is_main_process:
-        with acc.autocast(), averaged_weights(run.optimizer), ema_weights(run.ema, run.trained.trainable):
+        # the encoders come back from the CPU (parked there after caching) for validations that encode
+        with acc.autocast(), averaged_weights(run.optimizer), ema_weights(run.ema, run.trained.trainable), \
+                encoders_on(run.bb):  # fmt: skip
             out = run.method.validate(config, run.bb, run.trained, dataset, validation)
         if out.grid is not None:
             save_png_atomic(out.grid, Path(config.experiment.output_dir) / "validation" / f"step-{step_no:06d}.png")

@@ -169,8 +169,18 @@ def paired_metrics(config: Config, results: list[Any], targets: list[Any]) -> di
 
         lpips_model = cached(f"lpips:{v.lpips}", lambda: model(v.lpips, "training.validation.lpips"))
     unit = [(x if isinstance(x, torch.Tensor) else to_tensor(x)).float().cpu() for x in [*results, *targets]]
-    rows = [scores.paired(r, t, lpips_model) for r, t in zip(unit[: len(results)], unit[len(results) :], strict=True)]
+    pairs = zip(unit[: len(results)], unit[len(results) :], strict=True)
+    rows = [scores.paired(same_size(r, t), t, lpips_model) for r, t in pairs]
     return {f"val_{k}": value for k, value in scores.means(rows).items() if k in chosen}
+
+
+def same_size(result: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The result at the target's size (bicubic, antialiased): pipelines floor sizes to their multiple (16 for
+    FLUX) and an odd original halves and doubles one pixel short."""
+    if result.shape[-2:] == target.shape[-2:]:
+        return result
+    out = torch.nn.functional.interpolate(result[None], size=tuple(target.shape[-2:]), mode="bicubic", antialias=True)
+    return out[0].clamp(0, 1)
 
 
 def reference_metrics(

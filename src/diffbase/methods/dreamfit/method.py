@@ -250,7 +250,7 @@ def held_out_loss(config: Config, bb: Any, trained: Trained, held_out: Any, pair
         batch = held_out.collate([held_out[i]])
         if batch["index"]:
             values.append(float(passes(config, bb, trained, batch, None, 0)[0]))
-    return sum(values) / max(len(values), 1)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def export(config: Config, bb: Any, trained: Trained, out_dir: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ and the official loader read it.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,9 +335,11 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
         return Validation()
     samples = held_out_samples(config, bb, trained.modules["dreamo"], held_out)
     results = [s["result"] for s in samples]
-    metrics = {"val_subject_l1": sum(s["subject_l1"] for s in samples) / max(len(samples), 1)}
+    l1 = [s["subject_l1"] for s in samples]
+    metrics = {"val_subject_l1": sum(l1) / len(l1) if l1 else float("nan")}
     metrics |= paired_metrics(config, results, [s["target"] for s in samples])
-    metrics |= reference_metrics(config, results, [s["references"] for s in samples], [s["caption"] for s in samples])
+    captions = [" ".join(re.sub(r"\[ref#\d+\]", " ", s["caption"]).split()) for s in samples]  # CLIP reads words
+    metrics |= reference_metrics(config, results, [s["references"] for s in samples], captions)
     return Validation(samples_grid(samples), metrics | held_out_errors(config, bb, trained, held_out))
 
 
@@ -423,8 +426,6 @@ DREAMO = register(
 def check_prompt(prompt: str, slots: list[Any], name: str = "--prompt") -> None:
     """Every [ref#N] in the prompt names a slot (an error past the last one; a note for an empty one). A
     style reference without the official prefix gets a note: the prompt is used as written, as officially."""
-    import re
-
     from diffbase.methods.dreamo.mechanism.conditions import STYLE_PREFIX
 
     given = ", ".join(f"[ref#{k}]" for k, s in enumerate(slots, 1) if s is not None)

@@ -176,8 +176,8 @@ def validate(config: Config, bb: Any, trained: Trained, data: Any, validation: t
         return Validation()
     grid, out = tryon_validation(config, bb, held_out)
     metrics = {"val_masked_l1": out["metrics"].get("masked_l1", float("nan"))}
-    if "masked_l1" in out["metrics"]:  # paired: the reals are the ground truths (else the persons)
-        metrics |= paired_metrics(config, out["results"], out["reals"])
+    truth = [k for k, paired in enumerate(out["paired"]) if paired]  # the reals of the others are the persons
+    metrics |= paired_metrics(config, [out["results"][k] for k in truth], [out["reals"][k] for k in truth])
     return Validation(grid, metrics)
 
 

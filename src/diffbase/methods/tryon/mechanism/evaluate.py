@@ -24,6 +24,7 @@ def run_pairs(
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows, scores = [], {"masked_l1": [], "psnr": [], "ssim": []}
     results, reals = [], []  # in [0, 1]: the sets FID and KID compare (results against the real photos)
+    paired: list[bool] = []  # per result: its real is its ground truth (else the unpaired person photo)
     for start in range(0, n, batch_size):
         batch = dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))])
         if not batch["index"]:
@@ -35,13 +36,14 @@ def run_pairs(
             scores["psnr"] += psnr(result, target).tolist()
             scores["ssim"] += ssim(result, target).tolist()
         real = target if target is not None else batch["person"]  # unpaired: the test set's own photos
-        results += list((result.clamp(-1, 1) + 1) / 2)
-        reals += list((real.clamp(-1, 1) + 1) / 2)
+        results += list((result.float().clamp(-1, 1) + 1) / 2)
+        reals += list((real.float().clamp(-1, 1) + 1) / 2)
+        paired += [target is not None] * result.shape[0]
         for j in range(result.shape[0]):
             row = [to_pil(batch["person"][j]), to_pil(batch["garment"][j]), to_pil(result[j])]
             rows.append(row + ([to_pil(target[j])] if target is not None else []))
     means = {k: sum(v) / len(v) for k, v in scores.items() if v}
-    return {"rows": rows, "metrics": means, "count": n, "results": results, "reals": reals}
+    return {"rows": rows, "metrics": means, "count": n, "results": results, "reals": reals, "paired": paired}
 
 
 def tryon_validation(config: Any, bb: Backbone, held_out: TryOnDataset) -> tuple[Any, dict[str, Any]]:
