@@ -20,8 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,13 +57,11 @@ def paper_metrics(samples: list[dict]) -> dict[str, float]:
     paired = scores.means(
         [scores.paired(r, images.to_tensor(s["target"])) for r, s in zip(results, samples, strict=True)]
     )
-    got = scores.features_of(net, results)
 
-    def dino(shift: int) -> float:
-        refs = [samples[(i + shift) % len(samples)]["references"] for i in range(len(samples))]
-        sims = [scores.cosine(got[i : i + 1].expand(len(r), -1), scores.features_of(net, [images.to_tensor(x) for x in r]))
-                for i, r in enumerate(refs)]  # fmt: skip
-        return float(torch.cat(sims).mean())
+    def dino(shift: int) -> float:  # each result against each reference of the sample `shift` places on
+        pairs = [(r, images.to_tensor(x)) for i, r in enumerate(results)
+                 for x in samples[(i + shift) % len(samples)]["references"]]  # fmt: skip
+        return scores.dino_score(net, [r for r, _ in pairs], [x for _, x in pairs])
 
     return {"samples": len(samples), **paired, "dino_random_right_refs": dino(0), "dino_random_other_refs": dino(1),
             "subject_l1_sampled": sum(s["subject_l1"] for s in samples) / len(samples)}  # fmt: skip

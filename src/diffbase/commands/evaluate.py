@@ -151,11 +151,11 @@ def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None,
     from diffbase.metrics import images, scores
 
     fakes, real = images.read(results), images.read(refs)
-    out = {"images": len(fakes), "clip_i": mean(scores.clip_scores(*clip, fakes, real))}
+    out = {"images": len(fakes), "clip_i": scores.mean_clip_score(clip, fakes, real)}
     if dino is not None:
-        out["dino"] = float(scores.cosine(scores.features_of(dino, fakes), scores.features_of(dino, real)).mean())
+        out["dino"] = scores.dino_score(dino, fakes, real)
     if prompts is not None:
-        out["clip_t"] = mean(scores.clip_scores(*clip, fakes, prompts))
+        out["clip_t"] = scores.mean_clip_score(clip, fakes, prompts)
     if face is not None:
         from diffbase.metrics import faces
 
@@ -163,7 +163,7 @@ def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None,
         by_ref = dict(zip(unique, faces.embeddings(face, [real[refs.index(p)] for p in unique]), strict=True))
         out |= faces.similarity(faces.embeddings(face, fakes), [by_ref[p] for p in refs])
     if styles is not None:
-        out["style_clip_i"] = mean(scores.clip_scores(*clip, fakes, images.read(styles)))
+        out["style_clip_i"] = scores.mean_clip_score(clip, fakes, images.read(styles))
     return out
 
 
@@ -173,16 +173,12 @@ def run_generate(args: argparse.Namespace) -> None:
     results = images.image_files(args.results, "--results")
     prompts = prompts_for(results, args.prompts)
     report: dict[str, Any] = {"images": len(results)}
-    report["clip_t"] = mean(scores.clip_scores(*features.clip_for_scores(args.clip), images.read(results), prompts))
+    report["clip_t"] = scores.mean_clip_score(features.clip_for_scores(args.clip), images.read(results), prompts)
     if args.real or args.features:
         if not (args.real and args.features):
             raise UserError("--real and --features: FID and KID need both (the real set and the network)")
         report |= distribution_scores(args.features, images.image_files(args.real, "--real"), results)
     finish(report, Path(args.out))
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def finish(report: dict[str, Any], folder: Path) -> None:

@@ -131,3 +131,15 @@ def clip_scores(model: Any, processor: Any, images: list[torch.Tensor], targets:
         value = clip_score(image * 255, target, model_name_or_path=lambda: (model, processor))
         scores.append(float(value) / 100)
     return scores
+
+
+def mean_clip_score(clip: tuple[Any, Any], images: list[torch.Tensor], targets: list[Any]) -> float:
+    """The mean of clip_scores over the pairs: CLIP-T against prompts, CLIP-I against images. `clip`: (model,
+    processor), as diffbase.metrics.features.clip_for_scores gives them."""
+    values = clip_scores(*clip, images, targets)
+    return sum(values) / len(values)
+
+
+def dino_score(net: Any, images: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """DreamBench's DINO score: the mean cosine of the DINO class tokens of each image and its reference."""
+    return float(cosine(features_of(net, images), features_of(net, references)).mean())

@@ -201,17 +201,13 @@ def reference_metrics(
     if {"clip_i", "clip_t"} & set(v.metrics):
         clip = cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip, "training.validation.clip"))
         if "clip_i" in v.metrics:
-            out["val_clip_i"] = mean(scores.clip_scores(*clip, mine, refs))
+            out["val_clip_i"] = scores.mean_clip_score(clip, mine, refs)
         if "clip_t" in v.metrics:
-            out["val_clip_t"] = mean(scores.clip_scores(*clip, fakes, captions))
+            out["val_clip_t"] = scores.mean_clip_score(clip, fakes, captions)
     if "dino" in v.metrics:
         net = cached(f"dino:{v.dino}", lambda: features.load(f"dino:{v.dino}", "training.validation.dino"))
-        out["val_dino"] = float(scores.cosine(scores.features_of(net, mine), scores.features_of(net, refs)).mean())
+        out["val_dino"] = scores.dino_score(net, mine, refs)
     return out
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def image_metrics(config: Config, images: list[Any], prompts: list[str], dataset: Any) -> dict[str, float]:
@@ -227,7 +223,7 @@ def image_metrics(config: Config, images: list[Any], prompts: list[str], dataset
     out: dict[str, float] = {}
     if "clip_t" in v.metrics:
         clip = cached(f"clip-scores:{v.clip}", lambda: features.clip_for_scores(v.clip, "training.validation.clip"))
-        out["val_clip_t"] = mean(scores.clip_scores(*clip, fakes, prompts))
+        out["val_clip_t"] = scores.mean_clip_score(clip, fakes, prompts)
     if {"fid", "kid"} & set(v.metrics):
         net = cached(v.features, lambda: features.load(v.features, "training.validation.features"))
         reals = read([r.image for r in dataset.records[:REFERENCE_IMAGES]])
