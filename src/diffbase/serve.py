@@ -28,6 +28,7 @@ from PIL import Image
 
 from diffbase.errors import UserError
 from diffbase.interface.web import (  # noqa: F401  (the app's pieces, as tests and users import them from here)
+    EXAMPLES,
     FLAGS,
     LOOPBACK,
     ZOO,
@@ -74,11 +75,12 @@ def run_view(folder: str | Path) -> tuple[Image.Image, Image.Image, Image.Image,
         return [(r["step"], r[name]) for r in rows if name in r and "step" in r]
 
     loss = series("loss")
+    smooth = smoothed(loss)
     logged = sorted({k for r in rows for k in r if k.startswith("val_")})
-    scores = [n for n in logged if n in metric_names()]  # other scales (PSNR in dB): in the status line
-    held = {n: series(n) for n in logged if n not in scores}
-    plot = line_plot({"loss": loss, "smoothed": smoothed([p for p in loss])} if loss else {},
-                     title=f"{out.name}: training loss")  # fmt: skip
+    names = set(metric_names())
+    scores = {n: series(n) for n in logged if n in names}  # other scales (PSNR in dB): in the status line
+    held = {n: series(n) for n in logged if n not in names}
+    plot = line_plot({"loss": loss, "smoothed": smooth} if loss else {}, title=f"{out.name}: training loss")
     held_plot = line_plot(held, title="held-out (validation)")
     lr_plot = line_plot({"learning rate": series("lr")}, title="learning rate")
     grids = sorted((out / "validation").glob("step-*.png")) if (out / "validation").is_dir() else []
@@ -88,8 +90,8 @@ def run_view(folder: str | Path) -> tuple[Image.Image, Image.Image, Image.Image,
         shown = f"{len(grids)} validation grid(s), latest {grids[-1].name}"
     else:
         shown = "no validation grid yet (the config's training.validation makes one at its `every` steps and the end)"
-    latest = f"; loss {loss[-1][1]:.4f} (smoothed {smoothed(loss)[-1][1]:.4f})" if loss else ""
-    latest += "".join(f"; {n} {series(n)[-1][1]:.4g}" for n in scores)
+    latest = f"; loss {loss[-1][1]:.4f} (smoothed {smooth[-1][1]:.4f})" if loss else ""
+    latest += "".join(f"; {n} {values[-1][1]:.4g}" for n, values in scores.items())
     return plot, held_plot, lr_plot, grid, f"step {last}{latest}; {shown}"
 
 
@@ -146,7 +148,7 @@ def start_job(app: App, configs: list[str], config: str, steps: float, lr: float
                                                                                 val_every, held, data))  # fmt: skip
     except UserError as err:
         return f"**error:** {user_message(err)}", gr.skip()
-    waiting = sum(1 for row in app.jobs.rows() if row[2] == J.WAITING) - 1
+    waiting = sum(1 for j in list(app.jobs.jobs) if j.state == J.WAITING) - 1  # no metrics read to count them
     ahead = "starting" if waiting <= 0 else f"waiting ({waiting} ahead in the queue)"
     return f"job {job.number}: {ahead}", job.number
 
@@ -369,9 +371,14 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
     return blocks
 
 
+def is_local(host: str) -> bool:
+    """The host names only this machine (loopback)."""
+    return host in LOOPBACK or host.startswith("127.")
+
+
 def check_host(host: str, auth: list[tuple[str, str]]) -> None:
     """Beyond this machine only with a password: anyone on the network could otherwise read and run."""
-    if host not in LOOPBACK and not host.startswith("127.") and not auth:
+    if not is_local(host) and not auth:
         raise UserError(f"--host {host}: binding beyond this machine needs --auth USER:PASS or --auth-file FILE "
                         "(without them, anyone who can reach the port can use the server)")  # fmt: skip
 
@@ -412,10 +419,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, defaults: Defaults | None =
     atexit.register(app.diffbase.jobs.close)  # a running training job stops and saves a checkpoint
     print(f"diffbase web UI on http://{host}:{port} (uploads up to {limits.max_bytes / 2**20:.0f} MB, "
           f"{limits.max_pixels} pixels)", flush=True)  # fmt: skip
-    if host not in LOOPBACK and not host.startswith("127."):
+    if not is_local(host):
         print("note: reachable from the network with a password but without TLS; put it behind HTTPS to keep "
               "the password private", flush=True)  # fmt: skip
-    allowed = [str(p) for p in (ZOO, CONFIGS.parents[1] / "examples", Path(defaults.out)) if p.exists()]
+    allowed = [str(p) for p in (ZOO, EXAMPLES, Path(defaults.out)) if p.exists()]
     app.launch(server_name=host, server_port=port, max_file_size=limits.max_bytes, prevent_thread_lock=not block,
                show_error=True, quiet=True, ssr_mode=False, auth=auth or None, allowed_paths=allowed)  # fmt: skip
     return app
@@ -424,10 +431,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, defaults: Defaults | None =
 def run_serve(args: argparse.Namespace) -> None:
     if min(args.max_upload_mb, args.max_pixels, args.max_seconds, args.max_tiles) <= 0:
         raise UserError("--max-upload-mb / --max-pixels / --max-seconds / --max-tiles: expected positive limits")
-    auth = read_auth(args.auth or [], args.auth_file)
-    check_host(args.host, auth)
-    if args.models_root and not Path(args.models_root).is_dir():
-        raise UserError(f"--models-root: {args.models_root} is not a folder")
+    auth = read_auth(args.auth or [], args.auth_file)  # --host and --models-root: checked by serve, before building
     defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
                         attention=args.attention, quantize=args.quantize, offload=args.offload,
                         offload_blocks=args.offload_blocks, out=args.out,

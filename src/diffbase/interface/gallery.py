@@ -37,10 +37,9 @@ class Gallery:
         data = Path(value).read_bytes()
         target = folder / f"{hashlib.sha256(data).hexdigest()[:20]}{Path(value).suffix.lower() or '.png'}"
         if not target.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            from diffbase.io import atomic_write
+
+            atomic_write(target, lambda tmp: tmp.write_bytes(data))
         return str(target)
 
     def add(self, session: str, tab: str, title: str, image: Image.Image, settings: dict[str, Any],

@@ -97,7 +97,7 @@ class Jobs:
         with self.lock:
             if job.state not in (STOPPED, FAILED):
                 raise UserError(f"job {number}: {job.state}; only a stopped or failed job resumes")
-            if not any((job.out / "checkpoints").glob("step-*")):
+            if not has_checkpoint(job.out):
                 raise UserError(f"job {number}: no checkpoint in {job.out / 'checkpoints'} to resume from")
             job.state, job.resume, job.code, job.message = WAITING, True, None, ""
             self.wake.notify_all()
@@ -127,7 +127,7 @@ class Jobs:
                 if code == 0:
                     job.state, job.message = FINISHED, "exports: " + (", ".join(exports(job.out)) or "none")
                 elif job.state == STOPPING or code in (130, 143, -signal.SIGTERM):
-                    if any((job.out / "checkpoints").glob("step-*")):
+                    if has_checkpoint(job.out):
                         job.state, job.message = STOPPED, "resume continues from the latest checkpoint"
                     else:
                         job.state, job.message = CANCELLED, "stopped before its first checkpoint"
@@ -161,20 +161,20 @@ class Jobs:
                 job.proc.kill()
 
 
-def exports(out: Path) -> list[str]:
-    """A finished run's exports (name -> path, from its exports.json)."""
-    import json
+def has_checkpoint(out: Path) -> bool:
+    """A run folder holds a checkpoint its resume would find (the trainer's own listing)."""
+    from diffbase.training.checkpoint import list_checkpoints
 
-    path = out / "exports.json"
-    if not path.is_file():
-        return []
-    try:
-        return [f"{k}: {v}" for k, v in json.loads(path.read_text()).items()]
-    except ValueError:
-        return []
+    return bool(list_checkpoints(out / "checkpoints"))
+
+
+def exports(out: Path) -> list[str]:
+    """A finished run's exports as lines (name: path)."""
+    return [f"{k}: {v}" for k, v in export_paths(out).items()]
 
 
 def export_paths(out: Path) -> dict[str, str]:
+    """A finished run's exports (name -> path, from its exports.json; none while it has none or a broken one)."""
     import json
 
     path = out / "exports.json"

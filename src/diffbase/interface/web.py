@@ -386,12 +386,15 @@ class App:
              title: str | None = None, names: list[str] | None = None) -> None:  # fmt: skip
         """Run `fn` on the button (one request at a time, stopped at the time limit); Stop ends it at its next step.
         Errors show as one line in the tab's own status, fields named by their labels; results join the session's
-        gallery (self.outputs: its state and view). `names`: the settings' names (default: the fields' labels)."""
+        gallery (self.outputs: its state and view). `names`: the settings' names (default: `fn`'s parameters, one
+        per input)."""
+        import inspect
+
         import gradio as gr
 
         run, stop, status = buttons
         name = (run.elem_id or f"tab{len(self.tabs)}").removesuffix("-run")
-        names = names or [getattr(c, "label", None) or f"input{i}" for i, c in enumerate(inputs)]
+        names = names or list(inspect.signature(fn).parameters)[: len(inputs)]
         request = Request(self.limits)  # this tab's: its Stop stops its own work, not another tab's
         handler = self.handler(name, title or name, fn, inputs, names, request)
         self.tabs[name] = TabInfo(title or name, names, inputs, handler)
@@ -477,6 +480,8 @@ def toy_editors(out: Path) -> tuple[Path, Path]:
     import shutil
     import tempfile
 
+    from diffbase.io import default_mode
+
     toy = ZOO / "flux1-toy"
     shared = ["scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"]
     index = json.loads((toy / "model_index.json").read_text())
@@ -494,18 +499,12 @@ def toy_editors(out: Path) -> tuple[Path, Path]:
             extra = {} if pipeline == "FluxKontextPipeline" else {"image_encoder": None, "feature_extractor": None}
             rows = {k: v for k, v in index.items() if k not in extra}
             (tmp / "model_index.json").write_text(json.dumps(rows | {"_class_name": pipeline}, indent=2))
-            os.chmod(tmp, 0o777 & ~_umask())
+            default_mode(tmp)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return kontext, fill
-
-
-def _umask() -> int:
-    from diffbase.io import umask
-
-    return umask()
 
 
 def widened_transformer(toy: Path, out: Path) -> None:

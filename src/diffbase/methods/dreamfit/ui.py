@@ -68,5 +68,4 @@ def tab(app: App) -> None:
         f_run, f_result = app.action("Generate", "dreamfit")
         app.wire(f_run, dreamfit,
                  [mode, f_garment, f_person, f_mask, f_pose, f_prompt, f_model, f_ckpt, f_size, f_steps, f_seed],
-                 f_result, "DreamFit", ["mode", "garment", "person", "mask", "pose", "prompt", "model", "checkpoint",
-                                        "size", "steps", "seed"])  # fmt: skip
+                 f_result, "DreamFit")  # fmt: skip

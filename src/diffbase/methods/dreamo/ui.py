@@ -62,5 +62,4 @@ def tab(app: App) -> None:
             d_res = gr.Number(label="reference resolution (the toy's 32; 512 for FLUX.1 dev)", value=32, precision=0)
         d_run, d_result = app.action("Customize", "dreamo")
         app.wire(d_run, customize, [r1, t1, r2, t2, d_prompt, d_model, d_dir, d_version, d_size, d_steps, d_seed, d_res],
-                 d_result, "DreamO", ["ref1", "task1", "ref2", "task2", "prompt", "model", "dreamo", "version", "size",
-                                      "steps", "seed", "ref_res"])  # fmt: skip
+                 d_result, "DreamO")  # fmt: skip

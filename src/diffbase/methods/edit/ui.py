@@ -76,5 +76,4 @@ def tab(app: App) -> None:
             return toys[kind] if model in toys.values() or not model else model
 
         kind.change(model_for, [kind, e_model], e_model, queue=False)
-        app.wire(e_run, edit, [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result, "Edit / Fill",
-                 ["kind", "image", "mask", "prompt", "model", "steps", "seed"])  # fmt: skip
+        app.wire(e_run, edit, [kind, e_image, e_mask, e_prompt, e_model, e_steps, e_seed], e_result, "Edit / Fill")

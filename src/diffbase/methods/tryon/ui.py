@@ -80,5 +80,4 @@ def tab(app: App) -> None:
             size, steps, seed = app.sampling("64x48", 20)
         run, result = app.action("Try on", "tryon")
         app.wire(run, tryon, [person, garment, mask, area, box, method, model, weights, size, steps, seed], result,
-                 "Try-on", ["person", "garment", "mask", "area", "box", "method", "model", "weights", "size",
-                            "steps", "seed"])  # fmt: skip
+                 "Try-on")  # fmt: skip

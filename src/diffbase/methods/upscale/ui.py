@@ -47,5 +47,4 @@ def tab(app: App) -> None:
             )
             _, u_steps, u_seed = app.sampling(None, 8)  # the size follows the scale
         u_run, u_result = app.action("Upscale", "upscale")
-        app.wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result, "Upscale",
-                 ["image", "model", "scale", "strength", "steps", "seed"])  # fmt: skip
+        app.wire(u_run, upscale, [u_image, u_model, u_scale, u_strength, u_steps, u_seed], u_result, "Upscale")
