@@ -84,7 +84,6 @@ from diffbase.interface.bench import (
     report_profile,
     reset_peak,
     step_seconds,
-    sync,
     timed,
     train_config,
     verdict,
@@ -453,13 +452,8 @@ def stage_fp8(ctx: Context) -> None:
     def measure() -> dict[str, Any]:
         first = timed(lambda: generate(pipe, spec, runs[0]), ctx.device)  # compiles at these shapes
         reset_peak(ctx.device)
-        images, seconds = [], []
-        for settings in runs:
-            sync(ctx.device)
-            start = time.perf_counter()
-            images.append(generate(pipe, spec, settings))
-            sync(ctx.device)
-            seconds.append(time.perf_counter() - start)
+        images: list[Any] = []
+        seconds = [timed(lambda s=settings: images.append(generate(pipe, spec, s)), ctx.device) for settings in runs]
         return {"images": images, "s": statistics.mean(seconds), "first": first, "peak": peak_bytes(ctx.device)}
 
     label = f"FLUX.1-dev {h}x{w}, {own.gen_steps} steps, {how}"

@@ -45,6 +45,16 @@ def borders(pipe: object, size: tuple[int, int], tile_px: int, overlap_px: int) 
     return xs, ys
 
 
+def source_image() -> Image.Image:
+    """The input: two synthetic people side by side, 128x64."""
+    from diffbase.data.synthetic import make_item
+
+    source = Image.new("RGB", (128, 64))
+    for i in range(2):
+        source.paste(make_item(0, "test", i, (64, 64)).person, (64 * i, 0))
+    return source
+
+
 def main() -> None:
     from diffbase.data.synthetic import make_item
     from diffbase.grid import side_by_side
@@ -57,10 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     pipe, _ = load_pipeline(TOY)
     pipe.set_progress_bar_config(disable=True)
-    people = [make_item(0, "test", i, (64, 64)).person for i in range(4)]
-    source = Image.new("RGB", (128, 64))
-    for i, p in enumerate(people[:2]):
-        source.paste(p, (64 * i, 0))
+    source, person = source_image(), make_item(0, "test", 0, (64, 64)).person  # the first person of the source
     s = UpscaleSettings(scale=2.0, strength=args.strength, steps=args.steps, seed=0, tile=32, overlap=8)
     hard = UpscaleSettings(**{**s.__dict__, "overlap": 0})
     fused = upscale(pipe, source, s)
@@ -92,10 +99,10 @@ def main() -> None:
         }
     ).save(ROOT / "benchmarks" / "upscale_seams.png")
     print("cost as the image grows 4x (one run each, after a warm-up):")
-    upscale(pipe, people[0].resize((16, 16)), UpscaleSettings(scale=2.0, steps=4, tile=32, overlap=8))
+    upscale(pipe, person.resize((16, 16)), UpscaleSettings(scale=2.0, steps=4, tile=32, overlap=8))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for side in (32, 64, 128):
-        image = people[0].resize((side, side), Image.LANCZOS)
+        image = person.resize((side, side), Image.LANCZOS)
         settings = UpscaleSettings(scale=2.0, strength=args.strength, steps=args.steps, tile=32, overlap=8)
         start = time.perf_counter()
         upscale(pipe, image, settings)

@@ -29,23 +29,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from upscale import borders, seam_ratio
+from upscale import borders, seam_ratio, source_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "src" / "diffbase" / "zoo_weights" / "flux1-toy"
 DINO = ROOT / "src" / "diffbase" / "zoo_weights" / "dinov2-tiny"
 INJECTIONS = ("tokens", "aligned")
 JSON, PNG = ROOT / "benchmarks" / "upscale_injection.json", ROOT / "benchmarks" / "upscale_injection.png"
-
-
-def source_image() -> Image.Image:
-    """benchmarks/upscale.py's input: two synthetic people side by side, 128x64."""
-    from diffbase.data.synthetic import make_item
-
-    source = Image.new("RGB", (128, 64))
-    for i in range(2):
-        source.paste(make_item(0, "test", i, (64, 64)).person, (64 * i, 0))
-    return source
 
 
 def train_one(data: Path, out: Path, injection: str, seed: int, steps: int, every: int) -> dict:
@@ -59,9 +49,10 @@ def train_one(data: Path, out: Path, injection: str, seed: int, steps: int, ever
     start = time.perf_counter()
     M.train(config, show_progress=False, overwrite=True)
     seconds = time.perf_counter() - start
+    from diffbase.training.metrics import read_metrics
+
     curve: dict[int, dict[str, float]] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(out / "metrics.jsonl"):
         for key in ("val_loss", "val_loss_adapter_off"):
             if key in row:
                 curve.setdefault(row["step"], {})[key] = row[key]
@@ -69,13 +60,24 @@ def train_one(data: Path, out: Path, injection: str, seed: int, steps: int, ever
             "adapter": str(out / "upscale" / "dino_adapter.safetensors")}  # fmt: skip
 
 
-def seams(adapter: str | None, source: Image.Image, steps: int, strength: float) -> tuple[float, Image.Image, tuple]:
-    """The seam measure of the upscaled source (with the adapter file, or plain), the image and its tile borders."""
-    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings
+def load(adapter: str | None) -> object:
+    """The upscaler as `diffbase upscale` loads it: with the adapter file (and the toy DINOv2), or plain."""
     from diffbase.methods.upscale.method import UPSCALE
 
-    loaded = UPSCALE.load(str(TOY), str(DINO) if adapter else None, adapter)
-    s = UpscaleSettings(scale=2.0, strength=strength, steps=steps, seed=0, tile=32, overlap=8)
+    return UPSCALE.load(str(TOY), str(DINO) if adapter else None, adapter)
+
+
+def settings(steps: int, strength: float) -> object:
+    """The sampling settings of every measure: x2, 32 px tiles fused with 8 px overlap, seed 0."""
+    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings
+
+    return UpscaleSettings(scale=2.0, strength=strength, steps=steps, seed=0, tile=32, overlap=8)
+
+
+def seams(loaded: object, source: Image.Image, s: object) -> tuple[float, Image.Image, tuple]:
+    """The seam measure of the upscaled source, the image and its tile borders."""
+    from diffbase.methods.upscale.method import UPSCALE
+
     image = UPSCALE.run(loaded, {"image": source}, s)
     xs, ys = borders(loaded[0], image.size, 32, 8)
     return seam_ratio(image, xs, ys), image, (xs, ys)
@@ -125,18 +127,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def quality(adapter: str | None, originals: list[Path], steps: int, strength: float) -> dict[str, float]:
+def quality(loaded: object | None, originals: list[Image.Image], s: object) -> dict[str, float]:
     """Mean SSIM / PSNR of the originals downscaled x2 (bicubic) and upscaled back, against the originals; with
-    `adapter` "bicubic": plain bicubic upscaling."""
-    from diffbase.methods.upscale.mechanism.sampling import UpscaleSettings
+    `loaded` None: plain bicubic upscaling."""
     from diffbase.methods.upscale.method import UPSCALE
     from diffbase.metrics import images, scores
 
-    loaded = None if adapter == "bicubic" else UPSCALE.load(str(TOY), str(DINO) if adapter else None, adapter)
-    s = UpscaleSettings(scale=2.0, strength=strength, steps=steps, seed=0, tile=32, overlap=8)
     rows = []
-    for file in originals:
-        original = Image.open(file).convert("RGB")
+    for original in originals:
         small = original.resize((original.width // 2, original.height // 2), Image.BICUBIC)
         result = (
             small.resize(original.size, Image.BICUBIC) if loaded is None else UPSCALE.run(loaded, {"image": small}, s)
@@ -191,22 +189,22 @@ def main() -> None:
         write_dataset(work / "synth64", args.images, 0)
     if not (work / "originals" / "test" / "image").is_dir():
         write_dataset(work / "originals", 0, 8, seed=1)
-    originals = sorted((work / "originals" / "test" / "image").glob("*.png"))
-    source = source_image()
+    originals = [Image.open(f).convert("RGB") for f in sorted((work / "originals" / "test" / "image").glob("*.png"))]
+    source, s = source_image(), settings(args.sample_steps, args.strength)
     report: dict = {"args": vars(args), "runs": []}
-    report["seam_plain"], plain, lines = seams(None, source, args.sample_steps, args.strength)
+    plain_upscaler = load(None)
+    report["seam_plain"], plain, lines = seams(plain_upscaler, source, s)
     report["seam_lanczos"] = seam_ratio(source.resize(plain.size, Image.LANCZOS), *lines)
     print(f"seams: plain {report['seam_plain']:.3f}, Lanczos {report['seam_lanczos']:.3f}", flush=True)
-    for name in ("plain", "bicubic"):
-        report[f"quality_{name}"] = quality(
-            None if name == "plain" else name, originals, args.sample_steps, args.strength
-        )
+    for name, loaded in (("plain", plain_upscaler), ("bicubic", None)):
+        report[f"quality_{name}"] = quality(loaded, originals, s)
         print(f"quality {name}: {report[f'quality_{name}']}", flush=True)
     for seed in args.seeds:
         for injection in INJECTIONS:
             run = train_one(data, work / f"{injection}_{seed}", injection, seed, args.steps, args.every)
-            run["seam"], _, _ = seams(run["adapter"], source, args.sample_steps, args.strength)
-            run["quality"] = quality(run["adapter"], originals, args.sample_steps, args.strength)
+            upscaler = load(run["adapter"])
+            run["seam"], _, _ = seams(upscaler, source, s)
+            run["quality"] = quality(upscaler, originals, s)
             run |= {"injection": injection, "seed": seed}
             report["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "adapter"}), flush=True)
