@@ -374,3 +374,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_runs(launcher: list[str], runs: tuple[list[str], ...], timeout: int, what: str) -> str:
+    """`diffbase train` with each run's arguments, one after the other in the same processes (one start-up):
+    `python -m <launcher...> -m tests.train_runs`. A launch that does not finish is killed with its workers (a
+    collective that never completes); a failure shows a worker's own traceback. Returns what the processes printed."""
+    import signal
+    import sys
+
+    args = [a for run in runs for a in ("--", *run)][1:]
+    cmd = [sys.executable, "-m", *launcher, "-m", "tests.train_runs", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # the workers too, not only the launcher
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"{what} did not finish in {timeout} s: {err[-3000:]}") from None
+    first = err.find("]: Traceback")  # a worker's own, else the launcher's
+    first = first if first >= 0 else err.find("Traceback")
+    assert proc.returncode == 0, err[first : first + 5000] if first >= 0 else err[-3000:]
+    return out
+
+
+def checkpoint_tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """The trained tensors of a run's checkpoint, by file and key (the fp32 weights, whatever the export's dtype)."""
+    from safetensors.torch import load_file
+
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) if f.stem != "rng"
+            for k, v in load_file(str(f)).items()}  # fmt: skip
+
+
+def logged(run: Path, key: str) -> list[float]:
+    """Every value of `key` in a run's metrics.jsonl, in order."""
+    import json
+
+    return [row[key] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in row]

@@ -5,12 +5,7 @@ DINO adapter)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from tests.golden_record import LOSS_RTOL, assert_weights_close
-from tests.helpers import MULTI_REFERENCE, ROOT, SHAPES, free_port, run_cli, write_experiment
+from tests.helpers import (
+    MULTI_REFERENCE,
+    ROOT,
+    SHAPES,
+    checkpoint_tensors,
+    free_port,
+    launch_runs,
+    logged,
+    run_cli,
+    write_experiment,
+)
 from tests.images import image_folder
 
 COMMON = (
@@ -33,19 +38,8 @@ TINY = ROOT / "configs" / "experiments" / "tiny"
 
 def torchrun(*runs: list[str]) -> None:
     """`diffbase train` with each run's arguments, one after the other in the same 2 processes (one start-up)."""
-    args = [a for run in runs for a in ("--", *run)][1:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "tests.train_runs", *args]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a collective that never completes: the workers too, not only torchrun
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError(f"torchrun did not finish in 300 s: {err[-3000:]}") from None
-    assert proc.returncode == 0, err[-3000:]
+    launch_runs(["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], runs, 300,
+                "torchrun")  # fmt: skip
 
 
 def lora(run: Path) -> dict[str, torch.Tensor]:
@@ -108,18 +102,6 @@ def experiments(root: Path) -> dict[str, tuple[Path, list[str]]]:
     }
 
 
-def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
-    """The trained tensors of a checkpoint, by file and key (the fp32 weights, whatever the export's dtype)."""
-    folder = run / "checkpoints" / f"step-{step:06d}"
-    return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) if f.stem != "rng"
-            for k, v in load_file(str(f)).items()}  # fmt: skip
-
-
-def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[Path, list[str]]]]:
     """The three methods trained by 2 processes at batch 1 each (one torchrun), checkpoints at steps 2 and 4."""
@@ -143,13 +125,13 @@ def test_method_in_two_processes_equals_one_with_twice_the_batch_and_resumes_in_
         assert code == 0, err
 
     train(run / "one")
-    two, one = checkpoint(run / "two", STEPS), checkpoint(run / "one", STEPS)
+    two, one = checkpoint_tensors(run / "two", STEPS), checkpoint_tensors(run / "one", STEPS)
     started_at_zero = [v for k, v in one.items() if any(z in k for z in ("lora_B", "ups.", "task", "net.3."))]
     assert started_at_zero and any(v.abs().max() > 0 for v in started_at_zero)  # it did train
     assert_same_weights(two, one)
-    assert losses(run / "two") == pytest.approx(losses(run / "one"), rel=LOSS_RTOL)
+    assert logged(run / "two", "loss") == pytest.approx(logged(run / "one", "loss"), rel=LOSS_RTOL)
 
     # the step-2 checkpoint of the two processes, resumed by one process, ends where both runs ended
     shutil.rmtree(run / "two" / "checkpoints" / f"step-{STEPS:06d}")
     train(run / "two", "--resume", "latest")
-    assert_same_weights(checkpoint(run / "two", STEPS), one)
+    assert_same_weights(checkpoint_tensors(run / "two", STEPS), one)

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.golden_record import LOSS_RTOL, assert_weights_close
-from tests.helpers import ROOT, free_port, run_cli
+from tests.helpers import ROOT, checkpoint_tensors, free_port, launch_runs, logged, run_cli
 
 TINY = ROOT / "configs" / "experiments" / "tiny"
 METHODS = {"lora": (TINY / "sd15_lora.yaml", 1e-2), "full_finetune": (TINY / "sd15_full_finetune.yaml", 1e-3)}
@@ -36,33 +32,10 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 def launch(kind: str, *runs: list[str]) -> None:
     """`diffbase train` with each run's arguments, one after the other, in the same 2 processes of that launch."""
-    args = [a for run in runs for a in ("--", *run)][1:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / LAUNCH_CONFIGS[kind]), "--num_processes", "2", "--mixed_precision",
-           "no", "--main_process_port", str(free_port()), "-m", "tests.train_runs", *args]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:  # a collective that never completes: the workers too, not only the launcher
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        raise AssertionError(f"accelerate launch did not finish in 400 s: {err[-3000:]}") from None
-    first = err.find("]: Traceback")  # a worker's own, else the launcher's
-    first = first if first >= 0 else err.find("Traceback")
-    assert proc.returncode == 0, err[first : first + 5000] if first >= 0 else err[-3000:]
+    out = launch_runs(["accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" /
+                       LAUNCH_CONFIGS[kind]), "--num_processes", "2", "--mixed_precision", "no",
+                       "--main_process_port", str(free_port())], runs, 400, "accelerate launch")  # fmt: skip
     assert out.count(f"training on 2 processes ({SHOWN[kind]})") == len(runs), out[-3000:]
-
-
-def rows(run: Path, key: str) -> list[float]:
-    return [row[key] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in row]
-
-
-def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
-    folder = run / "checkpoints" / f"step-{step:06d}"
-    return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) if f.stem != "rng"
-            for k, v in load_file(str(f)).items()}  # fmt: skip
 
 
 def exported(run: Path) -> dict[str, torch.Tensor]:
@@ -131,9 +104,9 @@ def with_denoiser(model: Path, run: Path, out: Path) -> Path:
 
 def assert_equals_one_process(run: Path, kind: str, lr: float) -> None:
     """The 2-process run (2 steps, resumed to 4) ends where one process with twice the batch ends."""
-    assert_same_weights(checkpoint(run / kind, STEPS), checkpoint(run / "one", STEPS), lr)
-    assert rows(run / kind, "loss") == pytest.approx(rows(run / "one", "loss"), rel=LOSS_RTOL)
-    assert len(rows(run / kind, "loss")) == STEPS
+    assert_same_weights(checkpoint_tensors(run / kind, STEPS), checkpoint_tensors(run / "one", STEPS), lr)
+    assert logged(run / kind, "loss") == pytest.approx(logged(run / "one", "loss"), rel=LOSS_RTOL)
+    assert len(logged(run / kind, "loss")) == STEPS
     assert_same_weights(exported(run / kind), exported(run / "one"), lr)
 
 
@@ -147,8 +120,8 @@ def test_fsdp_in_two_processes_equals_one_with_twice_the_batch_resumes_in_one_an
     # written in the layout one process writes (no per-process optimizer files)
     assert not list((run / "fsdp" / "checkpoints").glob("*/accelerate_state"))
     # the gradient norm is measured on the sharded parameters (the loop's list of them follows the sharding)
-    assert all(g > 0 for g in rows(run / "fsdp", "grad_norm"))
-    assert rows(run / "fsdp", "grad_norm") == pytest.approx(rows(run / "one", "grad_norm"), rel=1e-3)
+    assert all(g > 0 for g in logged(run / "fsdp", "grad_norm"))
+    assert logged(run / "fsdp", "grad_norm") == pytest.approx(logged(run / "one", "grad_norm"), rel=1e-3)
 
     # the exports load in a plain single-process `generate`, and draw what the one-process exports draw
     if name == "lora":
@@ -166,7 +139,7 @@ def test_fsdp_in_two_processes_equals_one_with_twice_the_batch_resumes_in_one_an
     shutil.copytree(run / "fsdp" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     code, err = train_one(model, name, resumed, "--resume", "latest")
     assert code == 0, err
-    assert_same_weights(checkpoint(resumed, STEPS), checkpoint(run / "one", STEPS), lr)
+    assert_same_weights(checkpoint_tensors(resumed, STEPS), checkpoint_tensors(run / "one", STEPS), lr)
 
 
 @needs_deepspeed
