@@ -41,12 +41,17 @@ DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 OVER_BF16 = {"fp8": 0.63, "int8": 0.52, "qint8": 0.51, "nf4": 0.28, "fp8dq": 0.52, "int8dq": 0.52}
 
 
+def components_of(value: str | dict[str, str] | None) -> dict[str, str]:
+    """model.quantize as {component: kind}: one kind names the denoiser's."""
+    return {"denoiser": value} if isinstance(value, str) else dict(value or {})
+
+
 def plan(value: str | dict[str, str] | None, components: list[str], where: str = "model.quantize") -> dict[str, str]:
     """{component: kind} for what is quantized, each name and kind checked (`components`: the denoiser and the
     text encoders' keys)."""
     if value in (None, "", "none"):
         return {}
-    table = {"denoiser": value} if isinstance(value, str) else dict(value)
+    table = components_of(value)
     for component, kind in table.items():
         if component not in components:
             raise UserError(f"{where}: unknown component '{component}'; expected one of {components}")
@@ -57,8 +62,7 @@ def plan(value: str | dict[str, str] | None, components: list[str], where: str =
 
 def check_trainable_backend(value: str | dict[str, str] | None, where: str = "model.quantize") -> None:
     """Before loading a training run: no component on an inference-only backend (fp8dq, int8dq)."""
-    table = {"denoiser": value} if isinstance(value, str) else dict(value or {})
-    for component, kind in table.items():
+    for component, kind in components_of(value).items():
         if kind in INFERENCE_ONLY:
             name = where if isinstance(value, str) else f"{where}.{component}"
             raise UserError(f"{name}: {kind} quantizes activations for generation and does not train; use int8, "
