@@ -23,9 +23,7 @@ STAGES=train,lowmem,compile,fp8
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then STAGES=$1; shift; fi
 mkdir -p "$OUT"
 
-install() {
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl ||
-        return 1
+install() {  # one pip call: .whl/*.whl, and of .whl/if-missing what the image lacks or has too old
     local missing wheels
     missing=$("$PY" - .whl/if-missing/*.whl <<'EOF'
 import sys
@@ -46,8 +44,9 @@ for wheel in sys.argv[1:]:
         print(f"{name}: image has {have or 'none'}; installing {Path(wheel).name.split('-')[1]}", file=sys.stderr)
 EOF
 ) || return 1
-    [ -z "$missing" ] && return 0
-    mapfile -t wheels <<<"$missing"
+    wheels=(.whl/*.whl)
+    [ ${#wheels[@]} -gt 0 ] || return 1
+    [ -n "$missing" ] && mapfile -t -O ${#wheels[@]} wheels <<<"$missing"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
 }
 
