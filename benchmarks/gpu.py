@@ -421,11 +421,14 @@ FP8_PROMPTS = (
 
 
 def psnr(a: Any, b: Any) -> float:
-    """PSNR of two 8-bit pictures, dB (inf when equal)."""
-    import numpy as np
+    """PSNR of two RGB pictures, dB (inf when equal): diffbase.metrics.scores.psnr, as validation computes it."""
+    from diffbase.data.datasets import to_tensor
+    from diffbase.metrics.scores import psnr as per_image
 
-    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    def unit(picture: Any) -> torch.Tensor:
+        return (to_tensor(picture.convert("RGB"))[None] + 1) / 2
+
+    return float(per_image(unit(a), unit(b))[0])
 
 
 def fp8_seconds(ctx: Context) -> float:
