@@ -31,6 +31,7 @@ class Job:
     code: int | None = None
     message: str = ""
     proc: Any = field(default=None, repr=False)
+    seen: tuple[Any, int] = field(default=(None, 0), repr=False, compare=False)  # step()'s: (file_key, step)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "diffbase.cli", "train", self.config, *self.overrides,
@@ -38,11 +39,21 @@ class Job:
         return cmd + (["--resume", "latest"] if self.resume else [])
 
     def row(self) -> list[Any]:
+        """The jobs table's row (the Train tab redraws it every 2 s)."""
+        return [self.number, Path(self.config).name, self.state, self.step(), self.message, str(self.out)]
+
+    def step(self) -> int:
+        """The last logged training step; metrics.jsonl is read again only when it changed (its stat key), so the
+        Train tab's timer costs a stat per job, not a read of every job's whole log."""
         from diffbase.training.metrics import read_metrics
 
-        rows = read_metrics(self.out / "metrics.jsonl")
-        step = max((r.get("step", 0) for r in rows if "loss" in r), default=0)
-        return [self.number, Path(self.config).name, self.state, step, self.message, str(self.out)]
+        key = file_key(self.out / "metrics.jsonl")
+        if key is None:
+            return 0
+        if key != self.seen[0]:
+            rows = read_metrics(self.out / "metrics.jsonl")
+            self.seen = key, max((r.get("step", 0) for r in rows if "loss" in r), default=0)
+        return self.seen[1]
 
 
 class Jobs:
@@ -159,6 +170,23 @@ class Jobs:
                 job.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 job.proc.kill()
+
+
+def file_key(path: Path) -> tuple[str, int, int] | None:
+    """(path, mtime_ns, size), None while it is missing: it changes whenever the file is written (a folder's,
+    whenever an entry is added or renamed), so what is read or drawn from it is redone only then."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def view_key(job: Job) -> tuple[Any, ...]:
+    """What the Train tab shows of a job is drawn from: its number and state, its metrics.jsonl, its validation
+    folder (a grid can be written without a metrics row) and its log. Equal keys: the page's view is current."""
+    return (job.number, job.state, file_key(job.out / "metrics.jsonl"), file_key(job.out / "validation"),
+            file_key(job.log))  # fmt: skip
 
 
 def has_checkpoint(out: Path) -> bool:

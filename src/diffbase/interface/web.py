@@ -86,10 +86,10 @@ class Models:
 FLAGS = {"SD1.5 model folder": "--model", "FLUX.1 model folder": "--model", "Kontext, FLUX.2 or Fill model folder":
          "--model", "trained attention weights (a run's vton/ folder)": "--weights", "DreamFit checkpoint":
          "--checkpoint", "DreamO folder": "--dreamo", "method": "--method", "mode": "--mode"}  # fmt: skip
-# The fields that name a file or folder on the server: with --models-root, each must be under it.
+# The wired tabs' fields (App.wire) that name a file or folder on the server: with --models-root, App.handler
+# keeps each under it. (The Train and monitor tabs are not wired: they call App.check_path on their own fields.)
 PATH_FIELDS = {"SD1.5 model folder", "FLUX.1 model folder", "Kontext, FLUX.2 or Fill model folder",
-               "trained attention weights (a run's vton/ folder)", "DreamFit checkpoint", "DreamO folder",
-               "a `diffbase train` output folder", "training data folder (data.train_path)"}  # fmt: skip
+               "trained attention weights (a run's vton/ folder)", "DreamFit checkpoint", "DreamO folder"}  # fmt: skip
 
 
 def checked_size(text: str, multiple: int, limits: Limits) -> tuple[int, int]:
@@ -162,6 +162,23 @@ def painted_mask(value: Any, what: str, limits: Limits, image: Image.Image) -> I
     if area is None or area.getextrema()[1] == 0:
         return None
     return area
+
+
+def chosen_mask(canvas: Any, mask: str | None, limits: Limits, image: Image.Image, painted_what: str,
+                mask_what: str, missing: str) -> Image.Image:  # fmt: skip
+    """The area a tab works on, given as a mask file or painted on the picture's canvas (one rule for every tab
+    that takes either). Precedence: the painted strokes are checked first (their errors name the canvas field);
+    both given is refused, naming the mask file field (it sits in a closed accordion, so silently preferring
+    either would surprise whoever forgot it there); neither given is refused naming the canvas field, with
+    `missing` saying what to paint."""
+    painted = painted_mask(canvas, painted_what, limits, image)
+    if mask and painted is not None:
+        raise UserError(f"{mask_what}: give a mask file or paint the area on the picture, not both (clear one)")
+    if mask:
+        return checked_mask(mask, mask_what, limits, image)
+    if painted is None:
+        raise UserError(f"{painted_what}: {missing} (or give a mask file)")
+    return painted
 
 
 def _max(a: Image.Image, b: Image.Image) -> Any:
