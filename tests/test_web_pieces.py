@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -113,3 +115,64 @@ def test_every_path_field_is_a_field_of_a_wired_tab(app) -> None:
     labels = {getattr(c, "label", None) for tab in app.tabs.values() for c in tab.components}
     assert not PATH_FIELDS - labels, PATH_FIELDS - labels
     assert not set(FLAGS) - labels, set(FLAGS) - labels
+
+
+def plain(value: Any) -> Any:
+    """A component's first value as its preprocess hands it to the tab (gradio's file records as paths)."""
+    if isinstance(value, dict) and "path" in value and "url" in value:
+        return value["path"]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, list) else value
+
+
+def test_the_edit_and_dreamfit_tabs_take_a_mask_file_or_a_painted_area_alike(app, tmp_path: Path) -> None:
+    """Both tabs through the one rule (web.chosen_mask): both given, or neither, is the same one-line refusal."""
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (4, 4, 20, 20))
+    layer.save(tmp_path / "layer.png")
+    tabs = {"edit": ("image", {"kind": "inpaint", "model": app.defaults.fill}),
+            "dreamfit": ("person", {"mode": "tryon"})}  # fmt: skip
+    said: dict[str, list[str]] = {}
+    for name, (picture, fixed) in tabs.items():
+        info = app.tabs[name]
+        for mask, layers in ((str(tmp_path / "mask.png"), [str(tmp_path / "layer.png")]), (None, [])):
+            values = dict(zip(info.names, (plain(c.value) for c in info.components), strict=True)) | fixed
+            values["mask"], values[picture] = mask, values[picture] | {"layers": layers}
+            image, status, _ = info.handler(*values.values(), session="masks")
+            assert image is None and "\n" not in status, status
+            said.setdefault(name, []).append(status.removeprefix("**error:** "))
+    (edit_both, edit_neither), (fit_both, fit_neither) = said["edit"], said["dreamfit"]
+    both = ": give a mask file or paint the area on the picture, not both (clear one)"
+    assert (edit_both, fit_both) == ("mask file (inpaint)" + both, "mask file (try-on)" + both)
+    assert edit_neither == "image (paint the area to fill): paint the area to fill on the image (or give a mask file)"
+    assert fit_neither.startswith("person (try-on: paint the garment area): paint the garment area")
+    assert fit_neither.endswith("(or give a mask file)")
+
+
+def test_the_train_tab_draws_a_jobs_view_again_only_when_it_changed(tmp_path: Path, monkeypatch) -> None:
+    """The timer's tick (every 2 s) with nothing new: no plot drawn, the page keeps its own (gr.skip())."""
+    import gradio as gr
+
+    from diffbase import serve
+    from diffbase.interface.jobs import Jobs
+
+    jobs = Jobs(tmp_path)
+    jobs.close()  # no worker: the job stays as written here
+    job = jobs.submit("configs/x.yaml", [])
+    job.out.mkdir(parents=True)
+    (job.out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "lr": 0.1}) + "\n")
+    drawn: list[Path] = []
+    real = serve.run_view
+    monkeypatch.setattr(serve, "run_view", lambda folder: drawn.append(folder) or real(folder))
+    app = SimpleNamespace(jobs=jobs)
+    first = serve.job_view(app, None)  # type: ignore[arg-type]
+    again = serve.job_view(app, None, first[-1])  # type: ignore[arg-type]
+    assert len(drawn) == 1 and first[1] is not None and first[-1] is not None
+    assert again[0] == first[0] and all(isinstance(v, type(gr.skip())) for v in again[1:-1])
+    assert again[-1] == first[-1]
+    with (job.out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "loss": 0.4, "lr": 0.1}) + "\n")
+    third = serve.job_view(app, None, again[-1])  # type: ignore[arg-type]
+    assert len(drawn) == 2 and third[-1] != first[-1] and third[0][0][3] == 2 and "step 2" in third[5]

@@ -185,23 +185,30 @@ def job_action(app: App, action: str, number: float | None) -> str:
         return f"**error:** {user_message(err)}"
 
 
-def job_view(app: App, number: float | None) -> tuple[Any, ...]:
-    """The jobs table, the chosen (or latest) job's plots and grid, its status and last log line."""
+def job_view(app: App, number: float | None, shown: Any = None) -> tuple[Any, ...]:
+    """The jobs table, the chosen (or latest) job's plots and grid, its status and last log line, and the key of
+    what they were drawn from (the page's state, `shown`): while it is unchanged (the timer asks every 2 s), the
+    plots, grid, status and log line are left as the page has them (gr.skip()), not read and drawn again."""
+    import gradio as gr
+
     from diffbase.interface import jobs as J
 
     rows = app.jobs.rows()
     if not rows:
-        return rows, None, None, None, None, "no jobs yet", ""
+        return rows, None, None, None, None, "no jobs yet", "", None
     try:
         job = app.jobs.get(int(number) if number else rows[-1][0])
     except UserError as err:
-        return rows, None, None, None, None, user_message(err), ""
+        return rows, None, None, None, None, user_message(err), "", None
+    key = J.view_key(job)
+    if key == shown:
+        return rows, *[gr.skip()] * 6, shown
     log = J.last_error(job.log) if job.log.is_file() else ""
     try:
         plot, held, lr, grid, status = run_view(job.out)
     except UserError:
-        return rows, None, None, None, None, f"job {job.number}: {job.state} (no metrics yet)", log
-    return rows, plot, held, lr, grid, f"job {job.number}: {job.state}; {status}", log
+        return rows, None, None, None, None, f"job {job.number}: {job.state} (no metrics yet)", log, key
+    return rows, plot, held, lr, grid, f"job {job.number}: {job.state}; {status}", log, key
 
 
 def train_tab(app: App) -> None:
@@ -245,12 +252,13 @@ def train_tab(app: App) -> None:
             rate = gr.Image(label="learning rate", type="pil", format="png")
             grid = gr.Image(label="latest validation grid", type="pil", format="png")
         log = gr.Textbox(label="the job's last log line", lines=1)
-        shown = [table, plot, held, rate, grid, progress, log]
+        drawn = gr.State(None)  # the key of what this page's plots show (job_view draws again when it changes)
+        shown = [table, plot, held, rate, grid, progress, log, drawn]
         go.click(start, [config, steps, lr, batch, every, val_every, split, data], [message, number],
                  api_name="train_start", queue=False).then(view, number, shown, queue=False)  # fmt: skip
         stop.click(lambda n: job_action(app, "stop", n), number, message, api_name="train_stop", queue=False)
         resume.click(lambda n: job_action(app, "resume", n), number, message, api_name="train_resume", queue=False)
-        gr.Timer(2.0).tick(view, number, shown, queue=False, show_progress="hidden")
+        gr.Timer(2.0).tick(view, [number, drawn], shown, queue=False, show_progress="hidden")
         app.train_use = (use, number, message)  # wired once every tab exists (serve.use_export)
 
 

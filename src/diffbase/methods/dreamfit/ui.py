@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from diffbase.errors import UserError
-from diffbase.interface.web import App, checked_image, checked_mask, checked_size, example, painted_mask
+from diffbase.interface.web import App, checked_image, checked_size, chosen_mask, example
 
 
 def tab(app: App) -> None:
@@ -36,13 +36,8 @@ def tab(app: App) -> None:
         if mode == "tryon":
             what = "person (try-on: paint the garment area)"
             inputs["person"] = checked_image(person, what, app.limits)
-            painted = painted_mask(person, what, app.limits, inputs["person"])
-            if mask:
-                inputs["mask"] = checked_mask(mask, "mask file (try-on)", app.limits, inputs["person"])
-            elif painted is not None:
-                inputs["mask"] = painted
-            else:
-                raise UserError(f"{what}: paint the garment area on the person (or give a mask file)")
+            inputs["mask"] = chosen_mask(person, mask, app.limits, inputs["person"], what, "mask file (try-on)",
+                                         "paint the garment area on the person")  # fmt: skip
         progress(0, desc="loading the model")
         loaded = app.models.get(("dreamfit", model, checkpoint),
                                 lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()))  # fmt: skip

@@ -7,20 +7,9 @@ from typing import Any
 
 from PIL import Image
 
-from diffbase.errors import UserError
-from diffbase.interface.web import App, checked_image, checked_mask, example, painted_mask
+from diffbase.interface.web import App, checked_image, chosen_mask, example
 
 MODEL = "Kontext, FLUX.2 or Fill model folder"
-
-
-def fill_area(app: App, image: Any, mask: str | None, what: str, picture: Image.Image) -> Image.Image:
-    """The area Fill inpaints: the mask file when given, else the strokes painted on the image."""
-    if mask:
-        return checked_mask(mask, "mask file (inpaint)", app.limits, picture)
-    painted = painted_mask(image, what, app.limits, picture)
-    if painted is None:
-        raise UserError(f"{what}: paint the area to fill on the image (or give a mask file)")
-    return painted
 
 
 def tab(app: App) -> None:
@@ -46,7 +35,10 @@ def tab(app: App) -> None:
             check_pipeline(spec, kind, model)
         what = "image (paint the area to fill)"
         picture = checked_image(image, what, app.limits)
-        area = fill_area(app, image, mask, what, picture) if kind == "inpaint" else None
+        area = None
+        if kind == "inpaint":
+            area = chosen_mask(image, mask, app.limits, picture, what, "mask file (inpaint)",
+                                "paint the area to fill on the image")  # fmt: skip
         pipe, spec = app.models.get(("edit", kind, model),
                                     lambda: load_editing(model, kind, **app.rt.loader()))  # fmt: skip
         steps_progress.pipeline(pipe, kind, show=True)
