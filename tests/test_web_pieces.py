@@ -176,3 +176,33 @@ def test_the_train_tab_draws_a_jobs_view_again_only_when_it_changed(tmp_path: Pa
         f.write(json.dumps({"step": 2, "loss": 0.4, "lr": 0.1}) + "\n")
     third = serve.job_view(app, None, again[-1])  # type: ignore[arg-type]
     assert len(drawn) == 2 and third[-1] != first[-1] and third[0][0][3] == 2 and "step 2" in third[5]
+
+
+def test_a_tabs_fresh_model_gets_the_runtimes_attention_and_compile_once(app, tmp_path: Path, monkeypatch) -> None:
+    """As the commands do after loading (Runtime.use: the attention choice, and --compile's blocks): the web tabs
+    too, once per model loaded (serve --compile was parsed and then ignored before)."""
+    from diffbase.runtime import Runtime
+
+    used: list[tuple[list[Any], bool]] = []
+    monkeypatch.setattr(Runtime, "use", lambda self, models, backend=True: used.append((models, backend)))
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 255), (4, 4, 20, 20))
+    layer.save(tmp_path / "layer.png")
+    info = app.tabs["edit"]
+    values = dict(zip(info.names, (plain(c.value) for c in info.components), strict=True))
+    values |= {"kind": "inpaint", "model": app.defaults.fill, "mask": None, "steps": 2}
+    values["image"] = values["image"] | {"layers": [str(tmp_path / "layer.png")]}
+    for _ in range(2):  # the second request finds the model loaded: not prepared again
+        image, status, _ = info.handler(*values.values(), session="use")
+        assert image is not None, status
+    pipe, _ = app.models.value
+    assert used == [([pipe.transformer], True)]
+
+
+def test_serve_compile_reaches_the_runtime(monkeypatch) -> None:
+    from diffbase import cli, serve
+
+    seen = []
+    monkeypatch.setattr(serve, "serve", lambda host, port, defaults, limits, auth=None: seen.append(defaults))
+    assert cli.main(["serve", "--device", "cpu", "--compile"]) == 0
+    assert seen[0].compile == "default"

@@ -350,7 +350,7 @@ def build_app(defaults: Defaults, limits: Limits) -> Any:
     from diffbase.runtime import resolve
 
     rt = resolve(defaults.device, defaults.dtype, defaults.attention, defaults.offload, quantize=defaults.quantize,
-                 offload_blocks=defaults.offload_blocks)  # once, every tab  # fmt: skip
+                 offload_blocks=defaults.offload_blocks, compile_on=defaults.compile)  # once, every tab  # fmt: skip
     rt.use_attention([])  # the process's SDPA kernels (a diffusers backend name needs the models: the CLI's)
     out = Path(defaults.out)
     if defaults.models_root and not Path(defaults.models_root).is_dir():
@@ -442,7 +442,7 @@ def run_serve(args: argparse.Namespace) -> None:
     auth = read_auth(args.auth or [], args.auth_file)  # --host and --models-root: checked by serve, before building
     defaults = Defaults(tryon_weights=args.tryon_weights or "", device=args.device, dtype=args.dtype,
                         attention=args.attention, quantize=args.quantize, offload=args.offload,
-                        offload_blocks=args.offload_blocks, out=args.out,
+                        offload_blocks=args.offload_blocks, compile=args.compile, out=args.out,
                         models_root=args.models_root or "")  # fmt: skip
     limits = Limits(int(args.max_upload_mb * 2**20), args.max_pixels, args.max_seconds, args.max_tiles)
     serve(args.host, args.port, defaults, limits, auth=auth)

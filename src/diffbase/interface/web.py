@@ -54,6 +54,7 @@ class Defaults:
     quantize: str = "none"  # every tab's denoiser
     offload: str = "none"  # every tab's pipeline (none, model, blocks, sequential)
     offload_blocks: int = 1
+    compile: bool | str = False  # every tab's denoiser: its repeated blocks compiled (the first request pays)
     out: str = "outputs/serve"  # the gallery, the training runs started from the page, the toy edit models
     models_root: str = ""  # set: every path field must name something under it (or the shipped zoo, or `out`)
 
@@ -318,6 +319,19 @@ class App:
     outputs: list[Any] = field(default_factory=list)  # the gallery's state and view a run updates (serve sets them)
     jobs: Any = None  # interface.jobs.Jobs: the Train tab's queue
     train_use: Any = None  # the Train tab's "use its export" button, wired once every tab exists
+
+    def load(self, key: tuple, load: Callable[[], Any], denoisers: Callable[[Any], list[Any]],
+             backend: bool = True) -> Any:  # fmt: skip
+        """The model for a request (the last one loaded, when `key` is the same). A fresh one gets what the
+        commands give theirs once loaded: the attention choice on its denoisers and, with --compile, their repeated
+        blocks compiled (`backend` False: the method's own attention processors stay; runtime.Runtime.use)."""
+
+        def ready() -> Any:
+            value = load()
+            self.rt.use(denoisers(value), backend)
+            return value
+
+        return self.models.get(key, ready)
 
     # -- the fields
 

@@ -39,8 +39,8 @@ def tab(app: App) -> None:
             inputs["mask"] = chosen_mask(person, mask, app.limits, inputs["person"], what, "mask file (try-on)",
                                          "paint the garment area on the person")  # fmt: skip
         progress(0, desc="loading the model")
-        loaded = app.models.get(("dreamfit", model, checkpoint),
-                                lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()))  # fmt: skip
+        loaded = app.load(("dreamfit", model, checkpoint), lambda: DREAMFIT.load(model, checkpoint, **app.rt.loader()),
+                          lambda v: [v[0].transformer], backend=False)  # its own processors call PyTorch's SDPA  # fmt: skip
         steps_progress.pipeline(loaded[0], "dreamfit", show=True)
         settings = DreamFitSettings(prompt=prompt, mode=mode, steps=int(steps), seed=int(seed), height=h, width=w)
         return DREAMFIT.run(loaded, inputs, settings)

@@ -37,8 +37,8 @@ def tab(app: App) -> None:
         if not any(slots):
             raise UserError("references: upload at least one")
         check_prompt(prompt, slots, "prompt")
-        loaded = app.models.get(("dreamo", model, dreamo, version),
-                            lambda: DREAMO.load(model, dreamo, version, **app.rt.loader()))  # fmt: skip
+        loaded = app.load(("dreamo", model, dreamo, version),
+                          lambda: DREAMO.load(model, dreamo, version, **app.rt.loader()), lambda v: [v[0].transformer])  # fmt: skip
         settings = DreamOSettings(prompt=prompt, height=h, width=w, steps=int(steps), seed=int(seed),
                                   guidance=recipe(version).guidance)  # fmt: skip
         return DREAMO.run(loaded, {"references": slots, "resolution": int(ref_res)}, settings)

@@ -39,8 +39,8 @@ def tab(app: App) -> None:
         if kind == "inpaint":
             area = chosen_mask(image, mask, app.limits, picture, what, "mask file (inpaint)",
                                 "paint the area to fill on the image")  # fmt: skip
-        pipe, spec = app.models.get(("edit", kind, model),
-                                    lambda: load_editing(model, kind, **app.rt.loader()))  # fmt: skip
+        pipe, spec = app.load(("edit", kind, model), lambda: load_editing(model, kind, **app.rt.loader()),
+                              lambda v: [getattr(v[0], v[1].denoiser)])  # fmt: skip
         steps_progress.pipeline(pipe, kind, show=True)
         w, h = (max(16, side // 16 * 16) for side in picture.size)  # the picture's size, as the family needs it
         settings = EditSettings(prompt=prompt, seed=int(seed), steps=int(steps), height=h, width=w, keep_size=True)

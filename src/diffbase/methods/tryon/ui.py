@@ -54,8 +54,8 @@ def tab(app: App) -> None:
         garment_img = checked_image(garment, "garment", app.limits)
         mask_img = area_mask(person, person_img, mask, area, box, app)
         progress(0, desc="loading the model")
-        bb = app.models.get(("tryon", model, weights, method),
-                            lambda: VTON.load(model, weights or None, method, **app.rt.loader()))  # fmt: skip
+        bb = app.load(("tryon", model, weights, method), lambda: VTON.load(model, weights or None, method, **app.rt.loader()),
+                      lambda v: [v.denoiser], backend=False)  # try-on's own attention processors stay  # fmt: skip
         progress(0.1, desc="sampling")
         settings = TryOnSettings(steps=int(steps), seed=int(seed))
         return VTON.run(bb, {"person": person_img, "garment": garment_img, "mask": mask_img}, settings, (h, w))

@@ -34,7 +34,8 @@ def tab(app: App) -> None:
             raise UserError(
                 f"scale: a {w}x{h} result takes {tiles} tiles, more than this server's {app.limits.max_tiles}"
             )
-        loaded = app.models.get(("upscale", model), lambda: UPSCALE.load(model, **app.rt.loader()))
+        loaded = app.load(("upscale", model), lambda: UPSCALE.load(model, **app.rt.loader()),
+                          lambda v: [v[0].transformer])  # fmt: skip
         return UPSCALE.run(loaded, {"image": picture, "progress": True}, settings)
 
     with gr.Tab("Upscale", id="upscale"):
