@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffbase.config import configs_dir
 from tests.helpers import run_cli, tmpfs
 
 
@@ -39,6 +40,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["text"].write_text("not weights")
     out["folder"] = root / "a-folder.png"
     out["folder"].mkdir()
+    out["prompts"] = root / "prompts.txt"
+    out["prompts"].write_text("a cat\n")
+    out["broken"] = root / "broken"  # a folder whose one image is a text file
+    out["broken"].mkdir()
+    (out["broken"] / "x.png").write_text("not an image")
+    out["originals"] = root / "originals"
+    out["originals"].mkdir()
+    made["person"].save(out["originals"] / "x.png")
     out["dreamo"] = root / "dreamo"
     out["dreamo"].mkdir()
     (out["dreamo"] / "dreamo.safetensors").write_bytes(b"")
@@ -138,6 +147,22 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
         ),
         "dtype not a choice": ([*edit, "--dtype", "float64"], "--dtype: invalid choice: 'float64'"),
         "upscale without its input": ([upscale[0], *upscale[2:]], "the following arguments are required: input"),
+        "generate prompts into a read-only folder": (
+            [generate[0], "--model", str(m["flux1"]), "--prompts", str(f["prompts"]), "--out", str(ro / "batch")],
+            "--out: cannot write in",
+        ),
+        "eval upscale an unreadable original": (
+            ["eval", "upscale", "--originals", str(f["broken"]), "--model", str(m["flux1"]), "--out", str(out)],
+            "--originals: " + str(f["broken"] / "x.png") + ": not a readable image",
+        ),
+        "eval upscale into a read-only folder": (
+            ["eval", "upscale", "--originals", str(f["originals"]), "--model", str(m["flux1"]), "--out", str(ro)],
+            "--out: cannot write in",
+        ),
+        "cache into a read-only folder": (
+            ["cache", str(configs_dir() / "experiments/tiny/sd15_lora.yaml"), f"experiment.output_dir={ro / 'run'}"],
+            "experiment.output_dir: cannot write in",
+        ),
     }
 
 
@@ -161,7 +186,8 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 CASE_IDS = list(cases({k: Path(k) for k in ("person", "garment", "mask", "black", "small_mask", "wide", "pickle",
-                                            "checkpoint", "text", "folder", "dreamo")},
+                                            "checkpoint", "text", "folder", "dreamo", "prompts", "broken",
+                                            "originals")},
                       {k: Path(k) for k in ("kontext", "fill", "flux1", "sd15")}, Path("o"), Path("ro")))  # fmt: skip
 
 

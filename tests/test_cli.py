@@ -101,3 +101,23 @@ def test_generate_records_the_guidance_it_used(tiny_model, tmp_path) -> None:
     info = Image.open(tmp_path / "a.png").text
     assert json.loads(info["diffbase"])["guidance"] == 7.5  # StableDiffusionPipeline's default
     assert info["parameters"].startswith("a cat\n")
+
+
+def test_output_folders_are_checked_before_the_work_and_train_shows_no_bar_off_a_terminal(tmp_path: Path) -> None:
+    from tests.helpers import SHAPES
+
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    for argv, flag in ((["zoo", "tiny", "sd15", str(in_the_way)], "out_dir"), (["parity", "--out", str(in_the_way)],
+                       "--out"), (["zoo", "pretrain", "sd15-toy", str(in_the_way)], "out")):  # fmt: skip
+        code, _, err = run_cli(*argv)  # were tracebacks (NotADirectoryError), parity after minutes of work
+        assert code == 2 and err == f"error: {flag}: {in_the_way} is a file; expected a folder\n", err
+    code, _, err = run_cli("zoo", "pretrain", "sd15-toy", str(tmp_path / "m"), "--unet-steps", "-1")
+    assert code == 2 and err.startswith("error: --unet-steps: expected a whole number at least 0"), err
+    exp, out = str(configs_dir() / "experiments/tiny/sd15_lora.yaml"), tmp_path / "run"
+    common = [f"data.train_path={SHAPES}", f"experiment.output_dir={out}", "training.checkpoint_every=0"]
+    code, _, err = run_cli("train", exp, *common, "training.validation.size=[33,33]")
+    assert code == 2 and "training.validation.size: expected [height, width], each a multiple of 8 px" in err, err
+    assert not out.exists()  # was a traceback after the steps were trained
+    code, _, err = run_cli("train", exp, *common, "training.max_steps=1", "training.validation.steps=1")
+    assert code == 0 and "step/s" not in err and "train lora" not in err, err  # the bar showed with --quiet too

@@ -162,3 +162,25 @@ def test_a_config_read_from_python_first_knows_every_family_and_method() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["dreamo"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("training.max_steps=0", "training.max_steps: expected a whole number at least 1, got 0"),
+        ("training.max_steps=-5", "training.max_steps: expected a whole number at least 1, got -5"),
+        ("training.batch_size=0", "training.batch_size: expected a whole number at least 1, got 0"),
+        ("training.gradient_accumulation=0", "training.gradient_accumulation:"),
+        ("training.epochs=0", "training.epochs:"),
+        ("training.learning_rate=-1", "training.learning_rate: expected a number above 0, got -1"),
+        ("training.learning_rate=0", "training.learning_rate:"),
+        ("training.learning_rate=.nan", "training.learning_rate:"),
+    ],
+)
+def test_counts_and_the_learning_rate_no_run_can_use_are_refused_at_load(
+    experiment: Path, override: str, expected: str
+) -> None:
+    # max_steps 0 used to "train" and export an untouched LoRA (exit 0); batch 0 and a negative rate were tracebacks
+    with pytest.raises(UserError, match="^" + expected.replace(".", r"\.")):
+        load_config(experiment, [override])
+    assert load_config(experiment, ["training.max_steps=1"]).training.max_steps == 1

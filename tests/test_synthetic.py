@@ -59,6 +59,23 @@ def test_data_synth_writes_the_layouts_the_methods_read(tmp_path: Path) -> None:
     ).read_bytes()
 
 
+def test_data_commands_refuse_a_size_or_folder_they_cannot_write_in_one_line(tmp_path: Path) -> None:
+    # were tracebacks (odd sizes broke the 4x drawing; a file in the way of the folder) with half-written folders
+    in_the_way = tmp_path / "file.png"
+    in_the_way.write_text("x")
+    for argv, expected in (
+        (["synth", str(tmp_path / "a"), "--n", "2", "--size", "7x7"], "--size: expected each side at least 8 px"),
+        (["synth", str(in_the_way), "--n", "2"], f"out: {in_the_way} is a file; expected a folder"),
+        (["synth-edit", str(in_the_way), "--n", "2"], f"out: {in_the_way} is a file"),
+        (["synth-dreamo", str(in_the_way), "--n", "2"], f"out: {in_the_way} is a file"),
+    ):
+        code, _, err = run_cli("data", *argv)
+        assert code == 2 and err.startswith("error: " + expected) and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png"]
+    code, out, err = run_cli("data", "synth-edit", str(tmp_path / "e"), "--n", "1", "--size", "33x33")
+    assert code == 0 and "--size 33x33 is rounded to 32x32" in err, err
+
+
 def test_demo_scores_a_perfect_result_perfectly_and_baselines_as_by_hand() -> None:
     data = eval_set(6)
     perfect = score(data.truth, data)

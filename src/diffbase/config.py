@@ -7,6 +7,7 @@ Every key remembers the file that set it, so an error names the file and the dot
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -197,6 +198,20 @@ class TrainingConfig:
             sections[name] = SECTIONS[name]()
             return sections[name]
         raise AttributeError(name)
+
+    def __post_init__(self) -> None:  # a count or rate no run can use stops it at load, before the model loads
+        check_training_numbers(self)
+
+
+def check_training_numbers(t: TrainingConfig) -> None:
+    """Whole counts at least 1 and a learning rate above 0: max_steps 0 'trained' and exported an untouched
+    adapter, and a batch of 0 or a negative rate failed as a traceback inside the loop."""
+    counts = ("epochs", "batch_size", "gradient_accumulation", *(("max_steps",) if t.max_steps is not None else ()))
+    for key in counts:
+        if getattr(t, key) < 1:
+            raise UserError(f"training.{key}: expected a whole number at least 1, got {getattr(t, key)}")
+    if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
+        raise UserError(f"training.learning_rate: expected a number above 0, got {t.learning_rate}")
 
 
 @dataclass

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from diffbase.errors import UserError
+
 
 def file_digest(path: Path) -> str:
     """The sha256 of a file's bytes, read in blocks."""
@@ -134,3 +136,25 @@ def save_image_atomic(image: Any, path: str | Path, metadata: dict[str, Any] | N
     if kind is None:
         return save_png_atomic(image, path, metadata)
     return atomic_write(path, lambda p: image.convert("RGB").save(p, format=kind, quality=95))
+
+
+def writable_folder(path: str | Path, name: str) -> Path:
+    """An output folder a command fills, checked before its work starts, so a read-only place, a file in the
+    way or a typo'd top-level folder is one line naming `name` (the flag), not a traceback after the work.
+    The folder itself is made when the first file is written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{name}: {out} is a file; expected a folder")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{name}: {existing} is not a folder")
+    if existing != out.absolute() and existing.parent == existing:  # a new top-level folder: surely a typo
+        raise UserError(f"{name}: the folder {out} does not exist (diffbase makes missing folders, but not at "
+                        "the filesystem's root)")  # fmt: skip
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffbase-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{name}: cannot write in {existing} ({exc.strerror})") from None
+    return out

@@ -7,26 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from diffbase.interface import checks
+from diffbase.io import writable_folder
 
 
 def run_synth(args: argparse.Namespace) -> None:
     from diffbase.data.synthetic import write_dataset
-    from diffbase.generate import parse_size
 
-    h, w = parse_size(args.size)
+    h, w = checks.size(args.size, "--size", multiple=4, least=8)  # drawn at 4x in 16 px steps
     checks.count(args.n, "--n")
     n_test = args.n_test if args.n_test is not None else max(1, args.n // 4)
     checks.count(n_test, "--n-test", least=0)
+    writable_folder(args.out, "out")
     write_dataset(Path(args.out), args.n, n_test, seed=args.seed, size=(w, h))
     print(f"wrote {args.n} training and {n_test} held-out try-on items to {args.out}")
 
 
 def run_synth_edit(args: argparse.Namespace) -> None:
     from diffbase.data.synthetic import write_edit_pairs
-    from diffbase.generate import parse_size
 
-    h, w = parse_size(args.size)
+    h, w = checks.size(args.size, "--size", multiple=4, least=8)  # drawn at 4x in 16 px steps
     checks.count(args.n, "--n")
+    writable_folder(args.out, "out")
     write_edit_pairs(Path(args.out), args.n, seed=args.seed, size=(w, h))
     print(f"wrote {args.n} edit pairs (source, target, mask, instruction) to {args.out}/metadata.jsonl")
 
@@ -37,6 +38,7 @@ def run_synth_dreamo(args: argparse.Namespace) -> None:
 
     h, w = parse_size(args.size)
     checks.count(args.n, "--n")
+    writable_folder(args.out, "out")
     write_multi_reference(Path(args.out), args.n, seed=args.seed, size=(w, h))
     print(
         f"wrote {args.n} two-reference items (references, target, subject masks, caption) to {args.out}/metadata.jsonl"

@@ -28,15 +28,13 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
     from diffbase.generate import GenerateSettings, generate, metadata, pipeline_kwargs
-    from diffbase.io import save_image_atomic, save_png_atomic
+    from diffbase.io import save_image_atomic, save_png_atomic, writable_folder
     from diffbase.models.loading import detect_family, load_model
     from diffbase.models.lora_loading import apply_loras, parse_lora_arg
 
     if bool(args.prompt) == bool(args.prompts):
-        raise UserError("generate: give exactly one of --prompt TEXT or --prompts FILE")
+        raise UserError("generate: give exactly one of --prompt TEXT (not empty) or --prompts FILE")
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
     checks.runtime(args)
     spec = checks.model_folder(args.config or args.model, "--config" if args.config else "--model")
@@ -44,9 +42,9 @@ def run_generate(args: argparse.Namespace) -> None:
     checks.number(args.guidance, "--guidance", low=0)
     checks.number(args.true_cfg, "--true-cfg", low=1)
     height, width = checks.size(args.size, "--size", checks.size_multiple(spec))
-    if args.prompts and Path(args.out).is_file():
-        raise UserError(f"--out: {args.out} is a file; with --prompts it is the folder the images go to")
-    if not args.prompts:
+    if args.prompts:  # the folder the images go to
+        writable_folder(args.out, "--out")
+    else:
         checks.output(args.out, "--out", [], args.overwrite)
     checks.output(args.compare, "--compare", [args.out], args.overwrite)
 
@@ -64,13 +62,13 @@ def run_generate(args: argparse.Namespace) -> None:
     pipe, spec = load_model(args.model, config=args.config, **args.runtime.loader())
     args.runtime.use([getattr(pipe, spec.denoiser)])
     progress.pipeline(pipe, "generate")
-    without = []
+    without, several = [], len(prompts) > 1 and progress.shown()  # the pipeline's bar shows one image's steps
     if args.compare:  # the same seeds before the LoRAs go in
-        for i, prompt in enumerate(tqdm(prompts, desc="generate without LoRA", unit="img", disable=len(prompts) == 1)):
+        for i, prompt in enumerate(progress.bar(prompts, "generate without LoRA", "img", show=several)):
             without.append(generate(pipe, spec, replace(settings_for(i, prompt), loras=[])))
     apply_loras(pipe, spec, args.lora)
     out = Path(args.out)
-    bar = tqdm(prompts, desc="generate", unit="img", disable=len(prompts) == 1)
+    bar = progress.bar(prompts, "generate", "img", show=several)
     images = []
     for i, prompt in enumerate(bar):
         settings = settings_for(i, prompt)

@@ -29,8 +29,10 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def run_parity(args: argparse.Namespace) -> None:
+    from diffbase.io import writable_folder
     from diffbase.parity import run_parity
 
+    writable_folder(args.out, "--out")
     run_parity(Path(args.out))
 
 

@@ -10,6 +10,7 @@ from diffbase.runtime import add_arguments, config_overrides
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from diffbase import progress
     from diffbase.config import load_config
     from diffbase.methods import train
     from diffbase.plan import check_fits
@@ -19,19 +20,24 @@ def run_train(args: argparse.Namespace) -> None:
     overrides = args.overrides + config_overrides(args)
     config = load_config(args.config, overrides)
     check_fits(args.config, overrides, resolve_device(config.hardware.device, "hardware.device"))
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, show_progress=progress.shown())
     if process_state(config).is_main_process:
         print(f"trained {result.steps} steps; outputs in {result.output_dir}")
 
 
 def run_cache(args: argparse.Namespace) -> None:
+    from diffbase import progress
     from diffbase.config import load_config
     from diffbase.data.cache import build_cache
+    from diffbase.io import writable_folder
     from diffbase.methods import get
     from diffbase.training.train import load_backbone
 
     config = load_config(args.config, args.overrides + config_overrides(args))
     d = config.data
+    writable_folder(
+        d.cache_dir or config.experiment.output_dir, "data.cache_dir" if d.cache_dir else "experiment.output_dir"
+    )
     if not (d.cache_latents or d.cache_text):
         print(
             "note: data.cache_latents and data.cache_text are off in this config, so `train` will not read "
@@ -40,7 +46,7 @@ def run_cache(args: argparse.Namespace) -> None:
         )
         config.data.cache_latents = config.data.cache_text = True
     bb = load_backbone(config)
-    _, stats = build_cache(config, bb, get(config.training.method).dataset(config, False, bb))
+    _, stats = build_cache(config, bb, get(config.training.method).dataset(config, False, bb), progress.shown())
     print(f"cache: {stats.summary()}")
 
 

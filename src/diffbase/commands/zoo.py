@@ -8,15 +8,24 @@ from typing import Any
 
 
 def run_tiny(args: argparse.Namespace) -> None:
+    from diffbase.io import writable_folder
     from diffbase.models.zoo import write_tiny
 
+    writable_folder(args.out_dir, "out_dir")
     out = write_tiny(args.family, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.family} model to {out}")
 
 
 def run_pretrain(args: argparse.Namespace) -> None:
+    from diffbase.interface import checks
+    from diffbase.io import writable_folder
     from diffbase.toy.pretrain import pretrain
 
+    for value, flag in ((args.vae_steps, "--vae-steps"), (args.unet_steps, "--unet-steps"),
+                        (args.decoder_steps, "--decoder-steps")):  # fmt: skip
+        checks.count(value, flag, least=0)
+    checks.count(args.pool, "--pool")
+    writable_folder(args.out, "out")
     start = Path(args.start) if args.start else None
     out = pretrain(args.name, Path(args.out), args.vae_steps, args.unet_steps, seed=args.seed, pool_size=args.pool,
                    decoder_steps=args.decoder_steps, start=start)  # fmt: skip

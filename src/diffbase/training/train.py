@@ -150,7 +150,7 @@ def train(
     from diffbase.models.block_swap import check_settings
     from diffbase.models.quantize import check_trainable_backend
     from diffbase.training.trackers import check_trackers
-    from diffbase.training.validation import check_metrics
+    from diffbase.training.validation import check_metrics, check_size
 
     check_settings(config)  # before the folder is claimed or anything loads
     check_compile(config.hardware.compile, config.hardware.offload, device=config.hardware.device)
@@ -158,6 +158,7 @@ def train(
     if method.check is not None:
         method.check(config)
     check_metrics(config, method.metrics)
+    check_size(config)
     check_ema(config)
     check_trackers(config)
     out_dir = Path(config.experiment.output_dir)

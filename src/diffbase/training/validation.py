@@ -127,6 +127,17 @@ def check_metrics(config: Config, computed: tuple[str, ...] = TEXT_TO_IMAGE_METR
     check_networks(v)
 
 
+def check_size(config: Config) -> None:
+    """training.validation.size is [height, width] in the family's multiple, checked before anything loads: the
+    pipeline refuses another size only after the run has trained (a traceback, the steps lost)."""
+    from diffbase.models import families
+
+    size, multiple = config.training.validation.size, families.get(config.model.family).size_multiple
+    if size is not None and (len(size) != 2 or any(side < multiple or side % multiple for side in size)):
+        raise UserError(f"training.validation.size: expected [height, width], each a multiple of {multiple} px "
+                        f"({config.model.family}), got {size}")  # fmt: skip
+
+
 def check_networks(v: Any) -> None:
     """The local networks the chosen metrics need."""
     from diffbase.metrics.features import parse

@@ -133,12 +133,15 @@ def run_eval(args: argparse.Namespace) -> None:
 
     from diffbase.data.images import load_image
     from diffbase.grid import image_grid
-    from diffbase.io import save_png_atomic, write_json_atomic
+    from diffbase.io import save_png_atomic, writable_folder, write_json_atomic
     from diffbase.methods.upscale.method import UPSCALE
     from diffbase.metrics import images, scores
 
     settings, *_ = sampling_settings(args)
     files = images.image_files(args.originals, "--originals")
+    for file in files:  # each readable before the model loads (read again one at a time below)
+        checks.image(str(file), "--originals", args.max_pixels, max_aspect=None)
+    folder = writable_folder(args.out, "--out")
     lpips = None
     if args.lpips:
         from diffbase.metrics.lpips import model
@@ -159,7 +162,6 @@ def run_eval(args: argparse.Namespace) -> None:
         rows.append([bicubic, result, original])
     report = {"images": len(files), "scale": args.scale}
     report |= {f"{name}_{k}": v for name, per_image in found.items() for k, v in scores.means(per_image).items()}
-    folder = Path(args.out)
     save_png_atomic(image_grid(rows[:8], header=["bicubic", "upscaler", "original"]), folder / "grid.png")
     write_json_atomic(folder / "metrics.json", report)
     for key, value in report.items():
