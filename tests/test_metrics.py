@@ -183,6 +183,22 @@ def test_sets_of_other_sizes_counts_or_too_few_images_are_one_line(tmp_path, net
     assert code == 2 and "--real" in err and "not a folder" in err
 
 
+def test_an_unreadable_image_or_an_output_folder_that_cannot_be_written_is_one_line(tmp_path) -> None:
+    write_set(tmp_path / "real", 2, 0)
+    write_set(tmp_path / "fake", 2, 1)
+    broken = sorted((tmp_path / "fake").iterdir())[1]
+    broken.write_text("not an image")  # was a BadFile traceback
+    in_the_way = tmp_path / "report"
+    in_the_way.write_text("x")  # was an OSError traceback after the scores were computed
+    for fake, out, words in ((tmp_path / "fake", tmp_path / "out", f"error: {broken}: not a readable image"),
+                             (tmp_path / "real", in_the_way, f"error: --out: {in_the_way} is a file")):  # fmt: skip
+        code, _, err = run_cli(
+            "eval", "images", "--real", str(tmp_path / "real"), "--fake", str(fake), "--out", str(out)
+        )
+        assert code == 2 and err.startswith(words) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_validation_metrics_are_logged_and_plotted_during_training(tmp_path, nets) -> None:
     from diffbase.config import load_config
     from diffbase.methods import train

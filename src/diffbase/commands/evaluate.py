@@ -50,9 +50,11 @@ def add_parsers(sub: Any) -> None:
 
 
 def run_images(args: argparse.Namespace) -> None:
+    from diffbase.io import writable_folder
     from diffbase.metrics import images
 
     real, fake = images.image_files(args.real, "--real"), images.image_files(args.fake, "--fake")
+    writable_folder(args.out, "--out")
     lpips = None
     if args.lpips:
         from diffbase.metrics.lpips import model
@@ -115,8 +117,10 @@ def references_for(results: list[Path], folder: Path, key: str = "--references")
 
 
 def run_customize(args: argparse.Namespace) -> None:
+    from diffbase.io import writable_folder
     from diffbase.metrics import features, images
 
+    writable_folder(args.out, "--out")
     root = Path(args.results)
     tasks = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if args.style and tasks and not any((Path(args.style) / t.name).is_dir() for t in tasks):
@@ -168,9 +172,11 @@ def similarity(results: list[Path], refs: list[Path], prompts: list[str] | None,
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from diffbase.io import writable_folder
     from diffbase.metrics import features, images, scores
 
     results = images.image_files(args.results, "--results")
+    writable_folder(args.out, "--out")
     prompts = prompts_for(results, args.prompts)
     report: dict[str, Any] = {"images": len(results)}
     report["clip_t"] = scores.mean_clip_score(features.clip_for_scores(args.clip), images.read(results), prompts)

@@ -31,9 +31,13 @@ def to_tensor(image: object) -> torch.Tensor:
 
 
 def read(files: list[Path]) -> list[torch.Tensor]:
-    from diffbase.data.images import load_image
+    """The images as tensors; an unreadable one is a one-line error naming its file (it was a traceback)."""
+    from diffbase.data.images import BadFile, load_image
 
-    return [to_tensor(load_image(f)) for f in files]
+    try:
+        return [to_tensor(load_image(f)) for f in files]
+    except BadFile as err:
+        raise UserError(f"{err.path}: {err.reason}") from None
 
 
 def paired(real: list[Path], fake: list[Path], real_key: str, fake_key: str) -> list[tuple[Path, Path]]:

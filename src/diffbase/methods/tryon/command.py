@@ -4,7 +4,6 @@ Heavy imports stay inside the commands, so `diffbase --help` stays fast."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
@@ -99,7 +98,7 @@ def auto_mask(args: argparse.Namespace, person: Any) -> Any:
 
 def run_eval(args: argparse.Namespace) -> None:
     from diffbase.grid import image_grid
-    from diffbase.io import save_png_atomic, write_json_atomic
+    from diffbase.io import save_png_atomic, writable_folder, write_json_atomic
     from diffbase.methods.tryon.mechanism.data import TryOnDataset, read_tryon
     from diffbase.methods.tryon.mechanism.evaluate import run_pairs
     from diffbase.methods.tryon.method import VTON
@@ -107,6 +106,7 @@ def run_eval(args: argparse.Namespace) -> None:
     size = check_sampling(args)
     if args.limit is not None:
         checks.count(args.limit, "--limit")
+    folder = writable_folder(args.out, "--out")
     lpips = None
     if args.lpips:  # read before the model loads: a wrong file costs nothing
         if args.unpaired:
@@ -118,7 +118,6 @@ def run_eval(args: argparse.Namespace) -> None:
     dataset = TryOnDataset(records, size)
     bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
-    folder = Path(args.out)
     header = ["person", "garment", "result", "ground truth"]
     save_png_atomic(image_grid(out["rows"][:16], header=header), folder / "grid.png")
     if args.features:  # CatVTON's protocol: the results against the test set's real photos, paired or not
