@@ -121,3 +121,21 @@ def test_output_folders_are_checked_before_the_work_and_train_shows_no_bar_off_a
     assert not out.exists()  # was a traceback after the steps were trained
     code, _, err = run_cli("train", exp, *common, "training.max_steps=1", "training.validation.steps=1")
     assert code == 0 and "step/s" not in err and "train lora" not in err, err  # the bar showed with --quiet too
+
+
+def test_a_prompts_file_that_cannot_be_read_is_one_line(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    prompts, real = tmp_path / "prompts.txt", Path.read_text
+    prompts.write_text("a cat\n")
+
+    def denied(self: Path, *args, **kwargs) -> str:  # chmod 000 cannot stop root, the suite's user in CI
+        if self == prompts:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    common = ["--model", str(tiny_model("sd15")), "--size", "32x32", "--out", str(tmp_path / "out")]
+    code, _, err = run_cli("generate", "--prompts", str(prompts), *common)  # was a PermissionError traceback
+    assert code == 2 and err == f"error: --prompts: cannot read {prompts} (Permission denied)\n", err
+    code, _, err = run_cli("generate", "--prompts", str(tmp_path), *common)
+    assert code == 2 and err.startswith(f"error: --prompts: {tmp_path} is a folder; expected a text file"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]

@@ -184,3 +184,17 @@ def test_counts_and_the_learning_rate_no_run_can_use_are_refused_at_load(
     with pytest.raises(UserError, match="^" + expected.replace(".", r"\.")):
         load_config(experiment, [override])
     assert load_config(experiment, ["training.max_steps=1"]).training.max_steps == 1
+
+
+def test_an_unreadable_config_is_one_line(experiment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chmod 000 cannot stop root (the suite's user in CI), so the read itself fails as it does for anyone else
+    real = Path.read_text
+
+    def denied(self: Path, *args, **kwargs) -> str:
+        if self == experiment:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    code, _, err = run_cli("config", "show", str(experiment))  # was a PermissionError traceback
+    assert code == 2 and err == f"error: {experiment}: cannot read the config (Permission denied)\n", err

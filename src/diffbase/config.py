@@ -341,6 +341,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file (expected a YAML config in UTF-8)") from None
+    except OSError as exc:  # unreadable (permissions, I/O): one line, not a traceback
+        raise UserError(f"{path}: cannot read the config ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -95,12 +95,11 @@ def distribution_scores(spec: str, real: list[Path], fake: list[Path], key: str 
 def prompts_for(files: list[Path], prompts: str | None, key: str = "--prompts") -> list[str] | None:
     """One prompt per image: the lines of a text file in name order, or `<name>.txt` beside each image."""
     if prompts:
-        path = Path(prompts)
-        if not path.is_file():
-            raise UserError(f"{key}: {path}: file not found (one prompt per line)")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from diffbase.commands.generate import read_prompts
+
+        lines = read_prompts(prompts)
         if len(lines) != len(files):
-            raise UserError(f"{key}: {path}: {len(lines)} prompts for {len(files)} images; give one per image")
+            raise UserError(f"{key}: {prompts}: {len(lines)} prompts for {len(files)} images; give one per image")
         return lines
     beside = [f.with_suffix(".txt") for f in files]
     return [p.read_text(encoding="utf-8").strip() for p in beside] if all(p.is_file() for p in beside) else None

@@ -14,16 +14,20 @@ from diffbase.interface.options import HelpFormatter, add_runtime_arguments
 
 
 def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a --prompts file (generate, eval generate / customize), every fault one line."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{file}: prompts file not found")
+        raise UserError(f"--prompts: {file} {'is a folder' if file.is_dir() else 'not found'}; expected a text "
+                        "file, one prompt per line")  # fmt: skip
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"--prompts: {file} is not a text file (expected UTF-8, one prompt per line)") from None
+    except OSError as exc:  # unreadable (permissions, I/O): one line, not a traceback
+        raise UserError(f"--prompts: cannot read {file} ({exc.strerror})") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise UserError(f"{file}: no prompts (expected one prompt per line)")
+        raise UserError(f"--prompts: {file} has no prompts (expected one prompt per line)")
     return prompts
 
 
