@@ -45,6 +45,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["broken"] = root / "broken"  # a folder whose one image is a text file
     out["broken"].mkdir()
     (out["broken"] / "x.png").write_text("not an image")
+    out["badmodel"] = root / "badmodel"  # a damaged download: model_index.json is not text
+    out["badmodel"].mkdir()
+    (out["badmodel"] / "model_index.json").write_bytes(b"\xff\xfe\x00\x01")
     out["originals"] = root / "originals"
     out["originals"].mkdir()
     made["person"].save(out["originals"] / "x.png")
@@ -159,6 +162,10 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
             ["eval", "upscale", "--originals", str(f["originals"]), "--model", str(m["flux1"]), "--out", str(ro)],
             "--out: cannot write in",
         ),
+        "generate a model whose model_index.json is not text": (
+            [generate[0], "--model", str(f["badmodel"]), *generate[3:]],
+            f"error: {f['badmodel'] / 'model_index.json'}: cannot read it (UnicodeDecodeError)",
+        ),
         "cache into a read-only folder": (
             ["cache", str(configs_dir() / "experiments/tiny/sd15_lora.yaml"), f"experiment.output_dir={ro / 'run'}"],
             "experiment.output_dir: cannot write in",
@@ -187,7 +194,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 CASE_IDS = list(cases({k: Path(k) for k in ("person", "garment", "mask", "black", "small_mask", "wide", "pickle",
                                             "checkpoint", "text", "folder", "dreamo", "prompts", "broken",
-                                            "originals")},
+                                            "originals", "badmodel")},
                       {k: Path(k) for k in ("kontext", "fill", "flux1", "sd15")}, Path("o"), Path("ro")))  # fmt: skip
 
 

@@ -36,6 +36,8 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         return json.loads(index.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{index}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable or not text: one line, not a traceback
+        raise UserError(f"{index}: cannot read it ({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
 
 
 def detect_family(path: str | Path) -> FamilySpec:
