@@ -133,6 +133,8 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
             "--attention: unknown attention backend 'nonsense'",
         ),
         "edit size 0x0": ([*edit, "--size", "0x0"], "--size: expected each side at least"),
+        "edit two images on kontext": ([*edit, "--image", str(f["garment"])], "at most 1 reference image(s), got 2"),
+        "inpaint a reference on fill": ([*inpaint, "--reference", str(f["garment"])], "takes at most 0 reference"),
         "edit with a fill model": ([edit[0], "--model", str(m["fill"]), *edit[3:]], "does not edit"),
         "tryon with a flux model": ([tryon[0], "--model", str(m["flux1"]), *tryon[3:]], "try-on runs on SD1.5 models"),
         "generate missing model": (

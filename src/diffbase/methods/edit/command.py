@@ -15,14 +15,16 @@ def _images(paths: list[str], name: str) -> list[Any]:
     return [checks.image(p, name) for p in paths]
 
 
-def _settings(args: argparse.Namespace, kind: str) -> Any:
-    """The sampling settings, checked against the model's family (read from its folder, nothing loaded)."""
-    from diffbase.methods.edit.mechanism import EditSettings, check_pipeline
+def _settings(args: argparse.Namespace, kind: str, references: int) -> Any:
+    """The sampling settings, checked against the model's family (read from its folder, nothing loaded), and
+    the number of reference images its pipeline takes (a single file is checked once loaded)."""
+    from diffbase.methods.edit.mechanism import EditSettings, check_pipeline, check_references
 
     checks.runtime(args)
     spec = checks.model_folder(args.model)
     if spec is not None:
         check_pipeline(spec, kind, args.model)
+        check_references(spec, kind, references)
     checks.count(args.steps, "--steps")
     checks.number(args.guidance, "--guidance", low=0)
     strength = checks.number(getattr(args, "strength", 1.0), "--strength", 0, 1, low_open=True)
@@ -56,7 +58,7 @@ def _save(args: argparse.Namespace, image: Any, grid: dict[str, Any], meta: dict
 def run_edit(args: argparse.Namespace) -> None:
     from diffbase.methods.edit.mechanism import check_images, check_references, edit, metadata
 
-    settings = _settings(args, "edit")
+    settings = _settings(args, "edit", len(args.image))
     images = _images(args.image, "--image")
     _outputs(args, args.image)
     pipe, spec = _load(args, "edit")
@@ -70,7 +72,7 @@ def run_edit(args: argparse.Namespace) -> None:
 def run_inpaint(args: argparse.Namespace) -> None:
     from diffbase.methods.edit.mechanism import check_images, check_references, inpaint, metadata
 
-    settings = _settings(args, "inpaint")
+    settings = _settings(args, "inpaint", len(args.reference))
     image = checks.image(args.image, "--image")
     mask = checks.mask(args.mask, "--mask", image.size)
     references = _images(args.reference, "--reference")
