@@ -137,6 +137,8 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
         "inpaint a reference on fill": ([*inpaint, "--reference", str(f["garment"])], "takes at most 0 reference"),
         "edit with a fill model": ([edit[0], "--model", str(m["fill"]), *edit[3:]], "does not edit"),
         "tryon with a flux model": ([tryon[0], "--model", str(m["flux1"]), *tryon[3:]], "try-on runs on SD1.5 models"),
+        "generate lora missing": ([*generate, "--lora", "/nothing/x.safetensors"], "LoRA file not found"),
+        "generate lora a text file": ([*generate, "--lora", str(f["text"])], "not a readable safetensors file"),
         "generate missing model": (
             [generate[0], "--model", "/nothing/model", *generate[3:]],
             "--model: /nothing/model",

@@ -35,7 +35,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from diffbase.generate import GenerateSettings, generate, metadata, pipeline_kwargs
     from diffbase.io import save_image_atomic, save_png_atomic, writable_folder
     from diffbase.models.loading import detect_family, load_model
-    from diffbase.models.lora_loading import apply_loras, parse_lora_arg
+    from diffbase.models.lora_loading import apply_loras, check_loras, parse_lora_arg
 
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("generate: give exactly one of --prompt TEXT (not empty) or --prompts FILE")
@@ -61,6 +61,7 @@ def run_generate(args: argparse.Namespace) -> None:
     folder = Path(args.config) if args.config else Path(args.model)
     if folder.is_dir():  # check the settings against the family before spending time loading
         pipeline_kwargs(detect_family(folder), settings_for(0, prompts[0]))
+    check_loras(args.lora, spec)
     if args.compare and not args.lora:
         raise UserError("--compare: shows the images without and with --lora; give at least one --lora")
     pipe, spec = load_model(args.model, config=args.config, **args.runtime.loader())

@@ -105,6 +105,16 @@ def _adapted_layers(pipe: Any, adapter: str) -> int:
     return count
 
 
+def check_loras(lora_args: list[str], spec: FamilySpec | None) -> None:
+    """Each `FILE[:SCALE]` readable and, given the folder's family (None: a single file), a LoRA of it, before the
+    model loads: a typo'd path or another family's LoRA was found only after the load (minutes at full size)."""
+    for arg in lora_args:
+        path, _ = parse_lora_arg(arg)
+        keys = read_lora_keys(path)
+        if spec is not None:
+            check_family(path, keys, spec)
+
+
 def apply_loras(pipe: Any, spec: FamilySpec, lora_args: list[str]) -> None:
     """Load each `FILE[:SCALE]` as its own adapter and activate them together."""
     names, weights = [], []
