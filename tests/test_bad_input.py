@@ -127,6 +127,10 @@ def cases(f: dict[str, Path], m: dict[str, Path], out: Path, ro: Path) -> dict[s
         "customize ref#3 of one": ([*customize[:-5], "[ref#3]", *customize[-4:]], "[ref#3] names no reference"),
         "customize size 0x0": ([*customize[:-3], "0x0", *customize[-2:]], "--size: expected each side at least"),
         "customize missing ref": ([*customize[:7], "--ref", "/nothing/x.png:ip", *customize[9:]], "x.png"),
+        "customize v1.1 without its LoRAs": (
+            [*customize[:6], "v1.1", *customize[7:]],
+            "dreamo_cfg_distill.safetensors: no such file (--version v1.1 fuses it",
+        ),
         "customize true-cfg range": ([*customize, "--true-cfg-end", "99"], "--true-cfg-start / --true-cfg-end"),
         "edit attention nonsense": (
             [*edit, "--attention", "nonsense"],

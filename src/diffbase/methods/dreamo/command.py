@@ -79,12 +79,18 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 
 def check_numbers(args: argparse.Namespace) -> tuple[int, int]:
+    from diffbase.methods.dreamo.mechanism.files import fusion_list
+
     fill_defaults(args)
     checks.runtime(args)
     checks.model_folder(args.model, family="flux1", job="DreamO")
     if not (Path(args.dreamo) / "dreamo.safetensors").is_file():
         raise UserError(f"--dreamo: {Path(args.dreamo) / 'dreamo.safetensors'}: no such file (expected the folder "
                         "of the DreamO weights)")  # fmt: skip
+    for _, file, _, _ in fusion_list(Path(args.dreamo), args.version, args.turbo_file):  # found only once loaded
+        if file is not None and not file.is_file():
+            raise UserError(f"--dreamo: {file}: no such file (--version {args.version} fuses it; --version none "
+                            "fuses dreamo.safetensors alone)")  # fmt: skip
     checks.count(args.steps, "--steps")
     checks.count(args.ref_res, "--ref-res", least=16)
     for value, name in ((args.guidance, "--guidance"), (args.first_step_guidance, "--first-step-guidance"),
