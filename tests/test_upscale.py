@@ -192,6 +192,9 @@ def test_injection_is_checked_before_loading_and_round_trips_through_the_file(tm
     assert DinoAdapter.load(tmp_path / "old.safetensors", widths, 32).injection == "tokens"
     with pytest.raises(UserError, match=r"maps 32 -> 48 features \(aligned\); .* need 32 -> 64"):
         DinoAdapter.load(tmp_path / "aligned.safetensors", {"tokens": 64, "aligned": 64}, 32)
+    save_file(load_file(tmp_path / "tokens.safetensors"), tmp_path / "lora.safetensors")  # no adapter metadata
+    with pytest.raises(UserError, match=r"lora\.safetensors is not a DINO adapter"):  # was "maps None -> None"
+        DinoAdapter.load(tmp_path / "lora.safetensors", widths, 32)
     assert adapter_widths(load_pipeline(ROOT / "src" / "diffbase" / "zoo_weights" / "flux1-toy")[0].transformer.config) \
         == {"tokens": 64, "aligned": 128}  # fmt: skip
 

@@ -121,6 +121,9 @@ class DinoAdapter(torch.nn.Module):
             raise UserError(f"--adapter: {path} records injection {injection!r}; expected one of "
                             f"{', '.join(INJECTIONS)}")  # fmt: skip
         dims = {k: int(meta[k]) for k in ("dino_width", "context_width", "hidden") if k in meta}
+        if "dino_width" not in dims or "context_width" not in dims:  # another kind of file (a LoRA, say)
+            raise UserError(f"--adapter: {path} is not a DINO adapter (its metadata has no dino_width / context_width); "
+                            "expected one written by `diffbase train` with training.method: upscale")  # fmt: skip
         if dims.get("dino_width") != dino_width or dims.get("context_width") != widths[injection]:
             raise UserError(f"--adapter: {path} maps {dims.get('dino_width')} -> {dims.get('context_width')} features "
                             f"({injection}); this DINO model and FLUX model need {dino_width} -> "
