@@ -134,12 +134,16 @@ def advice(path: str | Path, overrides: list[str], budget_gib: float) -> list[st
     raise UserError(f"--gpu-memory: {budget_gib:g} GiB is less than the smallest setting's predicted peak ({out[-1]})")
 
 
-def describe(path: str, overrides: list[str], budget_gib: float | None = None) -> str:
+def describe(path: str, overrides: list[str], budget_gib: float | None = None, trace: bool = False) -> str:
+    """The predicted peak part by part; with `trace` also the peak of two steps traced on fake tensors
+    (diffbase.plan_trace), which `--gpu-memory` then judges."""
     parts = plan(path, overrides)
     total = sum(p.bytes for p in parts) / GIB
     width = max(len(p.name) for p in parts)
     lines = [f"{p.name:<{width}}  {p.bytes / GIB:7.2f} GiB  ({p.how})" for p in parts]
     lines.append(f"{'predicted peak':<{width}}  {total:7.2f} GiB")
+    if trace:
+        total = traced_total(path, overrides, lines, width)
     if budget_gib is not None:
         if total <= budget_gib:
             lines.append(f"fits in {budget_gib:g} GiB as configured")
@@ -147,6 +151,33 @@ def describe(path: str, overrides: list[str], budget_gib: float | None = None) -
             lines.append(f"does not fit in {budget_gib:g} GiB; the first settings that do (the last line fits):")
             lines += [f"  {line}" for line in advice(path, overrides, budget_gib)]
     return "\n".join(lines)
+
+
+def traced_total(path: str | Path, overrides: list[str], lines: list[str], width: int) -> float:
+    """The traced peak (GiB), its lines added: with an optimizer other than AdamW (traced), the state's
+    difference per trained parameter as the estimate counts it."""
+    from diffbase.config import load_config
+    from diffbase.plan_trace import trace
+
+    step = trace(path, overrides, on_gpu(path, overrides))
+    kind = load_config(Path(path), overrides).training.optimizer.type
+    extra = step.trained * (TRAINED_BYTES[kind] - TRAINED_BYTES["adamw"])
+    note = f"; {kind}'s state counted as estimated" if extra else ""
+    total = (step.peak + extra) / GIB
+    lines.append(f"{'traced peak':<{width}}  {total:7.2f} GiB  (two steps on fake tensors in {step.seconds:.0f} s: "
+                 f"{step.how}{note})")  # fmt: skip
+    return total
+
+
+def on_gpu(path: str | Path, overrides: list[str]) -> set[str]:
+    """The pipeline components whose weights stay on the GPU while the loop runs (as `resident` counts them)."""
+    from diffbase.config import load_config
+    from diffbase.models.specs import spec_for
+
+    config = load_config(Path(path), overrides)
+    spec = spec_for(config.model.family, config.model.variant)
+    names = [spec.denoiser, "vae", *(te.component for te in spec.text_encoders)]
+    return {p.name.removeprefix("weights: ") for p in resident(config, dict.fromkeys(names, 0), spec.denoiser)}
 
 
 def check_fits(path: str | Path, overrides: list[str], device: Any) -> None:

@@ -25,7 +25,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
     if args.gpu_memory is not None:
         checks.number(args.gpu_memory, "--gpu-memory", low=0, low_open=True)
-    print(describe(args.config, args.overrides, args.gpu_memory))
+    print(describe(args.config, args.overrides, args.gpu_memory, trace=args.trace))
 
 
 def run_parity(args: argparse.Namespace) -> None:
@@ -64,6 +64,10 @@ def add_parsers(sub: Any) -> None:
     plan.add_argument("config", help="an experiment YAML")
     plan.add_argument("overrides", nargs="*", metavar="key=value")
     plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="say whether it fits, else what makes it fit")
+    plan.add_argument("--trace", action="store_true",
+                      help="also measure the peak: two training steps of the full-size model on fake tensors (no "
+                           "weights, no GPU; under a minute on a CPU). LoRA and full fine-tuning, unquantized, "
+                           "not offloaded")  # fmt: skip
     plan.set_defaults(func=run_plan)
 
     parity = sub.add_parser(

@@ -108,6 +108,15 @@ def build_components(
     return components
 
 
+def tokenizers(cfg: ModelConfig) -> dict[str, Any]:
+    """The family's tiny tokenizers alone, for a model built without them at full size on the meta device (their
+    few ids fit any vocabulary; building them with the encoders would size the vocabularies to theirs)."""
+    spec = spec_for(cfg.family, cfg.variant)
+    words = SYNTHETIC_WORDS if cfg.word_tokenizer else None
+    return {te.tokenizer: tiny_tokenizer(te.tokenizer_kind, (cfg.text_max_length if te.tokenizer_kind == "t5" else None)
+                                         or te.max_length, words) for te in spec.text_encoders}  # fmt: skip
+
+
 def assemble_pipeline(spec: FamilySpec, components: dict[str, Any], extras: dict[str, Any] | None = None) -> Any:
     """A diffusers pipeline from components, with the family's non-module arguments."""
     kwargs = dict(spec.pipeline_extras) | (extras or {}) | components

@@ -6,8 +6,10 @@ leave it off whenever the step fits."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HEADROOM = 0.92  # peak / total above this: too close to the edge, turn checkpointing on
 
@@ -72,3 +74,43 @@ def storage_id(tensor: torch.Tensor) -> int:
     """One number per storage, also on the meta device (where every data pointer is 0)."""
     storage = tensor.untyped_storage()
     return storage.data_ptr() if tensor.device.type != "meta" else storage._cdata
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of tensor storage alive at once, and their peak, while the mode is on: every storage an op
+    returns is counted until it is freed (what `torch.cuda.max_memory_allocated` sees, less the allocator's
+    rounding). On fake tensors (torch._subclasses.FakeTensorMode) nothing is allocated, so a full-size model's
+    training step is measured on a CPU. Tensors made before the mode (weights, inputs) count once `track`ed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.live = WeakIdKeyDictionary()
+        self.now = 0
+        self.peak = 0
+
+    def track(self, tensor: Any) -> None:
+        import weakref
+
+        if not isinstance(tensor, torch.Tensor):
+            return
+        storage = tensor.untyped_storage()
+        if storage in self.live:
+            return
+        size = storage.nbytes()
+        self.live[storage] = size
+        weakref.finalize(storage, self._free, size)
+        self.now += size
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, size: int) -> None:
+        self.now -= size
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            self.track(tensor)
+        return out

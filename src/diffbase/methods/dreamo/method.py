@@ -64,6 +64,9 @@ def placeholder_rows(bb: Any, seed: int) -> torch.Tensor:
 
     if "dreamo_rows" not in bb.adapters:
         weight = bb.pipe.text_encoder_2.get_input_embeddings().weight
+        if weight.device.type == "meta":  # `diffbase plan` prepares on the meta device: the rows' shape is enough
+            bb.adapters["dreamo_rows"] = torch.empty(len(PLACEHOLDERS), weight.shape[1], device="meta")
+            return bb.adapters["dreamo_rows"]  # (T5 does not train: its ten new rows change no count)
         g = torch.Generator().manual_seed(seed)
         bb.adapters["dreamo_rows"] = torch.randn(len(PLACEHOLDERS), weight.shape[1], generator=g) * float(
             weight.detach().float().std()
