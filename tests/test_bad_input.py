@@ -249,3 +249,25 @@ def test_help_says_each_default_once() -> None:
             assert text.lower().count("default") <= 1 and "(default: None)" not in text, (name, action.dest, text)
             if action.option_strings and action.dest not in ("help",):
                 assert action.help, f"{name} {action.option_strings[0]}: no help text"
+
+
+def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--weights / --checkpoint / --adapter files a user cannot read (was a PermissionError traceback; safetensors
+    called them "not a safetensors file"). chmod cannot stop root, so the read itself fails."""
+    import builtins
+
+    from diffbase.errors import UserError
+    from diffbase.interface import checks
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"\0" * 16)
+    real = builtins.open
+
+    def denied(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file) == str(f):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(UserError, match=r"^--weights: .*w\.safetensors cannot be read \(Permission denied\)$"):
+        checks.weights_file(str(tmp_path), "--weights")

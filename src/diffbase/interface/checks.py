@@ -169,6 +169,12 @@ def weights_file(path: str | None, name: str) -> None:
 
 
 def readable_tensors(f: Path, name: str) -> None:
+    """A weights file that can be read and is safetensors or a torch.save archive (one line naming it, else)."""
+    try:
+        with open(f, "rb") as handle:
+            head = handle.read(len(LEGACY_TORCH))
+    except OSError as err:  # permissions, an I/O error: said as such, not as a file of the wrong kind
+        raise UserError(f"{name}: {f} cannot be read ({err.strerror or err})") from None
     if f.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -179,8 +185,6 @@ def readable_tensors(f: Path, name: str) -> None:
             raise UserError(f"{name}: {f} is not a safetensors file") from None
     import zipfile
 
-    with open(f, "rb") as handle:
-        head = handle.read(len(LEGACY_TORCH))
     if not (zipfile.is_zipfile(f) or head == LEGACY_TORCH):  # a plain pickle or anything else: not weights
         raise UserError(f"{name}: {f} is not a PyTorch weights file (expected safetensors or a torch.save archive)")
 
