@@ -116,3 +116,9 @@ def test_lora_errors_through_the_cli(trained, tiny_model, tmp_path: Path) -> Non
     save_lora({"conv.weight": torch.zeros(2, 2)}, not_lora)
     assert "no LoRA weights found" in error(str(not_lora))
     assert "a LoRA for a" in error(str(files["kohya"]), model=other)
+    unet_lora = tmp_path / "sd15.safetensors"  # diffusers' UNet names hold `transformer_blocks.` as FLUX's do
+    save_lora({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(8, 4)},
+              unet_lora)  # fmt: skip
+    flux = folder if "flux1" in str(folder) else other
+    assert "a LoRA for a UNet model" in error(str(unet_lora), model=flux)

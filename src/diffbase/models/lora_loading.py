@@ -81,12 +81,19 @@ def linear_widths(module: Any, prefix: str) -> dict[str, int]:
     return {f"{prefix}.{n}": m.out_features for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+# Key fragments only a UNet's LoRA has: its down / up / mid blocks (diffusers' names, and the original SD ones)
+UNET_ONLY = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+
+
 def check_family(path: Path, keys: list[str], spec: FamilySpec) -> None:
     if is_lycoris(keys):
         return  # its layer names are checked against the model as it merges (merge_lycoris)
     if not any("lora" in k or k.endswith((".down.weight", ".up.weight")) for k in keys):
         raise UserError(f"{path}: no LoRA weights found (expected lora_A/lora_B, lora_down/lora_up or down/up keys)")
     own = families.get(spec.family).lora_markers
+    if spec.denoiser != "unet" and any(part in k for k in keys for part in UNET_ONLY):  # (a UNet's attention
+        # layers are `transformer_blocks` too, which a transformer family's markers would take for its own)
+        raise UserError(f"{path}: a LoRA for a UNet model (SD1.5 / SDXL), expected one for {spec.pipeline}")
     if not any(marker in k for k in keys for marker in own):
         others = [f for f in families.FAMILIES.values() if f.lora_markers != own]
         found = next((f.title for f in others if any(m in k for k in keys for m in f.lora_markers)), "unknown")
