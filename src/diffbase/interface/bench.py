@@ -199,37 +199,46 @@ def write_images(folder: Path, count: int, size: int) -> Path:
 def train_config(ctx: Context, experiment: str, name: str, *extra: str) -> Config:
     """An experiment config at benchmark settings: random weights, bf16, batch 1, rank 16, a few steps,
     one validation image at the end, no checkpoints in between."""
+    return load_config(configs_dir() / experiment, bench_overrides(ctx, name, *extra))
+
+
+def planned(ctx: Context, experiment: str, name: str, *extra: str) -> float:
+    """`diffbase plan`'s predicted peak (bytes) of the run train_config(ctx, experiment, name, *extra) makes."""
+    from diffbase.plan import plan
+
+    return sum(p.bytes for p in plan(configs_dir() / experiment, bench_overrides(ctx, name, *extra)))
+
+
+def bench_overrides(ctx: Context, name: str, *extra: str) -> list[str]:
+    """train_config's settings (the benchmark's image folder written on first use)."""
     s = ctx.sizes
     data = ctx.shared.get("data") or write_images(ctx.work / "data", s.images, s.train_res)
     ctx.shared["data"] = data
-    return load_config(
-        configs_dir() / experiment,
-        [
-            f"experiment.output_dir={ctx.work / name}",
-            "experiment.seed=0",
-            f"data.train_path={data}",
-            f"data.resolution={s.train_res}",
-            "model.random_weights=true",
-            "model.dtype=bfloat16",
-            f"hardware.device={ctx.device}",
-            "hardware.mixed_precision=bf16",
-            "hardware.gradient_checkpointing=false",
-            "training.batch_size=1",
-            "training.gradient_accumulation=1",
-            f"training.max_steps={s.train_steps}",
-            "training.lora.rank=16",
-            "training.lora.alpha=16",
-            "training.checkpoint_every=0",
-            "training.schedule.type=constant",
-            "training.schedule.warmup_steps=0",
-            "training.validation.every=0",
-            f"training.validation.prompts=[{PROMPT}]",
-            f"training.validation.steps={s.val_steps}",
-            f"training.validation.size=[{s.train_res},{s.train_res}]",
-            "training.validation.loss_split=0",
-            *extra,
-        ],
-    )
+    return [
+        f"experiment.output_dir={ctx.work / name}",
+        "experiment.seed=0",
+        f"data.train_path={data}",
+        f"data.resolution={s.train_res}",
+        "model.random_weights=true",
+        "model.dtype=bfloat16",
+        f"hardware.device={ctx.device}",
+        "hardware.mixed_precision=bf16",
+        "hardware.gradient_checkpointing=false",
+        "training.batch_size=1",
+        "training.gradient_accumulation=1",
+        f"training.max_steps={s.train_steps}",
+        "training.lora.rank=16",
+        "training.lora.alpha=16",
+        "training.checkpoint_every=0",
+        "training.schedule.type=constant",
+        "training.schedule.warmup_steps=0",
+        "training.validation.every=0",
+        f"training.validation.prompts=[{PROMPT}]",
+        f"training.validation.steps={s.val_steps}",
+        f"training.validation.size=[{s.train_res},{s.train_res}]",
+        "training.validation.loss_split=0",
+        *extra,
+    ]
 
 
 PROFILE_STEPS = 3  # training steps recorded by the profiler, after the timed ones
