@@ -74,6 +74,7 @@ from diffbase.interface.bench import (
     TINY,
     Context,
     Stage,
+    bench_overrides,
     diffbase_train,
     flop_text,
     flux1_pipeline,
@@ -82,7 +83,6 @@ from diffbase.interface.bench import (
     interleaved,
     mfu,
     peak_bytes,
-    planned,
     report_diffbase,
     report_profile,
     reset_peak,
@@ -309,6 +309,14 @@ def stage_lowmem(ctx: Context) -> None:
         ctx.add("lowmem", f"FLUX.1-dev {h}x{w}, {own.gen_steps} steps, int8 transformer, offload {offload}: peak memory",
                 gib(peak), f"<= {goal} GiB", verdict(peak / GIB, goal) if peak is not None else "")  # fmt: skip
     ctx.shared.pop("flux1_pipe", None)  # quantized and offloaded now: no later stage may take it for the bf16 one
+
+
+def planned(ctx: Context, experiment: str, name: str, *extra: str) -> float:
+    """`diffbase plan`'s predicted peak (bytes) of the run train_config(ctx, experiment, name, *extra) makes."""
+    from diffbase.config import configs_dir
+    from diffbase.plan import plan
+
+    return sum(p.bytes for p in plan(configs_dir() / experiment, bench_overrides(ctx, name, *extra)))
 
 
 def plan_row(ctx: Context, label: str, peak: float | None, predicted: float) -> None:

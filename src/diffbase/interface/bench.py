@@ -202,13 +202,6 @@ def train_config(ctx: Context, experiment: str, name: str, *extra: str) -> Confi
     return load_config(configs_dir() / experiment, bench_overrides(ctx, name, *extra))
 
 
-def planned(ctx: Context, experiment: str, name: str, *extra: str) -> float:
-    """`diffbase plan`'s predicted peak (bytes) of the run train_config(ctx, experiment, name, *extra) makes."""
-    from diffbase.plan import plan
-
-    return sum(p.bytes for p in plan(configs_dir() / experiment, bench_overrides(ctx, name, *extra)))
-
-
 def bench_overrides(ctx: Context, name: str, *extra: str) -> list[str]:
     """train_config's settings (the benchmark's image folder written on first use)."""
     s = ctx.sizes

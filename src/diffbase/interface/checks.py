@@ -6,13 +6,12 @@ or the web UI's field label."""
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from diffbase.errors import UserError
+from diffbase.io import writable_folder
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_ASPECT = 8.0  # longest side / shortest side a pipeline is given (a 5000x3 image has no latent rows)
@@ -133,19 +132,7 @@ def output(path: str | None, name: str, inputs: list[str] = (), overwrite: bool 
             raise UserError(f"{name}: {out} is also an input; write the result to another file")
     if out.exists() and not overwrite:
         raise UserError(f"{name}: {out} exists; give another name, or --overwrite to replace it")
-    folder = out.parent
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{name}: {existing} is not a folder")
-    if existing != folder.absolute() and existing.parent == existing:  # a new top-level folder: surely a typo
-        raise UserError(f"{name}: the folder {folder} does not exist (diffbase makes missing folders, but not at "
-                        "the filesystem's root)")  # fmt: skip
-    try:  # the folders are made when the result is written; here only whether it could be
-        fd, probe = tempfile.mkstemp(prefix=".diffbase-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"{name}: cannot write in {existing} ({exc.strerror})") from None
+    writable_folder(out.parent, name)  # made when the result is written; here only whether it could be
     return out
 
 
