@@ -278,19 +278,21 @@ def stage_lowmem(ctx: Context) -> None:
     # as a 24 GB user runs it (`diffbase plan --gpu-memory 24`'s advice): checkpointing on; without it the int8 base
     # alone is predicted at about 40 GiB. Block swap implies checkpointing.
     checkpointed, swap = ["hardware.gradient_checkpointing=true"], ["hardware.offload=blocks"]
-    for kind, extra, goal in (("int8", checkpointed, 24), ("fp8", checkpointed, 24), (nf4, [*swap, *checkpointed], 16)):
-        swapped = swap[0] in extra
+    runs = [(kind, f"flux1-{kind}{'-swap' if swap[0] in extra else ''}", goal, ["data.cache_latents=true",
+             "data.cache_text=true", cache, f"model.quantize={kind}", *extra])
+            for kind, extra, goal in (("int8", checkpointed, 24), ("fp8", checkpointed, 24), (nf4, [*swap, *checkpointed], 16))]  # fmt: skip
+    predicted = [planned(ctx, own.flux1_train, name, *settings) for _, name, _, settings in runs]  # before device time
+    for (kind, name, goal, settings), prediction in zip(runs, predicted, strict=True):
+        swapped = swap[0] in settings
         how = f"{kind} base" + (", block swap" if swapped else "") + ", checkpointing on"
         ctx.log(f"lowmem: diffbase, cached, {how}")
-        settings = ["data.cache_latents=true", "data.cache_text=true", cache, f"model.quantize={kind}", *extra]
-        name = f"flux1-{kind}{'-swap' if swapped else ''}"
         info = trained(ctx, train_config(ctx, own.flux1_train, name, *settings))
         label = f"FLUX.1 LoRA r16 on a {how}, {ctx.sizes.train_res}px, batch 1, cached"
         peak = info["peak"]
         ctx.add("lowmem", f"{label}: s/step", f"{info['s_step']:.3f}")
         ctx.add("lowmem", f"{label}: peak memory in the training loop", gib(peak), f"<= {goal} GiB",
                 verdict(peak / GIB, goal) if peak is not None else "")  # fmt: skip
-        plan_row(ctx, label, peak, planned(ctx, own.flux1_train, name, *settings))
+        plan_row(ctx, label, peak, prediction)
         if base_step and not swapped:
             ratio = info["s_step"] / base_step
             ctx.add("lowmem", f"{label}: s/step over the bf16 base's (stage train: checkpointing off)", f"{ratio:.2f}",

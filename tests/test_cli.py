@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from diffbase.config import configs_dir
 from tests.helpers import run_cli
 
@@ -103,7 +105,24 @@ def test_generate_records_the_guidance_it_used(tiny_model, tmp_path) -> None:
     assert info["parameters"].startswith("a cat\n")
 
 
+def test_a_relative_output_folder_is_not_a_new_top_level_one_from_the_root(monkeypatch) -> None:
+    """From / (a container's WORKDIR), `--out outputs/x` is a folder under the working one: never refused as a
+    typo'd top-level folder (an absolute /no-such-folder/x still is)."""
+    from diffbase.errors import UserError
+    from diffbase.io import writable_folder
+
+    monkeypatch.chdir("/")
+    try:
+        writable_folder("diffbase-no-such-folder/x", "--out")
+    except UserError as err:  # a user who cannot write in / is told so, which is right
+        assert "filesystem's root" not in str(err) and "cannot write in /" in str(err), err
+    with pytest.raises(UserError, match="filesystem's root"):
+        writable_folder("/diffbase-no-such-folder/x", "--out")
+
+
 def test_output_folders_are_checked_before_the_work_and_train_shows_no_bar_off_a_terminal(tmp_path: Path) -> None:
+    from diffbase.config import load_config
+    from diffbase.training.validation import check_size
     from tests.helpers import SHAPES
 
     in_the_way = tmp_path / "file"
@@ -119,6 +138,8 @@ def test_output_folders_are_checked_before_the_work_and_train_shows_no_bar_off_a
     code, _, err = run_cli("train", exp, *common, "training.validation.size=[33,33]")
     assert code == 2 and "training.validation.size: expected [height, width], each a multiple of 8 px" in err, err
     assert not out.exists()  # was a traceback after the steps were trained
+    flux = load_config(configs_dir() / "experiments/tiny/flux1_lora.yaml", ["training.validation.size=[40,56]"])
+    check_size(flux)  # FLUX pipelines round such a size down (diffusers warns): accepted as before
     code, _, err = run_cli("train", exp, *common, "training.max_steps=1", "training.validation.steps=1")
     assert code == 0 and "step/s" not in err and "train lora" not in err, err  # the bar showed with --quiet too
 

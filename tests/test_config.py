@@ -171,7 +171,6 @@ def test_a_config_read_from_python_first_knows_every_family_and_method() -> None
         ("training.max_steps=-5", "training.max_steps: expected a whole number at least 1, got -5"),
         ("training.batch_size=0", "training.batch_size: expected a whole number at least 1, got 0"),
         ("training.gradient_accumulation=0", "training.gradient_accumulation:"),
-        ("training.epochs=0", "training.epochs:"),
         ("training.learning_rate=-1", "training.learning_rate: expected a number above 0, got -1"),
         ("training.learning_rate=0", "training.learning_rate:"),
         ("training.learning_rate=.nan", "training.learning_rate:"),
@@ -184,6 +183,12 @@ def test_counts_and_the_learning_rate_no_run_can_use_are_refused_at_load(
     with pytest.raises(UserError, match="^" + expected.replace(".", r"\.")):
         load_config(experiment, [override])
     assert load_config(experiment, ["training.max_steps=1"]).training.max_steps == 1
+
+
+def test_epochs_is_checked_only_where_it_ends_the_run(experiment: Path) -> None:
+    with pytest.raises(UserError, match=r"^training\.epochs: expected a whole number at least 1, got 0"):
+        load_config(experiment, ["training.max_steps=null", "training.epochs=0"])
+    assert load_config(experiment, ["training.max_steps=5", "training.epochs=0"]).training.max_steps == 5  # unread
 
 
 def test_an_unreadable_config_is_one_line(experiment: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -141,15 +141,30 @@ def test_eval_generate_gives_clip_score_and_fid(tmp_path, nets) -> None:
     assert {"clip_t", "fid", "kid", "kid_std"} <= set(report) and report["images"] == 4
 
 
-def test_eval_tryon_computes_fid_and_kid_with_a_feature_network(tmp_path, tiny_model, nets) -> None:
+def used_runtime(monkeypatch) -> list[bool]:
+    """Each Runtime.use call's `backend` (the call still runs): the eval commands set up their model as the
+    commands they measure do (--attention, --compile)."""
+    from diffbase.runtime import Runtime
+
+    calls: list[bool] = []
+    real = Runtime.use
+    monkeypatch.setattr(
+        Runtime, "use", lambda self, models, backend=True: calls.append(backend) or real(self, models, backend)
+    )
+    return calls
+
+
+def test_eval_tryon_computes_fid_and_kid_with_a_feature_network(tmp_path, tiny_model, nets, monkeypatch) -> None:
     from diffbase.data.synthetic import write_dataset
 
+    used = used_runtime(monkeypatch)
     root = write_dataset(tmp_path / "synth", 4, 4, seed=0, size=(32, 32))
     code, _, err = run_cli("eval", "tryon", "--model", str(tiny_model("sd15")), "--data", str(root), "--size", "32x32",
                            "--steps", "2", "--features", f"dino:{nets['dino']}", "--out", str(tmp_path / "eval"))  # fmt: skip
     assert code == 0, err
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"ssim", "psnr", "fid", "kid"} <= set(report) and report["features"].startswith("dino:")
+    assert used == [False]  # try-on keeps its own attention processors, as `tryon` does
 
 
 @pytest.mark.parametrize(
@@ -306,7 +321,7 @@ def test_held_out_metric_functions_follow_their_definitions(nets) -> None:
     assert mixed["val_dino"] < 1 and mixed["val_clip_i"] < same["val_clip_i"] and "val_clip_t" not in mixed
 
 
-def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_path, tiny_model) -> None:
+def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_path, tiny_model, monkeypatch) -> None:
     from pathlib import Path
 
     from diffbase.metrics import images, scores
@@ -319,12 +334,14 @@ def test_eval_upscale_compares_the_upscaler_and_bicubic_with_the_originals(tmp_p
     from diffbase.metrics.lpips import BUILDERS
 
     torch.save({f"features.{k}": v for k, v in BUILDERS["squeeze"]().state_dict().items()}, tmp_path / "squeeze.pth")
+    used = used_runtime(monkeypatch)
     code, out, err = run_cli("eval", "upscale", "--originals", str(folder), "--model", str(tiny_model("flux1")),
                              "--steps", "2", "--lpips", f"squeeze:{tmp_path / 'squeeze.pth'}",
                              "--out", str(tmp_path / "eval"))  # fmt: skip
     assert code == 0, err
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["images"] == 2 and (tmp_path / "eval" / "grid.png").is_file()
+    assert used == [True]
     psnrs = []
     for file in sorted(folder.glob("*.png")):
         original = Image.open(file).convert("RGB")

@@ -138,3 +138,18 @@ def test_plan_counts_what_a_dreamo_run_trains_on_the_meta_device() -> None:
     code, out, err = run_cli("plan", str(EXPERIMENTS / "flux1_dev_dreamo.yaml"))
     assert code == 0, err
     assert any(line.startswith("what trains") and "M parameters" in line for line in out.splitlines()), out
+
+
+def test_every_optimizer_and_the_ema_copy_are_counted() -> None:
+    """adamw_schedulefree was a KeyError in plan (and so in train's check on a GPU); the EMA copy of what trains
+    (diffusers' EMAModel, fp32 on the device) was left out."""
+    import typing
+
+    from diffbase.config import OptimizerConfig
+
+    path = EXPERIMENTS / "tiny" / "flux1_lora.yaml"
+    for kind in typing.get_args(typing.get_type_hints(OptimizerConfig)["type"]):
+        assert any(p.name == "what trains" for p in plan(path, [f"training.optimizer.type={kind}"])), kind
+    plain = {p.name: p.bytes for p in plan(path)}["what trains"]
+    ema = {p.name: p.bytes for p in plan(path, ["training.ema.enabled=true"])}["what trains"]
+    assert ema == plain * 20 / 16

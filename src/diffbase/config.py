@@ -206,7 +206,8 @@ class TrainingConfig:
 def check_training_numbers(t: TrainingConfig) -> None:
     """Whole counts at least 1 and a learning rate above 0: max_steps 0 'trained' and exported an untouched
     adapter, and a batch of 0 or a negative rate failed as a traceback inside the loop."""
-    counts = ("epochs", "batch_size", "gradient_accumulation", *(("max_steps",) if t.max_steps is not None else ()))
+    ends = ("max_steps",) if t.max_steps is not None else ("epochs",)  # max_steps set: epochs is not read
+    counts = ("batch_size", "gradient_accumulation", *ends)
     for key in counts:
         if getattr(t, key) < 1:
             raise UserError(f"training.{key}: expected a whole number at least 1, got {getattr(t, key)}")

@@ -148,7 +148,8 @@ def writable_folder(path: str | Path, name: str) -> Path:
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{name}: {existing} is not a folder")
-    if existing != out.absolute() and existing.parent == existing:  # a new top-level folder: surely a typo
+    if out.is_absolute() and existing != out and existing.parent == existing:  # a new top-level folder: a typo
+        # (a relative path is where the user works, the root included: a container's WORKDIR often is)
         raise UserError(f"{name}: the folder {out} does not exist (diffbase makes missing folders, but not at "
                         "the filesystem's root)")  # fmt: skip
     try:

@@ -23,7 +23,16 @@ from diffbase.models.footprint import GIB
 
 # fp32 weight + gradient + optimizer state per parameter: AdamW two moments; Lion one; Prodigy AdamW's plus its
 # initial weights and a running sum; Adafactor factored second moments (about nothing for a matrix)
-TRAINED_BYTES = {"adamw": 16.0, "adamw8bit": 10.0, "lion": 12.0, "lion8bit": 9.0, "prodigy": 24.0, "adafactor": 8.0}
+TRAINED_BYTES = {
+    "adamw": 16.0,
+    "adamw8bit": 10.0,
+    "lion": 12.0,
+    "lion8bit": 9.0,
+    "prodigy": 24.0,
+    "adafactor": 8.0,
+    "adamw_schedulefree": 16.0,
+}  # (schedule-free AdamW: its z sequence and second moment)
+EMA_BYTES = 4.0  # training.ema: diffusers' EMAModel keeps an fp32 copy of what trains on the device
 ACTIVATION_BYTES = 36.3  # per token per width x block, FLUX.1-dev LoRA 1024 px, checkpointing off (calibrated)
 CHECKPOINTED = 0.1  # activations kept with gradient checkpointing, of those without
 
@@ -100,8 +109,9 @@ def plan(path: str | Path, overrides: list[str] | None = None) -> list[Part]:
     trains = trainable(path, overrides, components)
     if trains is not None:
         count = trains[0]
-        per = TRAINED_BYTES[config.training.optimizer.type]
-        parts.append(Part("what trains", count * per, f"{count / 1e6:.1f}M parameters x {per:g} bytes"))
+        per = TRAINED_BYTES[config.training.optimizer.type] + (EMA_BYTES if config.training.ema.enabled else 0.0)
+        ema = " (the EMA copy included)" if config.training.ema.enabled else ""
+        parts.append(Part("what trains", count * per, f"{count / 1e6:.1f}M parameters x {per:g} bytes{ema}"))
     act = activations(config, denoiser_config)
     if act is not None:
         parts.append(act)
@@ -148,21 +158,27 @@ def describe(path: str, overrides: list[str], budget_gib: float | None = None, t
         if total <= budget_gib:
             lines.append(f"fits in {budget_gib:g} GiB as configured")
         else:
-            lines.append(f"does not fit in {budget_gib:g} GiB; the first settings that do (the last line fits):")
+            lines.append(f"does not fit in {budget_gib:g} GiB; the first settings that do (the last line fits"
+                         + (", by the estimate: trace it to check" if trace else "") + "):")  # fmt: skip
             lines += [f"  {line}" for line in advice(path, overrides, budget_gib)]
     return "\n".join(lines)
 
 
 def traced_total(path: str | Path, overrides: list[str], lines: list[str], width: int) -> float:
-    """The traced peak (GiB), its lines added: with an optimizer other than AdamW (traced), the state's
-    difference per trained parameter as the estimate counts it."""
+    """The traced peak (GiB), its lines added. What the two traced steps do not hold is added as the estimate
+    counts it: another optimizer's state than AdamW's, the EMA copy, and with gradient accumulation the
+    gradients kept while the next micro-batch runs."""
     from diffbase.config import load_config
     from diffbase.plan_trace import trace
 
     step = trace(path, overrides, on_gpu(path, overrides))
-    kind = load_config(Path(path), overrides).training.optimizer.type
-    extra = step.trained * (TRAINED_BYTES[kind] - TRAINED_BYTES["adamw"])
-    note = f"; {kind}'s state counted as estimated" if extra else ""
+    t = load_config(Path(path), overrides).training
+    added = {f"{t.optimizer.type}'s state": TRAINED_BYTES[t.optimizer.type] - TRAINED_BYTES["adamw"],
+             "the EMA copy": EMA_BYTES if t.ema.enabled else 0.0,
+             "the accumulated gradients": 4.0 if t.gradient_accumulation > 1 else 0.0}  # fmt: skip
+    extra = step.trained * sum(added.values())
+    counted = [name for name, per in added.items() if per]
+    note = f"; {', '.join(counted)} counted as estimated" if counted else ""
     total = (step.peak + extra) / GIB
     lines.append(f"{'traced peak':<{width}}  {total:7.2f} GiB  (two steps on fake tensors in {step.seconds:.0f} s: "
                  f"{step.how}{note})")  # fmt: skip

@@ -3,7 +3,9 @@ configured model is built at full size on fake tensors (torch's FakeTensorMode: 
 the method prepares it as `train` does, and two steps of diffbase's own loss, backward and AdamW run under
 training.memory.LiveBytes, which counts every storage alive at once: the resident weights, what trains, its
 gradients and optimizer state, the activations and the temporaries. On fake tensors the CPU's attention kernel
-stands in for the GPU's (both keep the output and its log-sum-exp for the backward, not the attention matrix).
+stands in for the GPU's (both keep the output and its log-sum-exp for the backward, not the attention matrix),
+and CPU autocast's rules for CUDA's: CUDA's gives normalisations and softmax fp32 outputs where the CPU's keeps
+bf16, so a UNet's trace (GroupNorm before SiLU everywhere) may read low until one is measured on a GPU.
 
 Checked against an H200 (benchmarks/RESULTS.md): FLUX.1-dev LoRA 1024 px traced 50.9 GiB, measured 50.0;
 FLUX.2 klein-4b 25.0 traced, 23.5 measured; the estimate `diffbase plan` prints says 50.3 and 19.7.
@@ -35,7 +37,7 @@ def check_traceable(config: Any, method: Any) -> None:
     from diffbase.methods import text_to_image
 
     if method.loss is not text_to_image.loss:
-        raise UserError(f"training.method: --trace runs the text-to-image methods' step (lora, full); "
+        raise UserError(f"training.method: --trace runs the text-to-image methods' step (lora, full_finetune); "
                         f"{config.training.method}'s own step is estimated only")  # fmt: skip
     if config.model.quantize not in ("none", None):
         raise UserError("model.quantize: --trace builds an unquantized base; the quantized one is estimated only")

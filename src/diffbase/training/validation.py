@@ -133,7 +133,10 @@ def check_size(config: Config) -> None:
     from diffbase.models import families
 
     size, multiple = config.training.validation.size, families.get(config.model.family).size_multiple
-    if size is not None and (len(size) != 2 or any(side < multiple or side % multiple for side in size)):
+    rounds = config.model.family.startswith("flux")  # FLUX pipelines round a size down (with a warning), others raise
+    if size is not None and (
+        len(size) != 2 or any(side < multiple or (side % multiple and not rounds) for side in size)
+    ):
         raise UserError(f"training.validation.size: expected [height, width], each a multiple of {multiple} px "
                         f"({config.model.family}), got {size}")  # fmt: skip
 

@@ -117,6 +117,7 @@ def run_eval(args: argparse.Namespace) -> None:
     records = read_tryon(args.data, args.split, paired=not args.unpaired)
     dataset = TryOnDataset(records, size)
     bb = VTON.load(args.model, args.weights, args.method, **args.runtime.loader())
+    args.runtime.use([bb.denoiser], backend=False)  # as `tryon` does: --attention's kernels, --compile's blocks
     out = run_pairs(bb, args.method, dataset, settings_from(args), limit=args.limit)
     header = ["person", "garment", "result", "ground truth"]
     save_png_atomic(image_grid(out["rows"][:16], header=header), folder / "grid.png")

@@ -148,6 +148,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
         lpips = model(args.lpips, "--lpips")
     loaded = UPSCALE.load(args.model, args.dino, args.adapter, **args.runtime.loader())
+    args.runtime.use([loaded[0].transformer])  # as `upscale` does: --attention's kernels, --compile's blocks
     found: dict[str, list[dict[str, float]]] = {"upscaler": [], "bicubic": []}
     rows = []
     for file in files:
